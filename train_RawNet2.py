@@ -1,0 +1,344 @@
+"""Train RawNet2 on VoxCeleb2 and evaluate on VoxCeleb1 (Vox1-O) after every epoch.
+
+    python train_RawNet2.py -name NAME            # the paper's recipe on DB/VoxCeleb2 + DB/VoxCeleb1
+    python train_RawNet2.py -name demo -demo      # the whole pipeline on a synthetic corpus, CPU, minutes
+
+Reproduces the training script of github.com/Jungjee/RawNet (python/RawNet2): same flags (single
+dash; a double dash works too), same defaults, same outputs under ``<save_dir>/<name>/``:
+``f_params.txt``, ``eers.txt`` (``epoch:E, TA_eval_eer:X``), ``results/eval_epoch{E}.txt`` (``score
+target`` per trial), and on a new best EER ``models/TA_{E}_{eer:.4f}.pt`` (state_dict) and
+``models/best_opt_eval.pt`` (optimiser).
+
+Added, none of which changes the recipe: ``last.pt`` (model, optimiser, scheduler, epoch, best EER,
+RNG states) and ``args.json`` written atomically every epoch, so ``-resume`` continues an interrupted
+run; ``-val_trial`` to select the best model on a validation list instead of the test list; ``-demo``;
+crops and shuffling drawn from ``-seed`` and the epoch, so a run does not depend on the worker count;
+no ``val_trial.txt`` or ``dev_wav/`` required unless asked for; bad data stops with one clear line.
+"""
+
+import argparse
+import ast
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm import tqdm
+
+import utils
+from model_RawNet2 import RawNet2, strip_module_prefix
+from utils import DataError
+
+# Scaled-down configuration of -demo: shorter crops, fewer filters, a smaller GRU; every other part of
+# the pipeline is the paper's. Explicit flags on the command line still win.
+DEMO_DEFAULTS = {
+    "DB": "DB/demo/VoxCeleb1/", "DB_vox2": "DB/demo/VoxCeleb2/",
+    "nb_samp": 16000, "m_nb_samp": 16000, "window_size": 3200,
+    "m_filts": [32, [32, 32], [32, 64], [64, 64]], "m_gru_node": 128, "m_nb_fc_node": 128,
+    "bs": 32, "lr": 0.001, "epoch": 6, "nb_worker": 2,
+}
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. a non-finite loss); the message is one line."""
+
+
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
+
+
+def literal_list(v):
+    """Parse a list flag such as '[128,[128,128],[128,256],[256,256]]' (the original used
+    type=list, which splits the string into characters)."""
+    try:
+        value = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"expected a Python list literal, got {v!r}") from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a list, got {v!r}")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Train RawNet2 (Interspeech 2020) on VoxCeleb2; TTA EER on VoxCeleb1 each epoch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def group(title):
+        g = parser.add_argument_group(title)
+        return lambda name, **kw: g.add_argument(f"-{name}", f"--{name}", **kw)
+
+    flag = dict(type=str2bool, nargs="?", const=True)
+    add = group("run")
+    add("name", type=str, required=True, help="experiment name: outputs go to <save_dir>/<name>/")
+    add("save_dir", type=str, default="DNNs/", help="folder holding experiment folders")
+    add("demo", action="store_true",
+        help="synthesise the built-in demo corpus under DB/demo/ (once) and train a scaled-down "
+             "RawNet2 on it; explicit flags still override the demo's defaults")
+    add("seed", type=int, default=1234, help="seed for initialisation, shuffling and crops")
+    add("nb_worker", type=int, default=8, help="DataLoader worker processes reading audio")
+    add("mg", default=True, help="nn.DataParallel over all visible GPUs when more than one is visible", **flag)
+    add("reproducible", default=True,
+        help="seed torch/numpy/random and make cuDNN deterministic (benchmark off)", **flag)
+    add("resume", action="store_true",
+        help="continue <save_dir>/<name>/ from its last completed epoch (last.pt)")
+    add("load_model", default=False, help="start from -load_model_dir (and -load_model_opt_dir)", **flag)
+    add("load_model_dir", type=str, default="", help="state_dict to start from with -load_model")
+    add("load_model_opt_dir", type=str, default="", help="optimiser state to start from with -load_model")
+
+    add = group("data")
+    add("DB", type=str, default="DB/VoxCeleb1/", help="VoxCeleb1 folder: eval_wav/, veri_test.txt, ...")
+    add("DB_vox2", type=str, default="DB/VoxCeleb2/", help="VoxCeleb2 folder holding -dev_wav")
+    add("dev_wav", type=str, default="wav/", help="training wavs, inside -DB_vox2")
+    add("val_wav", type=str, default="dev_wav/", help="validation wavs, inside -DB (only with -make_val_trial/-val_trial)")
+    add("eval_wav", type=str, default="eval_wav/", help="test wavs, inside -DB")
+    add("nb_samp", type=int, default=59049, help="samples per training crop and TTA segment")
+    add("window_size", type=int, default=11810, help="overlap in samples between consecutive TTA segments")
+    add("make_val_trial", default=False,
+        help="write -nb_val_trial random trials over -val_wav to <DB>/val_trial.txt, then go on", **flag)
+    add("nb_val_trial", type=int, default=40000, help="number of trials written by -make_val_trial")
+    add("val_trial", type=str, default="",
+        help="select the best model on this trial list (keys in <DB>/<val_wav>) instead of veri_test.txt")
+
+    add = group("optimisation")
+    add("bs", type=int, default=100, help="batch size (split across GPUs by DataParallel)")
+    add("lr", type=float, default=0.001, help="initial learning rate")
+    add("wd", type=float, default=0.0001, help="weight decay (0 for parameters whose name has 'bn')")
+    add("epoch", type=int, default=80, help="number of epochs")
+    add("optimizer", type=str, default="Adam", choices=["Adam", "SGD"],
+        help="Adam (paper), or SGD with momentum 0.9")
+    add("amsgrad", default=True, help="AMSGrad variant of Adam", **flag)
+    add("do_lr_decay", default=True, help="decay the learning rate with -lr_decay", **flag)
+    add("lr_decay", type=str, default="keras", choices=["keras"],
+        help="keras: lr * 1 / (1 + 1e-4 * step), stepped after every optimiser step")
+
+    add = group("model")
+    add("m_first_conv", type=int, default=251, help="sinc filter length (taps)")
+    add("m_in_channels", type=int, default=1, help="input channels")
+    add("m_filts", type=literal_list, default=[128, [128, 128], [128, 256], [256, 256]],
+        help="filters: [sinc, [block0-1 in, out], [block2 in, out], [block3-5 in, out]]")
+    add("m_nb_fc_node", type=int, default=1024, help="embedding size (fc1_gru)")
+    add("m_gru_node", type=int, default=1024, help="GRU hidden units")
+    add("m_nb_gru_layer", type=int, default=1, help="GRU layers")
+    add("m_nb_samp", type=int, default=59049, help="model input length; must equal -nb_samp")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if "-demo" in argv or "--demo" in argv:
+        parser.set_defaults(**DEMO_DEFAULTS)
+    return parser.parse_args(argv)
+
+
+def model_args(args, nb_classes):
+    return {"first_conv": args.m_first_conv, "in_channels": args.m_in_channels,
+            "filts": args.m_filts, "nb_fc_node": args.m_nb_fc_node, "gru_node": args.m_gru_node,
+            "nb_gru_layer": args.m_nb_gru_layer, "nb_samp": args.m_nb_samp, "nb_classes": nb_classes}
+
+
+def bare(model):
+    return model.module if isinstance(model, nn.DataParallel) else model
+
+
+# ---------------------------------------------------------------------------------------------
+
+def train_epoch(model, loader, optimizer, scheduler, device, epoch, step, progress=True):
+    """One pass over the training list. Returns (mean loss, global step)."""
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
+    for x, y, keys in bar:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = criterion(model(x), y)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss {loss.item()} at step {step} (epoch {epoch}); "
+                                f"batch utterances: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        step += 1
+        total, count = total + loss.item(), count + 1
+        bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    return total / max(count, 1), step
+
+
+def evaluate(model, keys, base_dir, trials, args, device, desc):
+    """TTA embeddings of ``keys``, cosine score per trial, EER. Trials touching a silent file are
+    dropped with a warning. Returns (eer, scores, labels)."""
+    embeddings, skipped = utils.embed_utterances(
+        model, keys, base_dir, args.nb_samp, args.window_size, device=device,
+        nb_worker=min(args.nb_worker, 4), desc=desc)
+    labels, keys_a, keys_b = trials
+    if skipped:
+        bad = {utils.utt_id(k) for k in skipped}
+        keep = np.array([a not in bad and b not in bad for a, b in zip(keys_a, keys_b)])
+        tqdm.write(f"warning: {len(skipped)} silent/empty files skipped ({', '.join(skipped[:5])}); "
+                   f"{int((~keep).sum())} trials dropped")
+        labels = labels[keep]
+        keys_a = [k for k, m in zip(keys_a, keep) if m]
+        keys_b = [k for k, m in zip(keys_b, keep) if m]
+    scores = utils.cosine_scores(embeddings, keys_a, keys_b)
+    eer, _ = utils.compute_eer(labels, scores)
+    return eer, scores, labels
+
+
+def load_trials(path, keys):
+    trials = utils.read_trials(path)
+    utils.check_keys(trials[1] + trials[2], {utils.utt_id(k) for k in keys}, f"trial keys of {path}")
+    return trials
+
+
+def write_lines(path, lines):
+    utils.write_text_atomic("".join(line + "\n" for line in lines), path)
+
+
+def append_line(path, line):
+    old = open(path).read() if os.path.exists(path) else ""
+    utils.write_text_atomic(old + line + "\n", path)
+
+
+def main(args):
+    if args.m_nb_samp != args.nb_samp:
+        raise DataError(f"-m_nb_samp ({args.m_nb_samp}) must equal -nb_samp ({args.nb_samp})")
+    if args.nb_samp <= args.window_size:
+        raise DataError(f"-window_size ({args.window_size}) must be smaller than -nb_samp ({args.nb_samp})")
+    save_dir = os.path.join(args.save_dir, args.name)
+    last_path = os.path.join(save_dir, "last.pt")
+    if args.resume and not os.path.exists(last_path):
+        raise DataError(f"-resume: {last_path} not found (no completed epoch to continue from)")
+    if not args.resume and os.path.exists(last_path):
+        raise DataError(f"{save_dir} already holds a run: pass -resume to continue it, or choose another -name")
+
+    baseline_eer = None
+    if args.demo:
+        import demo_corpus
+        root = os.path.dirname(os.path.normpath(args.DB))
+        demo_corpus.make_demo_corpus(root)
+        baseline_eer = demo_corpus.naive_baseline_eer(root)
+        print(f"demo corpus: {root}; naive baseline (cosine of mean log-spectra) EER {100 * baseline_eer:.2f} %")
+
+    if args.reproducible:
+        utils.seed_everything(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # Data: training list and labels, test list and trials (and validation trials if asked for).
+    train_dir = os.path.join(args.DB_vox2, args.dev_wav)
+    eval_dir = os.path.join(args.DB, args.eval_wav)
+    train_keys = utils.list_utterances(train_dir)
+    labels = utils.speaker_labels(train_keys)
+    eval_keys = utils.list_utterances(eval_dir)
+    eval_trials = load_trials(os.path.join(args.DB, "veri_test.txt"), eval_keys)
+    val_dir = os.path.join(args.DB, args.val_wav)
+    if args.make_val_trial:
+        rng = np.random.default_rng(args.seed)
+        lines = utils.make_validation_trials(utils.list_utterances(val_dir), args.nb_val_trial, rng)
+        write_lines(os.path.join(args.DB, "val_trial.txt"), lines)
+    if args.val_trial:
+        val_keys = utils.list_utterances(val_dir)
+        val_trials = load_trials(args.val_trial, val_keys)
+
+    # Model, optimiser, learning-rate schedule.
+    d_args = model_args(args, len(labels))
+    model = RawNet2(d_args)
+    if args.load_model:
+        model.load_state_dict(strip_module_prefix(torch.load(args.load_model_dir, map_location="cpu", weights_only=True)))
+    else:
+        model.apply(utils.init_weights)
+    model = model.to(device)
+    nb_params = sum(p.numel() for p in model.parameters())
+    if args.mg and torch.cuda.device_count() > 1:
+        model = nn.DataParallel(model)
+    groups = utils.param_groups(model, args.wd)
+    if args.optimizer == "Adam":
+        optimizer = torch.optim.Adam(groups, lr=args.lr, weight_decay=args.wd, amsgrad=args.amsgrad)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=args.lr, weight_decay=args.wd, momentum=0.9)
+    if args.load_model and args.load_model_opt_dir:
+        optimizer.load_state_dict(torch.load(args.load_model_opt_dir, map_location="cpu", weights_only=True))
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=utils.keras_lr_decay)
+                 if args.do_lr_decay else None)
+
+    # Outputs.
+    os.makedirs(os.path.join(save_dir, "models"), exist_ok=True)
+    os.makedirs(os.path.join(save_dir, "results"), exist_ok=True)
+    start_epoch, step, best_eer = 0, 0, math.inf
+    if args.resume:
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        bare(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step, best_eer = state["epoch"] + 1, state["step"], state["best_eer"]
+        utils.set_rng_states(state["rng"])
+        print(f"resuming {save_dir} after epoch {state['epoch']} (best EER {100 * best_eer:.2f} %)")
+    else:
+        params = [f"{k}:\t{v}" for k, v in sorted(vars(args).items())]
+        params += [f"{k}:\t{v}" for k, v in sorted(d_args.items())] + [f"nb_params:\t{nb_params}"]
+        write_lines(os.path.join(save_dir, "f_params.txt"), params)
+    utils.write_json_atomic({"args": vars(args), "d_args": d_args, "nb_params": nb_params},
+                            os.path.join(save_dir, "args.json"))
+    print(f"{len(train_keys)} training utterances, {len(labels)} speakers; {len(eval_keys)} test "
+          f"utterances, {len(eval_trials[0])} trials; {nb_params:,} parameters; device {device}"
+          + (f" x{torch.cuda.device_count()} (DataParallel)" if isinstance(model, nn.DataParallel) else ""))
+
+    train_set = utils.TrainSet(train_keys, train_dir, labels, args.nb_samp, seed=args.seed)
+    for epoch in range(start_epoch, args.epoch):
+        # Shuffling and crops depend only on (seed, epoch): a resumed run sees the same data.
+        train_set.epoch = epoch
+        sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(args.seed + epoch))
+        loader = DataLoader(train_set, batch_size=args.bs, sampler=sampler, drop_last=True,
+                            num_workers=args.nb_worker, pin_memory=device.type == "cuda")
+        loss, step = train_epoch(model, loader, optimizer, scheduler, device, epoch, step)
+
+        eer, scores, trial_labels = evaluate(model, eval_keys, eval_dir, eval_trials, args, device, "TTA eval")
+        write_lines(os.path.join(save_dir, "results", f"eval_epoch{epoch}.txt"),
+                    [f"{s} {t}" for s, t in zip(scores, trial_labels)])
+        line = f"epoch:{epoch}, TA_eval_eer:{eer:.4f}"
+        selection_eer = eer
+        if args.val_trial:
+            selection_eer, _, _ = evaluate(model, val_keys, val_dir, val_trials, args, device, "TTA val")
+            line += f", TA_val_eer:{selection_eer:.4f}"
+        append_line(os.path.join(save_dir, "eers.txt"), line)
+
+        is_best = selection_eer < best_eer
+        if is_best:
+            best_eer = selection_eer
+            utils.save_atomic(bare(model).state_dict(), os.path.join(save_dir, "models", f"TA_{epoch}_{eer:.4f}.pt"))
+            utils.save_atomic(optimizer.state_dict(), os.path.join(save_dir, "models", "best_opt_eval.pt"))
+        utils.save_atomic({"model": bare(model).state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                           "epoch": epoch, "step": step, "best_eer": best_eer, "rng": utils.rng_states(),
+                           "args": vars(args), "d_args": d_args}, last_path)
+        tqdm.write(f"epoch {epoch}: loss {loss:.3f}, TTA eval EER {100 * eer:.2f} %"
+                   + (f", val EER {100 * selection_eer:.2f} %" if args.val_trial else "")
+                   + (" (best)" if is_best else ""))
+
+    if baseline_eer is not None:
+        print(f"demo: naive baseline EER {100 * baseline_eer:.2f} %, RawNet2 best TTA EER {100 * best_eer:.2f} %")
+    return best_eer
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (DataError, TrainingError) as e:
+        # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
+        sys.exit("error: " + re.sub(r"^[\w.]*Error: ", "", str(e).strip().splitlines()[-1]))
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the last completed epoch is in last.pt; continue with -resume")
