@@ -1,0 +1,84 @@
+"""Convert VoxCeleb2 from m4a (AAC) to 16 kHz mono 16-bit WAV, as the RawNet2 experiments used it.
+
+    python DB/convert_vox2_to_wav.py SRC [SRC ...] -out DB/VoxCeleb2/wav/ -jobs 16
+
+Each SRC is a folder laid out ``<spk>/<video>/<NNNNN>.m4a`` (VoxCeleb2's ``dev/aac/`` and
+``test/aac/``); every file becomes ``<out>/<spk>/<video>/<NNNNN>.wav``. Runs ``ffmpeg`` in parallel with
+a progress bar. Resumable: each file is written to a temporary name and renamed when ffmpeg succeeds,
+so an existing ``.wav`` is always complete and is skipped on the next run.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from tqdm import tqdm
+
+
+def find_jobs(sources, out_dir):
+    """(m4a path, wav path) for every m4a under ``sources`` whose wav does not exist yet."""
+    jobs = []
+    for src in sources:
+        if not os.path.isdir(src):
+            raise FileNotFoundError(f"{src}: folder not found (expected <spk>/<video>/<NNNNN>.m4a)")
+        for path, _, files in os.walk(src):
+            for name in sorted(files):
+                if not name.endswith(".m4a"):
+                    continue
+                rel = os.path.relpath(os.path.join(path, name), src)
+                wav = os.path.join(out_dir, rel[:-len(".m4a")] + ".wav")
+                if not os.path.exists(wav):
+                    jobs.append((os.path.join(path, name), wav))
+    return jobs
+
+
+def convert(m4a, wav, ffmpeg="ffmpeg"):
+    """One file: decode, downmix to mono, resample to 16 kHz, 16-bit PCM. Returns an error or None."""
+    os.makedirs(os.path.dirname(wav), exist_ok=True)
+    tmp = wav + ".part.wav"
+    cmd = [ffmpeg, "-nostdin", "-loglevel", "error", "-y", "-i", m4a,
+           "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", tmp]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        return f"{m4a}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'ffmpeg failed'}"
+    os.replace(tmp, wav)
+    return None
+
+
+def main(args):
+    ffmpeg = shutil.which(args.ffmpeg)
+    if ffmpeg is None:
+        raise FileNotFoundError(f"{args.ffmpeg}: not found (install ffmpeg, e.g. apt-get install ffmpeg)")
+    jobs = find_jobs(args.sources, args.out)
+    errors = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for err in tqdm(pool.map(lambda job: convert(*job, ffmpeg=ffmpeg), jobs),
+                        total=len(jobs), desc="m4a -> wav", unit="file"):
+            if err:
+                errors.append(err)
+    print(f"converted {len(jobs) - len(errors)} files into {args.out}; {len(errors)} failed")
+    for err in errors[:20]:
+        print(f"  {err}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("sources", nargs="+", help="folders of <spk>/<video>/<NNNNN>.m4a (dev/aac, test/aac)")
+    parser.add_argument("-out", "--out", default="DB/VoxCeleb2/wav/", help="output folder of 16 kHz mono wavs")
+    parser.add_argument("-jobs", "--jobs", type=int, default=os.cpu_count(), help="parallel ffmpeg processes")
+    parser.add_argument("-ffmpeg", "--ffmpeg", default="ffmpeg", help="ffmpeg executable")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(parse_args()))
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
