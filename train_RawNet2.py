@@ -26,8 +26,10 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import utils
@@ -88,7 +90,9 @@ def build_parser():
              "RawNet2 on it; explicit flags still override the demo's defaults")
     add("seed", type=int, default=1234, help="seed for initialisation, shuffling and crops")
     add("nb_worker", type=int, default=8, help="DataLoader worker processes reading audio")
-    add("mg", default=True, help="nn.DataParallel over all visible GPUs when more than one is visible", **flag)
+    add("mg", default=True, help="nn.DataParallel over all visible GPUs when more than one is visible "
+                                 "(single process; under torchrun DistributedDataParallel is used instead)", **flag)
+    add("sync_bn", default=False, help="synchronise batch-norm statistics across processes (torchrun on GPUs)", **flag)
     add("reproducible", default=True,
         help="seed torch/numpy/random and make cuDNN deterministic (benchmark off)", **flag)
     add("resume", action="store_true",
@@ -150,7 +154,7 @@ def model_args(args, nb_classes):
 
 
 def bare(model):
-    return model.module if isinstance(model, nn.DataParallel) else model
+    return model.module if isinstance(model, (nn.DataParallel, DistributedDataParallel)) else model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,17 +183,21 @@ def train_epoch(model, loader, optimizer, scheduler, device, epoch, step, progre
 
 
 def evaluate(model, keys, base_dir, trials, args, device, desc):
-    """TTA embeddings of ``keys``, cosine score per trial, EER. Trials touching a silent file are
-    dropped with a warning. Returns (eer, scores, labels)."""
+    """TTA embeddings of ``keys`` (sharded over ranks when distributed), cosine score per trial, EER.
+    Trials touching a silent file are dropped with a warning. Returns (eer, scores, labels)."""
+    rank, world = utils.rank_and_world()
+    utils.broadcast_buffers(bare(model))  # DDP keeps batch-norm statistics per process: use rank 0's
     embeddings, skipped = utils.embed_utterances(
-        model, keys, base_dir, args.nb_samp, args.window_size, device=device,
-        nb_worker=min(args.nb_worker, 4), desc=desc)
+        bare(model), keys[rank::world], base_dir, args.nb_samp, args.window_size, device=device,
+        nb_worker=min(args.nb_worker, 4), desc=desc, progress=rank == 0)
+    embeddings, skipped = utils.all_gather_embeddings(embeddings, skipped)
     labels, keys_a, keys_b = trials
     if skipped:
         bad = {utils.utt_id(k) for k in skipped}
         keep = np.array([a not in bad and b not in bad for a, b in zip(keys_a, keys_b)])
-        tqdm.write(f"warning: {len(skipped)} silent/empty files skipped ({', '.join(skipped[:5])}); "
-                   f"{int((~keep).sum())} trials dropped")
+        if rank == 0:
+            tqdm.write(f"warning: {len(skipped)} silent/empty files skipped ({', '.join(skipped[:5])}); "
+                       f"{int((~keep).sum())} trials dropped")
         labels = labels[keep]
         keys_a = [k for k, m in zip(keys_a, keep) if m]
         keys_b = [k for k, m in zip(keys_b, keep) if m]
@@ -208,9 +216,46 @@ def write_lines(path, lines):
     utils.write_text_atomic("".join(line + "\n" for line in lines), path)
 
 
-def append_line(path, line):
-    old = open(path).read() if os.path.exists(path) else ""
-    utils.write_text_atomic(old + line + "\n", path)
+def eers_before(path, epoch):
+    """Lines of an eers.txt for epochs before ``epoch`` (a resumed or restarted run drops the lines of
+    epochs that its last.pt does not cover, so no epoch is listed twice)."""
+    if not os.path.exists(path):
+        return []
+    return [line for line in open(path).read().splitlines()
+            if re.match(r"epoch:(\d+),", line) and int(line.split(",")[0][6:]) < epoch]
+
+
+def setup_device(args):
+    """The device of this process. Under torchrun (WORLD_SIZE > 1) join the process group: NCCL and
+    one GPU per process, or gloo on CPU."""
+    rank, world = utils.rank_and_world()
+    if args.bs % world:
+        raise DataError(f"-bs {args.bs} is not divisible by the world size {world} (the global batch is split evenly over processes)")
+    if args.sync_bn and (world == 1 or not torch.cuda.is_available()):
+        raise DataError("-sync_bn needs a distributed run on GPUs (torchrun --nproc_per_node=N)")
+    if world == 1:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return device
+
+
+def wrap_model(model, args, device):
+    """DistributedDataParallel under torchrun; else nn.DataParallel with -mg on several GPUs."""
+    _, world = utils.rank_and_world()
+    if world > 1:
+        if args.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.mg and torch.cuda.device_count() > 1:
+        return nn.DataParallel(model)
+    return model
 
 
 def main(args):
@@ -218,24 +263,32 @@ def main(args):
         raise DataError(f"-m_nb_samp ({args.m_nb_samp}) must equal -nb_samp ({args.nb_samp})")
     if args.nb_samp <= args.window_size:
         raise DataError(f"-window_size ({args.window_size}) must be smaller than -nb_samp ({args.nb_samp})")
+    rank, world = utils.rank_and_world()
+    main_process = rank == 0
+    log = print if main_process else (lambda *a, **k: None)
     save_dir = os.path.join(args.save_dir, args.name)
     last_path = os.path.join(save_dir, "last.pt")
+    # torchrun --max-restarts: a restarted group continues from last.pt by itself.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = args.resume or (restarted and os.path.exists(last_path))
     if args.resume and not os.path.exists(last_path):
         raise DataError(f"-resume: {last_path} not found (no completed epoch to continue from)")
-    if not args.resume and os.path.exists(last_path):
+    if not resume and not restarted and os.path.exists(last_path):
         raise DataError(f"{save_dir} already holds a run: pass -resume to continue it, or choose another -name")
+    device = setup_device(args)
 
     baseline_eer = None
     if args.demo:
         import demo_corpus
         root = os.path.dirname(os.path.normpath(args.DB))
-        demo_corpus.make_demo_corpus(root)
-        baseline_eer = demo_corpus.naive_baseline_eer(root)
-        print(f"demo corpus: {root}; naive baseline (cosine of mean log-spectra) EER {100 * baseline_eer:.2f} %")
+        if main_process:
+            demo_corpus.make_demo_corpus(root)
+            baseline_eer = demo_corpus.naive_baseline_eer(root)
+            log(f"demo corpus: {root}; naive baseline (cosine of mean log-spectra) EER {100 * baseline_eer:.2f} %")
+        utils.barrier()
 
     if args.reproducible:
         utils.seed_everything(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # Data: training list and labels, test list and trials (and validation trials if asked for).
     train_dir = os.path.join(args.DB_vox2, args.dev_wav)
@@ -245,10 +298,11 @@ def main(args):
     eval_keys = utils.list_utterances(eval_dir)
     eval_trials = load_trials(os.path.join(args.DB, "veri_test.txt"), eval_keys)
     val_dir = os.path.join(args.DB, args.val_wav)
-    if args.make_val_trial:
+    if args.make_val_trial and main_process:
         rng = np.random.default_rng(args.seed)
         lines = utils.make_validation_trials(utils.list_utterances(val_dir), args.nb_val_trial, rng)
         write_lines(os.path.join(args.DB, "val_trial.txt"), lines)
+    utils.barrier()
     if args.val_trial:
         val_keys = utils.list_utterances(val_dir)
         val_trials = load_trials(args.val_trial, val_keys)
@@ -260,10 +314,7 @@ def main(args):
         model.load_state_dict(strip_module_prefix(torch.load(args.load_model_dir, map_location="cpu", weights_only=True)))
     else:
         model.apply(utils.init_weights)
-    model = model.to(device)
     nb_params = sum(p.numel() for p in model.parameters())
-    if args.mg and torch.cuda.device_count() > 1:
-        model = nn.DataParallel(model)
     groups = utils.param_groups(model, args.wd)
     if args.optimizer == "Adam":
         optimizer = torch.optim.Adam(groups, lr=args.lr, weight_decay=args.wd, amsgrad=args.amsgrad)
@@ -274,71 +325,91 @@ def main(args):
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=utils.keras_lr_decay)
                  if args.do_lr_decay else None)
 
-    # Outputs.
-    os.makedirs(os.path.join(save_dir, "models"), exist_ok=True)
-    os.makedirs(os.path.join(save_dir, "results"), exist_ok=True)
     start_epoch, step, best_eer = 0, 0, math.inf
-    if args.resume:
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        bare(model).load_state_dict(state["model"])
+    if resume:
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
         start_epoch, step, best_eer = state["epoch"] + 1, state["step"], state["best_eer"]
         utils.set_rng_states(state["rng"])
-        print(f"resuming {save_dir} after epoch {state['epoch']} (best EER {100 * best_eer:.2f} %)")
-    else:
-        params = [f"{k}:\t{v}" for k, v in sorted(vars(args).items())]
-        params += [f"{k}:\t{v}" for k, v in sorted(d_args.items())] + [f"nb_params:\t{nb_params}"]
-        write_lines(os.path.join(save_dir, "f_params.txt"), params)
-    utils.write_json_atomic({"args": vars(args), "d_args": d_args, "nb_params": nb_params},
-                            os.path.join(save_dir, "args.json"))
-    print(f"{len(train_keys)} training utterances, {len(labels)} speakers; {len(eval_keys)} test "
-          f"utterances, {len(eval_trials[0])} trials; {nb_params:,} parameters; device {device}"
-          + (f" x{torch.cuda.device_count()} (DataParallel)" if isinstance(model, nn.DataParallel) else ""))
+        log(f"resuming {save_dir} after epoch {state['epoch']} (best EER {100 * best_eer:.2f} %)")
+    model = wrap_model(model.to(device), args, device)  # after loading: the optimiser keeps its tensors
 
+    # Outputs (rank 0 only).
+    eers_path = os.path.join(save_dir, "eers.txt")
+    if main_process:
+        os.makedirs(os.path.join(save_dir, "models"), exist_ok=True)
+        os.makedirs(os.path.join(save_dir, "results"), exist_ok=True)
+        if not resume:
+            params = [f"{k}:\t{v}" for k, v in sorted(vars(args).items())]
+            params += [f"{k}:\t{v}" for k, v in sorted(d_args.items())] + [f"nb_params:\t{nb_params}"]
+            write_lines(os.path.join(save_dir, "f_params.txt"), params)
+        write_lines(eers_path, eers_before(eers_path, start_epoch))
+        utils.write_json_atomic({"args": vars(args), "d_args": d_args, "nb_params": nb_params,
+                                 "world_size": world}, os.path.join(save_dir, "args.json"))
+    parallel = {DistributedDataParallel: f", {world} processes (DistributedDataParallel)",
+                nn.DataParallel: f" x{torch.cuda.device_count()} (DataParallel)"}.get(type(model), "")
+    log(f"{len(train_keys)} training utterances, {len(labels)} speakers; {len(eval_keys)} test "
+        f"utterances, {len(eval_trials[0])} trials; {nb_params:,} parameters; device {device}{parallel}")
+
+    # Shuffling and crops depend only on (seed, epoch): a resumed run sees the same data. Each process
+    # takes its own disjoint share of every epoch (DistributedSampler; one share when not distributed).
     train_set = utils.TrainSet(train_keys, train_dir, labels, args.nb_samp, seed=args.seed)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     for epoch in range(start_epoch, args.epoch):
-        # Shuffling and crops depend only on (seed, epoch): a resumed run sees the same data.
         train_set.epoch = epoch
-        sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(args.seed + epoch))
-        loader = DataLoader(train_set, batch_size=args.bs, sampler=sampler, drop_last=True,
+        sampler.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_size=args.bs // world, sampler=sampler, drop_last=True,
                             num_workers=args.nb_worker, pin_memory=device.type == "cuda")
-        loss, step = train_epoch(model, loader, optimizer, scheduler, device, epoch, step)
+        loss, step = train_epoch(model, loader, optimizer, scheduler, device, epoch, step, progress=main_process)
 
         eer, scores, trial_labels = evaluate(model, eval_keys, eval_dir, eval_trials, args, device, "TTA eval")
-        write_lines(os.path.join(save_dir, "results", f"eval_epoch{epoch}.txt"),
-                    [f"{s} {t}" for s, t in zip(scores, trial_labels)])
-        line = f"epoch:{epoch}, TA_eval_eer:{eer:.4f}"
         selection_eer = eer
+        line = f"epoch:{epoch}, TA_eval_eer:{eer:.4f}"
         if args.val_trial:
             selection_eer, _, _ = evaluate(model, val_keys, val_dir, val_trials, args, device, "TTA val")
             line += f", TA_val_eer:{selection_eer:.4f}"
-        append_line(os.path.join(save_dir, "eers.txt"), line)
-
         is_best = selection_eer < best_eer
-        if is_best:
-            best_eer = selection_eer
-            utils.save_atomic(bare(model).state_dict(), os.path.join(save_dir, "models", f"TA_{epoch}_{eer:.4f}.pt"))
-            utils.save_atomic(optimizer.state_dict(), os.path.join(save_dir, "models", "best_opt_eval.pt"))
-        utils.save_atomic({"model": bare(model).state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                           "epoch": epoch, "step": step, "best_eer": best_eer, "rng": utils.rng_states(),
-                           "args": vars(args), "d_args": d_args}, last_path)
-        tqdm.write(f"epoch {epoch}: loss {loss:.3f}, TTA eval EER {100 * eer:.2f} %"
-                   + (f", val EER {100 * selection_eer:.2f} %" if args.val_trial else "")
-                   + (" (best)" if is_best else ""))
+        best_eer = min(best_eer, selection_eer)
+        if main_process:
+            write_lines(os.path.join(save_dir, "results", f"eval_epoch{epoch}.txt"),
+                        [f"{s} {t}" for s, t in zip(scores, trial_labels)])
+            write_lines(eers_path, eers_before(eers_path, epoch) + [line])
+            if is_best:
+                utils.save_atomic(bare(model).state_dict(),
+                                  os.path.join(save_dir, "models", f"TA_{epoch}_{selection_eer:.4f}.pt"))
+                utils.save_atomic(optimizer.state_dict(), os.path.join(save_dir, "models", "best_opt_eval.pt"))
+            utils.save_atomic({"model": bare(model).state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                               "epoch": epoch, "step": step, "best_eer": best_eer, "rng": utils.rng_states(),
+                               "args": vars(args), "d_args": d_args, "world_size": world}, last_path)
+            tqdm.write(f"epoch {epoch}: loss {loss:.3f}, TTA eval EER {100 * eer:.2f} %"
+                       + (f", val EER {100 * selection_eer:.2f} %" if args.val_trial else "")
+                       + (" (best)" if is_best else ""))
+        utils.barrier()  # every process starts the next epoch only once last.pt is complete
 
     if baseline_eer is not None:
-        print(f"demo: naive baseline EER {100 * baseline_eer:.2f} %, RawNet2 best TTA EER {100 * best_eer:.2f} %")
+        log(f"demo: naive baseline EER {100 * baseline_eer:.2f} %, RawNet2 best TTA EER {100 * best_eer:.2f} %")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return best_eer
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """Command-line entry: bad input ends in one line on stderr (rank 0 only under torchrun), exit 1."""
     try:
-        main(parse_args())
+        main(parse_args(argv))
     except (DataError, TrainingError) as e:
-        # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
-        sys.exit("error: " + re.sub(r"^[\w.]*Error: ", "", str(e).strip().splitlines()[-1]))
+        # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last
+        # line. Under torchrun every process fails alike; only rank 0 says so.
+        if utils.rank_and_world()[0] == 0:
+            print("error: " + re.sub(r"^[\w.]*Error: ", "", str(e).strip().splitlines()[-1]), file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit("interrupted: the last completed epoch is in last.pt; continue with -resume")
+
+
+if __name__ == "__main__":
+    cli()

@@ -16,8 +16,10 @@ Deliberate differences from the original code:
   * Checkpoints and text outputs are written atomically (temporary file, then rename).
 """
 
+import itertools
 import json
 import os
+import pickle
 import random
 import tempfile
 import warnings
@@ -174,53 +176,88 @@ def _first(batch):
     return batch[0]
 
 
-@torch.no_grad()
-def embed_utterances(model, keys, base_dir, nb_samp, window_size, device="cpu", nb_worker=0,
-                     segments_per_batch=32, progress=True, desc="TTA embeddings"):
-    """TTA embeddings (mean over segments of ``model.embed``) of ``keys`` read from ``base_dir``.
+def _autocast(device, bf16):
+    """bfloat16 autocast on ``device`` when ``bf16`` (opt-in: it changes the numbers slightly)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
 
-    Segments of several utterances are packed into one forward of up to ``segments_per_batch``
-    windows; audio is read in ``nb_worker`` DataLoader workers. Returns ``(embeddings, skipped)``:
-    a dict utterance id (no ``.wav``) -> float32 numpy vector, and the keys of silent files.
+
+@torch.no_grad()
+def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", nb_worker=0,
+                    segments_per_batch=32, bf16=False):
+    """Yield ``(key, embedding)`` for each of ``keys`` read from ``base_dir``, as soon as it is done.
+
+    The embedding is the TTA embedding (mean over segments of ``model.embed``) as a float32 numpy
+    vector, or None for a silent/empty file. Segments of several utterances are packed into one
+    forward of up to ``segments_per_batch`` windows (an utterance with more segments goes alone);
+    audio is read in ``nb_worker`` DataLoader workers while the model runs. In eval mode every
+    segment's embedding is independent of its batch-mates, so packing changes no number.
     """
     net = model.module if isinstance(model, nn.DataParallel) else model
     was_training = net.training
     net.eval()
     loader = DataLoader(TTASet(keys, base_dir, nb_samp, window_size), batch_size=1,
                         num_workers=nb_worker, collate_fn=_first)
-    embeddings, skipped = {}, []
     pending, pending_keys, pending_counts = [], [], []
 
     def flush():
-        codes = net.embed(torch.cat(pending).to(device)).float().cpu()
-        for key, part in zip(pending_keys, torch.split(codes, pending_counts)):
-            embeddings[utt_id(key)] = part.mean(0).numpy()
+        with _autocast(device, bf16):
+            codes = net.embed(torch.cat(pending).to(device)).float().cpu()
+        done = [(key, part.mean(0).numpy()) for key, part in
+                zip(pending_keys, torch.split(codes, pending_counts))]
         pending.clear(), pending_keys.clear(), pending_counts.clear()
+        return done
 
-    for segments, key in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        if len(segments) == 0:
+    try:
+        for segments, key in loader:
+            if len(segments) == 0:
+                yield key, None
+                continue
+            if pending and sum(pending_counts) + len(segments) > segments_per_batch:
+                yield from flush()
+            pending.append(segments), pending_keys.append(key), pending_counts.append(len(segments))
+        if pending:
+            yield from flush()
+    finally:
+        net.train(was_training)
+
+
+def embed_utterances(model, keys, base_dir, nb_samp, window_size, device="cpu", nb_worker=0,
+                     segments_per_batch=32, progress=True, desc="TTA embeddings", bf16=False):
+    """TTA embeddings of ``keys`` read from ``base_dir`` (see ``iter_embeddings``). Returns
+    ``(embeddings, skipped)``: a dict utterance id (no ``.wav``) -> float32 numpy vector, and the
+    keys of silent files."""
+    embeddings, skipped = {}, []
+    stream = iter_embeddings(model, keys, base_dir, nb_samp, window_size, device, nb_worker,
+                             segments_per_batch, bf16)
+    for key, code in tqdm(stream, total=len(keys), desc=desc, disable=not progress, leave=False):
+        if code is None:
             skipped.append(key)
-            continue
-        pending.append(segments), pending_keys.append(key), pending_counts.append(len(segments))
-        if sum(pending_counts) >= segments_per_batch:
-            flush()
-    if pending:
-        flush()
-    net.train(was_training)
+        else:
+            embeddings[utt_id(key)] = code
     return embeddings, skipped
 
 
-def embed_utterance(model, wav, window_size=11810, device="cpu"):
-    """TTA embedding of one utterance (a wav path or a 1-D waveform array), for notebooks."""
+@torch.no_grad()
+def embed_utterance(model, wav, window_size=11810, device="cpu", segments_per_batch=32, bf16=False):
+    """TTA embedding of one utterance (a wav path or a 1-D waveform array), for notebooks:
+
+        model = model_RawNet2.load_pretrained("Pre-trained_model/rawnet2_best_weights.pt")
+        code = utils.embed_utterance(model, "a.wav")   # (1024,) float32
+
+    A long recording is fed ``segments_per_batch`` segments at a time, so memory stays bounded.
+    """
     net = model.module if isinstance(model, nn.DataParallel) else model
     x = read_wav(wav) if isinstance(wav, (str, os.PathLike)) else np.asarray(wav, dtype=np.float32)
     segments = torch.from_numpy(np.ascontiguousarray(tta_segments(x, net.nb_samp, window_size)))
     was_training = net.training
     net.eval()
-    with torch.no_grad():
-        code = net.embed(segments.to(device)).mean(0).cpu().numpy()
-    net.train(was_training)
-    return code
+    try:
+        with _autocast(device, bf16):
+            codes = [net.embed(batch.to(device)).float().cpu()
+                     for batch in torch.split(segments, segments_per_batch)]
+    finally:
+        net.train(was_training)
+    return torch.cat(codes).mean(0).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,23 +265,26 @@ def embed_utterance(model, wav, window_size=11810, device="cpu"):
 
 def read_trials(path):
     """Parse a trial list: lines ``<1|0> <keyA> <keyB>``. Returns (labels int array, keysA, keysB)
-    with keys in canonical form (no ``.wav``)."""
+    with keys in canonical form (no ``.wav``). Blank lines are ignored."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: trial list not found (lines '<1|0> <spk>/<video>/<NNNNN>.wav <spk>/<video>/<NNNNN>.wav')")
-    labels, keys_a, keys_b = [], [], []
     with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 3 or parts[0] not in ("0", "1"):
-                raise DataError(f"{path}:{lineno}: expected '<1|0> <keyA> <keyB>', got {line.strip()!r}")
-            labels.append(int(parts[0]))
-            keys_a.append(utt_id(parts[1]))
-            keys_b.append(utt_id(parts[2]))
-    if not labels:
+        rows = [parts for parts in map(str.split, f) if parts]
+    well_formed = set(map(len, rows)) == {3}  # C-speed checks; the slow scan below only names the line
+    if well_formed:
+        labels, keys_a, keys_b = zip(*rows)
+        well_formed = set(labels) <= {"0", "1"}
+    if not well_formed:
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                parts = line.split()
+                if parts and (len(parts) != 3 or parts[0] not in ("0", "1")):
+                    raise DataError(f"{path}:{lineno}: expected '<1|0> <keyA> <keyB>', got {line.strip()!r}")
         raise DataError(f"{path}: no trials")
-    return np.array(labels), keys_a, keys_b
+    # utt_id of every key, at C speed
+    keys_a = list(map(str.removesuffix, keys_a, itertools.repeat(".wav")))
+    keys_b = list(map(str.removesuffix, keys_b, itertools.repeat(".wav")))
+    return (np.array(labels) == "1").astype(int), keys_a, keys_b
 
 
 def check_keys(needed, available, what):
@@ -254,25 +294,97 @@ def check_keys(needed, available, what):
         raise DataError(f"{len(missing)} {what} have no audio/embedding, e.g. {', '.join(missing[:5])}")
 
 
-def cosine_scores(embeddings, keys_a, keys_b, chunk=100_000):
-    """Cosine similarity per trial (the original's ``np.dot(a, b) / (|a| |b|)``), vectorised.
+class EmbeddingTable:
+    """Embeddings stacked once: a matrix with one row per key (float32 stays float32), the float64
+    L2 norm of each row, and key -> row. Trials are then scored by row numbers, in chunks."""
 
-    Each unique embedding is normalised once; trials are scored in chunks so memory stays bounded.
-    """
-    ids = sorted(set(keys_a) | set(keys_b))
-    index = {k: i for i, k in enumerate(ids)}
-    matrix = np.stack([np.asarray(embeddings[k], dtype=np.float64) for k in ids])
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    if not np.all(np.isfinite(matrix)) or np.any(norms == 0):
-        bad = [ids[i] for i in np.flatnonzero(~np.isfinite(matrix).all(1) | (norms[:, 0] == 0))]
-        raise DataError(f"{len(bad)} embeddings are non-finite or zero, e.g. {', '.join(bad[:5])}")
-    matrix /= norms
-    ia = np.fromiter((index[k] for k in keys_a), dtype=np.int64, count=len(keys_a))
-    ib = np.fromiter((index[k] for k in keys_b), dtype=np.int64, count=len(keys_b))
-    scores = np.empty(len(ia))
-    for s in range(0, len(ia), chunk):
-        scores[s:s + chunk] = np.einsum("ij,ij->i", matrix[ia[s:s + chunk]], matrix[ib[s:s + chunk]])
-    return scores
+    def __init__(self, embeddings, chunk=4096):
+        self.keys = list(embeddings)
+        self.index = dict(zip(self.keys, range(len(self.keys))))
+        self.matrix = np.stack([np.asarray(embeddings[k]) for k in self.keys])
+        self.norms = np.empty(len(self.keys))
+        for s in range(0, len(self.keys), chunk):
+            block = self.matrix[s:s + chunk]
+            self.norms[s:s + chunk] = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+
+    def lookup(self, keys):
+        """Row number of each key, -1 for a key without embedding."""
+        return np.fromiter(map(self.index.get, keys, itertools.repeat(-1)), dtype=np.int64, count=len(keys))
+
+    def rows(self, keys, what="trial keys"):
+        """Row number of each key; DataError with the count and a few examples if any is unknown.
+        A non-finite or zero-norm embedding among them is a DataError naming its keys."""
+        rows = self.lookup(keys)
+        if np.any(rows < 0):
+            check_keys(keys, self.index, what)
+        used = np.zeros(len(self.keys), dtype=bool)
+        used[rows] = True
+        bad = np.flatnonzero(used & (~np.isfinite(self.norms) | (self.norms == 0)))  # NaN/inf: norm non-finite
+        if len(bad):
+            names = [self.keys[i] for i in bad]
+            raise DataError(f"{len(names)} embeddings are non-finite or zero, e.g. {', '.join(names[:5])}")
+        return rows
+
+    def cosine(self, rows_a, rows_b, chunk=512):
+        """Cosine similarity of row pairs, ``dot(a, b) / (|a| |b|)`` accumulated in float64.
+
+        Memory stays bounded: two ``chunk`` x dim buffers, never a trials x dim matrix.
+        """
+        dim = self.matrix.shape[1]
+        buf_a, buf_b = np.empty((chunk, dim), self.matrix.dtype), np.empty((chunk, dim), self.matrix.dtype)
+        scores = np.empty(len(rows_a))
+        for s in range(0, len(rows_a), chunk):
+            a, b = rows_a[s:s + chunk], rows_b[s:s + chunk]
+            block_a, block_b = buf_a[:len(a)], buf_b[:len(b)]
+            np.take(self.matrix, a, axis=0, out=block_a)
+            np.take(self.matrix, b, axis=0, out=block_b)
+            dots = np.einsum("ij,ij->i", block_a, block_b, dtype=np.float64)
+            scores[s:s + chunk] = dots / (self.norms[a] * self.norms[b])
+        return scores
+
+
+def cosine_scores(embeddings, keys_a, keys_b, chunk=512):
+    """Cosine similarity per trial (the original's ``np.dot(a, b) / (|a| |b|)``), vectorised: each
+    needed embedding is stacked once, then trials are scored in chunks (``EmbeddingTable``). The
+    float64 scores equal a float64 per-trial loop to ~1e-15."""
+    needed = dict.fromkeys(keys_a)
+    needed.update(dict.fromkeys(keys_b))
+    check_keys(needed, embeddings, "trial keys")
+    table = EmbeddingTable({k: embeddings[k] for k in needed})
+    return table.cosine(table.rows(keys_a), table.rows(keys_b), chunk)
+
+
+def cohort_statistics(table, rows, cohort, top_n, chunk=2048):
+    """Adaptive s-norm statistics: for each of ``rows`` of the ``EmbeddingTable``, the mean and
+    standard deviation of its ``top_n`` highest cosine scores against the ``cohort`` embeddings
+    (Matejka et al., Interspeech 2017). Returns ``(mean, std)`` arrays aligned with ``rows``."""
+    cohort = np.asarray(cohort, dtype=np.float64)
+    cohort_norms = np.linalg.norm(cohort, axis=1)
+    if not np.all(np.isfinite(cohort_norms)) or np.any(cohort_norms == 0):
+        raise DataError("the AS-norm cohort holds non-finite or zero embeddings")
+    unit_cohort = (cohort / cohort_norms[:, None]).T  # (dim, C)
+    top_n = min(top_n, cohort.shape[0])
+    mean, std = np.empty(len(rows)), np.empty(len(rows))
+    for s in range(0, len(rows), chunk):
+        r = rows[s:s + chunk]
+        scores = (table.matrix[r].astype(np.float64) @ unit_cohort) / table.norms[r, None]  # (chunk, C)
+        top = -np.partition(-scores, top_n - 1, axis=1)[:, :top_n]
+        mean[s:s + chunk], std[s:s + chunk] = top.mean(1), top.std(1)
+    return mean, std
+
+
+def asnorm_scores(scores, table, rows_a, rows_b, cohort, top_n=300):
+    """Adaptive symmetric normalisation (AS-norm1, Matejka et al. 2017) of raw cosine ``scores``
+    of the trials ``(rows_a, rows_b)`` of an ``EmbeddingTable``:
+    ``0.5 * ((s - mu_a) / sigma_a + (s - mu_b) / sigma_b)``, each side's statistics taken over its
+    ``top_n`` closest cohort embeddings (``cohort_statistics``)."""
+    used, inverse = np.unique(np.concatenate([rows_a, rows_b]), return_inverse=True)
+    mean, std = cohort_statistics(table, used, cohort, top_n)
+    if np.any(std == 0):
+        raise DataError("AS-norm: a cohort score spread is zero (cohort too small or duplicated)")
+    ia, ib = inverse[:len(rows_a)], inverse[len(rows_a):]
+    scores = np.asarray(scores, dtype=np.float64)
+    return 0.5 * ((scores - mean[ia]) / std[ia] + (scores - mean[ib]) / std[ib])
 
 
 def compute_eer(labels, scores):
@@ -285,6 +397,28 @@ def compute_eer(labels, scores):
     eer = brentq(lambda x: 1.0 - x - interp1d(fpr, tpr)(x), 0.0, 1.0)
     threshold = float(interp1d(fpr, thresholds)(eer))
     return float(eer), threshold
+
+
+def compute_min_dcf(labels, scores, p_target, c_miss=1.0, c_fa=1.0):
+    """Minimum normalised detection cost and its threshold (NIST SRE evaluation plans):
+
+        C_det(t) = C_miss * P_miss(t) * P_target + C_fa * P_fa(t) * (1 - P_target)
+        minDCF   = min_t C_det(t) / min(C_miss * P_target, C_fa * (1 - P_target))
+
+    with P_miss(t) the fraction of targets scored below t and P_fa(t) that of non-targets at or
+    above t, over every operating point of the ROC (accept none ... accept all). ``p_target`` may
+    be a list: then lists of (minDCF, threshold) pairs come back, from one ROC.
+    """
+    labels = np.asarray(labels)
+    if labels.min() == labels.max():
+        raise DataError("minDCF is undefined: the trials hold only targets or only non-targets")
+    fpr, tpr, thresholds = roc_curve(labels, scores, pos_label=1, drop_intermediate=False)
+    results = []
+    for p in np.atleast_1d(p_target):
+        cost = c_miss * (1 - tpr) * p + c_fa * fpr * (1 - p)
+        best = int(np.argmin(cost))
+        results.append((float(cost[best] / min(c_miss * p, c_fa * (1 - p))), float(thresholds[best])))
+    return results if np.ndim(p_target) else results[0]
 
 
 def make_validation_trials(keys, nb_trial, rng):
@@ -345,7 +479,11 @@ def seed_everything(seed, deterministic=True):
 
 
 def rng_states():
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state, in types that ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                     has_gauss, cached),
+              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -353,7 +491,8 @@ def rng_states():
 
 def set_rng_states(states):
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -389,3 +528,148 @@ def write_text_atomic(text, path):
 
 def write_json_atomic(obj, path):
     write_text_atomic(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def write_pickle_atomic(obj, path):
+    _atomic(path, lambda f: pickle.dump(obj, f, protocol=4))
+
+
+def write_npy_atomic(array, path):
+    _atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding files: pickles (the released format) and .npy matrix + key list
+
+# The only globals an embedding pickle may name: what numpy needs to rebuild arrays (numpy 1.x
+# pickles say numpy.core, numpy 2.x pickles numpy._core). Anything else, e.g. os.system or
+# builtins.eval in a crafted pickle, is refused before it can run.
+_PICKLE_GLOBALS = {
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy._core.multiarray", "scalar"), ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler for untrusted files: plain containers, strings and numbers, and numpy arrays."""
+
+    def find_class(self, module, name):
+        if module.startswith("numpy.core.") or module == "numpy.core":
+            module = "numpy._core" + module[len("numpy.core"):]  # the numpy 1.x name of the same module
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refused a persistent id")
+
+
+def load_pickle(path):
+    """Unpickle ``path`` with ``RestrictedUnpickler``; DataError (one line) if it is refused or broken."""
+    try:
+        with open(path, "rb") as f:
+            return RestrictedUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path}: not loaded, {e}: embedding pickles may only hold a dict of "
+                        f"utterance keys to numpy arrays") from None
+    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
+        raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+
+
+def check_embeddings(obj, path):
+    """Validate a loaded embedding dict (keys -> 1-D real vectors of one size) and return it with
+    canonical keys (no ``.wav``) and float32 values."""
+    if not isinstance(obj, dict) or not obj:
+        raise DataError(f"{path}: expected a non-empty dict of utterance keys to embeddings, got {type(obj).__name__}")
+    out, dim = {}, None
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, np.ndarray):
+            raise DataError(f"{path}: entry {key!r} is not a string key with a numpy array value")
+        if value.ndim != 1 or value.dtype.kind not in "fiu" or (dim is not None and len(value) != dim):
+            raise DataError(f"{path}: entry {key!r} is a {value.dtype} array of shape {value.shape}, "
+                            f"expected 1-D real vectors of one size")
+        dim = len(value)
+        out[utt_id(key)] = value.astype(np.float32, copy=False)
+    return out
+
+
+def npy_keys_path(path):
+    """The key list that goes with an embedding matrix ``X.npy``: ``X_keys.txt``, one key per row."""
+    return path[:-len(".npy")] + "_keys.txt"
+
+
+def load_embeddings(path):
+    """Embeddings from a pickle (``.pk``, loaded with ``RestrictedUnpickler``) or from a ``.npy``
+    matrix plus its key list (``npy_keys_path``). Returns dict utterance id -> float32 vector."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: embedding file not found")
+    if not path.endswith(".npy"):
+        return check_embeddings(load_pickle(path), path)
+    try:
+        matrix = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise DataError(f"{path}: not a plain .npy matrix ({e})") from None
+    keys_path = npy_keys_path(path)
+    if not os.path.isfile(keys_path):
+        raise DataError(f"{keys_path}: key list of {path} not found")
+    with open(keys_path) as f:
+        keys = f.read().split()
+    if matrix.ndim != 2 or len(keys) != len(matrix):
+        raise DataError(f"{path}: matrix of shape {matrix.shape} does not match {len(keys)} keys in {keys_path}")
+    return check_embeddings(dict(zip(keys, matrix)), path)
+
+
+def save_embeddings(embeddings, path):
+    """Write embeddings atomically as the released pickles (dict key -> float32 vector) or, for a
+    ``.npy`` path, as a float32 matrix with rows in sorted key order plus its key list."""
+    keys = sorted(embeddings)
+    if not path.endswith(".npy"):
+        write_pickle_atomic({k: np.asarray(embeddings[k], dtype=np.float32) for k in keys}, path)
+        return
+    write_text_atomic("".join(k + "\n" for k in keys), npy_keys_path(path))
+    write_npy_atomic(np.stack([np.asarray(embeddings[k], dtype=np.float32) for k in keys]), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun): no-ops in a single process
+
+def rank_and_world():
+    """(rank, world size) of this process: from the process group, else torchrun's environment."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process():
+    return rank_and_world()[0] == 0
+
+
+def barrier():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_buffers(model):
+    """Copy rank 0's buffers (batch-norm running statistics) to every process, as DDP does at the
+    start of each training forward; needed before evaluating in eval mode on every process."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def all_gather_embeddings(embeddings, skipped):
+    """Merge every process's share of (embeddings dict, skipped keys); identity in one process."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return embeddings, skipped
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, (embeddings, skipped))
+    merged, all_skipped = {}, []
+    for emb, skip in shares:
+        merged.update(emb)
+        all_skipped.extend(skip)
+    return merged, sorted(all_skipped)

@@ -41,7 +41,7 @@ def test_end_to_end_writes_every_output(tiny_corpus, tmp_path):
     assert best and "best_opt_eval.pt" in os.listdir(out / "models")
     model = load_pretrained(out / "models" / sorted(best)[-1], d_args=None)
     assert model.nb_samp == 4000 and model.fc2_gru.out_features == 6
-    last = torch.load(out / "last.pt", weights_only=False)
+    last = torch.load(out / "last.pt", weights_only=True)
     assert last["epoch"] == 1 and set(last) >= {"model", "optimizer", "scheduler", "best_eer", "rng", "step"}
     assert last["step"] == 2 * (24 // 4)  # 24 training utterances, batch 4, drop_last
 
@@ -50,8 +50,8 @@ def test_resume_continues_exactly(tiny_corpus, tmp_path):
     run(tiny_run_flags(tiny_corpus, tmp_path, name="full", epochs=2))
     run(tiny_run_flags(tiny_corpus, tmp_path, name="cut", epochs=1))
     run(tiny_run_flags(tiny_corpus, tmp_path, name="cut", epochs=2) + ["-resume"])
-    full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
-    cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert cut["epoch"] == 1 and cut["step"] == full["step"]
     for k, v in full["model"].items():
         torch.testing.assert_close(cut["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)

@@ -1,0 +1,123 @@
+"""torchrun / DistributedDataParallel on CPU (gloo): parity with DataParallel's math, sharded
+evaluation, rank-0-only writes, elastic restart, and the batch-size check."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+
+import train_RawNet2 as train
+import utils
+from conftest import ROOT, tiny_run_flags
+from model_RawNet2 import RawNet2, load_pretrained
+
+ENTRY = os.path.join(ROOT, "tests", "torchrun_entry.py")
+
+
+def torchrun(flags, nproc=2, max_restarts=0, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           f"--max-restarts={max_restarts}", ENTRY] + flags
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def reference_params(corpus, flags, world=2):
+    """One process stepping the same global batches, the batch split in `world` chunks for batch norm
+    (what nn.DataParallel does on `world` GPUs), loss averaged over the chunks. SGD with momentum 0.9."""
+    args = train.parse_args(flags)
+    utils.seed_everything(args.seed)
+    train_dir = os.path.join(args.DB_vox2, args.dev_wav)
+    keys = utils.list_utterances(train_dir)
+    labels = utils.speaker_labels(keys)
+    model = RawNet2(train.model_args(args, len(labels)))
+    model.apply(utils.init_weights)
+    opt = torch.optim.SGD(utils.param_groups(model, args.wd), lr=args.lr, weight_decay=args.wd, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=utils.keras_lr_decay)
+    data = utils.TrainSet(keys, train_dir, labels, args.nb_samp, seed=args.seed)
+    per_rank = args.bs // world
+    model.train()
+    for epoch in range(args.epoch):
+        data.epoch = epoch
+        shards = []
+        for r in range(world):
+            sampler = DistributedSampler(data, num_replicas=world, rank=r, shuffle=True, seed=args.seed)
+            sampler.set_epoch(epoch)
+            shards.append(list(sampler))
+        for b in range(len(shards[0]) // per_rank):
+            loss = 0
+            for shard in shards:
+                items = [data[i] for i in shard[b * per_rank:(b + 1) * per_rank]]
+                x = torch.stack([torch.from_numpy(item[0]) for item in items])
+                y = torch.tensor([item[1] for item in items])
+                loss = loss + F.cross_entropy(model(x), y) / world
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model
+
+
+def test_ddp_matches_split_batch_reference_and_only_rank0_writes(tiny_corpus, tmp_path):
+    # SGD: its update is linear in the gradient, so float rounding stays at rounding level (Adam
+    # turns the ~0 gradients of conv biases followed by batch norm into +-lr steps of random sign).
+    # 3 steps of 4 crops per process: the tiny model's last batch norm sees one time step per crop,
+    # so much smaller chunks or many more steps make training chaotic (rounding grows visibly).
+    flags = tiny_run_flags(tiny_corpus, tmp_path, epochs=1) + ["-optimizer", "SGD", "-lr", "0.0005", "-bs", "8"]
+    log = tmp_path / "log"
+    log.mkdir()
+    proc = torchrun(flags, env={"ENTRY_SAVE_LOG": str(log)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["world_size"] == 2 and state["step"] == 24 // 8
+    reference = reference_params(tiny_corpus, flags)
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(state["model"][name], param.detach(), rtol=1e-5, atol=1e-5, msg=name)
+    # checkpoints written by rank 0 only
+    assert not (log / "rank1.txt").exists()
+    assert any(p.endswith("last.pt") for p in (log / "rank0.txt").read_text().split())
+
+
+def test_sharded_evaluation_equals_single_process(tiny_corpus, tmp_path):
+    flags = tiny_run_flags(tiny_corpus, tmp_path, epochs=1)
+    proc = torchrun(flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = load_pretrained(tmp_path / "run" / "last.pt")
+    args = train.parse_args(flags)
+    eval_dir = os.path.join(args.DB, args.eval_wav)
+    keys = utils.list_utterances(eval_dir)
+    trials = utils.read_trials(os.path.join(args.DB, "veri_test.txt"))
+    eer, scores, labels = train.evaluate(model, keys, eval_dir, trials, args, torch.device("cpu"), "eval")
+    written = np.loadtxt(tmp_path / "run" / "results" / "eval_epoch0.txt")
+    np.testing.assert_allclose(written[:, 0], scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(written[:, 1], labels)
+    line = (tmp_path / "run" / "eers.txt").read_text().strip()
+    assert line == f"epoch:0, TA_eval_eer:{eer:.4f}"
+
+
+def test_elastic_restart_after_a_killed_worker_finishes_all_epochs(tiny_corpus, tmp_path):
+    flags = tiny_run_flags(tiny_corpus, tmp_path, epochs=3)
+    proc = torchrun(flags, max_restarts=1, env={"ENTRY_KILL_AT_EPOCH": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" in proc.stdout
+    lines = (tmp_path / "run" / "eers.txt").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["epoch:0", "epoch:1", "epoch:2"]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_batch_not_divisible_by_world_size_is_one_line(tiny_corpus, tmp_path):
+    flags = tiny_run_flags(tiny_corpus, tmp_path, epochs=1)
+    flags[flags.index("-bs") + 1] = "5"
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_RawNet2.py")] + flags,
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("error: -bs 5 is not divisible by the world size 2 "
+                                   "(the global batch is split evenly over processes)")
+    under_torchrun = torchrun(flags)
+    assert under_torchrun.returncode != 0
+    assert under_torchrun.stderr.count("error: -bs 5 is not divisible by the world size 2") == 1
