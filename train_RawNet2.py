@@ -268,8 +268,8 @@ def main(args):
     log = print if main_process else (lambda *a, **k: None)
     save_dir = os.path.join(args.save_dir, args.name)
     last_path = os.path.join(save_dir, "last.pt")
-    # torchrun --max-restarts: a restarted group continues from last.pt by itself.
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    # A group restarted by torchrun --max-restarts, or a Slurm job requeued, continues from last.pt.
+    restarted = any(int(os.environ.get(v, "0")) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
     resume = args.resume or (restarted and os.path.exists(last_path))
     if args.resume and not os.path.exists(last_path):
         raise DataError(f"-resume: {last_path} not found (no completed epoch to continue from)")
