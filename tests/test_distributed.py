@@ -121,3 +121,14 @@ def test_batch_not_divisible_by_world_size_is_one_line(tiny_corpus, tmp_path):
     under_torchrun = torchrun(flags)
     assert under_torchrun.returncode != 0
     assert under_torchrun.stderr.count("error: -bs 5 is not divisible by the world size 2") == 1
+
+
+def test_resume_with_a_different_world_size(tiny_corpus, tmp_path):
+    train.main(train.parse_args(tiny_run_flags(tiny_corpus, tmp_path, epochs=1)))
+    proc = torchrun(tiny_run_flags(tiny_corpus, tmp_path, epochs=2) + ["-resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" in proc.stdout and "after epoch 0" in proc.stdout
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["world_size"] == 2 and state["step"] == 24 // 4 * 2
+    lines = (tmp_path / "run" / "eers.txt").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["epoch:0", "epoch:1"]
