@@ -23,6 +23,7 @@ Deliberate differences from the original code (none changes a number):
     and are not in the state dict, exactly like the original's plain tensor attributes).
   * In eval mode the legacy block skips computing ``bn1`` (its output is unused and eval-mode BN
     updates no statistics, so nothing observable changes).
+  * Under autocast (bf16/fp16, opt-in) the sinc front end still runs in float32.
 """
 
 import math
@@ -209,7 +210,11 @@ class RawNet2(nn.Module):
         if x.dim() != 2 or x.shape[-1] != self.nb_samp:
             raise ValueError(f"RawNet2 expects (batch, {self.nb_samp}) waveforms, got {tuple(x.shape)}")
         x = self.ln(x).unsqueeze(1)                                   # (B, 1, T)
-        x = F.max_pool1d(torch.abs(self.first_conv(x)), 3)            # (B, C, (T - 250) // 3)
+        # The sinc front end stays float32 under autocast: bf16 rounds its filters (computed by a
+        # matmul) and its output by ~1-2 %, which first_bn (large mean, small spread) amplifies.
+        with torch.autocast(x.device.type, enabled=False):
+            x = torch.abs(self.first_conv(x.float()))                 # (B, C, T - 250)
+        x = F.max_pool1d(x, 3)                                        # (B, C, (T - 250) // 3)
         x = F.leaky_relu(self.first_bn(x), LEAKY_SLOPE)
         for i in range(self.NB_BLOCKS):
             x = getattr(self, f"block{i}")(x)                         # (B, C', T' // 3)

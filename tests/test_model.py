@@ -233,3 +233,17 @@ def test_load_pretrained_rejects_non_rawnet_file(tmp_path):
     torch.save({"foo": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="other.pt"):
         load_pretrained(tmp_path / "other.pt")
+
+
+def test_sinc_front_end_stays_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = RawNet2(small_args()).eval()
+    dtypes = []
+    model.first_conv.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    x = torch.randn(2, 4000)
+    with torch.no_grad():
+        reference = model.embed(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model.embed(x).float()
+    assert dtypes == [torch.float32, torch.float32]
+    assert torch.nn.functional.cosine_similarity(mixed, reference).min() > 0.98

@@ -1,0 +1,116 @@
+"""Pre-process VoxCeleb wavs for RawNet1: int16 scale, pre-emphasis 0.97, one float32 .npy per utterance.
+
+    python RawNet1/pre_process_waveforms.py -wav_dir DB/VoxCeleb1/dev_wav/  -out_dir DB/VoxCeleb1/dev_npy/
+    python RawNet1/pre_process_waveforms.py -wav_dir DB/VoxCeleb1/eval_wav/ -out_dir DB/VoxCeleb1/eval_npy/
+
+Follows the Keras RawNet code's pre-processing (SPEC.md section 2): each 16 kHz mono wav is read at
+int16 scale and pre-emphasised, y[n] = x[n + 1] - 0.97 x[n]. Output: ``<out_dir>/<spk>/<video>/<NNNNN>.npy``
+and ``<out_dir>/index.json`` (utterance key -> samples, skipped files), written last.
+
+Differences from the original (none changes a number): the original stored all waveforms in one
+pickled dict per set; we write one .npy per utterance so training memory-maps random crops, files
+are converted in parallel with a progress bar, each file is written atomically and an interrupted
+run resumes where it stopped (existing .npy files are kept); empty or all-zero files are skipped and
+listed in the index; a wav that is not 16 kHz mono stops the run with one line naming it.
+"""
+
+import argparse
+import multiprocessing
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [p for p in (HERE, os.path.dirname(HERE)) if p not in sys.path]  # RawNet1/, repo root
+
+import numpy as np
+from tqdm import tqdm
+
+import utils
+from data_RawNet import INDEX, PRE_EMPHASIS, npy_path, pre_emphasis, read_int16
+from utils import DataError, SilentAudioError
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def add(name, **kw):
+        parser.add_argument(f"-{name}", f"--{name}", **kw)
+
+    add("wav_dir", type=str, required=True, help="folder of <spk>/<video>/<NNNNN>.wav files (16 kHz mono)")
+    add("out_dir", type=str, required=True, help="output folder: .npy per utterance and index.json")
+    add("coef", type=float, default=PRE_EMPHASIS, help="pre-emphasis coefficient")
+    add("nb_worker", type=int, default=os.cpu_count() or 1, help="parallel worker processes")
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def convert(task):
+    """Convert one wav (skipped if its .npy exists). Returns (key, samples or None, error or None)."""
+    key, wav_dir, out_dir, coef = task
+    out = npy_path(out_dir, key)
+    if os.path.exists(out):
+        return key, int(np.load(out, mmap_mode="r").shape[0]), None
+    try:
+        y = pre_emphasis(read_int16(os.path.join(wav_dir, key)), coef)
+    except SilentAudioError:
+        return key, None, None
+    except DataError as e:
+        return key, None, str(e)
+    utils.write_npy_atomic(y, out)  # a .npy that exists is complete
+    return key, len(y), None
+
+
+def main(args, progress=True):
+    """Convert every wav under ``args.wav_dir``; returns (lengths, skipped)."""
+    keys = utils.list_utterances(args.wav_dir)
+    tasks = [(key, args.wav_dir, args.out_dir, args.coef) for key in keys]
+    lengths, skipped, errors = {}, [], []
+    workers = max(1, min(args.nb_worker, len(tasks)))
+    with multiprocessing.Pool(workers) if workers > 1 else _Serial() as pool:
+        results = pool.imap_unordered(convert, tasks, chunksize=16)
+        for key, length, error in tqdm(results, total=len(tasks), desc=f"pre-processing {args.wav_dir}",
+                                       unit="file", disable=not progress):
+            if error:
+                errors.append(error)
+            elif length is None:
+                skipped.append(key)
+            else:
+                lengths[key] = length
+    if errors:
+        raise DataError(f"{len(errors)} files could not be used (nothing else lost; fix them and rerun to "
+                        f"resume), e.g. {errors[0]}")
+    skipped.sort()
+    if skipped:
+        print(f"skipped {len(skipped)} empty or all-zero files (listed in {INDEX}): {', '.join(skipped[:5])}"
+              + (" ..." if len(skipped) > 5 else ""))
+    index = {"source": os.path.abspath(args.wav_dir), "pre_emphasis": args.coef,
+             "lengths": dict(sorted(lengths.items())), "skipped": skipped}
+    utils.write_json_atomic(index, os.path.join(args.out_dir, INDEX))
+    return lengths, skipped
+
+
+class _Serial:
+    """Stand-in for a one-process pool."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap_unordered(self, fn, tasks, chunksize=1):
+        return map(fn, tasks)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except DataError as e:
+        sys.exit("error: " + re.sub(r"^[\w.]*Error: ", "", str(e).strip().splitlines()[-1]))
+    except KeyboardInterrupt:
+        sys.exit("interrupted: converted files are kept; rerun the same command to resume")

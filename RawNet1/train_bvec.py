@@ -1,0 +1,236 @@
+"""Train the b-vector back-end on RawNet embeddings and score Vox1-O next to the cosine baseline.
+
+    python RawNet1/train_bvec.py -embeddings DNNs/rawnet1/embeddings.pk
+
+Reproduces the b-vector DNN of Jung et al., "RawNet: Advanced end-to-end deep neural network using raw
+waveforms for text-independent speaker verification" (Interspeech 2019), after Lee et al.'s b-vectors
+(SPEC.md section 2): embeddings standardised with the dev set's mean and std; dropout 0.2 on each
+input embedding; the pair represented as concat(a + b, a - b, a * b); 4 x (dense 1,024, dropout 0.5,
+LeakyReLU 0.3); softmax over {different, same}; trained with cross-entropy on balanced batches of
+same- and different-speaker pairs of dev utterances (batch 120, Adam lr 0.001).
+
+Input: the pickle written by ``train_RawNet.py``, ``{'dev_dic_embeddings': ..., 'eval_dic_embeddings': ...}``.
+Outputs under ``-out_dir``: ``eers.txt`` (``epoch:E, val_eer:X`` per epoch, then the test EERs),
+``bvec_best.pt`` (model, standardisation, args), ``results/{cosine,bvec}_eval.txt`` (``score target``).
+
+Our choices where SPEC.md is silent (flags): an epoch is ``-nb_batch_per_epoch`` sampled batches; the
+model is selected on pairs of held-out dev speakers (the same split as train_RawNet.py for the same
+``-seed`` and ``-nb_val_spk``); the trial score is the log-odds of "same" (rank-equal to its softmax
+probability, without float saturation); Keras' default initialisation. Dimensions with zero dev std
+are left unscaled instead of dividing by zero.
+"""
+
+import argparse
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [p for p in (HERE, os.path.dirname(HERE)) if p not in sys.path]  # RawNet1/, repo root
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import utils
+from data_RawNet import split_speakers, trial_arrays
+from model_RawNet import LEAKY_SLOPE, keras_init
+from train_RawNet import str2bool
+from utils import DataError
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Train the b-vector back-end; Vox1-O EER vs cosine.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def group(title):
+        g = parser.add_argument_group(title)
+        return lambda name, **kw: g.add_argument(f"-{name}", f"--{name}", **kw)
+
+    add = group("run")
+    add("embeddings", type=str, required=True, help="embeddings pickle written by train_RawNet.py")
+    add("out_dir", type=str, default="", help="output folder (default: bvec/ beside -embeddings)")
+    add("seed", type=int, default=1234, help="seed for initialisation, speaker split and pair sampling")
+    add("progress", type=str2bool, nargs="?", const=True, default=True, help="show progress bars")
+
+    add = group("data")
+    add("trials", type=str, default="DB/VoxCeleb1/veri_test.txt", help="test trials (Vox1-O)")
+    add("nb_val_spk", type=int, default=100, help="dev speakers held out to select the epoch (0: last epoch)")
+    add("nb_val_trial", type=int, default=20000, help="validation pairs over the held-out speakers")
+
+    add = group("optimisation")
+    add("bs", type=int, default=120, help="pairs per batch, half same-speaker and half different-speaker")
+    add("lr", type=float, default=0.001, help="Adam learning rate")
+    add("epoch", type=int, default=20, help="epochs")
+    add("nb_batch_per_epoch", type=int, default=1000, help="sampled batches per epoch")
+
+    add = group("model")
+    add("m_hidden", type=int, default=1024, help="units of each hidden dense layer")
+    add("m_nb_layer", type=int, default=4, help="hidden dense layers")
+    add("m_in_dropout", type=float, default=0.2, help="dropout on each input embedding")
+    add("m_dropout", type=float, default=0.5, help="dropout after each hidden dense layer")
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+class BVectorDNN(nn.Module):
+    """Pair classifier on b-vectors concat(a + b, a - b, a * b): logits over {different, same}."""
+
+    def __init__(self, dim, hidden=1024, nb_layer=4, in_dropout=0.2, dropout=0.5):
+        super().__init__()
+        self.in_dropout = nn.Dropout(in_dropout)
+        layers, width = [], 3 * dim
+        for _ in range(nb_layer):
+            # dense -> dropout -> LeakyReLU (SPEC order; the two commute, LeakyReLU is positively homogeneous)
+            layers += [nn.Linear(width, hidden), nn.Dropout(dropout), nn.LeakyReLU(LEAKY_SLOPE)]
+            width = hidden
+        self.hidden = nn.Sequential(*layers)
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, a, b):  # (B, D), (B, D) -> (B, 2)
+        a, b = self.in_dropout(a), self.in_dropout(b)
+        return self.out(self.hidden(torch.cat([a + b, a - b, a * b], dim=1)))
+
+    @torch.no_grad()
+    def score(self, a, b):
+        """Log-odds of 'same speaker' (eval mode)."""
+        logits = self(a, b)
+        return logits[:, 1] - logits[:, 0]
+
+
+def balanced_pairs(speaker_rows, batch_size, rng):
+    """One batch of row-index pairs: ``batch_size // 2`` same-speaker pairs (two different utterances
+    of a random speaker with at least two) and as many different-speaker pairs (one utterance each of
+    two random speakers). ``speaker_rows``: one array of embedding-matrix rows per speaker.
+    Returns (rows_a, rows_b, labels) with label 1 = same."""
+    half = batch_size // 2
+    multi = [rows for rows in speaker_rows if len(rows) >= 2]
+    same = [rng.choice(multi[s], 2, replace=False) for s in rng.integers(0, len(multi), half)]
+    diff = [(rng.choice(speaker_rows[i]), rng.choice(speaker_rows[j]))
+            for i, j in (rng.choice(len(speaker_rows), 2, replace=False) for _ in range(half))]
+    pairs = np.array(same + diff).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1], np.repeat([1, 0], half)
+
+
+def load_embeddings(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: embeddings pickle not found (train_RawNet.py writes <save_dir>/<name>/embeddings.pk)")
+    obj = utils.load_pickle(path)  # restricted: a pickle may only hold containers and numpy arrays
+    if not isinstance(obj, dict) or not {"dev_dic_embeddings", "eval_dic_embeddings"} <= set(obj):
+        raise DataError(f"{path}: expected a dict with 'dev_dic_embeddings' and 'eval_dic_embeddings'")
+    return (utils.check_embeddings(obj["dev_dic_embeddings"], f"{path} (dev)"),
+            utils.check_embeddings(obj["eval_dic_embeddings"], f"{path} (eval)"))
+
+
+def stack(embeddings, ids, what):
+    matrix = np.stack([np.asarray(embeddings[k], dtype=np.float32) for k in ids])
+    bad = [ids[i] for i in np.flatnonzero(~np.isfinite(matrix).all(1))]
+    if bad:
+        raise DataError(f"{len(bad)} {what} embeddings are non-finite, e.g. {', '.join(bad[:5])}")
+    return matrix
+
+
+def score_pairs(model, matrix, keys_a, keys_b, index, chunk=20000):
+    """b-vector scores of trials (ids into ``index``, rows of the standardised ``matrix``)."""
+    model.eval()
+    ia = np.array([index[k] for k in keys_a])
+    ib = np.array([index[k] for k in keys_b])
+    return np.concatenate([model.score(matrix[ia[s:s + chunk]], matrix[ib[s:s + chunk]]).numpy()
+                           for s in range(0, len(ia), chunk)])
+
+
+def append_line(path, line):
+    old = open(path).read() if os.path.exists(path) else ""
+    utils.write_text_atomic(old + line + "\n", path)
+
+
+def main(args):
+    if args.bs < 2 or args.bs % 2:
+        raise DataError(f"-bs {args.bs}: a balanced batch needs an even number of pairs")
+    if args.epoch < 1 or args.nb_batch_per_epoch < 1:
+        raise DataError("-epoch and -nb_batch_per_epoch must be at least 1")
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.embeddings)), "bvec")
+    utils.seed_everything(args.seed)
+    dev, test = load_embeddings(args.embeddings)
+    trials = utils.read_trials(args.trials)
+    utils.check_keys(trials[1] + trials[2], test, f"trial keys of {args.trials}")
+
+    # Standardise with the dev set's statistics; pairs of training speakers, validation on held-out ones.
+    dev_ids = sorted(dev)
+    dev_matrix = stack(dev, dev_ids, "dev")
+    mean, std = dev_matrix.mean(0), dev_matrix.std(0)
+    std = np.where(std > 0, std, 1.0).astype(np.float32)
+    dev_std = torch.from_numpy((dev_matrix - mean) / std)
+    row = {k: i for i, k in enumerate(dev_ids)}
+    train_ids, val_ids = split_speakers(dev_ids, args.nb_val_spk, args.seed)
+    by_speaker = {}
+    for k in train_ids:
+        by_speaker.setdefault(utils.speaker_of(k), []).append(row[k])
+    speaker_rows = [np.array(rows) for _, rows in sorted(by_speaker.items())]
+    if len(speaker_rows) < 2 or not any(len(r) >= 2 for r in speaker_rows):
+        raise DataError("b-vector training needs two dev speakers, one of them with two utterances")
+    val_trials = (trial_arrays(utils.make_validation_trials(val_ids, args.nb_val_trial, np.random.default_rng(args.seed)))
+                  if val_ids else None)
+
+    model = BVectorDNN(dev_matrix.shape[1], args.m_hidden, args.m_nb_layer, args.m_in_dropout, args.m_dropout)
+    model.apply(keras_init)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    best_eer, best_state = np.inf, None
+    best_path, eers_path = os.path.join(out_dir, "bvec_best.pt"), os.path.join(out_dir, "eers.txt")
+    utils.write_text_atomic("", eers_path)
+    print(f"b-vector: {len(train_ids)} training embeddings of {len(speaker_rows)} speakers, "
+          f"{len(val_ids)} validation embeddings, {sum(p.numel() for p in model.parameters()):,} parameters")
+    for epoch in range(args.epoch):
+        model.train()
+        rng = np.random.default_rng([args.seed, epoch])
+        total = 0.0
+        bar = tqdm(range(args.nb_batch_per_epoch), desc=f"b-vector epoch {epoch}", leave=False,
+                   disable=not args.progress)
+        for _ in bar:
+            rows_a, rows_b, labels = balanced_pairs(speaker_rows, args.bs, rng)
+            loss = F.cross_entropy(model(dev_std[rows_a], dev_std[rows_b]), torch.from_numpy(labels))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        line = f"epoch:{epoch}, loss:{total / args.nb_batch_per_epoch:.4f}"
+        if val_trials is not None:
+            val_eer = utils.compute_eer(val_trials[0], score_pairs(model, dev_std, *val_trials[1:], row))[0]
+            line += f", val_eer:{val_eer:.4f}"
+        append_line(eers_path, line)
+        if val_trials is None or val_eer < best_eer:
+            best_eer = val_eer if val_trials is not None else best_eer
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            utils.save_atomic({"model": best_state, "epoch": epoch, "mean": mean, "std": std,
+                               "args": vars(args)}, best_path)
+        tqdm.write(f"b-vector {line}")
+
+    # Vox1-O: cosine on the raw embeddings, b-vector on the standardised ones with the selected model.
+    labels, keys_a, keys_b = trials
+    cosine = utils.cosine_scores(test, keys_a, keys_b)
+    test_ids = sorted(set(keys_a) | set(keys_b))
+    test_std = torch.from_numpy((stack(test, test_ids, "test") - mean) / std)
+    model.load_state_dict(best_state)
+    bvec = score_pairs(model, test_std, keys_a, keys_b, {k: i for i, k in enumerate(test_ids)})
+    eers = {"cosine": utils.compute_eer(labels, cosine)[0], "bvec": utils.compute_eer(labels, bvec)[0]}
+    for name, scores in (("cosine", cosine), ("bvec", bvec)):
+        utils.write_text_atomic("".join(f"{s} {t}\n" for s, t in zip(scores, labels)),
+                                os.path.join(out_dir, "results", f"{name}_eval.txt"))
+    append_line(eers_path, f"test cosine_eer:{eers['cosine']:.4f}, bvec_eer:{eers['bvec']:.4f}")
+    print(f"Vox1-O ({len(labels)} trials): cosine EER {100 * eers['cosine']:.2f} %, "
+          f"b-vector EER {100 * eers['bvec']:.2f} %")
+    return eers
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except DataError as e:
+        sys.exit("error: " + re.sub(r"^[\w.]*Error: ", "", str(e).strip().splitlines()[-1]))
+    except KeyboardInterrupt:
+        sys.exit("interrupted")

@@ -1,0 +1,125 @@
+"""Benchmark: TTA extraction, batched (utils.iter_embeddings) vs the original one-segment loop.
+
+    python bench/extract.py                          # paper-size RawNet2, on the GPU if there is one
+    python bench/extract.py -device cpu -nb_utt 12   # a quick CPU run
+    python bench/extract.py -model_dir Pre-trained_model/rawnet2_best_weights.pt
+
+Writes ``-nb_utt`` synthetic 16 kHz utterances of VoxCeleb1-like lengths (4-12 s, i.e. 1-4 TTA
+segments) to a temporary folder and embeds them with the paper-size network (random weights unless
+``-model_dir`` is given; speed does not depend on the weights), in the same run:
+  * reference: the original evaluation loop, one segment per forward pass, audio read in the loop;
+  * ours: segments of many utterances packed into forwards of ``-bs`` segments, audio read in
+    DataLoader workers, for each of several batch sizes, in fp32 and with ``-bf16`` autocast.
+Configurations are interleaved over ``-rounds`` rounds and the best time of each is kept, so a
+busy machine disturbs every configuration alike. Prints segments/s, the ratio to the reference
+and the largest difference to the reference embeddings (fp32 must stay within 1e-5).
+On a GPU the target is >= 3x the one-segment loop; on CPU never slower than it.
+"""
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import soundfile as sf
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import utils  # noqa: E402
+from model_RawNet2 import RawNet2, default_d_args, load_pretrained  # noqa: E402
+
+WINDOW = 11810
+
+
+def make_utterances(folder, nb_utt, rng):
+    keys = []
+    for i in range(nb_utt):
+        key = f"id{10270 + i // 4}/vid{i:08d}/00001.wav"
+        os.makedirs(os.path.join(folder, os.path.dirname(key)), exist_ok=True)
+        n = int(rng.uniform(4, 12) * 16000)
+        t = np.arange(n) / 16000
+        x = np.sin(2 * np.pi * rng.uniform(90, 250) * t) + 0.3 * rng.standard_normal(n)
+        sf.write(os.path.join(folder, key), 0.3 * x, 16000, subtype="PCM_16")
+        keys.append(key)
+    return keys
+
+
+@torch.no_grad()
+def one_segment_loop(model, keys, folder, device):
+    """The original evaluation: read, cut into TTA segments, one segment per forward, mean."""
+    out = {}
+    for key in keys:
+        segments = utils.tta_segments(utils.read_wav(os.path.join(folder, key)), model.nb_samp, WINDOW)
+        codes = [model.embed(torch.from_numpy(s[None].copy()).to(device)).cpu() for s in segments]
+        out[utils.utt_id(key)] = torch.cat(codes).mean(0).numpy()
+    return out
+
+
+def batched(model, keys, folder, device, bs, workers, bf16):
+    return dict((utils.utt_id(k), c) for k, c in
+                utils.iter_embeddings(model, keys, folder, model.nb_samp, WINDOW, device, workers, bs, bf16))
+
+
+def timed(fn, device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+    parser.add_argument("-nb_utt", type=int, default=None, help="utterances (default 200 on GPU, 16 on CPU)")
+    parser.add_argument("-bs", type=int, nargs="+", default=None,
+                        help="segments per forward to try (default 8 32 64 on GPU, 4 8 16 on CPU)")
+    parser.add_argument("-nb_worker", type=int, default=2, help="DataLoader workers for the batched path")
+    parser.add_argument("-rounds", type=int, default=2, help="interleaved repetitions; the best is kept")
+    parser.add_argument("-model_dir", default="", help="checkpoint to use instead of random paper-size weights")
+    args = parser.parse_args()
+    gpu = args.device.startswith("cuda")
+    nb_utt = args.nb_utt or (200 if gpu else 16)
+    sizes = args.bs or ([8, 32, 64] if gpu else [4, 8, 16])
+
+    torch.manual_seed(0)
+    model = load_pretrained(args.model_dir) if args.model_dir else RawNet2(default_d_args()).eval()
+    model = model.to(args.device)
+    name = torch.cuda.get_device_name() if gpu else f"CPU {platform.processor() or platform.machine()}"
+    print(f"device: {name} ({args.device}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} cores")
+
+    with tempfile.TemporaryDirectory() as folder:
+        keys = make_utterances(folder, nb_utt, np.random.default_rng(0))
+        nb_seg = sum(len(utils.tta_segments(np.zeros(sf.info(os.path.join(folder, k)).frames), model.nb_samp, WINDOW))
+                     for k in keys)
+        which = args.model_dir or "paper-size RawNet2, random weights"
+        print(f"{nb_utt} utterances, {nb_seg} TTA segments of {model.nb_samp} samples; model: {which}")
+        configs = {"one-segment loop (reference)": lambda: one_segment_loop(model, keys, folder, args.device)}
+        for bf16 in (False, True):
+            for bs in sizes:
+                configs[f"batched -bs {bs}{' -bf16' if bf16 else ''}"] = \
+                    lambda bs=bs, bf16=bf16: batched(model, keys, folder, args.device, bs, args.nb_worker, bf16)
+        batched(model, keys[:2], folder, args.device, sizes[0], 0, False)  # warm-up (kernels, allocator)
+        best, outputs = {}, {}
+        for _ in range(args.rounds):
+            for label, fn in configs.items():
+                seconds, outputs[label] = timed(fn, args.device)
+                best[label] = min(best.get(label, np.inf), seconds)
+    reference = outputs["one-segment loop (reference)"]
+    ref_time = best["one-segment loop (reference)"]
+    for label, seconds in best.items():
+        diff = max(np.abs(outputs[label][k] - reference[k]).max() for k in reference)
+        cos = min(float(np.dot(outputs[label][k], reference[k]) /
+                        (np.linalg.norm(outputs[label][k]) * np.linalg.norm(reference[k]))) for k in reference)
+        print(f"{label:32s} {nb_seg / seconds:7.2f} segments/s  {ref_time / seconds:5.2f}x  "
+              f"max |diff| {diff:.1e}  min cosine to reference {cos:.6f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""Score RawNet2 speaker embeddings on the VoxCeleb1 trial lists; make them from any checkpoint.
+
+    python evaluate_pretrained_RawNet2.py                    # released pickles in spk_embd/, lists in trials/
+    python evaluate_pretrained_RawNet2.py -extract           # first embed DB/VoxCeleb1/{dev,eval}_wav
+    python evaluate_pretrained_RawNet2.py -verify a.wav b.wav -threshold T   # one pair of recordings
+
+Reproduces evaluate_pretrained_RawNet2.py of github.com/Jungjee/RawNet (python/RawNet2): the pickled
+TTA embeddings ``-embd_dir/TTA_vox1_{dev,eval}.pk`` are scored with cosine similarity on Vox1-O
+(``vox_original.txt``, eval embeddings) and on Vox1-E and Vox1-H (``list_test_all_cleaned.txt``,
+``list_test_hard_cleaned.txt``, dev + eval embeddings); each EER is printed as the original prints it
+(``Vox original evaluation EER: <fraction>``) and appended to ``eers.txt``. The facts are in
+../shared/SPEC.md.
+
+Added, none of which changes a number the original prints:
+  * On its own line under each EER: minDCF at p_target 0.01 and 0.05 (C_miss = C_fa = 1) and the EER
+    threshold. A list that is absent is skipped with a note; ``-trials`` scores other lists.
+  * ``-extract`` makes the pickles the original only ships: TTA embeddings of ``-DB``'s dev_wav/ and
+    eval_wav/ from any checkpoint (released legacy weights or ours), segments of many utterances per
+    forward, audio read in DataLoader workers, written atomically; an interrupted run resumes from
+    ``-embd_dir/.partial/``. ``-format npy`` writes/reads a matrix plus key list instead.
+  * Pickles are untrusted input: they are read with a restricted unpickler (``utils.load_pickle``)
+    that refuses anything but containers, strings, numbers and numpy arrays.
+  * Scoring is vectorised and chunked (``utils.EmbeddingTable``), accumulated in float64: the same
+    EERs as the original's per-trial loop, with bounded memory (bench/score.py: Vox1-O + E + H in
+    7-8 s on 2 cores, the original loop 9 s; both are bound by memory reads).
+  * ``-asnorm`` (adaptive symmetric score normalisation), ``-score_dir``, ``-plot`` (DET curves),
+    ``-verify`` (one pair of wav files), ``-bf16`` (opt-in bfloat16 autocast for extraction).
+  * Bad input stops with one line naming the file, key or line: missing keys, NaN/zero embeddings,
+    unparsable trial lines, single-class lists, checkpoints of the wrong layout.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import utils
+from model_RawNet2 import load_pretrained
+from utils import DataError
+
+# (name printed, file in -trial_dir, embedding sets scored with it), as in the original script.
+LISTS = [("Vox original", "vox_original.txt", ("eval",)),
+         ("Vox1_E_cleaned", "list_test_all_cleaned.txt", ("dev", "eval")),
+         ("Vox1_H_cleaned", "list_test_hard_cleaned.txt", ("dev", "eval"))]
+P_TARGETS = (0.01, 0.05)
+# Segments per forward on CPU: measured in bench/extract.py; a GPU gets 32 (both set by -bs).
+CPU_SEGMENTS_PER_BATCH = 16
+GPU_SEGMENTS_PER_BATCH = 32
+PARTIAL_SAVE_S = 60  # an extraction saves finished embeddings at least this often
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Score RawNet2 TTA embeddings on VoxCeleb1 trial lists (EER, minDCF); "
+                    "extract them from a checkpoint; verify a pair of recordings.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def group(title):
+        g = parser.add_argument_group(title)
+        return lambda name, **kw: g.add_argument(f"-{name}", f"--{name}", **kw)
+
+    add = group("scoring")
+    add("embd_dir", type=str, default="spk_embd/", help="folder of TTA_vox1_dev.pk and TTA_vox1_eval.pk")
+    add("trial_dir", type=str, default="trials/",
+        help="folder of vox_original.txt, list_test_all_cleaned.txt, list_test_hard_cleaned.txt")
+    add("trials", type=str, nargs="+", default=None, metavar="FILE",
+        help="score these trial lists (with every embedding set present) instead of the three above")
+    add("format", type=str, default="pk", choices=["pk", "npy"],
+        help="embedding files: pickles (dict key -> vector) or a .npy matrix plus <name>_keys.txt")
+    add("skip_missing", action="store_true",
+        help="drop trials whose keys have no embedding (and say how many) instead of stopping")
+    add("score_dir", type=str, default="", help="write per-trial scores 'score target keyA keyB' here")
+    add("eer_file", type=str, default="eers.txt", help="file the EER lines are appended to")
+    add("plot", type=str, nargs="?", const="det_curves/", default=None, metavar="DIR",
+        help="write a DET curve PNG per list into DIR (needs matplotlib)")
+
+    add = group("score normalisation")
+    add("asnorm", action="store_true",
+        help="also report adaptive symmetric score normalisation (AS-norm) with -cohort")
+    add("cohort", type=str, default="", help="AS-norm cohort: an embedding file (.pk or .npy)")
+    add("cohort_by", type=str, default="speaker", choices=["speaker", "utterance"],
+        help="cohort entries: per-speaker mean embeddings (speaker = first part of the key), or utterances")
+    add("asnorm_top_n", type=int, default=300, help="AS-norm: closest cohort entries per side")
+
+    add = group("extraction")
+    add("extract", action="store_true",
+        help="compute TTA embeddings of -DB's -dev_wav and -eval_wav with -model_dir into -embd_dir, then score")
+    add("model_dir", type=str, default="Pre-trained_model/rawnet2_best_weights.pt",
+        help="checkpoint: the released weights, a TA_*.pt state_dict or a last.pt of train_RawNet2.py")
+    add("DB", type=str, default="DB/VoxCeleb1/", help="VoxCeleb1 folder holding -dev_wav and -eval_wav")
+    add("dev_wav", type=str, default="dev_wav/", help="dev utterances (Vox1-E/H), inside -DB")
+    add("eval_wav", type=str, default="eval_wav/", help="test utterances (Vox1-O), inside -DB")
+    add("window_size", type=int, default=11810, help="overlap in samples between consecutive TTA segments")
+    add("bs", type=int, default=None,
+        help=f"TTA segments per forward, packed across utterances "
+             f"(default {GPU_SEGMENTS_PER_BATCH} on GPU, {CPU_SEGMENTS_PER_BATCH} on CPU)")
+    add("nb_worker", type=int, default=4, help="DataLoader worker processes reading audio")
+    add("bf16", action="store_true",
+        help="bfloat16 autocast in the network (faster on CPUs with bf16 support; changes scores slightly)")
+    add("device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device of the network")
+
+    add = group("verification")
+    add("verify", type=str, nargs=2, default=None, metavar=("A.wav", "B.wav"),
+        help="embed two recordings with -model_dir and print their cosine score and decision")
+    add("threshold", type=float, default=None,
+        help="-verify: same speaker when score >= threshold (e.g. the EER threshold of Vox1-O)")
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding files, model
+
+def embedding_path(args, subset):
+    return os.path.join(args.embd_dir, f"TTA_vox1_{subset}.{args.format}")
+
+
+def load_model(args):
+    if not os.path.isfile(args.model_dir):
+        raise DataError(f"{args.model_dir}: checkpoint not found (-model_dir)")
+    try:
+        model = load_pretrained(args.model_dir, map_location="cpu")
+    except pickle.UnpicklingError:  # not a torch file, or one holding objects other than tensors
+        raise DataError(f"{args.model_dir}: not a PyTorch checkpoint of tensors (torch.load with "
+                        f"weights_only=True refused it)") from None
+    except (RuntimeError, EOFError, OSError) as e:  # e.g. a truncated file
+        raise DataError(f"{args.model_dir}: not a loadable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    return model.to(args.device)
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction with resume: finished embeddings go to -embd_dir/.partial/<subset>_<n>.pk chunks
+
+def open_partial(folder, fingerprint):
+    """Make ``folder`` hold partial results of this model and these settings, or start it over."""
+    stamp = os.path.join(folder, "fingerprint.json")
+    if os.path.isfile(stamp):
+        with open(stamp) as f:
+            if json.load(f) == fingerprint:
+                return
+        print(f"note: {folder} holds a partial extraction made with another model or settings: starting over")
+        shutil.rmtree(folder)
+    utils.write_json_atomic(fingerprint, stamp)
+
+
+def load_partial(folder, subset):
+    """Embeddings and silent keys saved by an earlier, interrupted run for ``subset``."""
+    embeddings, skipped = {}, set()
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(f"{subset}_") and name.endswith(".pk"):
+            path = os.path.join(folder, name)
+            chunk = utils.load_pickle(path)
+            if not isinstance(chunk, dict) or set(chunk) != {"embeddings", "skipped"}:
+                raise DataError(f"{path}: not a partial-extraction file; delete {folder} to start over")
+            if chunk["embeddings"]:
+                embeddings.update(utils.check_embeddings(chunk["embeddings"], path))
+            skipped.update(chunk["skipped"])
+    return embeddings, skipped
+
+
+def extract_subset(model, args, folder, wav_dir, subset):
+    """TTA embeddings of every utterance under ``wav_dir``, resuming from ``folder``."""
+    keys = utils.list_utterances(wav_dir)
+    embeddings, skipped = load_partial(folder, subset)
+    todo = [k for k in keys if utils.utt_id(k) not in embeddings and k not in skipped]
+    if len(todo) < len(keys):
+        print(f"resuming {wav_dir}: {len(keys) - len(todo)} of {len(keys)} utterances already done")
+    bs = args.bs or (GPU_SEGMENTS_PER_BATCH if args.device.startswith("cuda") else CPU_SEGMENTS_PER_BATCH)
+    stream = utils.iter_embeddings(model, todo, wav_dir, model.nb_samp, args.window_size, args.device,
+                                   args.nb_worker, bs, args.bf16)
+    new, new_skipped = {}, []
+    chunk_id = sum(1 for name in os.listdir(folder) if name.startswith(f"{subset}_"))
+
+    def save_chunk():
+        nonlocal chunk_id
+        if new or new_skipped:
+            utils.write_pickle_atomic({"embeddings": dict(new), "skipped": list(new_skipped)},
+                                      os.path.join(folder, f"{subset}_{chunk_id:05d}.pk"))
+            embeddings.update(new), skipped.update(new_skipped)
+            new.clear(), new_skipped.clear()
+            chunk_id += 1
+
+    last_save = time.monotonic()
+    try:
+        for key, code in tqdm(stream, total=len(todo), desc=f"TTA {subset}", dynamic_ncols=True):
+            if code is None:
+                new_skipped.append(key)
+            else:
+                new[utils.utt_id(key)] = code
+            if time.monotonic() - last_save >= PARTIAL_SAVE_S:
+                save_chunk()
+                last_save = time.monotonic()
+    finally:  # also on Ctrl-C or an error: what is finished is kept for the next run
+        save_chunk()
+    if skipped:
+        print(f"warning: {len(skipped)} silent/empty files of {wav_dir} have no embedding "
+              f"({', '.join(sorted(skipped)[:5])})")
+    return embeddings
+
+
+def extract(args):
+    folders = [(subset, os.path.join(args.DB, wav)) for subset, wav in (("dev", args.dev_wav), ("eval", args.eval_wav))]
+    present = [(subset, wav_dir) for subset, wav_dir in folders if os.path.isdir(wav_dir)]
+    if not present:
+        raise DataError(f"-extract: neither {folders[0][1]} nor {folders[1][1]} exists")
+    for subset, wav_dir in folders:
+        if (subset, wav_dir) not in present:
+            print(f"note: {wav_dir} not found: no {subset} embeddings")
+    model = load_model(args)
+    partial = os.path.join(args.embd_dir, ".partial")
+    open_partial(partial, {"model_sha256": file_sha256(args.model_dir), "nb_samp": model.nb_samp,
+                           "window_size": args.window_size, "bf16": args.bf16})
+    for subset, wav_dir in present:
+        embeddings = extract_subset(model, args, partial, wav_dir, subset)
+        path = embedding_path(args, subset)
+        utils.save_embeddings(embeddings, path)
+        print(f"{len(embeddings)} embeddings of {wav_dir} written to {path}")
+    shutil.rmtree(partial)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+def trial_lists(args):
+    """(name, path, embedding sets) of each list to score."""
+    if args.trials:
+        return [(os.path.splitext(os.path.basename(p))[0], p, ("dev", "eval")) for p in args.trials]
+    return [(name, os.path.join(args.trial_dir, file), subsets) for name, file, subsets in LISTS]
+
+
+def load_cohort(args):
+    """AS-norm cohort matrix: per-speaker means of the -cohort embeddings, or the embeddings."""
+    embeddings = utils.load_embeddings(args.cohort)
+    if args.cohort_by == "utterance":
+        return np.stack(list(embeddings.values()))
+    by_speaker = {}
+    for key, code in embeddings.items():
+        by_speaker.setdefault(utils.speaker_of(key), []).append(code)
+    return np.stack([np.mean(codes, axis=0) for codes in by_speaker.values()])
+
+
+def trial_rows(name, trials, table, skip_missing):
+    """Row numbers in ``table`` of each trial's keys. A key without embedding is an error, or with
+    -skip_missing its trials are dropped with a note. Returns (labels, keysA, keysB, rowsA, rowsB)."""
+    labels, keys_a, keys_b = trials
+    rows_a, rows_b = table.lookup(keys_a), table.lookup(keys_b)
+    keep = (rows_a >= 0) & (rows_b >= 0)
+    if not keep.all():
+        missing = sorted({k for k in keys_a + keys_b if k not in table.index})
+        if not skip_missing:
+            utils.check_keys(missing, (), f"trial keys of {name}")
+        if not keep.any():
+            raise DataError(f"{name}: no trial has embeddings for both of its keys")
+        print(f"note: {name}: {int((~keep).sum())} of {len(keep)} trials skipped, "
+              f"{len(missing)} keys have no embedding (e.g. {', '.join(missing[:3])})")
+        labels, rows_a, rows_b = labels[keep], rows_a[keep], rows_b[keep]
+        keys_a = [k for k, m in zip(keys_a, keep) if m]
+        keys_b = [k for k, m in zip(keys_b, keep) if m]
+    table.check_finite(np.concatenate([rows_a, rows_b]))
+    return labels, keys_a, keys_b, rows_a, rows_b
+
+
+def metrics(labels, scores):
+    """EER (original method), its threshold, and minDCF at each of P_TARGETS."""
+    eer, threshold = utils.compute_eer(labels, scores)
+    min_dcfs = utils.compute_min_dcf(labels, scores, list(P_TARGETS))
+    return {"eer": eer, "eer_threshold": threshold,
+            **{f"min_dcf_{p}": dcf for p, (dcf, _) in zip(P_TARGETS, min_dcfs)}}
+
+
+def report(line, result, eer_file):
+    print(line)
+    with open(eer_file, "a") as f:  # appended, as the original does
+        f.write(line + "\n")
+    print("  " + ", ".join(f"minDCF(p_target={p}) {result[f'min_dcf_{p}']:.4f}" for p in P_TARGETS)
+          + f", EER threshold {result['eer_threshold']:.4f}")
+
+
+def write_scores(path, scores, labels, keys_a, keys_b):
+    utils.write_text_atomic("".join(f"{s} {t} {a} {b}\n" for s, t, a, b in zip(scores, labels, keys_a, keys_b)), path)
+
+
+def plot_det(path, title, curves):
+    """DET curve (miss vs false-alarm probability on normal-deviate axes) of each (label, labels, scores)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import norm
+    from sklearn.metrics import det_curve
+
+    ticks = np.array([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6])
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for label, labels, scores in curves:
+        fpr, fnr, _ = det_curve(labels, scores)
+        eer = utils.compute_eer(labels, scores)[0]
+        ax.plot(norm.ppf(np.clip(fpr, 1e-6, 1 - 1e-6)), norm.ppf(np.clip(fnr, 1e-6, 1 - 1e-6)),
+                label=f"{label}, EER {100 * eer:.2f} %")
+    ax.plot(norm.ppf(ticks), norm.ppf(ticks), ":", color="grey", linewidth=0.8)  # EER diagonal
+    for set_ticks, set_labels in ((ax.set_xticks, ax.set_xticklabels), (ax.set_yticks, ax.set_yticklabels)):
+        set_ticks(norm.ppf(ticks))
+        set_labels([f"{100 * t:g}" for t in ticks])
+    ax.set_xlim(norm.ppf(ticks[[0, -1]])), ax.set_ylim(norm.ppf(ticks[[0, -1]]))
+    ax.set_xlabel("false alarm probability (%)"), ax.set_ylabel("miss probability (%)")
+    ax.set_title(title), ax.grid(True, linewidth=0.3), ax.legend(loc="lower left")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def score(args):
+    """Score every list present; returns {name: metrics (and 'asnorm': metrics)}."""
+    tables = {}  # embedding sets -> EmbeddingTable, built on first use
+
+    def table_of(subsets):
+        if subsets not in tables:
+            merged = {}
+            for subset in subsets:
+                merged.update(utils.load_embeddings(embedding_path(args, subset)))
+            tables[subsets] = utils.EmbeddingTable(merged)
+        return tables[subsets]
+
+    cohort = load_cohort(args) if args.asnorm else None
+    results = {}
+    for name, path, subsets in trial_lists(args):
+        if not os.path.isfile(path):
+            print(f"note: {path} not found: {name} skipped")
+            continue
+        present = tuple(s for s in subsets if os.path.isfile(embedding_path(args, s)))
+        if not present or (args.trials is None and present != subsets):
+            absent = [embedding_path(args, s) for s in subsets if s not in present]
+            print(f"note: {' and '.join(absent)} not found: {name} skipped")
+            continue
+        table = table_of(present)
+        labels, keys_a, keys_b, rows_a, rows_b = trial_rows(path, utils.read_trials(path), table, args.skip_missing)
+        scores = table.cosine(rows_a, rows_b)
+        results[name] = metrics(labels, scores)
+        report(f"{name} evaluation EER: {results[name]['eer']}", results[name], args.eer_file)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        curves = [("cosine", labels, scores)]
+        if args.score_dir:
+            write_scores(os.path.join(args.score_dir, stem + ".txt"), scores, labels, keys_a, keys_b)
+        if cohort is not None:
+            normed = utils.asnorm_scores(scores, table, rows_a, rows_b, cohort, args.asnorm_top_n)
+            results[name]["asnorm"] = metrics(labels, normed)
+            report(f"{name} evaluation EER (AS-norm, top {args.asnorm_top_n}): {results[name]['asnorm']['eer']}",
+                   results[name]["asnorm"], args.eer_file)
+            curves.append((f"AS-norm (top {args.asnorm_top_n})", labels, normed))
+            if args.score_dir:
+                write_scores(os.path.join(args.score_dir, stem + "_asnorm.txt"), normed, labels, keys_a, keys_b)
+        if args.plot is not None:
+            plot_det(os.path.join(args.plot, stem + ".png"), name, curves)
+    if not results:
+        raise DataError("nothing was scored: no trial list together with its embeddings was found")
+    return results
+
+
+def verify(args):
+    """Cosine score of two recordings' TTA embeddings, and the decision at -threshold."""
+    model = load_model(args)
+    code_a, code_b = (utils.embed_utterance(model, path, args.window_size, args.device, bf16=args.bf16)
+                      for path in args.verify)
+    scores = utils.cosine_scores({"a": code_a, "b": code_b}, ["a"], ["b"])
+    value = float(scores[0])
+    if args.threshold is None:
+        print(f"cosine score {value:.6f} (pass -threshold for a same/different decision)")
+    else:
+        verdict = "same speaker" if value >= args.threshold else "different speakers"
+        print(f"cosine score {value:.6f}: {verdict} (threshold {args.threshold})")
+    return value
+
+
+def main(args):
+    if args.asnorm and not args.cohort:
+        raise DataError("-asnorm needs -cohort FILE (embeddings of speakers outside the trials)")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401  (optional dependency, checked before any long work)
+        except ImportError:
+            raise DataError("-plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    if args.verify:
+        return verify(args)
+    if args.extract:
+        extract(args)
+    return score(args)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (DataError, ValueError) as e:
+        # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
+        sys.exit("error: " + re.sub(r"^[\w.]*Error: ", "", str(e).strip().splitlines()[-1]))
+    except KeyboardInterrupt:
+        sys.exit("interrupted (an -extract run keeps finished embeddings in <embd_dir>/.partial/: "
+                 "the same command resumes it)")
