@@ -116,7 +116,7 @@ def build_parser():
         help="select the best model on this trial list (keys in <DB>/<val_wav>) instead of veri_test.txt")
 
     add = group("optimisation")
-    add("bs", type=int, default=100, help="batch size (split across GPUs by DataParallel)")
+    add("bs", type=int, default=100, help="global batch size (split over GPUs by DataParallel, or over torchrun processes)")
     add("lr", type=float, default=0.001, help="initial learning rate")
     add("wd", type=float, default=0.0001, help="weight decay (0 for parameters whose name has 'bn')")
     add("epoch", type=int, default=80, help="number of epochs")
