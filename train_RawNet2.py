@@ -108,6 +108,9 @@ def build_parser():
     add("val_wav", type=str, default="dev_wav/", help="validation wavs, inside -DB (only with -make_val_trial/-val_trial)")
     add("eval_wav", type=str, default="eval_wav/", help="test wavs, inside -DB")
     add("nb_samp", type=int, default=59049, help="samples per training crop and TTA segment")
+    add("wav_index", default=True,
+        help="read only each crop's frames, scaled by the file's peak from an index built once "
+             "(<dev_wav>_index.npz beside the folder); the crops equal the original's full reads", **flag)
     add("window_size", type=int, default=11810, help="overlap in samples between consecutive TTA segments")
     add("make_val_trial", default=False,
         help="write -nb_val_trial random trials over -val_wav to <DB>/val_trial.txt, then go on", **flag)
@@ -356,7 +359,14 @@ def main(args):
 
     # Shuffling and crops depend only on (seed, epoch): a resumed run sees the same data. Each process
     # takes its own disjoint share of every epoch (DistributedSampler; one share when not distributed).
-    train_set = utils.TrainSet(train_keys, train_dir, labels, args.nb_samp, seed=args.seed)
+    index = None
+    if args.wav_index:  # rank 0 builds (or completes) the cached index; the others then read it
+        if main_process:
+            index = utils.wav_index(train_keys, train_dir, nb_worker=max(1, args.nb_worker))
+        utils.barrier()
+        if not main_process:
+            index = utils.wav_index(train_keys, train_dir, progress=False)
+    train_set = utils.TrainSet(train_keys, train_dir, labels, args.nb_samp, seed=args.seed, index=index)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     for epoch in range(start_epoch, args.epoch):
         train_set.epoch = epoch

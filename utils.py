@@ -22,6 +22,7 @@ Deliberate differences from the original code:
 import contextlib
 import itertools
 import json
+import multiprocessing
 import operator
 import os
 import pickle
@@ -84,19 +85,83 @@ def utt_id(key):
     return key[:-4] if key.endswith(".wav") else key
 
 
-def read_wav(path):
-    """Read a 16 kHz mono wav as the original does: float64, divided by its peak, cast to float32."""
+def _read_checked(path, **kwargs):
+    """float64 samples of a 16 kHz mono wav (``kwargs``: soundfile's start/frames); DataError else."""
     try:
-        x, sr = sf.read(path, dtype="float64")
+        x, sr = sf.read(path, dtype="float64", **kwargs)
     except (RuntimeError, sf.LibsndfileError) as e:
         raise DataError(f"{path}: cannot read audio ({e})") from None
     if x.ndim != 1:
         raise DataError(f"{path}: {x.shape[1]} channels, expected mono")
     if sr != SAMPLE_RATE:
         raise DataError(f"{path}: sample rate {sr} Hz, expected {SAMPLE_RATE} Hz")
+    return x
+
+
+def read_wav(path):
+    """Read a 16 kHz mono wav as the original does: float64, divided by its peak, cast to float32."""
+    x = _read_checked(path)
     peak = np.max(np.abs(x)) if x.size else 0.0
     if peak == 0:
         raise SilentAudioError(f"{path}: empty or all-zero audio")
+    return (x / peak).astype(np.float32)
+
+
+def _index_entry(path):
+    x = _read_checked(path)
+    return len(x), float(np.max(np.abs(x))) if x.size else 0.0
+
+
+def _stamp(path):
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def wav_index(keys, base_dir, nb_worker=2, progress=True):
+    """Length (frames) and peak |sample| of every utterance, so that training reads only each
+    crop's frames (``read_crop``). Built once, in ``nb_worker`` processes, and cached atomically
+    beside the wav folder as ``<folder>_index.npz``; a file whose size or modification time changed
+    since is indexed again. Returns a dict key -> (frames, peak)."""
+    cache = os.path.normpath(base_dir) + "_index.npz"
+    stamps = {k: _stamp(os.path.join(base_dir, k)) for k in keys}
+    index = {}
+    if os.path.exists(cache):
+        with np.load(cache) as data:
+            for key, frames, peak, size, mtime in zip(data["keys"].tolist(), data["frames"].tolist(),
+                                                      data["peaks"].tolist(), data["sizes"].tolist(),
+                                                      data["mtimes"].tolist()):
+                index[key] = (frames, peak, (size, mtime))
+    todo = [k for k in keys if k not in index or index[k][2] != stamps[k]]
+    if todo:
+        paths = [os.path.join(base_dir, k) for k in todo]
+        with multiprocessing.get_context("fork").Pool(max(1, nb_worker)) as pool:
+            entries = list(tqdm(pool.imap(_index_entry, paths, chunksize=64), total=len(paths),
+                                desc=f"indexing {base_dir}", disable=not progress, leave=False))
+        index.update((k, (frames, peak, stamps[k])) for k, (frames, peak) in zip(todo, entries))
+        names = sorted(index)
+        columns = {"keys": np.array(names), "frames": np.array([index[k][0] for k in names]),
+                   "peaks": np.array([index[k][1] for k in names]),
+                   "sizes": np.array([index[k][2][0] for k in names]),
+                   "mtimes": np.array([index[k][2][1] for k in names])}
+        try:
+            _atomic(cache, lambda f: np.savez(f, **columns))
+        except OSError as e:
+            warnings.warn(f"{cache}: cannot cache the wav index ({e}); it will be rebuilt next time")
+    return {k: index[k][:2] for k in keys}
+
+
+def read_crop(path, frames, peak, nb_samp, rng):
+    """The training crop of ``crop_or_tile(read_wav(path), nb_samp, rng)``, reading only its frames:
+    ``frames`` and ``peak`` come from ``wav_index``. Same start, same float64 division by the peak,
+    same float32 cast, so the same array."""
+    if peak == 0:
+        raise SilentAudioError(f"{path}: empty or all-zero audio")
+    if frames <= nb_samp:
+        return crop_or_tile(read_wav(path), nb_samp, rng)
+    start = int(rng.integers(0, frames - nb_samp))
+    x = _read_checked(path, start=start, frames=nb_samp)
+    if len(x) != nb_samp:
+        raise DataError(f"{path}: shorter than its wav index says (file changed during training?)")
     return (x / peak).astype(np.float32)
 
 
@@ -136,9 +201,10 @@ class TrainSet(Dataset):
     creating each epoch's DataLoader iterator.
     """
 
-    def __init__(self, keys, base_dir, labels, nb_samp, seed=0):
+    def __init__(self, keys, base_dir, labels, nb_samp, seed=0, index=None):
         self.keys, self.base_dir, self.labels, self.nb_samp = keys, base_dir, labels, nb_samp
         self.seed, self.epoch = seed, 0
+        self.index = index  # from wav_index: read only the crop's frames (same array)
 
     def __len__(self):
         return len(self.keys)
@@ -147,13 +213,17 @@ class TrainSet(Dataset):
         # A silent file is skipped (with a warning) in favour of the next utterance in the list.
         for offset in range(len(self.keys)):
             key = self.keys[(index + offset) % len(self.keys)]
+            path = os.path.join(self.base_dir, key)
+            rng = np.random.default_rng([self.seed, self.epoch, index])
             try:
-                x = read_wav(os.path.join(self.base_dir, key))
+                if self.index is None:
+                    x = crop_or_tile(read_wav(path), self.nb_samp, rng)
+                else:
+                    x = read_crop(path, *self.index[key], self.nb_samp, rng)
             except SilentAudioError as e:
                 warnings.warn(f"skipping {e}")
                 continue
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            return crop_or_tile(x, self.nb_samp, rng), self.labels[speaker_of(key)], key
+            return x, self.labels[speaker_of(key)], key
         raise DataError(f"{self.base_dir}: every training file is empty or silent")
 
 

@@ -244,3 +244,42 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
         utils.save_atomic({"a": Unpicklable()}, str(path))
     assert torch.equal(torch.load(path)["a"], torch.ones(2))
     assert os.listdir(tmp_path) == ["ck.pt"]
+
+
+def test_partial_read_crop_equals_full_read_crop(tmp_path):
+    rng = np.random.default_rng(3)
+    lengths = {"a/v/00001.wav": 50_000, "a/v/00002.wav": 9_000, "b/v/00001.wav": 10_000, "b/v/00002.wav": 10_001}
+    for key, n in lengths.items():
+        os.makedirs(tmp_path / os.path.dirname(key), exist_ok=True)
+        sf.write(tmp_path / key, rng.uniform(-0.7, 0.7, n), 16000, subtype="PCM_16")
+    keys = sorted(lengths)
+    index = utils.wav_index(keys, str(tmp_path), nb_worker=2, progress=False)
+    assert {k: v[0] for k, v in index.items()} == lengths
+    assert os.path.exists(str(tmp_path) + "_index.npz")
+    for key in keys:
+        for seed in range(5):
+            full = utils.crop_or_tile(utils.read_wav(str(tmp_path / key)), 10_000, np.random.default_rng(seed))
+            part = utils.read_crop(str(tmp_path / key), *index[key], 10_000, np.random.default_rng(seed))
+            assert part.dtype == np.float32
+            np.testing.assert_array_equal(part, full)
+    # the cache is reused for unchanged files, and a changed file is indexed again
+    sf.write(tmp_path / "b/v/00002.wav", rng.uniform(-0.1, 0.1, 12_345), 16000, subtype="PCM_16")
+    again = utils.wav_index(keys, str(tmp_path), progress=False)
+    assert again["b/v/00002.wav"][0] == 12_345
+    assert {k: v for k, v in again.items() if k != "b/v/00002.wav"} == {k: v for k, v in index.items() if k != "b/v/00002.wav"}
+
+
+def test_train_set_with_index_yields_the_same_crops(tmp_path):
+    rng = np.random.default_rng(4)
+    for key in ["a/v/00001.wav", "b/v/00001.wav"]:
+        os.makedirs(tmp_path / os.path.dirname(key), exist_ok=True)
+        sf.write(tmp_path / key, rng.uniform(-0.5, 0.5, 30_000), 16000, subtype="PCM_16")
+    keys = ["a/v/00001.wav", "b/v/00001.wav"]
+    labels = utils.speaker_labels(keys)
+    plain = utils.TrainSet(keys, str(tmp_path), labels, 8000, seed=7)
+    fast = utils.TrainSet(keys, str(tmp_path), labels, 8000, seed=7,
+                          index=utils.wav_index(keys, str(tmp_path), progress=False))
+    for epoch in (0, 3):
+        plain.epoch = fast.epoch = epoch
+        for i in range(2):
+            np.testing.assert_array_equal(plain[i][0], fast[i][0])
