@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import pickle
-import re
 import shutil
 import sys
 import time
@@ -410,7 +409,7 @@ if __name__ == "__main__":
         main(parse_args())
     except (DataError, ValueError) as e:
         # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
-        sys.exit("error: " + re.sub(r"^[\w.]*Error: ", "", str(e).strip().splitlines()[-1]))
+        sys.exit(utils.error_line(e))
     except KeyboardInterrupt:
         sys.exit("interrupted (an -extract run keeps finished embeddings in <embd_dir>/.partial/: "
                  "the same command resumes it)")

@@ -18,7 +18,6 @@ no ``val_trial.txt`` or ``dev_wav/`` required unless asked for; bad data stops w
 
 import argparse
 import ast
-import json
 import math
 import os
 import re
@@ -50,16 +49,6 @@ class TrainingError(Exception):
     """Training cannot go on (e.g. a non-finite loss); the message is one line."""
 
 
-def str2bool(v):
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if v.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
-
-
 def literal_list(v):
     """Parse a list flag such as '[128,[128,128],[128,256],[256,256]]' (the original used
     type=list, which splits the string into characters)."""
@@ -81,7 +70,7 @@ def build_parser():
         g = parser.add_argument_group(title)
         return lambda name, **kw: g.add_argument(f"-{name}", f"--{name}", **kw)
 
-    flag = dict(type=str2bool, nargs="?", const=True)
+    flag = dict(type=utils.str2bool, nargs="?", const=True)
     add = group("run")
     add("name", type=str, required=True, help="experiment name: outputs go to <save_dir>/<name>/")
     add("save_dir", type=str, default="DNNs/", help="folder holding experiment folders")
@@ -412,10 +401,9 @@ def cli(argv=None):
     try:
         main(parse_args(argv))
     except (DataError, TrainingError) as e:
-        # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last
-        # line. Under torchrun every process fails alike; only rank 0 says so.
+        # Under torchrun every process fails alike; only rank 0 says so.
         if utils.rank_and_world()[0] == 0:
-            print("error: " + re.sub(r"^[\w.]*Error: ", "", str(e).strip().splitlines()[-1]), file=sys.stderr)
+            print(utils.error_line(e), file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit("interrupted: the last completed epoch is in last.pt; continue with -resume")

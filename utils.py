@@ -19,6 +19,7 @@ Deliberate differences from the original code:
   * Checkpoints and text outputs are written atomically (temporary file, then rename).
 """
 
+import argparse
 import contextlib
 import itertools
 import json
@@ -27,6 +28,7 @@ import operator
 import os
 import pickle
 import random
+import re
 import tempfile
 import warnings
 
@@ -49,6 +51,23 @@ class DataError(Exception):
 
 class SilentAudioError(DataError):
     """An empty or all-zero waveform: it cannot be peak-normalised."""
+
+
+def error_line(error):
+    """``error: <message>`` in one line. Errors raised in DataLoader workers arrive wrapped with the
+    worker's traceback: keep its last line, without the exception's class name."""
+    return "error: " + re.sub(r"^[\w.]*Error: ", "", str(error).strip().splitlines()[-1])
+
+
+def str2bool(v):
+    """argparse type of the original's boolean flags: ``-mg False``, ``-mg true``, or bare ``-mg``."""
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
 
 
 # ---------------------------------------------------------------------------------------------

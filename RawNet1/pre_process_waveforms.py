@@ -17,7 +17,6 @@ listed in the index; a wav that is not 16 kHz mono stops the run with one line n
 import argparse
 import multiprocessing
 import os
-import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -111,6 +110,6 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except DataError as e:
-        sys.exit("error: " + re.sub(r"^[\w.]*Error: ", "", str(e).strip().splitlines()[-1]))
+        sys.exit(utils.error_line(e))
     except KeyboardInterrupt:
         sys.exit("interrupted: converted files are kept; rerun the same command to resume")

@@ -29,7 +29,6 @@ import argparse
 import ast
 import math
 import os
-import re
 import sys
 from collections import namedtuple
 
@@ -72,16 +71,6 @@ class TrainingError(Exception):
     """Training cannot go on (e.g. a non-finite loss); the message is one line."""
 
 
-def str2bool(v):
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if v.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
-
-
 def int_list(v):
     """Parse a list flag such as '[128,128,256]'."""
     try:
@@ -102,7 +91,7 @@ def build_parser():
         g = parser.add_argument_group(title)
         return lambda name, **kw: g.add_argument(f"-{name}", f"--{name}", **kw)
 
-    flag = dict(type=str2bool, nargs="?", const=True)
+    flag = dict(type=utils.str2bool, nargs="?", const=True)
     add = group("run")
     add("name", type=str, required=True, help="experiment name: outputs go to <save_dir>/<name>/")
     add("save_dir", type=str, default="DNNs/", help="folder holding experiment folders")
@@ -418,6 +407,6 @@ if __name__ == "__main__":
         main(parse_args())
     except (DataError, TrainingError) as e:
         # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
-        sys.exit("error: " + re.sub(r"^[\w.]*Error: ", "", str(e).strip().splitlines()[-1]))
+        sys.exit(utils.error_line(e))
     except KeyboardInterrupt:
         sys.exit("interrupted: the last completed epoch is in last.pt; continue with -resume")

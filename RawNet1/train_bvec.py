@@ -22,7 +22,6 @@ are left unscaled instead of dividing by zero.
 
 import argparse
 import os
-import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,7 +36,6 @@ from tqdm import tqdm
 import utils
 from data_RawNet import split_speakers, trial_arrays
 from model_RawNet import LEAKY_SLOPE, keras_init
-from train_RawNet import str2bool
 from utils import DataError
 
 
@@ -53,7 +51,7 @@ def build_parser():
     add("embeddings", type=str, required=True, help="embeddings pickle written by train_RawNet.py")
     add("out_dir", type=str, default="", help="output folder (default: bvec/ beside -embeddings)")
     add("seed", type=int, default=1234, help="seed for initialisation, speaker split and pair sampling")
-    add("progress", type=str2bool, nargs="?", const=True, default=True, help="show progress bars")
+    add("progress", type=utils.str2bool, nargs="?", const=True, default=True, help="show progress bars")
 
     add = group("data")
     add("trials", type=str, default="DB/VoxCeleb1/veri_test.txt", help="test trials (Vox1-O)")
@@ -231,6 +229,6 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except DataError as e:
-        sys.exit("error: " + re.sub(r"^[\w.]*Error: ", "", str(e).strip().splitlines()[-1]))
+        sys.exit(utils.error_line(e))
     except KeyboardInterrupt:
         sys.exit("interrupted")

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler

@@ -1,6 +1,5 @@
 """RawNet2 network: sizes, sinc filters, layer norm, FMS, both checkpoint layouts, loading."""
 
-import math
 
 import numpy as np
 import pytest
