@@ -41,7 +41,7 @@ DEMO_DEFAULTS = {
     "DB": "DB/demo/VoxCeleb1/", "DB_vox2": "DB/demo/VoxCeleb2/",
     "nb_samp": 16000, "m_nb_samp": 16000, "window_size": 3200,
     "m_filts": [32, [32, 32], [32, 64], [64, 64]], "m_gru_node": 128, "m_nb_fc_node": 128,
-    "bs": 32, "lr": 0.001, "epoch": 6, "nb_worker": 2,
+    "bs": 32, "lr": 0.001, "epoch": 10, "nb_worker": 2,
 }
 
 
