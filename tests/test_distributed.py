@@ -2,6 +2,7 @@
 evaluation, rank-0-only writes, elastic restart, and the batch-size check."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -21,8 +22,15 @@ ENTRY = os.path.join(ROOT, "tests", "torchrun_entry.py")
 def torchrun(flags, nproc=2, max_restarts=0, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={max_restarts}", ENTRY] + flags
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    # Own process group, so that a run that hangs is killed with all its workers.
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def reference_params(corpus, flags, world=2):
