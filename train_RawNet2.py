@@ -18,6 +18,7 @@ no ``val_trial.txt`` or ``dev_wav/`` required unless asked for; bad data stops w
 
 import argparse
 import ast
+import datetime
 import math
 import os
 import re
@@ -81,6 +82,9 @@ def build_parser():
     add("nb_worker", type=int, default=8, help="DataLoader worker processes reading audio")
     add("mg", default=True, help="nn.DataParallel over all visible GPUs when more than one is visible "
                                  "(single process; under torchrun DistributedDataParallel is used instead)", **flag)
+    add("dist_timeout", type=int, default=1800,
+        help="seconds a torchrun process waits for the others (joining, collectives) before it fails; "
+             "with torchrun --max-restarts the group then restarts from last.pt")
     add("sync_bn", default=False, help="synchronise batch-norm statistics across processes (torchrun on GPUs)", **flag)
     add("reproducible", default=True,
         help="seed torch/numpy/random and make cuDNN deterministic (benchmark off)", **flag)
@@ -234,7 +238,7 @@ def setup_device(args):
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout))
     return device
 
 

@@ -75,6 +75,13 @@ def test_trials_reference_existing_keys_with_correct_labels(tiny):
     assert sum(t[0] == "1" for t in trials) == 3 * 2 * 2  # per speaker: 2 x 2 pairs across its 2 videos
 
 
+def test_one_video_per_speaker_falls_back_to_same_video_targets():
+    keys = ["id10001/aaaaaaaaaaa/00001.wav", "id10001/aaaaaaaaaaa/00002.wav",
+            "id10002/bbbbbbbbbbb/00001.wav", "id10002/bbbbbbbbbbb/00002.wav"]
+    labels = sorted(line.split()[0] for line in demo_corpus.make_trials(1234, keys))
+    assert labels == ["0", "0", "1", "1"]
+
+
 def test_same_seed_gives_identical_bytes_for_any_worker_count(tiny, tmp_path):
     again = build(tmp_path / "demo", workers=2)
     assert tree_bytes(again) == tree_bytes(tiny)

@@ -27,8 +27,9 @@ def torchrun(flags, nproc=2, max_restarts=0, env=None):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # torchrun starts its workers in sessions of their own
             os.killpg(proc.pid, signal.SIGKILL)
+            subprocess.run(["pkill", "-9", "-f", flags[flags.index("-save_dir") + 1]])
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
@@ -111,7 +112,9 @@ def test_elastic_restart_after_a_killed_worker_finishes_all_epochs(tiny_corpus, 
     # Spare restarts: right after a restart, gloo's connection mesh on this machine now and then
     # fails to form ("Connection refused") and the group needs one more restart, as elastic
     # training is meant to give it; only the first attempt kills a worker.
-    proc = torchrun(flags, max_restarts=3, env={"ENTRY_KILL_AT_EPOCH": "1"})
+    # -dist_timeout: a process stuck waiting for a peer that is gone fails after 30 s, so torchrun
+    # restarts the group instead of waiting for the 30-minute default.
+    proc = torchrun(flags + ["-dist_timeout", "30"], max_restarts=3, env={"ENTRY_KILL_AT_EPOCH": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming" in proc.stdout
     lines = (tmp_path / "run" / "eers.txt").read_text().splitlines()
