@@ -51,9 +51,10 @@ LISTS = [("Vox original", "vox_original.txt", ("eval",)),
          ("Vox1_E_cleaned", "list_test_all_cleaned.txt", ("dev", "eval")),
          ("Vox1_H_cleaned", "list_test_hard_cleaned.txt", ("dev", "eval"))]
 P_TARGETS = (0.01, 0.05)
-# Segments per forward on CPU: measured in bench/extract.py; a GPU gets 32 (both set by -bs).
+# Segments per forward (set by -bs): on CPU the size measured fastest in bench/extract.py; on GPU
+# large batches, bounded by the reference front end's full-rate map (~2 x 30 MB per segment).
 CPU_SEGMENTS_PER_BATCH = 16
-GPU_SEGMENTS_PER_BATCH = 32
+GPU_SEGMENTS_PER_BATCH = {True: 512, False: 64}  # -fast: the fused front end keeps no full-rate map
 PARTIAL_SAVE_S = 60  # an extraction saves finished embeddings at least this often
 
 
@@ -101,8 +102,11 @@ def build_parser():
     add("window_size", type=int, default=11810, help="overlap in samples between consecutive TTA segments")
     add("bs", type=int, default=None,
         help=f"TTA segments per forward, packed across utterances "
-             f"(default {GPU_SEGMENTS_PER_BATCH} on GPU, {CPU_SEGMENTS_PER_BATCH} on CPU)")
+             f"(default on GPU {GPU_SEGMENTS_PER_BATCH[True]} with -fast, else {GPU_SEGMENTS_PER_BATCH[False]}; "
+             f"{CPU_SEGMENTS_PER_BATCH} on CPU)")
     add("nb_worker", type=int, default=4, help="DataLoader worker processes reading audio")
+    add("fast", type=utils.str2bool, nargs="?", const=True, default=True,
+        help="fused sinc front end of fast_RawNet2.py (same math; False: the plain reference path)")
     add("bf16", action="store_true",
         help="bfloat16 autocast in the network (faster on CPUs with bf16 support; changes scores slightly)")
     add("device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
@@ -137,6 +141,7 @@ def load_model(args):
                         f"weights_only=True refused it)") from None
     except (RuntimeError, EOFError, OSError) as e:  # e.g. a truncated file
         raise DataError(f"{args.model_dir}: not a loadable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    model.fast = args.fast
     return model.to(args.device)
 
 
@@ -185,7 +190,7 @@ def extract_subset(model, args, folder, wav_dir, subset):
     todo = [k for k in keys if utils.utt_id(k) not in embeddings and k not in skipped]
     if len(todo) < len(keys):
         print(f"resuming {wav_dir}: {len(keys) - len(todo)} of {len(keys)} utterances already done")
-    bs = args.bs or (GPU_SEGMENTS_PER_BATCH if args.device.startswith("cuda") else CPU_SEGMENTS_PER_BATCH)
+    bs = args.bs or (GPU_SEGMENTS_PER_BATCH[args.fast] if args.device.startswith("cuda") else CPU_SEGMENTS_PER_BATCH)
     stream = utils.iter_embeddings(model, todo, wav_dir, model.nb_samp, args.window_size, args.device,
                                    args.nb_worker, bs, args.bf16)
     new, new_skipped = {}, []

@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fast_RawNet2 import gru_forward, sinc_abs_maxpool
+
 LEAKY_SLOPE = 0.3  # Keras' LeakyReLU default, kept by the authors ("lrelu_keras")
 
 
@@ -176,9 +178,10 @@ class RawNet2(nn.Module):
 
     NB_BLOCKS = 6
 
-    def __init__(self, d_args, legacy=False):
+    def __init__(self, d_args, legacy=False, fast=False):
         super().__init__()
         self.legacy = legacy
+        self.fast = fast  # fused sinc front end (fast_RawNet2.py); same math, not in the state dict
         self.nb_samp = d_args["nb_samp"]
         filts = d_args["filts"]
         first_filts, block_filts = filts[0], self.block_filters(filts)
@@ -213,16 +216,23 @@ class RawNet2(nn.Module):
         # The sinc front end stays float32 under autocast: bf16 rounds its filters (computed by a
         # matmul) and its output by ~1-2 %, which first_bn (large mean, small spread) amplifies.
         with torch.autocast(x.device.type, enabled=False):
-            x = torch.abs(self.first_conv(x.float()))                 # (B, C, T - 250)
-        x = F.max_pool1d(x, 3)                                        # (B, C, (T - 250) // 3)
+            if self.fast:  # fused conv -> |.| -> max-pool 3 with the same math (fast_RawNet2.py)
+                x = sinc_abs_maxpool(x.float(), self.first_conv.filters())
+            else:
+                x = torch.abs(self.first_conv(x.float()))             # (B, C, T - 250)
+                x = F.max_pool1d(x, 3)                                # (B, C, (T - 250) // 3)
         x = F.leaky_relu(self.first_bn(x), LEAKY_SLOPE)
         for i in range(self.NB_BLOCKS):
             x = getattr(self, f"block{i}")(x)                         # (B, C', T' // 3)
             if self.legacy:
                 x = feature_map_scaling(x, getattr(self, f"fc_attention{i}"))
         x = F.leaky_relu(self.bn_before_gru(x), LEAKY_SLOPE)
-        self.gru.flatten_parameters()
-        x, _ = self.gru(x.transpose(1, 2))                            # (B, T_gru, gru_node)
+        x = x.transpose(1, 2)                                         # (B, T_gru, C)
+        if self.fast and x.device.type == "cpu":  # cuDNN's GRU is already fused on GPU
+            x = gru_forward(self.gru, x)                              # (B, T_gru, gru_node)
+        else:
+            self.gru.flatten_parameters()
+            x, _ = self.gru(x)                                        # (B, T_gru, gru_node)
         return self.fc1_gru(x[:, -1, :])                              # last time step
 
     def forward(self, x, is_test=False):

@@ -86,6 +86,11 @@ def build_parser():
         help="seconds a torchrun process waits for the others (joining, collectives) before it fails; "
              "with torchrun --max-restarts the group then restarts from last.pt")
     add("sync_bn", default=False, help="synchronise batch-norm statistics across processes (torchrun on GPUs)", **flag)
+    add("fast", default=True, help="fused sinc front end (and, on CPU, GRU backward) of fast_RawNet2.py: "
+        "same math, faster and smaller; False runs the plain reference path", **flag)
+    add("amp", type=str, default="none", choices=["none", "bf16", "fp16"],
+        help="mixed precision: bf16 autocast, or fp16 autocast with a gradient scaler (GPU only); "
+             "the sinc front end stays float32")
     add("reproducible", default=True,
         help="seed torch/numpy/random and make cuDNN deterministic (benchmark off)", **flag)
     add("resume", action="store_true",
@@ -155,7 +160,8 @@ def bare(model):
 
 # ---------------------------------------------------------------------------------------------
 
-def train_epoch(model, loader, optimizer, scheduler, device, epoch, step, progress=True):
+def train_epoch(model, loader, optimizer, scheduler, device, epoch, step, amp="none", scaler=None,
+                progress=True):
     """One pass over the training list. Returns (mean loss, global step)."""
     model.train()
     criterion = nn.CrossEntropyLoss()
@@ -163,19 +169,28 @@ def train_epoch(model, loader, optimizer, scheduler, device, epoch, step, progre
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     for x, y, keys in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = criterion(model(x), y)
+        with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp != "none"):
+            loss = criterion(model(x), y)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss {loss.item()} at step {step} (epoch {epoch}); "
                                 f"batch utterances: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:  # fp16: scale the loss so small gradients do not flush to zero
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         step += 1
         total, count = total + loss.item(), count + 1
         bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     return total / max(count, 1), step
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def evaluate(model, keys, base_dir, trials, args, device, desc):
@@ -259,6 +274,8 @@ def main(args):
         raise DataError(f"-m_nb_samp ({args.m_nb_samp}) must equal -nb_samp ({args.nb_samp})")
     if args.nb_samp <= args.window_size:
         raise DataError(f"-window_size ({args.window_size}) must be smaller than -nb_samp ({args.nb_samp})")
+    if args.amp == "fp16" and not torch.cuda.is_available():
+        raise DataError("-amp fp16 needs a GPU (its gradient scaler is CUDA-only); use -amp bf16 on CPU")
     rank, world = utils.rank_and_world()
     main_process = rank == 0
     log = print if main_process else (lambda *a, **k: None)
@@ -305,7 +322,7 @@ def main(args):
 
     # Model, optimiser, learning-rate schedule.
     d_args = model_args(args, len(labels))
-    model = RawNet2(d_args)
+    model = RawNet2(d_args, fast=args.fast)
     if args.load_model:
         model.load_state_dict(strip_module_prefix(torch.load(args.load_model_dir, map_location="cpu", weights_only=True)))
     else:
@@ -321,6 +338,8 @@ def main(args):
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=utils.keras_lr_decay)
                  if args.do_lr_decay else None)
 
+    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+
     start_epoch, step, best_eer = 0, 0, math.inf
     if resume:
         state = torch.load(last_path, map_location="cpu", weights_only=True)
@@ -328,6 +347,8 @@ def main(args):
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch, step, best_eer = state["epoch"] + 1, state["step"], state["best_eer"]
         utils.set_rng_states(state["rng"])
         log(f"resuming {save_dir} after epoch {state['epoch']} (best EER {100 * best_eer:.2f} %)")
@@ -366,7 +387,8 @@ def main(args):
         sampler.set_epoch(epoch)
         loader = DataLoader(train_set, batch_size=args.bs // world, sampler=sampler, drop_last=True,
                             num_workers=args.nb_worker, pin_memory=device.type == "cuda")
-        loss, step = train_epoch(model, loader, optimizer, scheduler, device, epoch, step, progress=main_process)
+        loss, step = train_epoch(model, loader, optimizer, scheduler, device, epoch, step, args.amp, scaler,
+                                 progress=main_process)
 
         eer, scores, trial_labels = evaluate(model, eval_keys, eval_dir, eval_trials, args, device, "TTA eval")
         selection_eer = eer
@@ -386,6 +408,7 @@ def main(args):
                 utils.save_atomic(optimizer.state_dict(), os.path.join(save_dir, "models", "best_opt_eval.pt"))
             utils.save_atomic({"model": bare(model).state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                               "scaler": scaler.state_dict() if scaler is not None else None,
                                "epoch": epoch, "step": step, "best_eer": best_eer, "rng": utils.rng_states(),
                                "args": vars(args), "d_args": d_args, "world_size": world}, last_path)
             tqdm.write(f"epoch {epoch}: loss {loss:.3f}, TTA eval EER {100 * eer:.2f} %"
