@@ -26,9 +26,9 @@ Measured in bench/train_step.py (see bench/README.md for the figures and the dev
 import torch
 import torch.nn.functional as F
 
-# Full-rate values (batch x channels x time) per chunk: ~8 MB of float32 on CPU, to stay in cache;
-# on GPU chunks only bound the temporary memory, so they are much larger.
-CHUNK_ELEMS = {"cpu": 2 ** 21}
+# Full-rate values (batch x channels x time) per chunk: ~2 MB of float32 on CPU, to stay in cache
+# (measured best in bench/train_step.py); on GPU chunks only bound the temporary memory.
+CHUNK_ELEMS = {"cpu": 2 ** 19}
 DEFAULT_GPU_CHUNK_ELEMS = 2 ** 28
 
 
@@ -38,54 +38,92 @@ def _pooled_chunk(batch, channels, pooled_len, device):
     return max(1, min(pooled_len, budget // (3 * batch * channels)))
 
 
+def _polyphase_index(taps, device):
+    """Index into the filters padded by 2 zeros in front, giving the polyphase filter bank.
+
+    With y = conv1d(x, w) and the pooling window p covering y[3p + r], r = 0, 1, 2, write the input
+    in phases x_s[m] = x[3m + s]. Then y[3p + r] = sum_{s, q} w[3q + s - r] x_s[p + q]: a convolution
+    at the pooled rate from 3 input channels (s) to 3 output channels per filter (r), with
+    Q = (taps + 1) // 3 + 1 taps each, where w is 0 outside 0..taps-1. The 3 samples of each pooling
+    window come out as 3 neighbouring channels, and the convolution's kernels (mkldnn in particular
+    for the backward) run faster on this shape than on the 1-channel full-rate one; it only adds the
+    few zero taps at the edges (255 multiplies per output instead of 251 for the paper's filters).
+    """
+    q_taps = (taps + 1) // 3 + 1
+    r = torch.arange(3, device=device).view(3, 1, 1)
+    s = torch.arange(3, device=device).view(1, 3, 1)
+    q = torch.arange(q_taps, device=device).view(1, 1, q_taps)
+    return (3 * q + s - r + 2).reshape(-1), q_taps  # in 0 .. 3 Q + 1; (r, s, q) order
+
+
+def _polyphase_filters(w, index, q_taps):  # (C, 1, K) -> (3 C, 3, Q), output channel 3 c + r
+    padded = F.pad(w[:, 0], (2, 3 * q_taps - w.shape[-1]))
+    return padded[:, index].view(w.shape[0] * 3, 3, q_taps)
+
+
+def _polyphase_input(x, length):  # (B, 1, T) -> (B, 3, length): x_s[m] = x[3m + s], zero-padded
+    x = F.pad(x[:, 0], (0, 3 * length - x.shape[-1]))
+    return x.view(x.shape[0], length, 3).transpose(1, 2).contiguous()
+
+
 class SincAbsMaxPool(torch.autograd.Function):
-    """``max_pool1d(|conv1d(x, w)|, 3)`` for one input channel, chunked over time."""
+    """``max_pool1d(|conv1d(x, w)|, 3)`` for one input channel, in polyphase form, chunked over time."""
 
     @staticmethod
     def forward(ctx, x, w):  # x (B, 1, T), w (C, 1, K) -> (B, C, P), P = (T - K + 1) // 3
         batch, _, length = x.shape
         channels, _, taps = w.shape
         pooled_len = (length - taps + 1) // 3
+        index, q_taps = _polyphase_index(taps, x.device)
+        x3 = _polyphase_input(x, pooled_len + q_taps - 1)  # the padding meets only zero taps
+        w3 = _polyphase_filters(w, index, q_taps)
         step = _pooled_chunk(batch, channels, pooled_len, x.device)
         out = x.new_empty(batch, channels, pooled_len)
-        # code = +-(1 + offset of the maximum in its window of 3), signed like the conv output there;
+        # code = +-(1 + which of the 3 samples is the maximum), signed like the conv output there;
         # 0 where that output is exactly 0 (|.|'s gradient is 0 there, as torch.abs's is).
         code = torch.empty(batch, channels, pooled_len, dtype=torch.int8, device=x.device)
         for p0 in range(0, pooled_len, step):
             p1 = min(p0 + step, pooled_len)
-            y = F.conv1d(x[:, :, 3 * p0: 3 * p1 + taps - 1], w)        # (B, C, 3 (p1 - p0))
-            y = y.view(batch, channels, p1 - p0, 3)
-            value, offset = y.abs().max(dim=-1)                         # first maximum, as max_pool1d
-            sign = torch.gather(y, -1, offset.unsqueeze(-1)).squeeze(-1).sign()
+            y = F.conv1d(x3[:, :, p0:p1 + q_taps - 1], w3).view(batch, channels, 3, p1 - p0)
+            value, offset = y.abs().max(dim=2)                        # first maximum, as max_pool1d
+            sign = torch.gather(y, 2, offset.unsqueeze(2)).squeeze(2).sign()
             out[:, :, p0:p1] = value
             code[:, :, p0:p1] = ((offset + 1) * sign).to(torch.int8)
-        ctx.save_for_backward(x, w, code)
-        ctx.step = step
+        ctx.save_for_backward(x3, w3, index, code)
+        ctx.shapes = (length, taps, q_taps, step)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # (B, C, P) -> grads of x (B, 1, T) and w (C, 1, K)
-        x, w, code = ctx.saved_tensors
+        x3, w3, index, code = ctx.saved_tensors
+        length, taps, q_taps, step = ctx.shapes
         batch, channels, pooled_len = code.shape
-        taps = w.shape[-1]
         need_x, need_w = ctx.needs_input_grad
-        grad_x = torch.zeros_like(x) if need_x else None
-        grad_w = torch.zeros_like(w) if need_w else None
+        grad_x3 = torch.zeros_like(x3) if need_x else None
+        grad_w3 = torch.zeros_like(w3) if need_w else None
         grad_out = grad_out.contiguous()
-        for p0 in range(0, pooled_len, ctx.step):
-            p1 = min(p0 + ctx.step, pooled_len)
-            c = code[:, :, p0:p1]
-            offset = (c.abs().long() - 1).clamp_(min=0).unsqueeze(-1)
-            g = (grad_out[:, :, p0:p1] * c.sign()).unsqueeze(-1)       # d|y|/dy = sign(y)
-            g_full = torch.zeros(batch, channels, p1 - p0, 3, dtype=grad_out.dtype, device=grad_out.device)
-            g_full = g_full.scatter_(-1, offset, g).view(batch, channels, 3 * (p1 - p0))
-            x_chunk = x[:, :, 3 * p0: 3 * p1 + taps - 1]
+        for p0 in range(0, pooled_len, step):
+            p1 = min(p0 + step, pooled_len)
+            c = code[:, :, p0:p1].unsqueeze(2)
+            offset = (c.abs().long() - 1).clamp_(min=0)
+            g = grad_out[:, :, p0:p1].unsqueeze(2) * c.sign()           # d|y|/dy = sign(y)
+            g_full = torch.zeros(batch, channels, 3, p1 - p0, dtype=g.dtype, device=g.device)
+            g_full = g_full.scatter_(2, offset, g).view(batch, 3 * channels, p1 - p0)
             gx, gw, _ = torch.ops.aten.convolution_backward(
-                g_full, x_chunk, w, None, (1,), (0,), (1,), False, (0,), 1, (need_x, need_w, False))
+                g_full, x3[:, :, p0:p1 + q_taps - 1], w3, None, (1,), (0,), (1,), False, (0,), 1,
+                (need_x, need_w, False))
             if need_x:
-                grad_x[:, :, 3 * p0: 3 * p1 + taps - 1] += gx
+                grad_x3[:, :, p0:p1 + q_taps - 1] += gx
             if need_w:
-                grad_w += gw
+                grad_w3 += gw
+        grad_x = grad_w = None
+        if need_x:  # back from phases to time; the zero padding's gradient is dropped
+            grad_x = grad_x3.transpose(1, 2).reshape(batch, 1, -1)[:, :, :length]
+            grad_x = F.pad(grad_x, (0, length - grad_x.shape[-1]))  # samples no output reads
+        if need_w:  # each polyphase tap is one original tap (or padding): sum them back
+            grad_padded = grad_w3.new_zeros(channels, 3 * q_taps + 2)
+            grad_padded.index_add_(1, index, grad_w3.view(channels, -1))
+            grad_w = grad_padded[:, 2:2 + taps].unsqueeze(1)
         return grad_x, grad_w
 
 
@@ -155,3 +193,146 @@ def gru_forward(gru, x):
         x = GRUSequence.apply(x, *(getattr(gru, f"{name}_l{layer}")
                                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
     return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual blocks in channels-last layout (CPU)
+#
+# mkldnn's convolutions run ~1.8x faster forward on channels-last (B, C, 1, T) tensors than on
+# PyTorch's default (B, C, T) layout, and batch norm, LeakyReLU, max-pool and FMS run as fast there.
+# Its convolution backward is not faster, so Conv3 computes the weight gradient itself: three matrix
+# products over all (batch, time) rows, with the few products that cross from one batch item into
+# the next removed. The block function mirrors model_RawNet2.ResidualBlock.forward line by line
+# (including the legacy conv1 quirk); tests/test_fast.py ties the two together.
+
+def _channels_last(x):  # (B, C, T) -> (B, C, 1, T) stored as (B, 1, T, C)
+    return x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+
+
+class Conv3(torch.autograd.Function):
+    """``conv1d(x, w, b, padding=1)`` with kernel 3 on channels-last (B, C, 1, T) tensors."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):  # (B, C, 1, T), (O, C, 3), (O,) -> (B, O, 1, T)
+        ctx.save_for_backward(x, w)
+        return F.conv2d(x, w.unsqueeze(2), b, padding=(0, 1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        # input: the same convolution with the kernel transposed and flipped
+        grad_x = F.conv2d(grad, w.transpose(0, 1).flip(-1).unsqueeze(2), padding=(0, 1))
+        batch, channels, _, steps = x.shape
+        rows_x = x.permute(0, 2, 3, 1).reshape(batch * steps, channels)  # views: (B T, C)
+        rows_g = grad.permute(0, 2, 3, 1).reshape(batch * steps, -1)     # (B T, O)
+        # weight: out[t] = w0 x[t-1] + w1 x[t] + w2 x[t+1] (zero padding at both ends)
+        grad_w = w.new_empty(w.shape)
+        grad_w[:, :, 1] = rows_g.t() @ rows_x
+        grad_w[:, :, 0] = rows_g[1:].t() @ rows_x[:-1]
+        grad_w[:, :, 2] = rows_g[:-1].t() @ rows_x[1:]
+        for b in range(1, batch):  # the row pairs that straddle two batch items are padding
+            first, last = b * steps, b * steps - 1
+            grad_w[:, :, 0] -= torch.outer(rows_g[first], rows_x[last])
+            grad_w[:, :, 2] -= torch.outer(rows_g[last], rows_x[first])
+        return grad_x, grad_w, rows_g.sum(0)
+
+
+def _conv(conv, x):  # nn.Conv1d (kernel 3, padding 1; or kernel 1) on a channels-last tensor
+    if conv.kernel_size == (3,):
+        return Conv3.apply(x, conv.weight, conv.bias)
+    return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias)
+
+
+_scratch = {}
+
+
+def _scratch_like(rows):
+    """A reusable buffer shaped like ``rows`` for temporaries that are summed and dropped at once.
+    Fresh 40 MB tensors cost more in page faults than the arithmetic done in them; one buffer
+    (the largest asked for so far, per device and dtype) is kept instead."""
+    key = (rows.device, rows.dtype)
+    if key not in _scratch or _scratch[key].numel() < rows.numel():
+        _scratch[key] = torch.empty(rows.numel(), dtype=rows.dtype, device=rows.device)
+    return _scratch[key][:rows.numel()].view(rows.shape)
+
+
+class BatchNormLeakyReLU(torch.autograd.Function):
+    """``leaky_relu(batch_norm(x))`` in training mode for a channels-last (B, C, 1, T) tensor, seen
+    as (B T, C) rows: nn.BatchNorm1d's arithmetic (biased variance to normalise, unbiased in the
+    running average), then LeakyReLU in place.
+
+    Why not PyTorch's fused channels-last batch norm: it accumulates each channel's statistics and
+    gradient sums row by row, and where a sum nearly cancels (as in some of RawNet2's blocks) its
+    float32 gradients end up 1e-3 off, against 4e-6 for the default layout's kernel. Here every
+    per-channel sum is a ``torch.sum`` over the row axis (cascaded, as accurate as the reference).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, slope):
+        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])              # a view: (B T, C)
+        n = rows.shape[0]
+        mean = rows.sum(0) / n
+        var = torch.sub(rows, mean, out=_scratch_like(rows)).square_().sum(0) / n
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_(var * (n / (n - 1)), momentum)
+        invstd = torch.rsqrt(var + eps)
+        scale = weight * invstd
+        out = F.leaky_relu_(torch.addcmul(bias - mean * scale, rows, scale), slope)
+        ctx.save_for_backward(rows, weight, mean, invstd, out)
+        ctx.input_shape, ctx.slope = x.shape, slope
+        return out.view(x.shape[0], 1, x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight, mean, invstd, out = ctx.saved_tensors
+        batch, channels, _, steps = ctx.input_shape
+        g = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, channels)
+        g = torch.ops.aten.leaky_relu_backward(g, out, ctx.slope, True)          # through LeakyReLU
+        n = rows.shape[0]
+        sum_g = g.sum(0)                                                          # = grad of bias
+        sum_g_x = torch.mul(g, rows, out=_scratch_like(rows)).sum(0)
+        sum_g_xhat = (sum_g_x - mean * sum_g) * invstd                            # = grad of weight
+        k = sum_g_xhat * invstd / n
+        # (g - mean(g) - xhat mean(g xhat)) * weight * invstd, with xhat = (x - mean) * invstd
+        grad_rows = torch.addcmul(mean * k - sum_g / n, rows, -k).add_(g).mul_(weight * invstd)
+        grad_x = grad_rows.view(batch, 1, steps, channels).permute(0, 3, 1, 2)
+        return grad_x, sum_g_xhat, sum_g, None, None, None, None, None
+
+
+def _batch_norm_leaky_relu(bn, x, slope):  # leaky_relu(nn.BatchNorm1d(x)) on (B, C, 1, T)
+    if not bn.training:
+        y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return F.leaky_relu(y, slope)
+    bn.num_batches_tracked.add_(1)
+    return BatchNormLeakyReLU.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                    bn.momentum, bn.eps, slope)
+
+
+def _fms(x, fc):  # model_RawNet2.feature_map_scaling on (B, C, 1, T)
+    s = torch.sigmoid(fc(x.mean((2, 3))))[:, :, None, None]
+    return x * s + s
+
+
+def _block(block, x, slope):  # model_RawNet2.ResidualBlock.forward on (B, C, 1, T)
+    out = x
+    if not block.first and (block.training or not block.legacy):
+        out = _batch_norm_leaky_relu(block.bn1, x, slope)
+    if block.legacy:
+        out = x  # the released model's quirk: conv1 sees the raw input
+    out = _conv(block.conv1, out)
+    out = _conv(block.conv2, _batch_norm_leaky_relu(block.bn2, out, slope))
+    identity = _conv(block.conv_downsample, x) if hasattr(block, "conv_downsample") else x
+    out = F.max_pool2d(out + identity, (1, 3))
+    return out if block.legacy else _fms(out, block.frm.fc)
+
+
+def residual_blocks(model, x, slope):
+    """block0..5 of ``model`` (and the legacy ``fc_attention``), (B, C, T) -> (B, C', T'); the
+    result is a (B, C', T') view of channels-last memory."""
+    x = _channels_last(x)
+    for i in range(model.NB_BLOCKS):
+        x = _block(getattr(model, f"block{i}")[0], x, slope)
+        if model.legacy:
+            x = _fms(x, getattr(model, f"fc_attention{i}")[0])
+    return x.squeeze(2)

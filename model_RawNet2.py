@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fast_RawNet2 import gru_forward, sinc_abs_maxpool
+from fast_RawNet2 import gru_forward, residual_blocks, sinc_abs_maxpool
 
 LEAKY_SLOPE = 0.3  # Keras' LeakyReLU default, kept by the authors ("lrelu_keras")
 
@@ -217,18 +217,24 @@ class RawNet2(nn.Module):
         # matmul) and its output by ~1-2 %, which first_bn (large mean, small spread) amplifies.
         with torch.autocast(x.device.type, enabled=False):
             if self.fast:  # fused conv -> |.| -> max-pool 3 with the same math (fast_RawNet2.py)
-                x = sinc_abs_maxpool(x.float(), self.first_conv.filters())
+                x = sinc_abs_maxpool(x.to(self.ln.gamma.dtype), self.first_conv.filters())
             else:
-                x = torch.abs(self.first_conv(x.float()))             # (B, C, T - 250)
+                x = torch.abs(self.first_conv(x.to(self.ln.gamma.dtype)))  # (B, C, T - 250)
                 x = F.max_pool1d(x, 3)                                # (B, C, (T - 250) // 3)
         x = F.leaky_relu(self.first_bn(x), LEAKY_SLOPE)
-        for i in range(self.NB_BLOCKS):
-            x = getattr(self, f"block{i}")(x)                         # (B, C', T' // 3)
-            if self.legacy:
-                x = feature_map_scaling(x, getattr(self, f"fc_attention{i}"))
+        # The channels-last blocks and the GRU of the fast path are float32 CPU code: on GPU cuDNN
+        # already does what they save, and under autocast the reference modules handle the dtypes.
+        cpu_fast = self.fast and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        if cpu_fast:  # the same blocks in channels-last layout (fast_RawNet2.py)
+            x = residual_blocks(self, x, LEAKY_SLOPE)
+        else:
+            for i in range(self.NB_BLOCKS):
+                x = getattr(self, f"block{i}")(x)                     # (B, C', T' // 3)
+                if self.legacy:
+                    x = feature_map_scaling(x, getattr(self, f"fc_attention{i}"))
         x = F.leaky_relu(self.bn_before_gru(x), LEAKY_SLOPE)
         x = x.transpose(1, 2)                                         # (B, T_gru, C)
-        if self.fast and x.device.type == "cpu":  # cuDNN's GRU is already fused on GPU
+        if cpu_fast:  # one-GEMM weight gradients (fast_RawNet2.py)
             x = gru_forward(self.gru, x)                              # (B, T_gru, gru_node)
         else:
             self.gru.flatten_parameters()

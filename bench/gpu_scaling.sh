@@ -7,10 +7,10 @@ cd "$(dirname "$0")/.."
 STEPS="${1:-20}"
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
 OUT=$(mktemp)
-python bench/train_step.py --steps "$STEPS" --label single | tee -a "$OUT"
-torchrun --standalone --nproc_per_node=1 bench/train_step.py --steps "$STEPS" --label ddp1 | tee -a "$OUT"
+python bench/train_step.py --variant fast --steps "$STEPS" --label single | tee -a "$OUT"
+torchrun --standalone --nproc_per_node=1 bench/train_step.py --variant fast --steps "$STEPS" --label ddp1 | tee -a "$OUT"
 if [ "$NGPU" -gt 1 ]; then
-  torchrun --standalone --nproc_per_node="$NGPU" bench/train_step.py --steps "$STEPS" --bs $((100 / NGPU * NGPU)) \
+  torchrun --standalone --nproc_per_node="$NGPU" bench/train_step.py --variant fast --steps "$STEPS" --bs $((100 / NGPU * NGPU)) \
     --label "ddp$NGPU" | tee -a "$OUT"
 fi
 python - "$OUT" "$NGPU" <<'PY'

@@ -1,16 +1,31 @@
-"""Training-step throughput of RawNet2: crops/s and peak memory on synthetic batches.
+"""Training-step throughput of RawNet2, reference path vs fast path (and mixed precision).
 
-    python bench/train_step.py                          # paper model, batch 100 on GPU / 4 on CPU
-    torchrun --nproc_per_node=N bench/train_step.py     # the same step under DistributedDataParallel
+    python bench/train_step.py                          # paper model; batch 100 on GPU, 4 on CPU
+    python bench/train_step.py --rounds 5 --steps 5     # more rounds on a noisy machine
+    python bench/train_step.py --variant fast           # one configuration, one JSON line
+    torchrun --nproc_per_node=N bench/train_step.py --variant fast   # the same under DDP
                                                         # (batch = global batch, split over processes)
 
-Prints one JSON line (rank 0) with the device, the configuration and the measured figures, so that
-driver scripts (bench/gpu_scaling.sh) can compute ratios between runs made on the same machine.
+Variants (the training script's flags in brackets):
+  reference   the plain PyTorch network of model_RawNet2.py              [-fast False]
+  fast        fused sinc front end, and on CPU the channels-last blocks
+              and GRU of fast_RawNet2.py: same math                      [-fast, the default]
+  fast+bf16   the same under bfloat16 autocast                           [-amp bf16]
+  fast+fp16   float16 autocast with a gradient scaler (GPU only)         [-amp fp16]
+The sinc front end stays float32 under autocast (see model_RawNet2.embed).
+
+Each (round, variant) runs in a fresh process on the same synthetic batch (paper config: 59,049
+samples, Adam with AMSGrad); rounds interleave the variants, so a busy machine disturbs all of them
+alike, and the median over rounds is reported with its ratio to the reference. Peak memory is the
+CUDA allocator's peak on GPU and the process's peak resident size on CPU (it includes torch itself).
 """
 
 import argparse
 import json
 import os
+import resource
+import statistics
+import subprocess
 import sys
 import time
 
@@ -19,29 +34,41 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import utils  # noqa: E402
 from model_RawNet2 import RawNet2, default_d_args  # noqa: E402
 
+VARIANTS = {"reference": (False, "none"), "fast": (True, "none"), "fast+bf16": (True, "bf16"),
+            "fast+fp16": (True, "fp16")}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--bs", type=int, default=None, help="global batch (default 100 on GPU, 4 on CPU)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round and variant (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the variants; the median is kept")
+    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                   help="variants to compare (default: all that the device runs)")
+    p.add_argument("--variant", default=None, choices=list(VARIANTS),
+                   help="run this one variant in this process and print one JSON line")
     p.add_argument("--nb_classes", type=int, default=5994, help="output classes")
-    p.add_argument("--benchmark", action="store_true", help="cudnn.benchmark (the original runs deterministic)")
+    p.add_argument("--benchmark", action="store_true",
+                   help="cudnn.benchmark (the original, like -reproducible here, runs cuDNN deterministic)")
     p.add_argument("--label", default="", help="name of this run in the JSON line")
     return p.parse_args(argv)
 
 
-def main(args):
+def run_variant(args, variant):
+    """Time ``args.steps`` training steps of one variant; returns the JSON-able result."""
     rank, world = utils.rank_and_world()
     cuda = torch.cuda.is_available()
     if world > 1 or "LOCAL_RANK" in os.environ:
-        local = int(os.environ.get("LOCAL_RANK", 0))
         if cuda:
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     torch.backends.cudnn.deterministic = not args.benchmark
@@ -49,20 +76,28 @@ def main(args):
     bs = args.bs or (100 if cuda else 4)
     if bs % world:
         sys.exit(f"error: --bs {bs} is not divisible by the world size {world}")
+    fast, amp = VARIANTS[variant]
     torch.manual_seed(0)
-    model = RawNet2(default_d_args(args.nb_classes)).to(device)
+    model = RawNet2(default_d_args(args.nb_classes), fast=fast).to(device)
     model.apply(utils.init_weights)
     if dist.is_initialized():
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     opt = torch.optim.Adam(utils.param_groups(model, 1e-4), lr=1e-3, weight_decay=1e-4, amsgrad=True)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     x = torch.randn(bs // world, 59049, device=device)
     y = torch.randint(0, args.nb_classes, (bs // world,), device=device)
 
-    def step():
-        loss = F.cross_entropy(model(x), y)
+    def step():  # train_RawNet2.train_epoch's step
+        with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp != "none"):
+            loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
 
     for _ in range(args.warmup):
         step()
@@ -75,14 +110,71 @@ def main(args):
     if cuda:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
-    result = {"label": args.label, "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "world_size": world, "ddp": dist.is_initialized(), "global_batch": bs,
-              "s_per_step": round(seconds, 4), "crops_per_s": round(bs / seconds, 1),
-              "peak_mem_GiB_per_process": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
-    if rank == 0:
-        print(json.dumps(result), flush=True)
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
     if dist.is_initialized():
         dist.destroy_process_group()
+    return {"label": args.label, "variant": variant, "device": device_name(), "world_size": world,
+            "global_batch": bs, "s_per_step": round(seconds, 4), "crops_per_s": round(bs / seconds, 1),
+            "peak_mem_GiB_per_process": round(peak / 2 ** 30, 2),
+            "peak_mem_kind": "CUDA allocator" if cuda else "process RSS"}
+
+
+def device_name():
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU, {torch.get_num_threads()} threads ({cpu_model()})"
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+def child_argv(args, variant):
+    argv = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--nb_classes", str(args.nb_classes)]
+    if args.bs:
+        argv += ["--bs", str(args.bs)]
+    if args.benchmark:
+        argv.append("--benchmark")
+    return argv
+
+
+def compare(args):
+    """Run every variant ``args.rounds`` times, interleaved, each in its own process; print a table."""
+    cuda = torch.cuda.is_available()
+    variants = args.variants or [v for v in VARIANTS if cuda or v != "fast+fp16"]
+    if "reference" not in variants:
+        variants = ["reference"] + variants
+    runs = {v: [] for v in variants}
+    for r in range(args.rounds):
+        for v in variants:
+            out = subprocess.run(child_argv(args, v), check=True, capture_output=True, text=True).stdout
+            runs[v].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"round {r + 1}/{args.rounds} {v}: {runs[v][-1]['s_per_step']:.3f} s/step", file=sys.stderr)
+    first = runs[variants[0]][0]
+    print(f"device: {first['device']}; batch {first['global_batch']} x 59,049 samples; "
+          f"median of {args.rounds} rounds x {args.steps} steps; cudnn.benchmark={args.benchmark}")
+    print(f"{'variant':<12} {'s/step':>8} {'crops/s':>9} {'vs reference':>13} {'peak GiB':>9}")
+    ref = statistics.median(r["s_per_step"] for r in runs["reference"])
+    for v in variants:
+        s = statistics.median(r["s_per_step"] for r in runs[v])
+        peak = max(r["peak_mem_GiB_per_process"] for r in runs[v])
+        print(f"{v:<12} {s:8.3f} {first['global_batch'] / s:9.1f} {ref / s:12.2f}x {peak:9.2f}")
+    print(f"(peak memory: {first['peak_mem_kind']})")
+
+
+def main(args):
+    if args.variant or "LOCAL_RANK" in os.environ:
+        result = run_variant(args, args.variant or "fast")
+        if utils.rank_and_world()[0] == 0:
+            print(json.dumps(result), flush=True)
+    else:
+        compare(args)
 
 
 if __name__ == "__main__":
