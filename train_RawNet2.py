@@ -253,7 +253,14 @@ def setup_device(args):
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout))
+        timeout = datetime.timedelta(seconds=args.dist_timeout)
+        # After a torchrun restart the new processes share the launcher's key-value store with the
+        # attempt before them; under a prefix of their own they cannot read a dead process's
+        # address (gloo then failed to connect, or hung).
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store),
+                                rank=rank, world_size=world, timeout=timeout)
     return device
 
 
@@ -381,12 +388,13 @@ def main(args):
         if not main_process:
             index = utils.wav_index(train_keys, train_dir, progress=False)
     train_set = utils.TrainSet(train_keys, train_dir, labels, args.nb_samp, seed=args.seed, index=index)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    sampler = utils.EpochSampler(
+        DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed))
+    loader = DataLoader(train_set, batch_size=args.bs // world, sampler=sampler, drop_last=True,
+                        num_workers=args.nb_worker, persistent_workers=args.nb_worker > 0,
+                        pin_memory=device.type == "cuda")
     for epoch in range(start_epoch, args.epoch):
-        train_set.epoch = epoch
         sampler.set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=args.bs // world, sampler=sampler, drop_last=True,
-                            num_workers=args.nb_worker, pin_memory=device.type == "cuda")
         loss, step = train_epoch(model, loader, optimizer, scheduler, device, epoch, step, args.amp, scaler,
                                  progress=main_process)
 

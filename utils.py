@@ -39,7 +39,7 @@ import torch.nn as nn
 from scipy.interpolate import interp1d
 from scipy.optimize import brentq
 from sklearn.metrics import roc_curve
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 SAMPLE_RATE = 16000
@@ -216,8 +216,9 @@ class TrainSet(Dataset):
     """Random crops of training utterances; yields (waveform, label, key).
 
     The crop of item ``i`` is drawn from a generator seeded by ``(seed, epoch, i)``: the same for any
-    number of DataLoader workers, and the same again when a run is resumed. Set ``epoch`` before
-    creating each epoch's DataLoader iterator.
+    number of DataLoader workers, and the same again when a run is resumed. The epoch comes with the
+    item (``(epoch, i)``, from EpochSampler; persistent workers hold their own copy of the dataset)
+    or, for a plain index, from the ``epoch`` attribute.
     """
 
     def __init__(self, keys, base_dir, labels, nb_samp, seed=0, index=None):
@@ -228,12 +229,13 @@ class TrainSet(Dataset):
     def __len__(self):
         return len(self.keys)
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
         # A silent file is skipped (with a warning) in favour of the next utterance in the list.
         for offset in range(len(self.keys)):
             key = self.keys[(index + offset) % len(self.keys)]
             path = os.path.join(self.base_dir, key)
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            rng = np.random.default_rng([self.seed, epoch, index])
             try:
                 if self.index is None:
                     x = crop_or_tile(read_wav(path), self.nb_samp, rng)
@@ -244,6 +246,24 @@ class TrainSet(Dataset):
                 continue
             return x, self.labels[speaker_of(key)], key
         raise DataError(f"{self.base_dir}: every training file is empty or silent")
+
+
+class EpochSampler(Sampler):
+    """The indices of ``sampler`` (e.g. a DistributedSampler) as ``(epoch, index)`` pairs for
+    TrainSet, so that one DataLoader with persistent workers serves every epoch."""
+
+    def __init__(self, sampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
 
 
 class TTASet(Dataset):

@@ -19,14 +19,14 @@ from model_RawNet2 import RawNet2, load_pretrained
 ENTRY = os.path.join(ROOT, "tests", "torchrun_entry.py")
 
 
-def torchrun(flags, nproc=2, max_restarts=0, env=None):
+def torchrun(flags, nproc=2, max_restarts=0, env=None, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={max_restarts}", ENTRY] + flags
     # Own process group, so that a run that hangs is killed with all its workers.
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}) as proc:
         try:
-            stdout, stderr = proc.communicate(timeout=300)
+            stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:  # torchrun starts its workers in sessions of their own
             os.killpg(proc.pid, signal.SIGKILL)
             subprocess.run(["pkill", "-9", "-f", flags[flags.index("-save_dir") + 1]])
@@ -109,14 +109,11 @@ def test_sharded_evaluation_equals_single_process(tiny_corpus, tmp_path):
 
 def test_elastic_restart_after_a_killed_worker_finishes_all_epochs(tiny_corpus, tmp_path):
     flags = tiny_run_flags(tiny_corpus, tmp_path, epochs=3)
-    # Spare restarts: right after a restart, gloo's connection mesh on this machine now and then
-    # fails to form ("Connection refused") and the group needs one more restart, as elastic
-    # training is meant to give it; only the first attempt kills a worker.
-    # -dist_timeout: a process stuck waiting for a peer that is gone fails after 30 s, so torchrun
-    # restarts the group instead of waiting for the 30-minute default.
-    proc = torchrun(flags + ["-dist_timeout", "30"], max_restarts=3, env={"ENTRY_KILL_AT_EPOCH": "1"})
+    # One restart is enough: each attempt joins under a key-value prefix of its own (before that,
+    # a restarted group sometimes read the dead attempt's gloo addresses and failed or hung).
+    proc = torchrun(flags, max_restarts=1, env={"ENTRY_KILL_AT_EPOCH": "1"}, timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming" in proc.stdout
+    assert "resuming" in proc.stdout and "Connection refused" not in proc.stderr
     lines = (tmp_path / "run" / "eers.txt").read_text().splitlines()
     assert [line.split(",")[0] for line in lines] == ["epoch:0", "epoch:1", "epoch:2"]
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2

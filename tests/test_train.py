@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import model_RawNet2
 import train_RawNet2 as train
 from conftest import ROOT, tiny_run_flags
 from model_RawNet2 import load_pretrained
@@ -122,6 +123,43 @@ def test_val_trial_selects_on_validation_list(tiny_corpus, tmp_path):
     assert re.fullmatch(r"epoch:0, TA_eval_eer:\d\.\d{4}, TA_val_eer:\d\.\d{4}", line)
 
 
+@pytest.mark.parametrize("flag,fast", [([], True), (["-fast", "False"], False)])
+def test_fast_flag_selects_the_path(tiny_corpus, tmp_path, monkeypatch, flag, fast):
+    # (outputs and gradients of the two paths are tied together in tests/test_fast.py; over several
+    # training steps float32 rounding alone moves either path's parameters by percents)
+    calls = []
+    fused = model_RawNet2.sinc_abs_maxpool
+    monkeypatch.setattr(model_RawNet2, "sinc_abs_maxpool", lambda *a: calls.append(1) or fused(*a))
+    run(tiny_run_flags(tiny_corpus, tmp_path, epochs=1) + flag)
+    assert bool(calls) is fast
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["args"]["fast"] is fast
+
+
+def test_persistent_workers_give_the_crops_of_a_single_process_run(tiny_corpus, tmp_path):
+    run(tiny_run_flags(tiny_corpus, tmp_path, name="w0", epochs=2))
+    flags = tiny_run_flags(tiny_corpus, tmp_path, name="w2", epochs=2)
+    flags[flags.index("-nb_worker") + 1] = "2"
+    run(flags)
+    a = torch.load(tmp_path / "w0" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "w2" / "last.pt", weights_only=True)["model"]
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_amp_bf16_trains_on_cpu(tiny_corpus, tmp_path):
+    assert run(tiny_run_flags(tiny_corpus, tmp_path, epochs=1) + ["-amp", "bf16"]) <= 1
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["step"] == 24 // 4 and last["scaler"] is None
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_amp_fp16_without_gpu_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: fp16 is allowed")
+    with pytest.raises(DataError, match="-amp fp16 needs a GPU"):
+        run(["-name", "x", "-amp", "fp16"])
+
+
 # --- flags -------------------------------------------------------------------------------------
 
 def test_defaults_are_the_papers():
@@ -134,6 +172,7 @@ def test_defaults_are_the_papers():
     assert (a.m_first_conv, a.m_in_channels, a.m_nb_fc_node, a.m_gru_node, a.m_nb_gru_layer, a.m_nb_samp) == (
         251, 1, 1024, 1024, 1, 59049)
     assert a.m_filts == [128, [128, 128], [128, 256], [256, 256]]
+    assert (a.fast, a.amp) == (True, "none")  # the fast path is the same math; mixed precision is opt-in
 
 
 def test_list_and_double_dash_flags_parse():

@@ -28,10 +28,10 @@ kill_epoch = os.environ.get("ENTRY_KILL_AT_EPOCH")
 if kill_epoch is not None and rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
     train_epoch = train.train_epoch
 
-    def dying_train_epoch(model, loader, optimizer, scheduler, device, epoch, step, progress=True):
+    def dying_train_epoch(model, loader, optimizer, scheduler, device, epoch, *args, **kwargs):
         if epoch == int(kill_epoch):
             os.kill(os.getpid(), signal.SIGKILL)
-        return train_epoch(model, loader, optimizer, scheduler, device, epoch, step, progress)
+        return train_epoch(model, loader, optimizer, scheduler, device, epoch, *args, **kwargs)
 
     train.train_epoch = dying_train_epoch
 
