@@ -51,9 +51,10 @@ LISTS = [("Vox original", "vox_original.txt", ("eval",)),
          ("Vox1_E_cleaned", "list_test_all_cleaned.txt", ("dev", "eval")),
          ("Vox1_H_cleaned", "list_test_hard_cleaned.txt", ("dev", "eval"))]
 P_TARGETS = (0.01, 0.05)
-# Segments per forward (set by -bs): on CPU the size measured fastest in bench/extract.py; on GPU
-# large batches, bounded by the reference front end's full-rate map (~2 x 30 MB per segment).
-CPU_SEGMENTS_PER_BATCH = 16
+# Segments per forward (set by -bs). On CPU the size measured fastest in bench/extract.py: one, as
+# larger batches' activations outgrow the cache. On GPU large batches, bounded by the reference
+# front end's full-rate map (~2 x 30 MB per segment).
+CPU_SEGMENTS_PER_BATCH = 1
 GPU_SEGMENTS_PER_BATCH = {True: 512, False: 64}  # -fast: the fused front end keeps no full-rate map
 PARTIAL_SAVE_S = 60  # an extraction saves finished embeddings at least this often
 

@@ -304,10 +304,10 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     """Yield ``(key, embedding)`` for each of ``keys`` read from ``base_dir``, as soon as it is done.
 
     The embedding is the TTA embedding (mean over segments of ``model.embed``) as a float32 numpy
-    vector, or None for a silent/empty file. Segments of several utterances are packed into one
-    forward of up to ``segments_per_batch`` windows (an utterance with more segments goes alone);
-    audio is read in ``nb_worker`` DataLoader workers while the model runs. In eval mode every
-    segment's embedding is independent of its batch-mates, so packing changes no number.
+    vector, or None for a silent/empty file. Segments of several utterances are packed into forwards
+    of ``segments_per_batch`` windows (a long utterance is split over several); each file is read
+    once, in ``nb_worker`` DataLoader workers while the model runs. In eval mode every segment's
+    embedding is independent of its batch-mates, so packing changes no number.
     """
     net = model.module if isinstance(model, nn.DataParallel) else model
     was_training = net.training
@@ -318,7 +318,8 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
 
     def flush():
         with bf16_autocast(device, bf16):
-            codes = net.embed(torch.cat(pending).to(device)).float().cpu()
+            codes = torch.cat([net.embed(batch.to(device)).float().cpu()
+                               for batch in torch.split(torch.cat(pending), segments_per_batch)])
         done = [(key, part.mean(0).numpy()) for key, part in
                 zip(pending_keys, torch.split(codes, pending_counts))]
         pending.clear(), pending_keys.clear(), pending_counts.clear()

@@ -80,14 +80,14 @@ def main():
     parser.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
     parser.add_argument("-nb_utt", type=int, default=None, help="utterances (default 200 on GPU, 16 on CPU)")
     parser.add_argument("-bs", type=int, nargs="+", default=None,
-                        help="segments per forward to try (default 64 256 512 on GPU, 4 8 16 on CPU)")
+                        help="segments per forward to try (default 64 256 512 on GPU, 1 4 16 on CPU)")
     parser.add_argument("-nb_worker", type=int, default=2, help="DataLoader workers for the batched path")
     parser.add_argument("-rounds", type=int, default=2, help="interleaved repetitions; the best is kept")
     parser.add_argument("-model_dir", default="", help="checkpoint to use instead of random paper-size weights")
     args = parser.parse_args()
     gpu = args.device.startswith("cuda")
     nb_utt = args.nb_utt or (200 if gpu else 16)
-    sizes = args.bs or ([64, 256, 512] if gpu else [4, 8, 16])
+    sizes = args.bs or ([64, 256, 512] if gpu else [1, 4, 16])
 
     torch.manual_seed(0)
     model = load_pretrained(args.model_dir) if args.model_dir else RawNet2(default_d_args()).eval()
