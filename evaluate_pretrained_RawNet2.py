@@ -107,7 +107,8 @@ def build_parser():
              f"{CPU_SEGMENTS_PER_BATCH} on CPU)")
     add("nb_worker", type=int, default=4, help="DataLoader worker processes reading audio")
     add("fast", type=utils.str2bool, nargs="?", const=True, default=True,
-        help="fused sinc front end of fast_RawNet2.py (same math; False: the plain reference path)")
+        help="fast path of fast_RawNet2.py (fused sinc front end; on CPU also channels-last blocks "
+             "and GRU): same math; False runs the plain reference path")
     add("bf16", action="store_true",
         help="bfloat16 autocast in the network (faster on CPUs with bf16 support; changes scores slightly)")
     add("device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",

@@ -24,6 +24,8 @@ Deliberate differences from the original code (none changes a number):
   * In eval mode the legacy block skips computing ``bn1`` (its output is unused and eval-mode BN
     updates no statistics, so nothing observable changes).
   * Under autocast (bf16/fp16, opt-in) the sinc front end still runs in float32.
+  * ``fast=True`` (the scripts' default ``-fast``) evaluates the same math in another order, in
+    fast_RawNet2.py; outputs and gradients move by float32 rounding only (tests/test_fast.py).
 """
 
 import math
@@ -181,7 +183,7 @@ class RawNet2(nn.Module):
     def __init__(self, d_args, legacy=False, fast=False):
         super().__init__()
         self.legacy = legacy
-        self.fast = fast  # fused sinc front end (fast_RawNet2.py); same math, not in the state dict
+        self.fast = fast  # the fast path of fast_RawNet2.py: same math; not in the state dict
         self.nb_samp = d_args["nb_samp"]
         filts = d_args["filts"]
         first_filts, block_filts = filts[0], self.block_filters(filts)

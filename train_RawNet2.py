@@ -86,11 +86,11 @@ def build_parser():
         help="seconds a torchrun process waits for the others (joining, collectives) before it fails; "
              "with torchrun --max-restarts the group then restarts from last.pt")
     add("sync_bn", default=False, help="synchronise batch-norm statistics across processes (torchrun on GPUs)", **flag)
-    add("fast", default=True, help="fused sinc front end (and, on CPU, GRU backward) of fast_RawNet2.py: "
-        "same math, faster and smaller; False runs the plain reference path", **flag)
+    add("fast", default=True, help="fast path of fast_RawNet2.py (fused sinc front end; on CPU also "
+        "channels-last blocks and GRU): same math, faster and smaller; False runs the plain reference path", **flag)
     add("amp", type=str, default="none", choices=["none", "bf16", "fp16"],
-        help="mixed precision: bf16 autocast, or fp16 autocast with a gradient scaler (GPU only); "
-             "the sinc front end stays float32")
+        help="mixed precision of the training steps: bf16 autocast, or fp16 autocast with a gradient "
+             "scaler (GPU only); the sinc front end and the per-epoch TTA evaluation stay float32")
     add("reproducible", default=True,
         help="seed torch/numpy/random and make cuDNN deterministic (benchmark off)", **flag)
     add("resume", action="store_true",
