@@ -26,8 +26,11 @@ Measured by bench/train_step.py on the 2-core CPU (paper model, batch 4): 1.41x 
 training step in float32, 2.02x with -amp bf16 (figures and device in bench/README.md).
 """
 
+import threading
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # Full-rate values (batch x channels x time) per chunk: ~2 MB of float32 on CPU, to stay in cache
 # (measured best in bench/train_step.py); on GPU chunks only bound the temporary memory.
@@ -101,6 +104,7 @@ class SincAbsMaxPool(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # (all four backwards: a double backward raises instead of going wrong)
     def backward(ctx, grad_out):  # (B, C, P) -> grads of x (B, 1, T) and w (C, 1, K)
         x3, w3, index, code = ctx.saved_tensors
         length, taps, q_taps, step = ctx.shapes
@@ -174,6 +178,7 @@ class GRUSequence(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):  # (B, T, H) -> grads of x, w_ih, w_hh, b_ih, b_hh
         x, w_ih, w_hh, saved = ctx.saved_tensors
         h_prev, r, z, n, ghn = saved
@@ -198,7 +203,10 @@ class GRUSequence(torch.autograd.Function):
 
 
 def gru_forward(gru, x):
-    """``gru(x)[0]`` for a batch-first ``nn.GRU`` (any number of layers, h0 = 0), by GRUSequence."""
+    """``gru(x)[0]`` for a batch-first ``nn.GRU`` (any number of layers, h0 = 0), by GRUSequence;
+    other GRUs (bidirectional, without bias, with dropout) run the module itself."""
+    if not gru.batch_first or gru.bidirectional or not gru.bias or (gru.dropout and gru.training):
+        return gru(x)[0]
     for layer in range(gru.num_layers):
         x = GRUSequence.apply(x, *(getattr(gru, f"{name}_l{layer}")
                                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
@@ -210,9 +218,8 @@ def gru_forward(gru, x):
 #
 # mkldnn's convolutions run ~1.8x faster forward on channels-last (B, C, 1, T) tensors than on
 # PyTorch's default (B, C, T) layout, and batch norm, LeakyReLU, max-pool and FMS run as fast there.
-# Its convolution backward is not faster, so Conv3 computes the weight gradient itself: three matrix
-# products over all (batch, time) rows, with the few products that cross from one batch item into
-# the next removed. The block function mirrors model_RawNet2.ResidualBlock.forward line by line
+# Its convolution backward is not faster, so Conv3 computes the weight gradient itself: one batched
+# matrix product per tap over each item's time steps. The block function mirrors model_RawNet2.ResidualBlock.forward line by line
 # (including the legacy conv1 quirk); tests/test_fast.py ties the two together.
 
 def _channels_last(x):  # (B, C, T) -> (B, C, 1, T) stored as (B, 1, T, C)
@@ -228,24 +235,22 @@ class Conv3(torch.autograd.Function):
         return F.conv2d(x, w.unsqueeze(2), b, padding=(0, 1))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
         # input: the same convolution with the kernel transposed and flipped
         grad_x = F.conv2d(grad, w.transpose(0, 1).flip(-1).unsqueeze(2), padding=(0, 1))
         batch, channels, _, steps = x.shape
-        rows_x = x.permute(0, 2, 3, 1).reshape(batch * steps, channels)  # views: (B T, C)
-        rows_g = grad.permute(0, 2, 3, 1).reshape(batch * steps, -1)     # (B T, O)
-        # weight: out[t] = w0 x[t-1] + w1 x[t] + w2 x[t+1] (zero padding at both ends)
+        x_t = x.permute(0, 2, 3, 1).reshape(batch, steps, channels)      # views: (B, T, C)
+        g_t = grad.permute(0, 2, 3, 1).reshape(batch, steps, -1)         # (B, T, O)
+        # weight: out[t] = w0 x[t-1] + w1 x[t] + w2 x[t+1] (zero padding at both ends), one
+        # batched matrix product per tap over each item's time steps
         grad_w = w.new_empty(w.shape)
-        grad_w[:, :, 1] = rows_g.t() @ rows_x
-        grad_w[:, :, 0] = rows_g[1:].t() @ rows_x[:-1]
-        grad_w[:, :, 2] = rows_g[:-1].t() @ rows_x[1:]
-        for b in range(1, batch):  # the row pairs that straddle two batch items are padding
-            first, last = b * steps, b * steps - 1
-            grad_w[:, :, 0] -= torch.outer(rows_g[first], rows_x[last])
-            grad_w[:, :, 2] -= torch.outer(rows_g[last], rows_x[first])
-        return grad_x, grad_w, rows_g.sum(0)
+        grad_w[:, :, 0] = torch.bmm(g_t[:, 1:].transpose(1, 2), x_t[:, :-1]).sum(0)
+        grad_w[:, :, 1] = torch.bmm(g_t.transpose(1, 2), x_t).sum(0)
+        grad_w[:, :, 2] = torch.bmm(g_t[:, :-1].transpose(1, 2), x_t[:, 1:]).sum(0)
+        return grad_x, grad_w, g_t.sum((0, 1))
 
 
 def _conv(conv, x):  # nn.Conv1d (kernel 3, padding 1; or kernel 1) on a channels-last tensor
@@ -254,17 +259,20 @@ def _conv(conv, x):  # nn.Conv1d (kernel 3, padding 1; or kernel 1) on a channel
     return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias)
 
 
-_scratch = {}
+_scratch = threading.local()
 
 
-def _scratch_like(rows):
+def _scratch_like(rows, slot=0):
     """A reusable buffer shaped like ``rows`` for temporaries that are summed and dropped at once.
-    Fresh 40 MB tensors cost more in page faults than the arithmetic done in them; one buffer
-    (the largest asked for so far, per device and dtype) is kept instead."""
-    key = (rows.device, rows.dtype)
-    if key not in _scratch or _scratch[key].numel() < rows.numel():
-        _scratch[key] = torch.empty(rows.numel(), dtype=rows.dtype, device=rows.device)
-    return _scratch[key][:rows.numel()].view(rows.shape)
+    Fresh 40 MB tensors cost more in page faults than the arithmetic done in them; one buffer per
+    thread, device, dtype and slot (the largest asked for so far) is kept instead."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (rows.device, rows.dtype, slot)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < rows.numel() or buf.is_inference():
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            buffers[key] = buf = torch.empty(rows.numel(), dtype=rows.dtype, device=rows.device)
+    return buf[:rows.numel()].view(rows.shape)
 
 
 class BatchNormLeakyReLU(torch.autograd.Function):
@@ -294,23 +302,27 @@ class BatchNormLeakyReLU(torch.autograd.Function):
         return out.view(x.shape[0], 1, x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         rows, weight, mean, invstd, out = ctx.saved_tensors
         batch, channels, _, steps = ctx.input_shape
         g = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, channels)
         g = torch.ops.aten.leaky_relu_backward(g, out, ctx.slope, True)          # through LeakyReLU
         n = rows.shape[0]
+        centred = torch.sub(rows, mean, out=_scratch_like(rows))                 # x - mean
         sum_g = g.sum(0)                                                          # = grad of bias
-        sum_g_x = torch.mul(g, rows, out=_scratch_like(rows)).sum(0)
-        sum_g_xhat = (sum_g_x - mean * sum_g) * invstd                            # = grad of weight
-        k = sum_g_xhat * invstd / n
+        sum_g_xhat = torch.mul(centred, g, out=_scratch_like(rows, 1)).sum(0) * invstd  # = grad of weight
         # (g - mean(g) - xhat mean(g xhat)) * weight * invstd, with xhat = (x - mean) * invstd
-        grad_rows = torch.addcmul(mean * k - sum_g / n, rows, -k).add_(g).mul_(weight * invstd)
+        grad_rows = torch.addcmul(g, centred, sum_g_xhat * (-invstd / n))
+        grad_rows.sub_(sum_g / n).mul_(weight * invstd)
         grad_x = grad_rows.view(batch, 1, steps, channels).permute(0, 3, 1, 2)
         return grad_x, sum_g_xhat, sum_g, None, None, None, None, None
 
 
 def _batch_norm_leaky_relu(bn, x, slope):  # leaky_relu(nn.BatchNorm1d(x)) on (B, C, 1, T)
+    if type(bn) is not torch.nn.BatchNorm1d or bn.momentum is None or not bn.track_running_stats:
+        # anything but RawNet2's plain BatchNorm1d: the module itself, on a (B, C, T) view (slower)
+        return F.leaky_relu(bn(x.squeeze(2)), slope).unsqueeze(2)
     if not bn.training:
         y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         return F.leaky_relu(y, slope)

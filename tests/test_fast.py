@@ -128,3 +128,41 @@ def test_fast_flag_leaves_the_state_dict_alone():
     ref, fast = small_model(False), small_model(False)
     fast.fast = True
     assert list(ref.state_dict()) == list(fast.state_dict())
+
+
+def test_training_after_an_inference_mode_pass(small_chunks):
+    model = small_model(False).train()
+    model.fast = True
+    x = torch.randn(2, model.nb_samp)
+    with torch.inference_mode():  # e.g. re-estimating batch-norm statistics
+        model(x)
+    model(x).sum().backward()  # the reused scratch buffer must not be an inference tensor
+    assert all(p.grad is not None for name, p in model.named_parameters() if "bn1" not in name)
+
+
+def test_double_backward_raises_instead_of_going_wrong(small_chunks):
+    model = small_model(False).train()
+    model.fast = True
+    x = torch.randn(2, model.nb_samp, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward|once_differentiable|differentiable"):
+        grad.sum().backward()
+
+
+def test_non_default_batch_norm_and_gru_fall_back_to_the_modules(small_chunks):
+    ref = small_model(False).double().train()
+    for module in ref.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.momentum = None  # cumulative average: not what the fused batch norm implements
+    ref.gru = torch.nn.GRU(24, 12, bidirectional=True, batch_first=True).double()
+    ref.fc1_gru = torch.nn.Linear(24, 12).double()
+    fast = copy.deepcopy(ref)
+    fast.fast = True
+    x = torch.randn(3, ref.nb_samp, dtype=torch.float64)
+    for model in (ref, fast):
+        model(x).sum().backward()
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        if b.grad is not None and not name.endswith("conv1.bias"):
+            assert rel_err(a.grad, b.grad) < 1e-10, name
+    for (name, a), b in zip(fast.named_buffers(), ref.buffers()):
+        assert rel_err(a.double(), b.double()) < 1e-10, name
