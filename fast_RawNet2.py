@@ -22,8 +22,8 @@ rounding: tests/test_fast.py holds them to 1e-4 relative, and they agree to ~1e-
    an outer product per time step.
 On GPU (and under autocast) parts 2 and 3 stay the reference modules: cuDNN already fuses them.
 
-Measured by bench/train_step.py on the 2-core CPU (paper model, batch 4): 1.41x the reference's
-training step in float32, 2.02x with -amp bf16 (figures and device in bench/README.md).
+Measured by bench/train_step.py on the 2-core CPU (paper model, batch 4): 1.49x the reference's
+training step in float32, 2.07x with -amp bf16 (figures and device in bench/README.md).
 """
 
 import threading
