@@ -65,11 +65,7 @@ def build_parser():
                     "extract them from a checkpoint; verify a pair of recordings.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    def group(title):
-        g = parser.add_argument_group(title)
-        return lambda name, **kw: g.add_argument(f"-{name}", f"--{name}", **kw)
-
-    add = group("scoring")
+    add = utils.arg_group(parser, "scoring")
     add("embd_dir", type=str, default="spk_embd/", help="folder of TTA_vox1_dev.pk and TTA_vox1_eval.pk")
     add("trial_dir", type=str, default="trials/",
         help="folder of vox_original.txt, list_test_all_cleaned.txt, list_test_hard_cleaned.txt")
@@ -84,7 +80,7 @@ def build_parser():
     add("plot", type=str, nargs="?", const="det_curves/", default=None, metavar="DIR",
         help="write a DET curve PNG per list into DIR (needs matplotlib)")
 
-    add = group("score normalisation")
+    add = utils.arg_group(parser, "score normalisation")
     add("asnorm", action="store_true",
         help="also report adaptive symmetric score normalisation (AS-norm) with -cohort")
     add("cohort", type=str, default="", help="AS-norm cohort: an embedding file (.pk or .npy)")
@@ -92,7 +88,7 @@ def build_parser():
         help="cohort entries: per-speaker mean embeddings (speaker = first part of the key), or utterances")
     add("asnorm_top_n", type=int, default=300, help="AS-norm: closest cohort entries per side")
 
-    add = group("extraction")
+    add = utils.arg_group(parser, "extraction")
     add("extract", action="store_true",
         help="compute TTA embeddings of -DB's -dev_wav and -eval_wav with -model_dir into -embd_dir, then score")
     add("model_dir", type=str, default="Pre-trained_model/rawnet2_best_weights.pt",
@@ -106,7 +102,7 @@ def build_parser():
              f"(default on GPU {GPU_SEGMENTS_PER_BATCH[True]} with -fast, else {GPU_SEGMENTS_PER_BATCH[False]}; "
              f"{CPU_SEGMENTS_PER_BATCH} on CPU)")
     add("nb_worker", type=int, default=4, help="DataLoader worker processes reading audio")
-    add("fast", type=utils.str2bool, nargs="?", const=True, default=True,
+    add("fast", default=True, **utils.BOOL_FLAG,
         help="fast path of fast_RawNet2.py (fused sinc front end; on CPU also channels-last blocks "
              "and GRU): same math; False runs the plain reference path")
     add("bf16", action="store_true",
@@ -114,7 +110,7 @@ def build_parser():
     add("device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
         help="device of the network")
 
-    add = group("verification")
+    add = utils.arg_group(parser, "verification")
     add("verify", type=str, nargs=2, default=None, metavar=("A.wav", "B.wav"),
         help="embed two recordings with -model_dir and print their cosine score and decision")
     add("threshold", type=float, default=None,

@@ -218,10 +218,11 @@ class RawNet2(nn.Module):
         # The sinc front end stays float32 under autocast: bf16 rounds its filters (computed by a
         # matmul) and its output by ~1-2 %, which first_bn (large mean, small spread) amplifies.
         with torch.autocast(x.device.type, enabled=False):
+            x = x.to(self.ln.gamma.dtype)                             # float32 (or the model's)
             if self.fast:  # fused conv -> |.| -> max-pool 3 with the same math (fast_RawNet2.py)
-                x = sinc_abs_maxpool(x.to(self.ln.gamma.dtype), self.first_conv.filters())
+                x = sinc_abs_maxpool(x, self.first_conv.filters())
             else:
-                x = torch.abs(self.first_conv(x.to(self.ln.gamma.dtype)))  # (B, C, T - 250)
+                x = torch.abs(self.first_conv(x))                     # (B, C, T - 250)
                 x = F.max_pool1d(x, 3)                                # (B, C, (T - 250) // 3)
         x = F.leaky_relu(self.first_bn(x), LEAKY_SLOPE)
         # The channels-last blocks and the GRU of the fast path are float32 CPU code: on GPU cuDNN

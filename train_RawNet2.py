@@ -67,12 +67,8 @@ def build_parser():
         description="Train RawNet2 (Interspeech 2020) on VoxCeleb2; TTA EER on VoxCeleb1 each epoch.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    def group(title):
-        g = parser.add_argument_group(title)
-        return lambda name, **kw: g.add_argument(f"-{name}", f"--{name}", **kw)
-
-    flag = dict(type=utils.str2bool, nargs="?", const=True)
-    add = group("run")
+    flag = utils.BOOL_FLAG
+    add = utils.arg_group(parser, "run")
     add("name", type=str, required=True, help="experiment name: outputs go to <save_dir>/<name>/")
     add("save_dir", type=str, default="DNNs/", help="folder holding experiment folders")
     add("demo", action="store_true",
@@ -99,7 +95,7 @@ def build_parser():
     add("load_model_dir", type=str, default="", help="state_dict to start from with -load_model")
     add("load_model_opt_dir", type=str, default="", help="optimiser state to start from with -load_model")
 
-    add = group("data")
+    add = utils.arg_group(parser, "data")
     add("DB", type=str, default="DB/VoxCeleb1/", help="VoxCeleb1 folder: eval_wav/, veri_test.txt, ...")
     add("DB_vox2", type=str, default="DB/VoxCeleb2/", help="VoxCeleb2 folder holding -dev_wav")
     add("dev_wav", type=str, default="wav/", help="training wavs, inside -DB_vox2")
@@ -116,7 +112,7 @@ def build_parser():
     add("val_trial", type=str, default="",
         help="select the best model on this trial list (keys in <DB>/<val_wav>) instead of veri_test.txt")
 
-    add = group("optimisation")
+    add = utils.arg_group(parser, "optimisation")
     add("bs", type=int, default=100, help="global batch size (split over GPUs by DataParallel, or over torchrun processes)")
     add("lr", type=float, default=0.001, help="initial learning rate")
     add("wd", type=float, default=0.0001, help="weight decay (0 for parameters whose name has 'bn')")
@@ -128,7 +124,7 @@ def build_parser():
     add("lr_decay", type=str, default="keras", choices=["keras"],
         help="keras: lr * 1 / (1 + 1e-4 * step), stepped after every optimiser step")
 
-    add = group("model")
+    add = utils.arg_group(parser, "model")
     add("m_first_conv", type=int, default=251, help="sinc filter length (taps)")
     add("m_in_channels", type=int, default=1, help="input channels")
     add("m_filts", type=literal_list, default=[128, [128, 128], [128, 256], [256, 256]],
@@ -160,6 +156,27 @@ def bare(model):
 
 # ---------------------------------------------------------------------------------------------
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_autocast(device, amp):
+    """The autocast context of ``-amp`` (a no-op for "none")."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp != "none")
+
+
+def backward_step(loss, optimizer, scaler=None):
+    """Gradients of ``loss`` and one optimiser step; with fp16's scaler, the loss is scaled so that
+    small gradients do not flush to zero (and a step with inf/NaN gradients is skipped)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def train_epoch(model, loader, optimizer, scheduler, device, epoch, step, amp="none", scaler=None,
                 progress=True):
     """One pass over the training list. Returns (mean loss, global step)."""
@@ -169,28 +186,18 @@ def train_epoch(model, loader, optimizer, scheduler, device, epoch, step, amp="n
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     for x, y, keys in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp != "none"):
+        with amp_autocast(device, amp):
             loss = criterion(model(x), y)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss {loss.item()} at step {step} (epoch {epoch}); "
                                 f"batch utterances: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16: scale the loss so small gradients do not flush to zero
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_step(loss, optimizer, scaler)
         if scheduler is not None:
             scheduler.step()
         step += 1
         total, count = total + loss.item(), count + 1
         bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     return total / max(count, 1), step
-
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def evaluate(model, keys, base_dir, trials, args, device, desc):

@@ -70,6 +70,16 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
 
 
+BOOL_FLAG = dict(type=str2bool, nargs="?", const=True)  # add(name, default=..., **BOOL_FLAG)
+
+
+def arg_group(parser, title):
+    """``add(name, **kw)`` for an argparse group: each flag as ``-name`` (the original's single dash)
+    and ``--name``."""
+    group = parser.add_argument_group(title)
+    return lambda name, **kw: group.add_argument(f"-{name}", f"--{name}", **kw)
+
+
 # ---------------------------------------------------------------------------------------------
 # Utterance lists, labels, audio
 

@@ -87,12 +87,8 @@ def build_parser():
         description="Train RawNet (Interspeech 2019): phase 1, phase 2, embeddings pickle.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    def group(title):
-        g = parser.add_argument_group(title)
-        return lambda name, **kw: g.add_argument(f"-{name}", f"--{name}", **kw)
-
-    flag = dict(type=utils.str2bool, nargs="?", const=True)
-    add = group("run")
+    flag = utils.BOOL_FLAG
+    add = utils.arg_group(parser, "run")
     add("name", type=str, required=True, help="experiment name: outputs go to <save_dir>/<name>/")
     add("save_dir", type=str, default="DNNs/", help="folder holding experiment folders")
     add("recipe", type=str, default="rawnet1", choices=sorted(RECIPE_DEFAULTS),
@@ -110,7 +106,7 @@ def build_parser():
     add("resume", action="store_true", help="continue <save_dir>/<name>/ from its last completed epoch (last.pt)")
     add("progress", default=True, help="show progress bars", **flag)
 
-    add = group("data")
+    add = utils.arg_group(parser, "data")
     add("dev_dir", type=str, default="DB/VoxCeleb1/dev_npy/",
         help="pre-processed training set (pre_process_waveforms.py output)")
     add("eval_dir", type=str, default="DB/VoxCeleb1/eval_npy/", help="pre-processed test set")
@@ -120,7 +116,7 @@ def build_parser():
         help="dev speakers held out for validation (model selection); 0 selects on -trials instead")
     add("nb_val_trial", type=int, default=20000, help="random validation trials over the held-out speakers")
 
-    add = group("optimisation")
+    add = utils.arg_group(parser, "optimisation")
     add("bs", type=int, default=102, help="batch size")
     add("lr", type=float, default=0.001, help="Adam learning rate")
     add("amsgrad", default=True, help="AMSGrad variant of Adam", **flag)
@@ -136,7 +132,7 @@ def build_parser():
     add("c_lambda_gru_scale", type=float, default=0.01, help="phase-2 center weight = c_lambda * this")
     add("c_alpha", type=float, default=0.5, help="center update rate")
 
-    add = group("model")
+    add = utils.arg_group(parser, "model")
     add("m_filts", type=int_list, default=[128, 128, 256], help="channels: [strided conv, blocks 1-2, blocks 3-6]")
     add("m_blocks", type=int_list, default=[2, 4], help="residual blocks per stage")
     add("m_gru_node", type=int, default=1024, help="GRU units")

@@ -43,28 +43,24 @@ def build_parser():
     parser = argparse.ArgumentParser(description="Train the b-vector back-end; Vox1-O EER vs cosine.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    def group(title):
-        g = parser.add_argument_group(title)
-        return lambda name, **kw: g.add_argument(f"-{name}", f"--{name}", **kw)
-
-    add = group("run")
+    add = utils.arg_group(parser, "run")
     add("embeddings", type=str, required=True, help="embeddings pickle written by train_RawNet.py")
     add("out_dir", type=str, default="", help="output folder (default: bvec/ beside -embeddings)")
     add("seed", type=int, default=1234, help="seed for initialisation, speaker split and pair sampling")
-    add("progress", type=utils.str2bool, nargs="?", const=True, default=True, help="show progress bars")
+    add("progress", default=True, **utils.BOOL_FLAG, help="show progress bars")
 
-    add = group("data")
+    add = utils.arg_group(parser, "data")
     add("trials", type=str, default="DB/VoxCeleb1/veri_test.txt", help="test trials (Vox1-O)")
     add("nb_val_spk", type=int, default=100, help="dev speakers held out to select the epoch (0: last epoch)")
     add("nb_val_trial", type=int, default=20000, help="validation pairs over the held-out speakers")
 
-    add = group("optimisation")
+    add = utils.arg_group(parser, "optimisation")
     add("bs", type=int, default=120, help="pairs per batch, half same-speaker and half different-speaker")
     add("lr", type=float, default=0.001, help="Adam learning rate")
     add("epoch", type=int, default=20, help="epochs")
     add("nb_batch_per_epoch", type=int, default=1000, help="sampled batches per epoch")
 
-    add = group("model")
+    add = utils.arg_group(parser, "model")
     add("m_hidden", type=int, default=1024, help="units of each hidden dense layer")
     add("m_nb_layer", type=int, default=4, help="hidden dense layers")
     add("m_in_dropout", type=float, default=0.2, help="dropout on each input embedding")
