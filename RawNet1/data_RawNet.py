@@ -1,5 +1,5 @@
 """RawNet1 data: int16-scale pre-emphasised waveforms stored one ``.npy`` per utterance, training crops,
-whole-utterance embeddings, the speaker split for validation, trial lists.
+whole-utterance (or random-crop) embeddings, validation trial lists.
 
 Storage (written by ``pre_process_waveforms.py``): ``<folder>/<spk>/<video>/<NNNNN>.npy`` (float32,
 memory-mapped for random access) and ``<folder>/index.json`` (utterance key -> samples, the skipped
@@ -65,16 +65,93 @@ def load_index(folder):
     return index["lengths"], index["skipped"]
 
 
-def split_speakers(keys, nb_val_spk, seed):
-    """Hold out ``nb_val_spk`` speakers (drawn with ``seed``) for validation: (train keys, val keys)."""
+def validation_speakers(keys, nb_val_spk, seed):
+    """The keys of ``nb_val_spk`` speakers drawn with ``seed`` (all of them for 0). They stay in the
+    training set: the Keras code trains on every dev speaker and validates on 40 of them."""
     speakers = sorted({utils.speaker_of(k) for k in keys})
     if nb_val_spk <= 0:
-        return list(keys), []
-    if nb_val_spk > len(speakers) - 2:
-        raise DataError(f"-nb_val_spk {nb_val_spk}: the dev set has only {len(speakers)} speakers")
-    held_out = set(np.random.default_rng(seed).choice(speakers, nb_val_spk, replace=False))
-    return ([k for k in keys if utils.speaker_of(k) not in held_out],
-            [k for k in keys if utils.speaker_of(k) in held_out])
+        return list(keys)
+    if nb_val_spk > len(speakers) or nb_val_spk < 2:
+        raise DataError(f"-nb_val_spk {nb_val_spk}: needs 2 to {len(speakers)} speakers (the dev set has "
+                        f"{len(speakers)})")
+    chosen = set(np.random.default_rng(seed).choice(speakers, nb_val_spk, replace=False))
+    return [k for k in keys if utils.speaker_of(k) in chosen]
+
+
+def per_utterance_trials(keys, rng, nb_target=4, nb_nontarget=4):
+    """Trial lines in the layout of the Keras code's ``voxceleb1_val.txt`` (and of Vox1-O): every
+    utterance is paired in turn with ``nb_target`` other utterances of its speaker and ``nb_nontarget``
+    utterances of other speakers, alternating target and non-target lines (8 lines per utterance).
+    Speakers with a single utterance get non-target lines only."""
+    by_spk = {}
+    for key in keys:
+        by_spk.setdefault(utils.speaker_of(key), []).append(key)
+    if len(by_spk) < 2:
+        raise DataError("validation trials need at least two speakers")
+    lines = []
+    for key in keys:
+        spk = utils.speaker_of(key)
+        others = [k for k in by_spk[spk] if k != key]
+        targets = list(rng.choice(others, min(nb_target, len(others)), replace=False)) if others else []
+        pool = [s for s in by_spk if s != spk]
+        impostor_spk = rng.choice(pool, nb_nontarget, replace=len(pool) < nb_nontarget)
+        impostors = [rng.choice(by_spk[s]) for s in impostor_spk]
+        for i in range(max(len(targets), len(impostors))):
+            lines += [f"1 {key} {targets[i]}"] if i < len(targets) else []
+            lines += [f"0 {key} {impostors[i]}"] if i < len(impostors) else []
+    return lines
+
+
+def generate_validation_lines(keys, nb_val_spk, nb_val_trial, seed):
+    """Validation trials over ``nb_val_spk`` speakers of ``keys`` (0: all) drawn with ``seed``: 8 per
+    utterance (``per_utterance_trials``) when ``nb_val_trial`` is 0, else ``nb_val_trial`` random
+    trials, half target (``utils.make_validation_trials``, the PyTorch code's way)."""
+    keys = validation_speakers(keys, nb_val_spk, seed)
+    rng = np.random.default_rng([seed, 1])
+    if nb_val_trial:
+        return utils.make_validation_trials(keys, nb_val_trial, rng)
+    return per_utterance_trials(keys, rng)
+
+
+def read_vox1_meta(path):
+    """VoxCeleb1's ``vox1_meta.csv`` (tab-separated: VoxCeleb1 ID, VGGFace1 ID (the speaker's name),
+    gender, nationality, set): name -> id."""
+    names = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) >= 2 and parts[0].strip().startswith("id"):
+                    names[parts[1].strip()] = parts[0].strip()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if not names:
+        raise DataError(f"{path}: no 'id<NNNNN>\\t<name>' lines (expected VoxCeleb1's vox1_meta.csv)")
+    return names
+
+
+def vox1_id_key(key, names):
+    """A key of the first VoxCeleb1 release, ``<name>/<video>_<NNNNNNN>.wav`` (the Keras code's lists),
+    as the current release's ``<id>/<video>/<NNNNN>.wav``; keys already in that form pass unchanged."""
+    parts = key.split("/")
+    if len(parts) != 2:
+        return key
+    name, file = parts
+    stem, ext = os.path.splitext(file)
+    video, _, number = stem.rpartition("_")
+    if name not in names or not video or not number.isdigit():
+        raise DataError(f"{key}: not '<name>/<video>_<number>.wav' with a name in the VoxCeleb1 meta file")
+    return f"{names[name]}/{video}/{int(number):05d}{ext}"
+
+
+def read_trial_lines(path, names=None):
+    """Trial lines '<1|0> <keyA> <keyB>' of ``path``; with ``names`` (``read_vox1_meta``) keys of the
+    first VoxCeleb1 release are translated to the current one."""
+    labels, keys_a, keys_b = utils.read_trials(path)
+    if names is not None:
+        keys_a = [vox1_id_key(k, names) for k in keys_a]
+        keys_b = [vox1_id_key(k, names) for k in keys_b]
+    return [f"{t} {a} {b}" for t, a, b in zip(labels, keys_a, keys_b)]
 
 
 class CropSet(Dataset):
@@ -99,27 +176,37 @@ class CropSet(Dataset):
 
 
 class UtteranceSet(Dataset):
-    """Whole pre-processed utterances, tiled to at least ``min_samples``; yields (waveform, key)."""
+    """Whole pre-processed utterances, tiled to at least ``min_samples``; yields (waveform, key).
+    With ``crop = (nb_samp, seed)`` each utterance is instead one random ``nb_samp`` crop drawn from
+    a generator seeded by (seed..., i), as the PyTorch baseline scores its validation trials."""
 
-    def __init__(self, keys, folder, min_samples):
-        self.keys, self.folder, self.min_samples = keys, folder, min_samples
+    def __init__(self, keys, folder, min_samples, crop=None):
+        self.keys, self.folder, self.min_samples, self.crop = keys, folder, min_samples, crop
 
     def __len__(self):
         return len(self.keys)
 
     def __getitem__(self, i):
-        x = np.load(npy_path(self.folder, self.keys[i]))
-        if len(x) < self.min_samples:
-            x = utils.crop_or_tile(x, self.min_samples)
+        if self.crop is not None:
+            nb_samp, seed = self.crop
+            x = np.load(npy_path(self.folder, self.keys[i]), mmap_mode="r")
+            x = utils.crop_or_tile(x, nb_samp, np.random.default_rng(list(seed) + [i]))
+        else:
+            x = np.load(npy_path(self.folder, self.keys[i]))
+            if len(x) < self.min_samples:
+                x = utils.crop_or_tile(x, self.min_samples)
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), self.keys[i]
 
 
 @torch.no_grad()
-def embed_utterances(model, keys, folder, device="cpu", nb_worker=0, progress=True, desc="embeddings"):
-    """Embedding of each whole utterance (one forward each, eval mode): dict id (no .wav) -> float32."""
+def embed_utterances(model, keys, folder, device="cpu", nb_worker=0, progress=True, desc="embeddings",
+                     crop=None):
+    """Embedding of each utterance (one forward each, eval mode): dict id (no .wav) -> float32.
+    Whole utterances, or random crops with ``crop = (nb_samp, seed)`` (see ``UtteranceSet``)."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(UtteranceSet(keys, folder, model.min_samples), batch_size=None, num_workers=nb_worker)
+    dataset = UtteranceSet(keys, folder, model.min_samples, crop)
+    loader = DataLoader(dataset, batch_size=None, num_workers=nb_worker)
     embeddings = {}
     for x, key in tqdm(loader, desc=desc, disable=not progress, leave=False):
         embeddings[utils.utt_id(key)] = model.embed(x[None].to(device))[0].float().cpu().numpy()

@@ -2,32 +2,29 @@
 
 Reproduces Jung et al., "RawNet: Advanced end-to-end deep neural network using raw waveforms for
 text-independent speaker verification" (Interspeech 2019), whose code was Keras
-(github.com/Jungjee/RawNet, folder Keras), plus that repository's simpler PyTorch baseline trained on
-VoxCeleb2. The facts followed are in ../../shared/SPEC.md, section 2.
+(github.com/Jungjee/RawNet, folder python/RawNet1/Keras), plus that repository's simpler PyTorch
+baseline trained on VoxCeleb2 (folder python/RawNet1/PyTorch).
 
 The networks, bottom-up (channels of the paper; every LeakyReLU has slope 0.3, Keras' default):
     front-end   strided conv (128, k3, s3, valid) -> BN -> LeakyReLU
                 -> residual blocks 1-2 (128 ch) and 3-6 (256 ch), each ending in max-pool 3
     phase 1     front-end -> one more 256-ch block -> 1x1 conv 256 -> BN -> LeakyReLU -> dropout 0.5
-                -> global average pooling -> dense 128 -> BN -> LeakyReLU = embedding -> dense softmax
+                -> global average pooling -> dense 128 -> BN -> LeakyReLU = embedding -> speaker basis
     phase 2     front-end -> GRU 1024 (recurrent dropout 0.3), last step
-                -> dense 128 -> BN -> LeakyReLU = embedding -> dense softmax
-    objective   softmax cross-entropy + between-speaker loss + lambda * center loss
+                -> dense 128 -> BN -> LeakyReLU = embedding -> speaker basis
+    objective   softmax cross-entropy over embedding x speaker basis (no bias) + between-speaker loss
+                + lambda * center loss
     baseline    (``-recipe vox2_baseline``) strided conv front-end with RawNet2's legacy residual blocks
                 -> BN -> LeakyReLU -> GRU 1024, last step -> fc1_gru 1024 = embedding
                 (training head: norm-10 scaling -> fc2_gru); cross-entropy only.
 
-Deliberate differences from the original Keras code (and why):
-  * The GRU follows PyTorch's equations (reset gate applied after the recurrent product, sigmoid gates)
-    instead of Keras 2's defaults (reset before the product, hard-sigmoid gates): the cuDNN-compatible
-    form, and the one our loaders and tests can check against ``nn.GRU``. Recurrent dropout is Keras'
-    (one mask per sequence on the recurrent input), see ``DropoutGRU``.
-  * Initialisation: the SPEC is silent, so the phase-1/2 networks use Keras' defaults (Glorot-uniform
-    kernels, zero biases, orthogonal recurrent kernel; centers uniform in [-0.05, 0.05]); the PyTorch
-    baseline uses the PyTorch RawNet code's rule (``utils.init_weights``).
-  * At test time the network sees the whole utterance in one forward (both phases accept any length
-    of at least ``min_samples``), as the Keras model did; there is no segment averaging.
+Initialisation follows the Keras code (``keras_init``): he_normal for every conv and dense kernel
+(the speaker basis included), the GRU's own glorot_uniform / orthogonal kernels, zero biases, centers
+uniform in [-0.05, 0.05]. The one deliberate difference from the Keras networks, the PyTorch form of
+the GRU, is explained in RawNet1/README.md ("Deliberate differences").
 """
+
+import math
 
 import torch
 import torch.nn as nn
@@ -36,6 +33,10 @@ import torch.nn.functional as F
 from model_RawNet2 import ResidualBlock as LegacyResidualBlock
 
 LEAKY_SLOPE = 0.3  # Keras' LeakyReLU default alpha, kept by the authors in both codebases
+BASIS_SCALE = 5.0  # s of the Keras speaker-basis layer: basis vectors rescaled to norm sqrt(s)
+# Keras' truncated normal (he_normal) keeps samples within 2 standard deviations of the underlying
+# normal; this is the standard deviation of the standard normal truncated to [-2, 2].
+TRUNCATED_STD = 0.87962566103423978
 
 
 def lrelu(x):
@@ -113,7 +114,7 @@ class RawNetPretrain(nn.Module):
         self.dropout = nn.Dropout(d_args["dropout"])
         self.fc_code = nn.Linear(filts[2], d_args["nb_code"])
         self.bn_code = keras_bn(d_args["nb_code"])
-        self.fc_out = nn.Linear(d_args["nb_code"], d_args["nb_classes"])
+        self.fc_out = nn.Linear(d_args["nb_code"], d_args["nb_classes"], bias=False)  # speaker basis
 
     @staticmethod
     def min_length(nb_blocks):
@@ -137,10 +138,11 @@ class RawNetPretrain(nn.Module):
 
 
 class DropoutGRU(nn.GRU):
-    """One-layer batch-first GRU with Keras' recurrent dropout: in training, one dropout mask per
-    sequence (fixed across time steps) multiplies the previous state *where it enters the recurrent
-    product*; the state carried to the next step is not dropped. Without dropout (eval mode, or rate 0)
-    this is plain ``nn.GRU``; the parameters keep ``nn.GRU``'s names and equations."""
+    """One-layer batch-first GRU with Keras' recurrent dropout (``implementation=1``): in training,
+    three dropout masks per sequence, one per gate (reset, update, candidate), each fixed across time
+    steps, multiply the previous state where it enters that gate's recurrent product; the state carried
+    to the next step is not dropped. Without dropout (eval mode, or rate 0) this is plain ``nn.GRU``;
+    the parameters keep ``nn.GRU``'s names and equations."""
 
     def __init__(self, input_size, hidden_size, recurrent_dropout=0.0):
         super().__init__(input_size, hidden_size, num_layers=1, batch_first=True)
@@ -149,22 +151,28 @@ class DropoutGRU(nn.GRU):
     def forward(self, x):  # (B, T, I) -> (B, T, H)
         if not self.training or self.recurrent_dropout == 0:
             return super().forward(x)[0]
-        keep = 1.0 - self.recurrent_dropout
-        mask = torch.bernoulli(x.new_full((x.shape[0], self.hidden_size), keep)) / keep
-        return self.unroll(x, mask)
+        return self.unroll(x, self.draw_masks(x))
 
-    def unroll(self, x, mask):
-        """The GRU recursion step by step, the previous state multiplied by ``mask`` (B, H) in the
-        recurrent product (PyTorch's equations: r, z = sigmoid, n = tanh(W_in x + r * (W_hn h)))."""
+    def draw_masks(self, x):
+        """Three independent inverted-dropout masks (3, B, H): values 0 or 1 / (1 - rate)."""
+        keep = 1.0 - self.recurrent_dropout
+        return torch.bernoulli(x.new_full((3, x.shape[0], self.hidden_size), keep)) / keep
+
+    def unroll(self, x, masks):
+        """The GRU recursion step by step; ``masks`` (3, B, H) multiply the previous state in the
+        reset, update and candidate gates' recurrent products (PyTorch's equations:
+        r, z = sigmoid(...), n = tanh(W_in x + b_in + r * (W_hn h + b_hn)))."""
         gates_x = F.linear(x, self.weight_ih_l0, self.bias_ih_l0)        # (B, T, 3H), all steps at once
+        w_hr, w_hz, w_hn = self.weight_hh_l0.chunk(3, dim=0)
+        b_hr, b_hz, b_hn = self.bias_hh_l0.chunk(3, dim=0)
         h = x.new_zeros(x.shape[0], self.hidden_size)
         outputs = []
         for t in range(x.shape[1]):
-            gates_h = F.linear(h * mask, self.weight_hh_l0, self.bias_hh_l0)  # (B, 3H)
             x_r, x_z, x_n = gates_x[:, t].chunk(3, dim=1)
-            h_r, h_z, h_n = gates_h.chunk(3, dim=1)
-            r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
-            h = (1 - z) * torch.tanh(x_n + r * h_n) + z * h
+            r = torch.sigmoid(x_r + F.linear(h * masks[0], w_hr, b_hr))
+            z = torch.sigmoid(x_z + F.linear(h * masks[1], w_hz, b_hz))
+            n = torch.tanh(x_n + r * F.linear(h * masks[2], w_hn, b_hn))
+            h = (1 - z) * n + z * h
             outputs.append(h)
         return torch.stack(outputs, dim=1)
 
@@ -180,7 +188,7 @@ class RawNet(nn.Module):
         self.gru = DropoutGRU(filts[2], d_args["gru_node"], d_args["gru_dropout"])
         self.fc_code = nn.Linear(d_args["gru_node"], d_args["nb_code"])
         self.bn_code = keras_bn(d_args["nb_code"])
-        self.fc_out = nn.Linear(d_args["nb_code"], d_args["nb_classes"])
+        self.fc_out = nn.Linear(d_args["nb_code"], d_args["nb_classes"], bias=False)  # speaker basis
 
     @staticmethod
     def min_length(nb_blocks):
@@ -202,13 +210,24 @@ class RawNet(nn.Module):
         return self.fc_out.weight
 
 
+def keras_he_normal_(weight):
+    """Keras 2.2's ``he_normal`` in place: a normal truncated to two standard deviations, scaled so the
+    samples' standard deviation is sqrt(2 / fan_in). PyTorch's fan-in of a conv weight (out, in, k) or a
+    linear weight (out, in) equals Keras' for its (k, in, out) or (in, out) kernel."""
+    fan_in = weight[0].numel()
+    std = math.sqrt(2.0 / fan_in) / TRUNCATED_STD
+    return nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
 def keras_init(module):
-    """Keras' default initialisers, applied with ``model.apply``: Glorot-uniform kernels (conv, dense,
-    GRU input kernel), orthogonal GRU recurrent kernel, zero biases; BatchNorm keeps gamma 1, beta 0.
-    (PyTorch's fans for a conv weight (out, in, k) equal Keras' for its (k, in, out) kernel.)"""
+    """The Keras code's initialisers, applied with ``model.apply``: he_normal for conv and dense kernels
+    (strided conv, residual blocks, dense layers, speaker basis), zero biases; the GRU's own
+    glorot_uniform input kernel, orthogonal recurrent kernel and zero biases; BatchNorm keeps gamma 1,
+    beta 0."""
     if isinstance(module, (nn.Conv1d, nn.Linear)):
-        nn.init.xavier_uniform_(module.weight)
-        nn.init.zeros_(module.bias)
+        keras_he_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
     elif isinstance(module, nn.GRU):
         for name, p in module.named_parameters():
             if name.startswith("weight_ih"):
@@ -219,17 +238,39 @@ def keras_init(module):
                 nn.init.zeros_(p)
 
 
-def init_from_pretrained(model, source_state):
-    """Copy, layer by layer, the tensors of every layer of ``model`` whose tensors all appear in
-    ``source_state`` with the same names and shapes (Keras' ``load_weights(by_name=True)``); other
-    layers keep their initialisation. Returns the (copied, kept) tensor names."""
+def keras_l2_groups(model, l2):
+    """Adam parameter groups for Keras' ``kernel_regularizer=l2(l2)`` on every kernel: the loss term
+    l2 * sum(w^2) has the gradient 2 * l2 * w, exactly Adam's coupled ``weight_decay = 2 * l2`` on the
+    kernels (every tensor with more than one dimension); biases and BatchNorm parameters are not
+    regularised."""
+    named = list(model.named_parameters())
+    return [{"params": [p for _, p in named if p.dim() > 1], "weight_decay": 2 * l2},
+            {"params": [p for _, p in named if p.dim() <= 1], "weight_decay": 0.0}]
+
+
+def keras_decay_scheduler(optimizer, decay, offset=0):
+    """Keras' time-based decay, stepped after every optimiser step: update k (from 0) uses
+    lr / (1 + decay * (k + offset))."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + decay * (step + offset)))
+
+
+# Layers phase 2 takes from phase 1. The Keras code builds phase 2 with the same layer names as phase
+# 1 only for the strided conv and the six residual blocks and loads phase 1 with
+# ``load_weights(by_name=True)``; the BN after the strided conv, the dense embedding layer and its BN
+# are unnamed (Keras numbers them on, so the names differ between the two models) and the speaker
+# basis and centers are renamed, so those start from their initialisation.
+PHASE2_INHERITED = ("frontend.first_conv.", "frontend.blocks.")
+
+
+def init_from_pretrained(model, source_state, prefixes=PHASE2_INHERITED):
+    """Copy the tensors of ``source_state`` whose names start with one of ``prefixes`` into ``model``
+    (each must exist there with the same shape); everything else keeps its initialisation.
+    Returns the (copied, kept) tensor names."""
     state = model.state_dict()
-    layers = {}
-    for name in state:
-        layers.setdefault(name.rsplit(".", 1)[0], []).append(name)
-    copied = [name for names in layers.values()
-              if all(n in source_state and source_state[n].shape == state[n].shape for n in names)
-              for name in names]
+    copied = [name for name in state if name.startswith(prefixes)]
+    for name in copied:
+        if name not in source_state or source_state[name].shape != state[name].shape:
+            raise ValueError(f"phase-1 state has no tensor {name} of shape {tuple(state[name].shape)}")
     state.update({name: source_state[name].clone() for name in copied})
     model.load_state_dict(state)
     return copied, [name for name in state if name not in copied]
@@ -238,13 +279,14 @@ def init_from_pretrained(model, source_state):
 # ---------------------------------------------------------------------------------------------
 # Losses
 
-def between_speaker_loss(weight):
-    """Mean off-diagonal cosine similarity of the speaker weight vectors (rows of ``weight``,
-    (nb_classes, dim)): pushes the speakers' basis vectors apart."""
-    w = F.normalize(weight, dim=1)
-    similarity = w @ w.t()                                            # (N, N), ones on the diagonal
-    n = weight.shape[0]
-    return (similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1))
+def between_speaker_loss(weight, s=BASIS_SCALE):
+    """The Keras code's between-speaker loss on the speaker basis (rows of ``weight``,
+    (nb_classes, dim)): each basis vector w is rescaled to w / (|w| / sqrt(s) + 1e-4), norm just under
+    sqrt(s), and the loss is the mean over all N x N entries of their Gram matrix with the diagonal
+    zeroed, i.e. s * (sum of the off-diagonal cosines) / N^2."""
+    w = weight / (weight.norm(dim=1, keepdim=True) / math.sqrt(s) + 1e-4)
+    gram = w @ w.t()                                                  # (N, N)
+    return (gram.sum() - gram.diagonal().sum()) / gram.numel()
 
 
 class CenterLoss(nn.Module):
@@ -267,7 +309,8 @@ class CenterLoss(nn.Module):
     @torch.no_grad()
     def update(self, x, labels):
         diff = torch.zeros_like(self.centers).index_add_(0, labels, self.centers[labels] - x)
-        counts = torch.zeros(len(self.centers), device=x.device).index_add_(0, labels, torch.ones_like(labels, dtype=x.dtype))
+        ones = torch.ones_like(labels, dtype=x.dtype)
+        counts = torch.zeros(len(self.centers), device=x.device).index_add_(0, labels, ones)
         self.centers -= self.alpha * diff / (1 + counts[:, None])
 
 

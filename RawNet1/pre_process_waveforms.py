@@ -22,12 +22,12 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [p for p in (HERE, os.path.dirname(HERE)) if p not in sys.path]  # RawNet1/, repo root
 
-import numpy as np
-from tqdm import tqdm
+import numpy as np  # noqa: E402
+from data_RawNet import INDEX, PRE_EMPHASIS, npy_path, pre_emphasis, read_int16  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-import utils
-from data_RawNet import INDEX, PRE_EMPHASIS, npy_path, pre_emphasis, read_int16
-from utils import DataError, SilentAudioError
+import utils  # noqa: E402
+from utils import DataError, SilentAudioError  # noqa: E402
 
 
 def build_parser():

@@ -6,23 +6,24 @@ embeddings pickle of the best model. Or ``-recipe vox2_baseline``: the simpler P
     python RawNet1/train_RawNet.py -name demo -demo                        # synthetic corpus, CPU, minutes
 
 Reproduces the training of Jung et al., "RawNet: Advanced end-to-end deep neural network using raw
-waveforms for text-independent speaker verification" (Interspeech 2019); facts in SPEC.md section 2.
+waveforms for text-independent speaker verification" (Interspeech 2019) as the authors' Keras code
+runs it (its yaml's values are the defaults), and their PyTorch VoxCeleb2 baseline.
 Input: the output of ``pre_process_waveforms.py`` (int16-scale, pre-emphasised .npy files).
 
-Each phase: random ``nb_samp`` crops of the training speakers; loss = softmax cross-entropy +
+Each phase: random ``nb_samp`` crops of every dev speaker; loss = softmax cross-entropy +
 ``bs_lambda`` x between-speaker loss + ``c_lambda`` x center loss (centers updated with rate 0.5);
-Adam (AMSGrad); after every epoch whole-utterance embeddings, cosine EER on the validation trials
-(speakers held out of the dev set, used for model selection) and on Vox1-O (reported). Outputs under
+Adam (AMSGrad); after every epoch cosine EERs on the validation trials (model selection) and on
+Vox1-O (reported). Validation, as the Keras code: the trials of ``-val_trial`` (its
+``voxceleb1_val.txt`` layout), or 8 trials per utterance of ``-nb_val_spk`` dev speakers who stay in
+training, scored with whole-utterance embeddings; for vox2_baseline, as the PyTorch code: 40,000
+random VoxCeleb1-dev trials scored with embeddings of random crops. Outputs under
 ``<save_dir>/<name>/``: ``f_params.txt``, ``args.json``, ``val_trial.txt``, ``eers.txt``
 (``phase:P, epoch:E, val_eer:X, eval_eer:Y``), ``results/<phase>_eval_epoch<E>.txt`` (``score target``),
 ``models/<phase>_best.pt``, ``last.pt`` (resume with ``-resume``), and at the end ``embeddings.pk``:
 ``{'dev_dic_embeddings': {id: vector}, 'eval_dic_embeddings': {id: vector}}`` (ids without ``.wav``).
 
-Our choices where SPEC.md is silent (flags, so they can be changed): epochs per phase (20 + 40),
-the validation split (100 held-out speakers, 20,000 trials), center-loss reduction (Wen et al.'s 1/2
-sum over the mini-batch), and reading "center loss weight 0.001 in phase 1, x0.01 in phase 2" as
-0.001 x 0.01 in phase 2. Added, none of which changes the recipe: ``last.pt`` and ``-resume``, crops
-drawn from (seed, phase, epoch, item), ``-demo``, bad data stopping with one clear line.
+Added, none of which changes the recipe: ``last.pt`` and ``-resume``, crops drawn from
+(seed, phase, epoch, item), ``-demo``, bad data stopping with one clear line.
 """
 
 import argparse
@@ -35,36 +36,57 @@ from collections import namedtuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [p for p in (HERE, os.path.dirname(HERE)) if p not in sys.path]  # RawNet1/, repo root
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, RandomSampler
-from tqdm import tqdm
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from data_RawNet import (  # noqa: E402
+    CropSet,
+    embed_utterances,
+    generate_validation_lines,
+    load_index,
+    read_trial_lines,
+    read_vox1_meta,
+    trial_arrays,
+    usable_trials,
+)
+from model_RawNet import (  # noqa: E402
+    CenterLoss,
+    RawNet,
+    RawNetBaseline,
+    RawNetPretrain,
+    between_speaker_loss,
+    init_from_pretrained,
+    keras_decay_scheduler,
+    keras_init,
+    keras_l2_groups,
+)
+from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-import utils
-from data_RawNet import CropSet, embed_utterances, load_index, split_speakers, trial_arrays, usable_trials
-from model_RawNet import (CenterLoss, RawNet, RawNetBaseline, RawNetPretrain, between_speaker_loss,
-                          init_from_pretrained, keras_init)
-from utils import DataError
+import utils  # noqa: E402
+from utils import DataError  # noqa: E402
 
-# Defaults that differ for the PyTorch VoxCeleb2 baseline (SPEC.md section 2, last paragraph).
+# Defaults that differ for the PyTorch VoxCeleb2 baseline (its train_RawNet.yaml): every VoxCeleb2 dev
+# speaker in training, 40,000 random VoxCeleb1-dev validation trials scored on random crops.
 RECIPE_DEFAULTS = {
     "rawnet1": {},
-    "vox2_baseline": {"dev_dir": "DB/VoxCeleb2/npy/", "bs": 120, "epoch": 40, "lr_decay": 5e-5,
+    "vox2_baseline": {"dev_dir": "DB/VoxCeleb2/npy/", "val_dir": "DB/VoxCeleb1/dev_npy/", "nb_val_spk": 0,
+                      "nb_val_trial": 40000, "val_crop": True, "bs": 120, "epoch": 40, "lr_decay": 5e-5,
                       "bs_lambda": 0.0, "c_lambda": 0.0, "m_nb_code": 1024},
 }
 # -demo: the built-in synthetic corpus and a scaled-down configuration (shorter crops, 32/64 channels,
-# GRU 128, fewer epochs and validation speakers); the rest of the pipeline is the paper's.
+# GRU 128, 4 + 8 epochs, 10 validation speakers); the rest of the pipeline is the recipe's.
 DEMO_ROOT = "DB/demo"
 DEMO_DEFAULTS = {
     "dev_dir": f"{DEMO_ROOT}/RawNet1/dev_npy/", "eval_dir": f"{DEMO_ROOT}/RawNet1/eval_npy/",
     "trials": f"{DEMO_ROOT}/VoxCeleb1/veri_test.txt", "nb_samp": 19683, "nb_val_spk": 10,
-    "nb_val_trial": 2000, "m_filts": [32, 32, 64], "m_gru_node": 128, "m_nb_code": 128,
+    "m_filts": [32, 32, 64], "m_gru_node": 128, "m_nb_code": 128,
     "bs": 32, "epoch_pre": 4, "epoch": 8, "nb_worker": 0, "nb_thread": 1,
 }
 DEMO_BVEC_FLAGS = ["-epoch", "5", "-nb_batch_per_epoch", "100"]
 
-Phase = namedtuple("Phase", "name model epochs lr_decay c_lambda init")
+# decay_offset: the PyTorch baseline steps its scheduler before optimizer.step(), so its k-th update
+# (from 0) already uses lr / (1 + decay * (k + 1)); Keras' decay uses k.
+Phase = namedtuple("Phase", "name model epochs lr_decay decay_offset c_lambda init")
 
 
 class TrainingError(Exception):
@@ -78,7 +100,8 @@ def int_list(v):
     except (ValueError, SyntaxError):
         value = None
     if not isinstance(value, list) or not all(isinstance(i, int) and i > 0 for i in value):
-        raise argparse.ArgumentTypeError(f"expected a list of positive integers such as [128,128,256], got {v!r}")
+        raise argparse.ArgumentTypeError(f"expected a list of positive integers such as [128,128,256], "
+                                         f"got {v!r}")
     return value
 
 
@@ -92,29 +115,47 @@ def build_parser():
     add("name", type=str, required=True, help="experiment name: outputs go to <save_dir>/<name>/")
     add("save_dir", type=str, default="DNNs/", help="folder holding experiment folders")
     add("recipe", type=str, default="rawnet1", choices=sorted(RECIPE_DEFAULTS),
-        help="rawnet1: the paper's two phases on VoxCeleb1 dev; vox2_baseline: the PyTorch baseline "
-             "(cross-entropy only, GRU 1024 + dense 1024, batch 120, 40 epochs, decay 5e-5)")
+        help="rawnet1: the Keras code's two phases on VoxCeleb1 dev; vox2_baseline: the PyTorch baseline "
+             "(cross-entropy only, GRU 1024 + dense 1024, batch 120, 40 epochs, decay 5e-5, all VoxCeleb2 "
+             "dev speakers, selected on 40,000 VoxCeleb1-dev trials of random crops)")
     add("demo", action="store_true",
         help=f"synthesise the demo corpus under {DEMO_ROOT}/ (once), pre-process it, train a scaled-down "
              "model, then train and score the b-vector back-end; explicit flags still win")
-    add("seed", type=int, default=1234, help="seed for initialisation, speaker split, shuffling and crops")
+    add("seed", type=int, default=1234,
+        help="seed for initialisation, validation speakers and trials, shuffling and crops")
     add("nb_worker", type=int, default=8, help="DataLoader worker processes")
     add("nb_thread", type=int, default=0,
         help="CPU threads per operation (0: PyTorch's default, one per core); -demo uses 1, which does "
              "not stall when other programs share the cores")
     add("reproducible", default=True, help="seed torch/numpy/random, cuDNN deterministic", **flag)
-    add("resume", action="store_true", help="continue <save_dir>/<name>/ from its last completed epoch (last.pt)")
+    add("resume", action="store_true",
+        help="continue <save_dir>/<name>/ from its last completed epoch (last.pt)")
     add("progress", default=True, help="show progress bars", **flag)
 
     add = utils.arg_group(parser, "data")
     add("dev_dir", type=str, default="DB/VoxCeleb1/dev_npy/",
         help="pre-processed training set (pre_process_waveforms.py output)")
     add("eval_dir", type=str, default="DB/VoxCeleb1/eval_npy/", help="pre-processed test set")
-    add("trials", type=str, default="DB/VoxCeleb1/veri_test.txt", help="test trials (Vox1-O), keys in -eval_dir")
+    add("trials", type=str, default="DB/VoxCeleb1/veri_test.txt",
+        help="test trials (Vox1-O), keys in -eval_dir")
     add("nb_samp", type=int, default=59049, help="samples per training crop (3.69 s)")
-    add("nb_val_spk", type=int, default=100,
-        help="dev speakers held out for validation (model selection); 0 selects on -trials instead")
-    add("nb_val_trial", type=int, default=20000, help="random validation trials over the held-out speakers")
+    add("val_dir", type=str, default="",
+        help="pre-processed folder of the validation utterances (default: -dev_dir)")
+    add("val_trial", type=str, default="",
+        help="validation trials '<1|0> <keyA> <keyB>' with keys in -val_dir (e.g. the Keras code's "
+             "scp/voxceleb1_val.txt, with -vox1_meta); default: generated, see -nb_val_spk, -nb_val_trial")
+    add("vox1_meta", type=str, default="",
+        help="VoxCeleb1's vox1_meta.csv: translate -val_trial keys of the first VoxCeleb1 release "
+             "('<name>/<video>_<NNNNNNN>.wav') into '<id>/<video>/<NNNNN>.wav'")
+    add("nb_val_spk", type=int, default=40,
+        help="speakers of -val_dir whose utterances make the generated validation trials (0: all); "
+             "they stay in training, as in the original code")
+    add("nb_val_trial", type=int, default=0,
+        help="0: 8 trials per utterance of those speakers (4 target, 4 non-target, the layout of the "
+             "Keras code's voxceleb1_val.txt); N: N random trials, half target (the PyTorch code's way)")
+    add("val_crop", default=False, **flag,
+        help="validation embeddings of one random -nb_samp crop per utterance (the PyTorch baseline) "
+             "instead of the whole utterance")
 
     add = utils.arg_group(parser, "optimisation")
     add("bs", type=int, default=102, help="batch size")
@@ -123,8 +164,8 @@ def build_parser():
     add("wd", type=float, default=0.0001,
         help="L2: rawnet1 = Keras l2 regulariser on kernels (loss + wd * sum w^2); "
              "vox2_baseline = PyTorch weight decay, 0 for parameters named 'bn'")
-    add("epoch_pre", type=int, default=20, help="phase-1 (pre-training) epochs (rawnet1 only)")
-    add("epoch", type=int, default=40, help="phase-2 epochs (rawnet1), or epochs of vox2_baseline")
+    add("epoch_pre", type=int, default=100, help="phase-1 (pre-training) epochs (rawnet1 only)")
+    add("epoch", type=int, default=100, help="phase-2 epochs (rawnet1), or epochs of vox2_baseline")
     add("lr_decay_pre", type=float, default=0.0, help="Keras time-based decay per step in phase 1")
     add("lr_decay", type=float, default=1e-4, help="Keras decay per step: lr / (1 + decay * step), phase 2")
     add("bs_lambda", type=float, default=1.0, help="weight of the between-speaker loss")
@@ -133,7 +174,8 @@ def build_parser():
     add("c_alpha", type=float, default=0.5, help="center update rate")
 
     add = utils.arg_group(parser, "model")
-    add("m_filts", type=int_list, default=[128, 128, 256], help="channels: [strided conv, blocks 1-2, blocks 3-6]")
+    add("m_filts", type=int_list, default=[128, 128, 256],
+        help="channels: [strided conv, blocks 1-2, blocks 3-6]")
     add("m_blocks", type=int_list, default=[2, 4], help="residual blocks per stage")
     add("m_gru_node", type=int, default=1024, help="GRU units")
     add("m_nb_code", type=int, default=128, help="embedding size (dense layer after GAP / GRU)")
@@ -163,22 +205,29 @@ def model_args(args, nb_classes):
 
 def make_phases(args):
     if args.recipe == "vox2_baseline":
-        return [Phase("baseline", RawNetBaseline, args.epoch, args.lr_decay, args.c_lambda, utils.init_weights)]
-    return [Phase("pretrain", RawNetPretrain, args.epoch_pre, args.lr_decay_pre, args.c_lambda, keras_init),
-            Phase("gru", RawNet, args.epoch, args.lr_decay, args.c_lambda * args.c_lambda_gru_scale, keras_init)]
+        return [Phase("baseline", RawNetBaseline, args.epoch, args.lr_decay, 1, args.c_lambda,
+                      utils.init_weights)]
+    return [Phase("pretrain", RawNetPretrain, args.epoch_pre, args.lr_decay_pre, 0, args.c_lambda,
+                  keras_init),
+            Phase("gru", RawNet, args.epoch, args.lr_decay, 0, args.c_lambda * args.c_lambda_gru_scale,
+                  keras_init)]
 
 
 def make_optimizer(model, args):
+    """Adam (AMSGrad): PyTorch weight decay (0 for 'bn' parameters) for vox2_baseline; Keras' l2 on every
+    kernel (conv, dense, GRU, speaker basis) for rawnet1."""
     if args.recipe == "vox2_baseline":
         groups = utils.param_groups(model, args.wd)
     else:
-        # Keras' kernel_regularizer=l2(wd) adds wd * sum(w^2) to the loss for every kernel (conv, dense,
-        # GRU); its gradient 2 * wd * w is exactly Adam's coupled weight_decay = 2 * wd on those tensors.
-        # Biases and BatchNorm parameters (all 1-D) are not regularised.
-        named = list(model.named_parameters())
-        groups = [{"params": [p for _, p in named if p.dim() > 1], "weight_decay": 2 * args.wd},
-                  {"params": [p for _, p in named if p.dim() <= 1], "weight_decay": 0.0}]
+        groups = keras_l2_groups(model, args.wd)
     return torch.optim.Adam(groups, lr=args.lr, amsgrad=args.amsgrad)
+
+
+def validation_lines(args, keys):
+    """The validation trial lines: ``-val_trial``, or generated from ``keys`` (see the flags' help)."""
+    if args.val_trial:
+        return read_trial_lines(args.val_trial, read_vox1_meta(args.vox1_meta) if args.vox1_meta else None)
+    return generate_validation_lines(keys, args.nb_val_spk, args.nb_val_trial, args.seed)
 
 
 def write_lines(path, lines):
@@ -209,7 +258,8 @@ def train_epoch(model, center, loader, optimizer, scheduler, args, c_lambda, dev
             parts["center"] = center(code, y)
             loss = loss + c_lambda * parts["center"]
         if not torch.isfinite(loss):
-            raise TrainingError(f"{desc}: non-finite loss ({', '.join(f'{k} {v.item():.4g}' for k, v in parts.items())})")
+            terms = ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())
+            raise TrainingError(f"{desc}: non-finite loss ({terms})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -223,12 +273,12 @@ def train_epoch(model, center, loader, optimizer, scheduler, args, c_lambda, dev
     return {k: v / max(count, 1) for k, v in totals.items()}
 
 
-def evaluate(model, trials, folder, args, device, desc):
-    """Whole-utterance embeddings of the trials' utterances, cosine scores, EER."""
+def evaluate(model, trials, folder, args, device, desc, crop=None):
+    """Embeddings of the trials' utterances (whole, or ``crop``: see ``UtteranceSet``), cosine scores, EER."""
     labels, keys_a, keys_b = trials
     keys = sorted(set(keys_a) | set(keys_b))
-    embeddings = embed_utterances(model, [k + ".wav" for k in keys], folder, device,
-                                  nb_worker=min(args.nb_worker, 4), progress=args.progress, desc=desc)
+    embeddings = embed_utterances(model, [k + ".wav" for k in keys], folder, device, min(args.nb_worker, 4),
+                                  args.progress, desc, crop)
     scores = utils.cosine_scores(embeddings, keys_a, keys_b)
     return utils.compute_eer(labels, scores)[0], scores
 
@@ -240,9 +290,11 @@ def main(args):
     if args.resume and not os.path.exists(last_path):
         raise DataError(f"-resume: {last_path} not found (no completed epoch to continue from)")
     if not args.resume and os.path.exists(last_path):
-        raise DataError(f"{save_dir} already holds a run: pass -resume to continue it, or choose another -name")
+        raise DataError(f"{save_dir} already holds a run: pass -resume to continue it, or choose another "
+                        "-name")
     if len(args.m_filts) != 3 or len(args.m_blocks) != 2:
-        raise DataError(f"-m_filts needs 3 channel counts and -m_blocks 2 block counts, got {args.m_filts} and {args.m_blocks}")
+        raise DataError(f"-m_filts needs 3 channel counts and -m_blocks 2 block counts, got {args.m_filts} "
+                        f"and {args.m_blocks}")
     if any(p.epochs < 1 for p in phases):
         raise DataError("every phase needs at least one epoch (-epoch_pre, -epoch)")
 
@@ -255,22 +307,26 @@ def main(args):
         utils.seed_everything(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    # Data: dev speakers split into training and validation speakers; validation and test trials.
+    # Data: every dev speaker trains; validation trials (over -val_dir) and test trials.
     dev_lengths, dev_skipped = load_index(args.dev_dir)
     eval_lengths, eval_skipped = load_index(args.eval_dir)
-    train_keys, val_keys = split_speakers(sorted(dev_lengths), args.nb_val_spk, args.seed)
+    val_dir = args.val_dir or args.dev_dir
+    val_lengths, val_skipped = (dev_lengths, dev_skipped) if val_dir == args.dev_dir else load_index(val_dir)
+    train_keys = sorted(dev_lengths)
     labels = utils.speaker_labels(train_keys)
     eval_trials = usable_trials(utils.read_trials(args.trials), {utils.utt_id(k) for k in eval_lengths},
                                 eval_skipped, args.trials)
-    val_lines = (utils.make_validation_trials(val_keys, args.nb_val_trial, np.random.default_rng(args.seed))
-                 if val_keys else [])
-    write_lines(os.path.join(save_dir, "val_trial.txt"), val_lines)
-    val_trials = trial_arrays(val_lines) if val_lines else None
+    val_lines = validation_lines(args, sorted(val_lengths))
+    val_trials = usable_trials(trial_arrays(val_lines), {utils.utt_id(k) for k in val_lengths}, val_skipped,
+                               args.val_trial or "the validation trials")
+    write_lines(os.path.join(save_dir, "val_trial.txt"),
+                [f"{t} {a}.wav {b}.wav" for t, a, b in zip(*val_trials)])
     d_args = model_args(args, len(labels))
     for phase in phases:
-        if args.nb_samp < phase.model.min_length(args.m_blocks):
+        shortest = phase.model.min_length(args.m_blocks)
+        if args.nb_samp < shortest:
             raise DataError(f"-nb_samp {args.nb_samp} is too short for {phase.name} with -m_blocks "
-                            f"{args.m_blocks}: it needs at least {phase.model.min_length(args.m_blocks)} samples")
+                            f"{args.m_blocks}: it needs at least {shortest} samples")
 
     # Bookkeeping, and where a resumed run picks up.
     start_phase, start_epoch, state = 0, 0, None
@@ -284,10 +340,12 @@ def main(args):
                                             if start_phase < len(phases) else "the embeddings pickle"))
     else:
         params = [f"{k}:\t{v}" for k, v in sorted(vars(args).items())]
-        write_lines(os.path.join(save_dir, "f_params.txt"), params + [f"{k}:\t{v}" for k, v in sorted(d_args.items())])
+        params += [f"{k}:\t{v}" for k, v in sorted(d_args.items())]
+        write_lines(os.path.join(save_dir, "f_params.txt"), params)
     utils.write_json_atomic({"args": vars(args), "d_args": d_args}, os.path.join(save_dir, "args.json"))
-    print(f"{len(train_keys)} training utterances of {len(labels)} speakers; {len(val_keys)} validation "
-          f"utterances, {len(val_lines)} trials; {len(eval_lengths)} test utterances, {len(eval_trials[0])} "
+    nb_val_utt = len(set(val_trials[1]) | set(val_trials[2]))
+    print(f"{len(train_keys)} training utterances of {len(labels)} speakers; {len(val_trials[0])} validation "
+          f"trials over {nb_val_utt} utterances; {len(eval_lengths)} test utterances, {len(eval_trials[0])} "
           f"trials; device {device}")
 
     for p in range(start_phase, len(phases)):
@@ -296,21 +354,18 @@ def main(args):
         model = phase.model(d_args)
         model.apply(phase.init)
         center = CenterLoss(len(labels), args.m_nb_code, args.c_alpha) if phase.c_lambda else None
-        if p > 0 and state is None:  # phase 2 starts from phase 1's best model where layers match
+        if p > 0 and state is None:  # phase 2 starts from phase 1's best model: strided conv and blocks
             previous = torch.load(os.path.join(save_dir, "models", f"{phases[p - 1].name}_best.pt"),
                                   map_location="cpu", weights_only=False)
             copied, kept = init_from_pretrained(model, previous["model"])
-            if center is not None and previous["center"] is not None:
-                center.load_state_dict(previous["center"])
+            fresh = sorted({k.rsplit(".", 1)[0] for k in kept}) + (["centers"] if center is not None else [])
             print(f"{phase.name}: {len(copied)} tensors copied from {phases[p - 1].name} (epoch "
-                  f"{previous['epoch']}); new: {', '.join(sorted({k.split('.')[0] for k in kept}))}")
+                  f"{previous['epoch']}); initialised afresh: {', '.join(fresh)}")
         model.to(device)
         if center is not None:
             center.to(device)
         optimizer = make_optimizer(model, args)
-        # Keras' time-based decay: lr / (1 + decay * step), stepped after every optimiser step.
-        decay = phase.lr_decay
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: utils.keras_lr_decay(step, decay))
+        scheduler = keras_decay_scheduler(optimizer, phase.lr_decay, phase.decay_offset)
         best_eer = math.inf
         if state is not None:
             model.load_state_dict(state["model"])
@@ -327,7 +382,8 @@ def main(args):
         train_set = CropSet(train_keys, args.dev_dir, labels, args.nb_samp, seed=args.seed, phase=p)
         for epoch in range(start_epoch, phase.epochs):
             train_set.epoch = epoch
-            sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(args.seed + 1000 * p + epoch))
+            generator = torch.Generator().manual_seed(args.seed + 1000 * p + epoch)
+            sampler = RandomSampler(train_set, generator=generator)
             loader = DataLoader(train_set, batch_size=args.bs, sampler=sampler, drop_last=True,
                                 num_workers=args.nb_worker, pin_memory=device.type == "cuda")
             losses = train_epoch(model, center, loader, optimizer, scheduler, args, phase.c_lambda, device,
@@ -336,15 +392,16 @@ def main(args):
             eval_eer, scores = evaluate(model, eval_trials, args.eval_dir, args, device, "Vox1-O")
             write_lines(os.path.join(save_dir, "results", f"{phase.name}_eval_epoch{epoch}.txt"),
                         [f"{s} {t}" for s, t in zip(scores, eval_trials[0])])
-            val_eer = evaluate(model, val_trials, args.dev_dir, args, device, "validation")[0] if val_trials else None
-            line = f"phase:{phase.name}, epoch:{epoch}" + (f", val_eer:{val_eer:.4f}" if val_trials else "")
-            append_line(os.path.join(save_dir, "eers.txt"), line + f", eval_eer:{eval_eer:.4f}")
+            crop = (args.nb_samp, (args.seed, 7, p, epoch)) if args.val_crop else None
+            val_eer = evaluate(model, val_trials, val_dir, args, device, "validation", crop)[0]
+            append_line(os.path.join(save_dir, "eers.txt"),
+                        f"phase:{phase.name}, epoch:{epoch}, val_eer:{val_eer:.4f}, eval_eer:{eval_eer:.4f}")
 
-            selection = val_eer if val_trials else eval_eer
-            is_best = selection < best_eer
+            is_best = val_eer < best_eer
             if is_best:
-                best_eer = selection
-                utils.save_atomic({"model": model.state_dict(), "center": center.state_dict() if center else None,
+                best_eer = val_eer
+                utils.save_atomic({"model": model.state_dict(),
+                                   "center": center.state_dict() if center else None,
                                    "d_args": d_args, "phase": phase.name, "epoch": epoch,
                                    "val_eer": val_eer, "eval_eer": eval_eer}, best_path)
             utils.save_atomic({"model": model.state_dict(), "center": center.state_dict() if center else None,
@@ -352,9 +409,9 @@ def main(args):
                                "phase": p, "epoch": epoch, "best_eer": best_eer, "rng": utils.rng_states(),
                                "args": vars(args), "d_args": d_args}, last_path)
             terms = ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
-            tqdm.write(f"{phase.name} epoch {epoch}: loss {losses['loss']:.3f} ({terms})"
-                       + (f", val EER {100 * val_eer:.2f} %" if val_trials else "")
-                       + f", Vox1-O EER {100 * eval_eer:.2f} %" + (" (best)" if is_best else ""))
+            tqdm.write(f"{phase.name} epoch {epoch}: loss {losses['loss']:.3f} ({terms}), val EER "
+                       f"{100 * val_eer:.2f} %, Vox1-O EER {100 * eval_eer:.2f} %"
+                       + (" (best)" if is_best else ""))
         start_epoch = 0
 
     # Embeddings of every dev and test utterance by the final phase's best model.
@@ -370,16 +427,18 @@ def main(args):
                             args.progress, "test embeddings")
     utils.write_pickle_atomic({"dev_dic_embeddings": dev, "eval_dic_embeddings": test}, pickle_path)
     cosine_eer = utils.compute_eer(eval_trials[0], utils.cosine_scores(test, *eval_trials[1:]))[0]
-    print(f"best {phases[-1].name} model (epoch {best['epoch']}): Vox1-O cosine EER {100 * cosine_eer:.2f} %; "
+    print(f"best {phases[-1].name} model (epoch {best['epoch']}): Vox1-O cosine EER "
+          f"{100 * cosine_eer:.2f} %; "
           f"embeddings in {pickle_path}")
 
     if args.demo:
         import train_bvec
         bvec = train_bvec.main(train_bvec.parse_args(
             ["-embeddings", pickle_path, "-trials", args.trials, "-out_dir", os.path.join(save_dir, "bvec"),
-             "-seed", str(args.seed), "-nb_val_spk", str(args.nb_val_spk), "-nb_val_trial", str(args.nb_val_trial),
+             "-val_trial", os.path.join(save_dir, "val_trial.txt"), "-seed", str(args.seed),
              "-progress", str(args.progress)] + DEMO_BVEC_FLAGS))
-        print(f"demo: naive baseline EER {100 * baseline_eer:.2f} %, RawNet cosine EER {100 * bvec['cosine']:.2f} %, "
+        print(f"demo: naive baseline EER {100 * baseline_eer:.2f} %, RawNet cosine EER "
+              f"{100 * bvec['cosine']:.2f} %, "
               f"b-vector EER {100 * bvec['bvec']:.2f} %")
     return cosine_eer
 
@@ -387,14 +446,17 @@ def main(args):
 def prepare_demo(args):
     """Synthesise the demo corpus (cached) and pre-process its two sets (resumable); returns the naive
     baseline EER of the corpus."""
-    import demo_corpus
     import pre_process_waveforms
+
+    import demo_corpus
     demo_corpus.make_demo_corpus(DEMO_ROOT)
-    for wav_dir, out_dir in ((f"{DEMO_ROOT}/VoxCeleb2/wav/", args.dev_dir), (f"{DEMO_ROOT}/VoxCeleb1/eval_wav/", args.eval_dir)):
+    for wav_dir, out_dir in ((f"{DEMO_ROOT}/VoxCeleb2/wav/", args.dev_dir),
+                             (f"{DEMO_ROOT}/VoxCeleb1/eval_wav/", args.eval_dir)):
         pre_process_waveforms.main(pre_process_waveforms.parse_args(
             ["-wav_dir", wav_dir, "-out_dir", out_dir]), progress=args.progress)
     baseline_eer = demo_corpus.naive_baseline_eer(DEMO_ROOT)
-    print(f"demo corpus: {DEMO_ROOT}; naive baseline (cosine of mean log-spectra) EER {100 * baseline_eer:.2f} %")
+    print(f"demo corpus: {DEMO_ROOT}; naive baseline (cosine of mean log-spectra) EER "
+          f"{100 * baseline_eer:.2f} %")
     return baseline_eer
 
 

@@ -3,21 +3,23 @@
     python RawNet1/train_bvec.py -embeddings DNNs/rawnet1/embeddings.pk
 
 Reproduces the b-vector DNN of Jung et al., "RawNet: Advanced end-to-end deep neural network using raw
-waveforms for text-independent speaker verification" (Interspeech 2019), after Lee et al.'s b-vectors
-(SPEC.md section 2): embeddings standardised with the dev set's mean and std; dropout 0.2 on each
-input embedding; the pair represented as concat(a + b, a - b, a * b); 4 x (dense 1,024, dropout 0.5,
-LeakyReLU 0.3); softmax over {different, same}; trained with cross-entropy on balanced batches of
-same- and different-speaker pairs of dev utterances (batch 120, Adam lr 0.001).
+waveforms for text-independent speaker verification" (Interspeech 2019), after Lee et al.'s b-vectors,
+as the authors' Keras code (02-trn_bvec) trains it: embeddings standardised with the dev set's mean
+and std; dropout 0.2 on each input embedding; the pair represented as concat(a + b, a - b, a * b);
+4 x (dense 1,024, dropout 0.5, LeakyReLU 0.3); softmax over {different, same}; kernels
+uniform in [-0.05, 0.05] with L2 5e-5; Adam (AMSGrad, lr 0.001, decay 1e-4 per step); 1,000 epochs of
+1,000 batches of 120 pairs of dev utterances: 60 same-speaker pairs of 60 distinct speakers and 60
+different-speaker pairs; the model is selected on the validation trials after every epoch.
 
-Input: the pickle written by ``train_RawNet.py``, ``{'dev_dic_embeddings': ..., 'eval_dic_embeddings': ...}``.
+Input: the pickle written by ``train_RawNet.py``, ``{'dev_dic_embeddings': ..., 'eval_dic_embeddings': ...}``;
+validation trials over its dev utterances: ``-val_trial`` (default: ``val_trial.txt`` beside the
+pickle, written by train_RawNet.py), or generated as train_RawNet.py does.
 Outputs under ``-out_dir``: ``eers.txt`` (``epoch:E, val_eer:X`` per epoch, then the test EERs),
 ``bvec_best.pt`` (model, standardisation, args), ``results/{cosine,bvec}_eval.txt`` (``score target``).
 
-Our choices where SPEC.md is silent (flags): an epoch is ``-nb_batch_per_epoch`` sampled batches; the
-model is selected on pairs of held-out dev speakers (the same split as train_RawNet.py for the same
-``-seed`` and ``-nb_val_spk``); the trial score is the log-odds of "same" (rank-equal to its softmax
-probability, without float saturation); Keras' default initialisation. Dimensions with zero dev std
-are left unscaled instead of dividing by zero.
+The trial score is the log-odds of "same" (rank-equal to the softmax probability the Keras code
+scores with, without its float saturation). Dimensions with zero dev std are left unscaled instead
+of dividing by zero.
 """
 
 import argparse
@@ -27,16 +29,16 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [p for p in (HERE, os.path.dirname(HERE)) if p not in sys.path]  # RawNet1/, repo root
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from tqdm import tqdm
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from data_RawNet import generate_validation_lines, read_trial_lines, trial_arrays  # noqa: E402
+from model_RawNet import LEAKY_SLOPE, keras_decay_scheduler, keras_l2_groups  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-import utils
-from data_RawNet import split_speakers, trial_arrays
-from model_RawNet import LEAKY_SLOPE, keras_init
-from utils import DataError
+import utils  # noqa: E402
+from utils import DataError  # noqa: E402
 
 
 def build_parser():
@@ -46,18 +48,23 @@ def build_parser():
     add = utils.arg_group(parser, "run")
     add("embeddings", type=str, required=True, help="embeddings pickle written by train_RawNet.py")
     add("out_dir", type=str, default="", help="output folder (default: bvec/ beside -embeddings)")
-    add("seed", type=int, default=1234, help="seed for initialisation, speaker split and pair sampling")
+    add("seed", type=int, default=1234, help="seed for initialisation, validation trials and pair sampling")
     add("progress", default=True, **utils.BOOL_FLAG, help="show progress bars")
 
     add = utils.arg_group(parser, "data")
     add("trials", type=str, default="DB/VoxCeleb1/veri_test.txt", help="test trials (Vox1-O)")
-    add("nb_val_spk", type=int, default=100, help="dev speakers held out to select the epoch (0: last epoch)")
-    add("nb_val_trial", type=int, default=20000, help="validation pairs over the held-out speakers")
+    add("val_trial", type=str, default="",
+        help="validation trials over dev utterances (default: val_trial.txt beside -embeddings if present, "
+             "else 8 trials per utterance of -nb_val_spk dev speakers, as train_RawNet.py generates them)")
+    add("nb_val_spk", type=int, default=40, help="dev speakers of generated validation trials (0: all)")
 
     add = utils.arg_group(parser, "optimisation")
     add("bs", type=int, default=120, help="pairs per batch, half same-speaker and half different-speaker")
     add("lr", type=float, default=0.001, help="Adam learning rate")
-    add("epoch", type=int, default=20, help="epochs")
+    add("amsgrad", default=True, help="AMSGrad variant of Adam", **utils.BOOL_FLAG)
+    add("lr_decay", type=float, default=1e-4, help="Keras decay per step: lr / (1 + decay * step)")
+    add("wd", type=float, default=5e-5, help="Keras l2 on every dense kernel (loss + wd * sum w^2)")
+    add("epoch", type=int, default=1000, help="epochs")
     add("nb_batch_per_epoch", type=int, default=1000, help="sampled batches per epoch")
 
     add = utils.arg_group(parser, "model")
@@ -80,7 +87,8 @@ class BVectorDNN(nn.Module):
         self.in_dropout = nn.Dropout(in_dropout)
         layers, width = [], 3 * dim
         for _ in range(nb_layer):
-            # dense -> dropout -> LeakyReLU (SPEC order; the two commute, LeakyReLU is positively homogeneous)
+            # dense -> dropout -> LeakyReLU, the Keras code's order (the two commute: LeakyReLU is
+            # positively homogeneous)
             layers += [nn.Linear(width, hidden), nn.Dropout(dropout), nn.LeakyReLU(LEAKY_SLOPE)]
             width = hidden
         self.hidden = nn.Sequential(*layers)
@@ -89,6 +97,14 @@ class BVectorDNN(nn.Module):
     def forward(self, a, b):  # (B, D), (B, D) -> (B, 2)
         a, b = self.in_dropout(a), self.in_dropout(b)
         return self.out(self.hidden(torch.cat([a + b, a - b, a * b], dim=1)))
+
+    def reset_parameters(self):
+        """The Keras code's initialisation: every dense kernel uniform in [-0.05, 0.05]
+        (``RandomUniform``), zero biases."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.uniform_(module.weight, -0.05, 0.05)
+                nn.init.zeros_(module.bias)
 
     @torch.no_grad()
     def score(self, a, b):
@@ -99,12 +115,12 @@ class BVectorDNN(nn.Module):
 
 def balanced_pairs(speaker_rows, batch_size, rng):
     """One batch of row-index pairs: ``batch_size // 2`` same-speaker pairs (two different utterances
-    of a random speaker with at least two) and as many different-speaker pairs (one utterance each of
-    two random speakers). ``speaker_rows``: one array of embedding-matrix rows per speaker.
-    Returns (rows_a, rows_b, labels) with label 1 = same."""
+    of each of ``batch_size // 2`` distinct speakers with at least two) and as many different-speaker
+    pairs (one utterance each of two random speakers). ``speaker_rows``: one array of embedding-matrix
+    rows per speaker. Returns (rows_a, rows_b, labels) with label 1 = same."""
     half = batch_size // 2
     multi = [rows for rows in speaker_rows if len(rows) >= 2]
-    same = [rng.choice(multi[s], 2, replace=False) for s in rng.integers(0, len(multi), half)]
+    same = [rng.choice(multi[s], 2, replace=False) for s in rng.choice(len(multi), half, replace=False)]
     diff = [(rng.choice(speaker_rows[i]), rng.choice(speaker_rows[j]))
             for i, j in (rng.choice(len(speaker_rows), 2, replace=False) for _ in range(half))]
     pairs = np.array(same + diff).reshape(-1, 2)
@@ -113,7 +129,8 @@ def balanced_pairs(speaker_rows, batch_size, rng):
 
 def load_embeddings(path):
     if not os.path.isfile(path):
-        raise DataError(f"{path}: embeddings pickle not found (train_RawNet.py writes <save_dir>/<name>/embeddings.pk)")
+        raise DataError(f"{path}: embeddings pickle not found (train_RawNet.py writes "
+                        "<save_dir>/<name>/embeddings.pk)")
     obj = utils.load_pickle(path)  # restricted: a pickle may only hold containers and numpy arrays
     if not isinstance(obj, dict) or not {"dev_dic_embeddings", "eval_dic_embeddings"} <= set(obj):
         raise DataError(f"{path}: expected a dict with 'dev_dic_embeddings' and 'eval_dic_embeddings'")
@@ -136,6 +153,26 @@ def score_pairs(model, matrix, keys_a, keys_b, index, chunk=20000):
     ib = np.array([index[k] for k in keys_b])
     return np.concatenate([model.score(matrix[ia[s:s + chunk]], matrix[ib[s:s + chunk]]).numpy()
                            for s in range(0, len(ia), chunk)])
+
+
+def validation_lines(args, dev_ids):
+    """``-val_trial``, else train_RawNet.py's ``val_trial.txt`` beside the pickle, else generated as
+    train_RawNet.py generates them for the same ``-seed`` and ``-nb_val_spk``."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(args.embeddings)), "val_trial.txt")
+    path = args.val_trial or (beside if os.path.isfile(beside) else "")
+    if path:
+        return read_trial_lines(path)
+    return generate_validation_lines(dev_ids, args.nb_val_spk, 0, args.seed)
+
+
+def make_training(dim, args):
+    """The b-vector DNN with the Keras initialisation, Adam (AMSGrad) with l2 on every dense kernel,
+    and the Keras decay stepped after every optimiser step."""
+    model = BVectorDNN(dim, args.m_hidden, args.m_nb_layer, args.m_in_dropout, args.m_dropout)
+    model.reset_parameters()
+    optimizer = torch.optim.Adam(keras_l2_groups(model, args.wd), lr=args.lr, amsgrad=args.amsgrad)
+    scheduler = keras_decay_scheduler(optimizer, args.lr_decay)
+    return model, optimizer, scheduler
 
 
 def append_line(path, line):
@@ -161,24 +198,23 @@ def main(args):
     std = np.where(std > 0, std, 1.0).astype(np.float32)
     dev_std = torch.from_numpy((dev_matrix - mean) / std)
     row = {k: i for i, k in enumerate(dev_ids)}
-    train_ids, val_ids = split_speakers(dev_ids, args.nb_val_spk, args.seed)
     by_speaker = {}
-    for k in train_ids:
+    for k in dev_ids:
         by_speaker.setdefault(utils.speaker_of(k), []).append(row[k])
     speaker_rows = [np.array(rows) for _, rows in sorted(by_speaker.items())]
-    if len(speaker_rows) < 2 or not any(len(r) >= 2 for r in speaker_rows):
-        raise DataError("b-vector training needs two dev speakers, one of them with two utterances")
-    val_trials = (trial_arrays(utils.make_validation_trials(val_ids, args.nb_val_trial, np.random.default_rng(args.seed)))
-                  if val_ids else None)
+    if sum(len(r) >= 2 for r in speaker_rows) < args.bs // 2:
+        raise DataError(f"-bs {args.bs}: needs {args.bs // 2} dev speakers with two utterances or more, "
+                        f"the embeddings have {sum(len(r) >= 2 for r in speaker_rows)}")
+    val_trials = trial_arrays(validation_lines(args, dev_ids))
+    utils.check_keys(val_trials[1] + val_trials[2], dev, "validation trial keys (dev embeddings)")
 
-    model = BVectorDNN(dev_matrix.shape[1], args.m_hidden, args.m_nb_layer, args.m_in_dropout, args.m_dropout)
-    model.apply(keras_init)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    model, optimizer, scheduler = make_training(dev_matrix.shape[1], args)
     best_eer, best_state = np.inf, None
     best_path, eers_path = os.path.join(out_dir, "bvec_best.pt"), os.path.join(out_dir, "eers.txt")
     utils.write_text_atomic("", eers_path)
-    print(f"b-vector: {len(train_ids)} training embeddings of {len(speaker_rows)} speakers, "
-          f"{len(val_ids)} validation embeddings, {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(f"b-vector: {len(dev_ids)} training embeddings of {len(speaker_rows)} speakers, "
+          f"{len(val_trials[0])} validation trials, {sum(p.numel() for p in model.parameters()):,} "
+          "parameters")
     for epoch in range(args.epoch):
         model.train()
         rng = np.random.default_rng([args.seed, epoch])
@@ -191,14 +227,13 @@ def main(args):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             total += loss.item()
-        line = f"epoch:{epoch}, loss:{total / args.nb_batch_per_epoch:.4f}"
-        if val_trials is not None:
-            val_eer = utils.compute_eer(val_trials[0], score_pairs(model, dev_std, *val_trials[1:], row))[0]
-            line += f", val_eer:{val_eer:.4f}"
+        val_eer = utils.compute_eer(val_trials[0], score_pairs(model, dev_std, *val_trials[1:], row))[0]
+        line = f"epoch:{epoch}, loss:{total / args.nb_batch_per_epoch:.4f}, val_eer:{val_eer:.4f}"
         append_line(eers_path, line)
-        if val_trials is None or val_eer < best_eer:
-            best_eer = val_eer if val_trials is not None else best_eer
+        if val_eer < best_eer:
+            best_eer = val_eer
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
             utils.save_atomic({"model": best_state, "epoch": epoch, "mean": mean, "std": std,
                                "args": vars(args)}, best_path)
