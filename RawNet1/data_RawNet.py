@@ -5,10 +5,9 @@ Storage (written by ``pre_process_waveforms.py``): ``<folder>/<spk>/<video>/<NNN
 memory-mapped for random access) and ``<folder>/index.json`` (utterance key -> samples, the skipped
 files, the source folder), written last so an index means a complete folder.
 
-Deliberate differences from the original code: utterance lists are sorted (labels do not depend on
-the file system's order); crops are drawn from a generator seeded by (seed, phase, epoch, item), so a
-run does not depend on the worker count and resumes exactly; silent or empty files are skipped and
-listed instead of producing NaN.
+Utterance lists are sorted (labels do not depend on the file system's order); crops are drawn from a
+generator seeded by (seed, phase, epoch, item), so a run does not depend on the worker count and
+resumes exactly; silent or empty files are skipped and listed.
 """
 
 import json
@@ -80,25 +79,26 @@ def validation_speakers(keys, nb_val_spk, seed):
 
 def per_utterance_trials(keys, rng, nb_target=4, nb_nontarget=4):
     """Trial lines in the layout of the Keras code's ``voxceleb1_val.txt`` (and of Vox1-O): every
-    utterance is paired in turn with ``nb_target`` other utterances of its speaker and ``nb_nontarget``
+    utterance is paired in turn with ``nb_target`` utterances of its speaker and ``nb_nontarget``
     utterances of other speakers, alternating target and non-target lines (8 lines per utterance).
-    Speakers with a single utterance get non-target lines only."""
+    As the counts in that list show, partners are drawn with replacement: target partners uniformly
+    among the speaker's utterances (the utterance itself included: 154 of the list's 21,760 target
+    trials), non-target partners as a uniformly drawn other speaker, then one of its utterances."""
     by_spk = {}
     for key in keys:
         by_spk.setdefault(utils.speaker_of(key), []).append(key)
     if len(by_spk) < 2:
         raise DataError("validation trials need at least two speakers")
+    speakers = sorted(by_spk)
     lines = []
     for key in keys:
         spk = utils.speaker_of(key)
-        others = [k for k in by_spk[spk] if k != key]
-        targets = list(rng.choice(others, min(nb_target, len(others)), replace=False)) if others else []
-        pool = [s for s in by_spk if s != spk]
-        impostor_spk = rng.choice(pool, nb_nontarget, replace=len(pool) < nb_nontarget)
-        impostors = [rng.choice(by_spk[s]) for s in impostor_spk]
-        for i in range(max(len(targets), len(impostors))):
-            lines += [f"1 {key} {targets[i]}"] if i < len(targets) else []
-            lines += [f"0 {key} {impostors[i]}"] if i < len(impostors) else []
+        others = [s for s in speakers if s != spk]
+        targets = rng.choice(by_spk[spk], nb_target)
+        impostors = [rng.choice(by_spk[s]) for s in rng.choice(others, nb_nontarget)]
+        for i in range(max(nb_target, nb_nontarget)):
+            lines += [f"1 {key} {targets[i]}"] if i < nb_target else []
+            lines += [f"0 {key} {impostors[i]}"] if i < nb_nontarget else []
     return lines
 
 
@@ -190,7 +190,7 @@ class UtteranceSet(Dataset):
         if self.crop is not None:
             nb_samp, seed = self.crop
             x = np.load(npy_path(self.folder, self.keys[i]), mmap_mode="r")
-            x = utils.crop_or_tile(x, nb_samp, np.random.default_rng(list(seed) + [i]))
+            x = np.array(utils.crop_or_tile(x, nb_samp, np.random.default_rng(list(seed) + [i])))
         else:
             x = np.load(npy_path(self.folder, self.keys[i]))
             if len(x) < self.min_samples:

@@ -3,15 +3,14 @@
     python RawNet1/pre_process_waveforms.py -wav_dir DB/VoxCeleb1/dev_wav/  -out_dir DB/VoxCeleb1/dev_npy/
     python RawNet1/pre_process_waveforms.py -wav_dir DB/VoxCeleb1/eval_wav/ -out_dir DB/VoxCeleb1/eval_npy/
 
-Follows the Keras RawNet code's pre-processing (SPEC.md section 2): each 16 kHz mono wav is read at
-int16 scale and pre-emphasised, y[n] = x[n + 1] - 0.97 x[n]. Output: ``<out_dir>/<spk>/<video>/<NNNNN>.npy``
+As the Keras RawNet code's pre-processing, each 16 kHz mono wav is read at int16 scale and
+pre-emphasised, y[n] = x[n + 1] - 0.97 x[n]. Output: ``<out_dir>/<spk>/<video>/<NNNNN>.npy`` (float32)
 and ``<out_dir>/index.json`` (utterance key -> samples, skipped files), written last.
 
-Differences from the original (none changes a number): the original stored all waveforms in one
-pickled dict per set; we write one .npy per utterance so training memory-maps random crops, files
-are converted in parallel with a progress bar, each file is written atomically and an interrupted
-run resumes where it stopped (existing .npy files are kept); empty or all-zero files are skipped and
-listed in the index; a wav that is not 16 kHz mono stops the run with one line naming it.
+One .npy per utterance lets training memory-map random crops. Files are converted in parallel with a
+progress bar, each is written atomically, and an interrupted run resumes where it stopped (existing
+.npy files are kept); empty or all-zero files are skipped and listed in the index; a wav that is not
+16 kHz mono stops the run with one line naming it.
 """
 
 import argparse

@@ -17,9 +17,8 @@ pickle, written by train_RawNet.py), or generated as train_RawNet.py does.
 Outputs under ``-out_dir``: ``eers.txt`` (``epoch:E, val_eer:X`` per epoch, then the test EERs),
 ``bvec_best.pt`` (model, standardisation, args), ``results/{cosine,bvec}_eval.txt`` (``score target``).
 
-The trial score is the log-odds of "same" (rank-equal to the softmax probability the Keras code
-scores with, without its float saturation). Dimensions with zero dev std are left unscaled instead
-of dividing by zero.
+The trial score is the log-odds of "same" (rank-equal to the softmax probability of "same").
+Dimensions with zero dev std are left unscaled.
 """
 
 import argparse

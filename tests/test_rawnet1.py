@@ -12,24 +12,36 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn as nn
-
 from conftest import ROOT
+from scipy.interpolate import interp1d
+from scipy.optimize import brentq
+from sklearn.metrics import roc_curve
 
 sys.path.append(os.path.join(ROOT, "RawNet1"))
 
+import data_RawNet  # noqa: E402
 import pre_process_waveforms  # noqa: E402
 import train_bvec  # noqa: E402
 import train_RawNet  # noqa: E402
 from data_RawNet import load_index, pre_emphasis, read_int16  # noqa: E402
-from model_RawNet import (CenterLoss, DropoutGRU, RawNet, RawNetBaseline, RawNetPretrain,  # noqa: E402
-                          between_speaker_loss, init_from_pretrained)
+from model_RawNet import (  # noqa: E402
+    CenterLoss,
+    DropoutGRU,
+    RawNet,
+    RawNetBaseline,
+    RawNetPretrain,
+    between_speaker_loss,
+    init_from_pretrained,
+    keras_init,
+)
+
 from utils import DataError  # noqa: E402
 
 PAPER = {"filts": [128, 128, 256], "nb_blocks": [2, 4], "gru_node": 1024, "nb_code": 128,
          "dropout": 0.5, "gru_dropout": 0.3, "nb_classes": 1211}
 SMALL = dict(PAPER, filts=[8, 8, 16], gru_node=12, nb_code=8, nb_classes=5)
 TINY_FLAGS = ["-nb_samp", "729", "-m_filts", "[4,4,8]", "-m_blocks", "[1,1]", "-m_gru_node", "8",
-              "-m_nb_code", "8", "-bs", "4", "-nb_val_spk", "2", "-nb_val_trial", "20", "-epoch_pre", "1",
+              "-m_nb_code", "8", "-bs", "4", "-nb_val_spk", "3", "-epoch_pre", "1",
               "-epoch", "2", "-nb_worker", "0", "-progress", "false"]
 
 
@@ -63,16 +75,17 @@ def frontend():  # strided conv 128 + BN, 2 blocks of 128, 4 blocks of 256
 
 
 def test_phase1_parameter_count_and_shapes():
-    head = block(256, 256) + conv(256, 256, 1) + bn(256) + (256 * 128 + 128) + bn(128) + (128 * 1211 + 1211)
-    assert sum(p.numel() for p in RawNetPretrain(PAPER).parameters()) == frontend() + head == 2_363_579
+    # The speaker basis (Keras' spk_basis_loss kernel) has no bias.
+    head = block(256, 256) + conv(256, 256, 1) + bn(256) + (256 * 128 + 128) + bn(128) + 128 * 1211
+    assert sum(p.numel() for p in RawNetPretrain(PAPER).parameters()) == frontend() + head == 2_362_368
     code, logits = RawNetPretrain(SMALL)(torch.randn(2, 3 ** 9))
     assert code.shape == (2, 8) and logits.shape == (2, 5)
 
 
 def test_phase2_parameter_count_and_shapes():
     gru = 3 * 1024 * (256 + 1024) + 2 * 3 * 1024
-    head = gru + (1024 * 128 + 128) + bn(128) + (128 * 1211 + 1211)
-    assert sum(p.numel() for p in RawNet(PAPER).parameters()) == frontend() + head == 5_939_131
+    head = gru + (1024 * 128 + 128) + bn(128) + 128 * 1211
+    assert sum(p.numel() for p in RawNet(PAPER).parameters()) == frontend() + head == 5_937_920
     code, logits = RawNet(SMALL)(torch.randn(3, 3 ** 8))
     assert code.shape == (3, 8) and logits.shape == (3, 5)
 
@@ -117,7 +130,8 @@ def test_pre_processing_writes_skips_silent_and_resumes(tmp_path):
     wavs = tmp_path / "wav"
     write_wav(wavs / "id1/v1/00001.wav", [100, 300, 200])
     write_wav(wavs / "id1/v1/00002.wav", [0, 0, 0, 0])
-    args = pre_process_waveforms.parse_args(["-wav_dir", str(wavs), "-out_dir", str(tmp_path / "npy"), "-nb_worker", "2"])
+    args = pre_process_waveforms.parse_args(["-wav_dir", str(wavs), "-out_dir", str(tmp_path / "npy"),
+                                             "-nb_worker", "2"])
     lengths, skipped = pre_process_waveforms.main(args, progress=False)
     out = tmp_path / "npy/id1/v1/00001.npy"
     np.testing.assert_allclose(np.load(out), [300 - 97, 200 - 291])
@@ -131,10 +145,12 @@ def test_pre_processing_writes_skips_silent_and_resumes(tmp_path):
     np.testing.assert_array_equal(np.load(out), [7, 7, 7])
 
 
-@pytest.mark.parametrize("data,sr,match", [(np.ones((10, 2)), 16000, "2 channels"), (np.ones(10), 8000, "8000 Hz")])
+@pytest.mark.parametrize("data,sr,match", [(np.ones((10, 2)), 16000, "2 channels"),
+                                           (np.ones(10), 8000, "8000 Hz")])
 def test_pre_processing_rejects_wrong_format_in_one_line(tmp_path, data, sr, match):
     write_wav(tmp_path / "wav/id1/v1/00001.wav", 1000 * data, sr)
-    args = pre_process_waveforms.parse_args(["-wav_dir", str(tmp_path / "wav"), "-out_dir", str(tmp_path / "npy")])
+    args = pre_process_waveforms.parse_args(["-wav_dir", str(tmp_path / "wav"),
+                                             "-out_dir", str(tmp_path / "npy")])
     with pytest.raises(DataError, match=f"00001.wav: .*{match}") as e:
         pre_process_waveforms.main(args, progress=False)
     assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "npy/index.json")
@@ -143,10 +159,16 @@ def test_pre_processing_rejects_wrong_format_in_one_line(tmp_path, data, sr, mat
 # --- losses -----------------------------------------------------------------------------------
 
 def test_between_speaker_loss_by_hand():
-    # Unit vectors (1,0), (0,1), (1,1)/sqrt2: off-diagonal cosines 0, 1/sqrt2, 1/sqrt2, each twice.
-    weight = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
-    expected = 2 * (0 + 2 / math.sqrt(2)) / (3 * 2)
-    assert between_speaker_loss(weight).item() == pytest.approx(expected, rel=1e-6)
+    """Keras spk_basis_loss, s = 5: each basis vector w becomes w / (|w| / sqrt5 + 1e-4), and the loss is
+    the mean of all N^2 entries of their Gram matrix with a zero diagonal."""
+    weight = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]], dtype=torch.float64)
+    norms = [1.0, 2.0, 3 * math.sqrt(2)]
+    length = [n / (n / math.sqrt(5) + 1e-4) for n in norms]          # each just under sqrt(5)
+    # cosines: (1,0)-(0,2) = 0, (1,0)-(3,3) = 1/sqrt2, (0,2)-(3,3) = 1/sqrt2; each pair appears twice.
+    off_diagonal = 2 * (length[0] * length[2] + length[1] * length[2]) / math.sqrt(2)
+    expected = off_diagonal / 9
+    assert between_speaker_loss(weight).item() == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(5 * 2 * (2 / math.sqrt(2)) / 9, rel=1e-3)  # ~5x the mean cosine
 
 
 def test_center_loss_and_center_update_by_hand():
@@ -167,12 +189,41 @@ def test_gru_unroll_equals_nn_gru_without_dropout():
     x = torch.randn(3, 7, 6)
     reference = nn.GRU(6, 5, batch_first=True)
     reference.load_state_dict(gru.state_dict())
-    torch.testing.assert_close(gru.unroll(x, torch.ones(3, 5)), reference(x)[0])
+    torch.testing.assert_close(gru.unroll(x, torch.ones(3, 3, 5)), reference(x)[0])
+
+
+def test_gru_recurrent_dropout_has_one_mask_per_gate():
+    """Keras' GRU (implementation 1) drops the previous state with a separate mask in each of the
+    three gates' recurrent products; the state carried on is not dropped."""
+    torch.manual_seed(0)
+    gru = DropoutGRU(4, 3, recurrent_dropout=0.5).train()
+    x = torch.randn(2, 5, 4)
+    masks = gru.draw_masks(x)
+    assert masks.shape == (3, 2, 3) and set(masks.unique().tolist()) <= {0.0, 2.0}
+    big = gru.draw_masks(torch.zeros(4000, 1, 4))
+    assert not torch.equal(big[0], big[1]) and not torch.equal(big[1], big[2])
+    assert big.mean().item() == pytest.approx(1.0, abs=0.02)
+    # Hand-written step with the three masks, one per gate (PyTorch gate order r, z, n).
+    w_ih, w_hh = gru.weight_ih_l0.detach(), gru.weight_hh_l0.detach()
+    b_ih, b_hh = gru.bias_ih_l0.detach(), gru.bias_hh_l0.detach()
+    h, outputs = torch.zeros(2, 3), []
+    for t in range(5):
+        gx = x[:, t] @ w_ih.t() + b_ih
+        gh = [(h * masks[g]) @ w_hh[3 * g:3 * g + 3].t() + b_hh[3 * g:3 * g + 3] for g in range(3)]
+        r = torch.sigmoid(gx[:, 0:3] + gh[0])
+        z = torch.sigmoid(gx[:, 3:6] + gh[1])
+        n = torch.tanh(gx[:, 6:9] + r * gh[2])
+        h = (1 - z) * n + z * h
+        outputs.append(h)
+    torch.testing.assert_close(gru.unroll(x, masks), torch.stack(outputs, 1))
 
 
 # --- phase-2 initialisation ---------------------------------------------------------------------
 
-def test_phase2_init_copies_exactly_the_matching_phase1_tensors():
+def test_phase2_inherits_only_the_layers_keras_names_alike():
+    """Keras load_weights(by_name=True): phase 2 shares names with phase 1 only for 'strided_conv' and
+    'res_conv_block_1..6_*'; the BN after the strided conv, the dense embedding layer and its BN, the
+    speaker basis and the centers start afresh."""
     torch.manual_seed(1)
     phase1 = RawNetPretrain(SMALL).state_dict()
     torch.manual_seed(2)
@@ -180,9 +231,16 @@ def test_phase2_init_copies_exactly_the_matching_phase1_tensors():
     before = {k: v.clone() for k, v in phase2.state_dict().items()}
     copied, kept = init_from_pretrained(phase2, phase1)
     after = phase2.state_dict()
-    # Shared by name and shape: the front-end, the embedding's BN and the softmax layer.
-    assert set(copied) == {k for k in after if k.split(".")[0] in ("frontend", "bn_code", "fc_out")}
-    assert {k.split(".")[0] for k in kept} == {"gru", "fc_code"}  # fc_code: 1024 -> 128 vs 256 -> 128
+    blocks = [f"frontend.blocks.{i}.{layer}.{t}" for i in range(6)
+              for layer in ("conv1", "conv2") for t in ("weight", "bias")]
+    blocks += [f"frontend.blocks.{i}.{layer}.{t}" for i in range(6) for layer in ("bn1", "bn2")
+               for t in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    blocks += [f"frontend.blocks.2.{layer}.{t}" for layer, ts in
+               (("conv_shortcut", ("weight", "bias")),
+                ("bn_shortcut", ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")))
+               for t in ts]
+    assert sorted(copied) == sorted(["frontend.first_conv.weight", "frontend.first_conv.bias"] + blocks)
+    assert {k.rsplit(".", 1)[0] for k in kept} == {"frontend.first_bn", "gru", "fc_code", "bn_code", "fc_out"}
     for k in copied:
         assert torch.equal(after[k], phase1[k]), k
     for k in kept:
@@ -191,16 +249,56 @@ def test_phase2_init_copies_exactly_the_matching_phase1_tensors():
 
 # --- b-vector ---------------------------------------------------------------------------------
 
-def test_bvector_pairs_are_balanced():
-    speaker_rows = [np.arange(0, 3), np.arange(3, 4), np.arange(4, 9), np.arange(9, 11)]
-    speaker = np.repeat(np.arange(4), [3, 1, 5, 2])
+def test_bvector_pairs_are_balanced_with_distinct_same_speakers():
+    sizes = [1] + [2, 3, 5] * 23                                      # 70 speakers, 69 with two or more
+    speaker = np.repeat(np.arange(len(sizes)), sizes)
+    speaker_rows = [np.flatnonzero(speaker == s) for s in range(len(sizes))]
     rng = np.random.default_rng(0)
     for _ in range(20):
         a, b, labels = train_bvec.balanced_pairs(speaker_rows, 120, rng)
         assert len(labels) == 120 and labels.sum() == 60
         same = speaker[a] == speaker[b]
         np.testing.assert_array_equal(same, labels == 1)
-        assert np.all(a[labels == 1] != b[labels == 1])  # two different utterances
+        assert np.all(a[labels == 1] != b[labels == 1])                # two different utterances
+        assert len(set(speaker[a[labels == 1]])) == 60                 # of 60 distinct speakers
+
+
+def test_bvector_optimiser_is_keras_adam_amsgrad_decay_and_l2():
+    """The Keras b-vector: Adam(lr 0.001, decay 1e-4, amsgrad), l2(5e-5) on every dense kernel, kernels
+    RandomUniform(-0.05, 0.05), zero biases; 1,000 epochs of 1,000 batches."""
+    args = train_bvec.parse_args(["-embeddings", "x.pk", "-m_hidden", "6"])
+    assert (args.epoch, args.nb_batch_per_epoch, args.bs, args.lr, args.lr_decay, args.wd, args.amsgrad) == \
+        (1000, 1000, 120, 0.001, 1e-4, 5e-5, True)
+    torch.manual_seed(0)
+    model, optimizer, scheduler = train_bvec.make_training(4, args)
+    kernels = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(kernels) == 5 and all(g["amsgrad"] for g in optimizer.param_groups)
+    decayed = [g for g in optimizer.param_groups if g["weight_decay"]]
+    assert len(decayed) == 1 and decayed[0]["weight_decay"] == pytest.approx(2 * 5e-5)
+    assert {id(p) for p in decayed[0]["params"]} == {id(k) for k in kernels}
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            assert m.weight.abs().max() <= 0.05 and torch.all(m.bias == 0)
+    # The same steps as an explicit Keras loss: cross-entropy + 5e-5 * sum of squared kernels, at
+    # lr / (1 + 1e-4 k).
+    reference = train_bvec.BVectorDNN(4, 6).eval()
+    reference.load_state_dict(model.state_dict())
+    model.eval()
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=0.001, amsgrad=True)
+    a, b, y = torch.randn(8, 4), torch.randn(8, 4), torch.tensor([0, 1] * 4)
+    for k in range(3):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.001 / (1 + 1e-4 * k))
+        for g in ref_opt.param_groups:
+            g["lr"] = 0.001 / (1 + 1e-4 * k)
+        l2 = sum(m.weight.pow(2).sum() for m in reference.modules() if isinstance(m, nn.Linear))
+        for net, opt, extra in ((model, optimizer, 0.0), (reference, ref_opt, 5e-5 * l2)):
+            loss = nn.functional.cross_entropy(net(a, b), y) + extra
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        scheduler.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
 
 
 def test_bvector_input_is_sum_difference_product():
@@ -209,6 +307,126 @@ def test_bvector_input_is_sum_difference_product():
     model.hidden[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
     model(torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 5.0]]))
     torch.testing.assert_close(seen[0], torch.tensor([[4.0, 7.0, -2.0, -3.0, 3.0, 10.0]]))
+
+
+# --- initialisation, defaults, schedules -------------------------------------------------------
+
+def test_keras_he_normal_initialisation():
+    """Keras 2.2 he_normal: truncated at 2 standard deviations of the underlying normal and rescaled
+    so that the samples' standard deviation is sqrt(2 / fan_in); biases zero."""
+    torch.manual_seed(0)
+    for module, fan_in in ((nn.Conv1d(256, 256, 3), 256 * 3), (nn.Linear(128, 1211, bias=False), 128),
+                           (nn.Conv1d(1, 128, 3), 3)):
+        keras_init(module)
+        w = module.weight.detach().double()
+        target = math.sqrt(2 / fan_in)
+        assert w.std().item() == pytest.approx(target, rel=0.03 if w.numel() > 1e5 else 0.1)
+        assert w.abs().max().item() <= 2 * target / 0.87962566103423978 + 1e-7
+        assert module.bias is None or torch.all(module.bias == 0)
+    model = RawNet(SMALL)
+    model.apply(keras_init)
+    assert model.fc_out.bias is None                                  # the speaker basis has no bias
+    basis = model.fc_out.weight.detach().double()                     # (5, 8): fan_in 8
+    assert basis.abs().max().item() <= 2 * math.sqrt(2 / 8) / 0.87962566103423978 + 1e-7
+
+
+def test_epoch_defaults_are_the_yaml_values():
+    args = train_RawNet.parse_args(["-name", "x"])
+    assert (args.epoch_pre, args.epoch, args.lr_decay_pre, args.lr_decay) == (100, 100, 0.0, 1e-4)
+    demo = train_RawNet.parse_args(["-name", "x", "-demo"])
+    assert (demo.epoch_pre, demo.epoch) == (4, 8)                     # the demo's own scaled-down run
+
+
+def test_baseline_scheduler_steps_before_the_optimiser_as_the_pytorch_code():
+    """The PyTorch baseline calls lr_scheduler.step() before optimizer.step(): its k-th update already
+    uses 1 / (1 + 5e-5 (k + 1)). Run that loop literally and compare the rates each update sees."""
+    decay = 5e-5
+    args = train_RawNet.parse_args(["-name", "x", "-recipe", "vox2_baseline"])
+    phase = train_RawNet.make_phases(args)[0]
+
+    def rates(step_first, make):
+        p = nn.Parameter(torch.zeros(1))
+        opt = torch.optim.Adam([p], lr=0.001)
+        sched = make(opt)
+        seen = []
+        for _ in range(4):
+            if step_first:
+                sched.step()
+            seen.append(opt.param_groups[0]["lr"])
+            p.grad = torch.ones(1)
+            opt.step()
+            if not step_first:
+                sched.step()
+        return seen
+
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                               # PyTorch warns about that order
+        theirs = rates(True, lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + decay * s)))
+    ours = rates(False, lambda o: train_RawNet.keras_decay_scheduler(o, phase.lr_decay, phase.decay_offset))
+    assert ours == pytest.approx(theirs) and theirs[0] == pytest.approx(0.001 / (1 + decay))
+    keras = rates(False, lambda o: train_RawNet.keras_decay_scheduler(o, 1e-4))  # Keras: update k uses k
+    assert keras == pytest.approx([0.001 / (1 + 1e-4 * k) for k in range(4)])
+
+
+def test_vox2_baseline_parameter_count_with_all_vox2_dev_speakers():
+    def legacy(i, o, first=False):
+        shortcut = conv(i, o, 1) if i != o else 0
+        return (0 if first else bn(i)) + conv(i, o, 3) + bn(o) + conv(o, o, 3) + shortcut
+    body = conv(1, 128, 3) + bn(128) + legacy(128, 128, True) + legacy(128, 128) + legacy(128, 256)
+    body += 3 * legacy(256, 256) + bn(256) + 3 * 1024 * (256 + 1024) + 2 * 3 * 1024 + 1024 * 1024 + 1024
+    d_args = dict(PAPER, nb_code=1024, nb_classes=5994)
+    total = body + 1024 * 5994 + 5994
+    assert sum(p.numel() for p in RawNetBaseline(d_args).parameters()) == total == 12_844_394
+
+
+# --- validation trials ------------------------------------------------------------------------
+
+def test_per_utterance_trials_have_the_voxceleb1_val_layout():
+    """As the Keras list: 8 lines per utterance, alternating target / non-target; partners drawn with
+    replacement (targets among all of the speaker's utterances, itself included; non-targets via a
+    uniformly drawn other speaker)."""
+    sizes = [2, 10, 30]
+    keys = [f"id{s}/v/{u:05d}.wav" for s, n in enumerate(sizes) for u in range(n)]
+    lines = data_RawNet.per_utterance_trials(keys, np.random.default_rng(0))
+    assert len(lines) == 8 * len(keys)
+    self_pairs, impostor_speakers = 0, []
+    for i, key in enumerate(keys):
+        chunk = [line.split() for line in lines[8 * i:8 * i + 8]]
+        assert [c[0] for c in chunk] == list("10101010") and all(c[1] == key for c in chunk)
+        assert all(c[2].split("/")[0] == key.split("/")[0] for c in chunk if c[0] == "1")
+        assert all(c[2].split("/")[0] != key.split("/")[0] for c in chunk if c[0] == "0")
+        self_pairs += sum(c[2] == key for c in chunk if c[0] == "1")
+        impostor_speakers += [c[2].split("/")[0] for c in chunk if c[0] == "0" and c[1].startswith("id2/")]
+    # Expected self pairs: 4 per utterance x 1 / (its speaker's size) = 4 x 3 speakers = 12.
+    assert 3 <= self_pairs <= 24
+    # Utterances of the 30-utterance speaker pick the 2- and 10-utterance speakers equally often.
+    assert abs(impostor_speakers.count("id0") - impostor_speakers.count("id1")) < 30
+
+
+def test_validation_speakers_stay_in_training_and_count():
+    keys = [f"id{s:02d}/v/{u:05d}.wav" for s in range(50) for u in range(3)]
+    val = data_RawNet.validation_speakers(keys, 40, seed=3)
+    assert len({k.split("/")[0] for k in val}) == 40 and set(val) <= set(keys) and len(val) == 120
+    assert data_RawNet.validation_speakers(keys, 40, seed=3) == val
+    assert data_RawNet.validation_speakers(keys, 0, seed=3) == keys
+
+
+def test_first_release_vox1_keys_are_translated(tmp_path):
+    """The Keras lists name files '<name>/<video>_<NNNNNNN>.wav' (first VoxCeleb1 release); e.g. its
+    first Vox1-O line is veri_test.txt's 'id10270/x6uYqmx31kE/00001.wav id10270/8jEAjG6SegY/00008.wav'."""
+    meta = tmp_path / "vox1_meta.csv"
+    meta.write_text("VoxCeleb1 ID\tVGGFace1 ID\tGender\tNationality\tSet\n"
+                    "id10270\tEartha_Kitt\tf\tUSA\ttest\nid10300\tElizabeth_Banks\tf\tUSA\ttest\n")
+    trials = tmp_path / "val.txt"
+    trials.write_text("1 Eartha_Kitt/x6uYqmx31kE_0000001.wav Eartha_Kitt/8jEAjG6SegY_0000008.wav\n"
+                      "0 Eartha_Kitt/x6uYqmx31kE_0000001.wav Elizabeth_Banks/a_b-c_0000123.wav\n")
+    lines = data_RawNet.read_trial_lines(str(trials), data_RawNet.read_vox1_meta(str(meta)))
+    assert lines == ["1 id10270/x6uYqmx31kE/00001 id10270/8jEAjG6SegY/00008",
+                     "0 id10270/x6uYqmx31kE/00001 id10300/a_b-c/00123"]
+    trials.write_text("1 Nobody/x_0000001.wav Eartha_Kitt/8jEAjG6SegY_0000008.wav\n")
+    with pytest.raises(DataError, match="Nobody/x_0000001"):
+        data_RawNet.read_trial_lines(str(trials), data_RawNet.read_vox1_meta(str(meta)))
 
 
 # --- end to end -------------------------------------------------------------------------------
@@ -229,13 +447,27 @@ def run_flags(npy_corpus, save_dir, name="run"):
             "-eval_dir", npy_corpus["eval"], "-trials", npy_corpus["trials"]] + TINY_FLAGS
 
 
+def eer_by_hand(labels, scores):
+    """EER as the authors' scripts compute it: sklearn's ROC, then brentq on 1 - x - tpr(x)."""
+    fpr, tpr, _ = roc_curve(labels, scores, pos_label=1)
+    return brentq(lambda x: 1.0 - x - interp1d(fpr, tpr)(x), 0.0, 1.0)
+
+
 def test_end_to_end_writes_pickle_and_both_eers(npy_corpus, tmp_path, capsys):
     train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path)))
     out = tmp_path / "run"
+    printed = capsys.readouterr().out
     eers = (out / "eers.txt").read_text().splitlines()
-    assert [line.split(", ")[:2] for line in eers] == [["phase:pretrain", "epoch:0"], ["phase:gru", "epoch:0"],
-                                                       ["phase:gru", "epoch:1"]]
-    assert all(re.fullmatch(r"phase:\w+, epoch:\d, val_eer:\d\.\d{4}, eval_eer:\d\.\d{4}", line) for line in eers)
+    assert [line.split(", ")[:2] for line in eers] == [["phase:pretrain", "epoch:0"],
+                                                       ["phase:gru", "epoch:0"], ["phase:gru", "epoch:1"]]
+    line_format = r"phase:\w+, epoch:\d, val_eer:\d\.\d{4}, eval_eer:\d\.\d{4}"
+    assert all(re.fullmatch(line_format, line) for line in eers)
+    # Every dev speaker trains (6 classes); 3 of them also give the validation trials, 8 per utterance.
+    best = torch.load(out / "models" / "gru_best.pt", weights_only=False)
+    assert best["model"]["fc_out.weight"].shape == (6, 8)
+    val_lines = (out / "val_trial.txt").read_text().splitlines()
+    assert len(val_lines) == 12 * 8 and len({line.split()[1].split("/")[0] for line in val_lines}) == 3
+    assert "initialised afresh: bn_code, fc_code, fc_out, frontend.first_bn, gru, centers" in printed
     with open(out / "embeddings.pk", "rb") as f:
         embeddings = pickle.load(f)
     assert set(embeddings) == {"dev_dic_embeddings", "eval_dic_embeddings"}
@@ -245,9 +477,17 @@ def test_end_to_end_writes_pickle_and_both_eers(npy_corpus, tmp_path, capsys):
 
     eers = train_bvec.main(train_bvec.parse_args(
         ["-embeddings", str(out / "embeddings.pk"), "-trials", npy_corpus["trials"], "-epoch", "2",
-         "-nb_batch_per_epoch", "3", "-bs", "8", "-m_hidden", "16", "-nb_val_spk", "2", "-nb_val_trial", "20",
-         "-progress", "false"]))
-    assert set(eers) == {"cosine", "bvec"} and all(0 <= v <= 1 for v in eers.values())
+         "-nb_batch_per_epoch", "3", "-bs", "8", "-m_hidden", "16", "-progress", "false"]))
+    # Both EERs recomputed from the embeddings and the written scores.
+    test = embeddings["eval_dic_embeddings"]
+    pairs = [line.split() for line in open(npy_corpus["trials"])]
+    labels = np.array([int(p[0]) for p in pairs])
+    vectors = [(test[a.removesuffix(".wav")], test[b.removesuffix(".wav")]) for _, a, b in pairs]
+    cosine = [float(np.dot(u, v) / np.linalg.norm(u) / np.linalg.norm(v)) for u, v in vectors]
+    assert eers["cosine"] == pytest.approx(eer_by_hand(labels, cosine), abs=1e-9)
+    written = np.loadtxt(out / "bvec" / "results" / "bvec_eval.txt")
+    np.testing.assert_array_equal(written[:, 1], labels)
+    assert eers["bvec"] == pytest.approx(eer_by_hand(labels, written[:, 0]), abs=1e-6)
     assert re.search(r"cosine EER \d+\.\d\d %, b-vector EER \d+\.\d\d %", capsys.readouterr().out)
     assert (out / "bvec" / "eers.txt").read_text().splitlines()[-1].startswith("test cosine_eer:")
 
@@ -292,12 +532,24 @@ def test_resume_continues_exactly(npy_corpus, tmp_path, monkeypatch, stop_at):
 
 def test_vox2_baseline_recipe_defaults_and_run(npy_corpus, tmp_path):
     args = train_RawNet.parse_args(["-name", "x", "-recipe", "vox2_baseline"])
-    assert (args.bs, args.epoch, args.lr, args.lr_decay, args.wd, args.amsgrad) == (120, 40, 0.001, 5e-5, 1e-4, True)
-    assert (args.bs_lambda, args.c_lambda, args.m_gru_node, args.m_nb_code, args.nb_samp) == (0, 0, 1024, 1024, 59049)
-    train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path) + ["-recipe", "vox2_baseline"]))
-    assert [line.split(", ")[0] for line in (tmp_path / "run" / "eers.txt").read_text().splitlines()] == ["phase:baseline"] * 2
-    assert set(torch.load(tmp_path / "run" / "models" / "baseline_best.pt", weights_only=False)["model"]) >= {
-        "first_conv.weight", "block1.0.bn1.weight", "block1.0.conv_downsample.weight", "fc2_gru.weight"}
+    optimisation = (args.bs, args.epoch, args.lr, args.lr_decay, args.wd, args.amsgrad)
+    assert optimisation == (120, 40, 0.001, 5e-5, 1e-4, True)
+    model = (args.bs_lambda, args.c_lambda, args.m_gru_node, args.m_nb_code, args.nb_samp)
+    assert model == (0, 0, 1024, 1024, 59049)
+    validation = (args.nb_val_spk, args.nb_val_trial, args.val_crop, args.val_dir)
+    assert validation == (0, 40000, True, "DB/VoxCeleb1/dev_npy/")
+    flags = run_flags(npy_corpus, tmp_path) + ["-recipe", "vox2_baseline", "-val_dir", npy_corpus["eval"],
+                                               "-nb_val_trial", "40"]
+    train_RawNet.main(train_RawNet.parse_args(flags))
+    eers = (tmp_path / "run" / "eers.txt").read_text().splitlines()
+    assert [line.split(", ")[0] for line in eers] == ["phase:baseline"] * 2
+    state = torch.load(tmp_path / "run" / "models" / "baseline_best.pt", weights_only=False)["model"]
+    assert set(state) >= {"first_conv.weight", "block1.0.bn1.weight", "block1.0.conv_downsample.weight"}
+    dev_speakers = {k.split("/")[0] for k in load_index(npy_corpus["dev"])[0]}
+    assert state["fc2_gru.weight"].shape[0] == len(dev_speakers) == 6  # every training speaker is a class
+    val_lines = (tmp_path / "run" / "val_trial.txt").read_text().splitlines()
+    assert len(val_lines) == 40 and {line.split()[1].split("/")[0] for line in val_lines} <= {
+        k.split("/")[0] for k in load_index(npy_corpus["eval"])[0]}
 
 
 def test_keras_l2_equals_coupled_weight_decay_on_kernels():
