@@ -140,7 +140,7 @@ def build_parser():
         help="test trials (Vox1-O), keys in -eval_dir")
     add("nb_samp", type=int, default=59049, help="samples per training crop (3.69 s)")
     add("val_dir", type=str, default="",
-        help="pre-processed folder of the validation utterances (default: -dev_dir)")
+        help="pre-processed folder of the validation utterances; empty: -dev_dir")
     add("val_trial", type=str, default="",
         help="validation trials '<1|0> <keyA> <keyB>' with keys in -val_dir (e.g. the Keras code's "
              "scp/voxceleb1_val.txt, with -vox1_meta); default: generated, see -nb_val_spk, -nb_val_trial")
