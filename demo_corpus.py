@@ -2,7 +2,9 @@
 
 `make_demo_corpus()` writes a corpus in the exact VoxCeleb layout the training script reads
 (`VoxCeleb2/wav/` to train on; `VoxCeleb1/eval_wav/` and `VoxCeleb1/veri_test.txt` to test on), and
-`naive_baseline_eer()` scores its trials with a deliberately naive feature. Numpy and scipy only.
+`naive_baseline_eer()` scores its trials with a deliberately naive feature. Synthesis needs numpy,
+scipy, soundfile and tqdm; the baseline's EER is the project's (``utils.compute_eer``), so importing
+this module also imports ``utils`` and with it torch and scikit-learn.
 
 Why it is a real task and not a toy:
 - Voices come from a source-filter model. Each speaker draws traits from one shared distribution:
@@ -37,11 +39,10 @@ from contextlib import nullcontext
 import numpy as np
 import soundfile as sf
 from scipy import fft
-from scipy.interpolate import interp1d
 from scipy.ndimage import gaussian_filter1d, uniform_filter1d
-from scipy.optimize import brentq
-from sklearn.metrics import roc_curve
 from tqdm import tqdm
+
+from utils import compute_eer
 
 SAMPLE_RATE = 16000
 HOP, WIN, NFFT = 256, 512, 1024  # 16 ms control rate; zero-padded FFT so filter responses fit
@@ -341,12 +342,6 @@ def make_demo_corpus(root="DB/demo", seed=1234, n_train_speakers=100, n_test_spe
     return root
 
 
-def _compute_eer(labels, scores):
-    """Equal error rate as a fraction, the original way: ROC, then the root of 1 - x - tpr(x)."""
-    fpr, tpr, _ = roc_curve(labels, scores, pos_label=1)
-    return brentq(lambda x: 1.0 - x - interp1d(fpr, tpr)(x), 0.0, 1.0)
-
-
 def mean_log_spectrum(wav, n_fft=512, hop=160):
     """Long-term average log-magnitude spectrum of a peak-normalised waveform (Hann window)."""
     frames = np.lib.stride_tricks.sliding_window_view(wav / np.max(np.abs(wav)), n_fft)[::hop]
@@ -362,7 +357,7 @@ def naive_baseline_eer(root="DB/demo"):
         spectrum = mean_log_spectrum(sf.read(os.path.join(root, "VoxCeleb1", "eval_wav", key))[0])
         spectra[key] = spectrum / np.linalg.norm(spectrum)
     scores = [float(spectra[a] @ spectra[b]) for _, a, b in trials]
-    return _compute_eer([int(label) for label, _, _ in trials], scores)
+    return compute_eer([int(label) for label, _, _ in trials], scores)[0]
 
 
 def parse_args(argv=None):

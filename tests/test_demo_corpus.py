@@ -89,7 +89,8 @@ def test_same_seed_gives_identical_bytes_for_any_worker_count(tiny, tmp_path):
 
 def test_another_seed_gives_other_audio(tiny, tmp_path):
     other = build(tmp_path / "demo", seed=99)
-    wavs = [{data for path, data in tree_bytes(root).items() if path.endswith(".wav")} for root in (other, tiny)]
+    wavs = [{data for path, data in tree_bytes(root).items() if path.endswith(".wav")}
+            for root in (other, tiny)]
     assert wavs[0].isdisjoint(wavs[1])
 
 

@@ -146,8 +146,18 @@ def test_persistent_workers_give_the_crops_of_a_single_process_run(tiny_corpus, 
         torch.testing.assert_close(b[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_amp_bf16_trains_on_cpu(tiny_corpus, tmp_path):
-    assert run(tiny_run_flags(tiny_corpus, tmp_path, epochs=1) + ["-amp", "bf16"]) <= 1
+def test_amp_bf16_trains_on_cpu(tiny_corpus, tmp_path, monkeypatch):
+    logit_dtypes = []
+
+    class RecordingLoss(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            logit_dtypes.append(logits.dtype)
+            return super().forward(logits, target)
+
+    monkeypatch.setattr(train.nn, "CrossEntropyLoss", RecordingLoss)
+    best_eer = run(tiny_run_flags(tiny_corpus, tmp_path, epochs=1) + ["-amp", "bf16"])
+    assert logit_dtypes == [torch.bfloat16] * (24 // 4)  # every training step ran under bf16 autocast
+    assert f"TA_eval_eer:{best_eer:.4f}" in (tmp_path / "run" / "eers.txt").read_text()
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert last["step"] == 24 // 4 and last["scaler"] is None
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
