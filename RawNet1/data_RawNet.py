@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import scoring
 import utils
 from utils import DataError, SilentAudioError
 
@@ -145,5 +146,5 @@ def usable_trials(trials, available, skipped, what):
         labels = labels[keep]
         keys_a = [k for k, m in zip(keys_a, keep) if m]
         keys_b = [k for k, m in zip(keys_b, keep) if m]
-    utils.check_keys(keys_a + keys_b, available, f"trial keys of {what}")
+    scoring.check_keys(keys_a + keys_b, available, f"trial keys of {what}")
     return labels, keys_a, keys_b

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
+import scoring
 import utils
 from data_RawNet import CropSet, embed_utterances, load_index, split_speakers, trial_arrays, usable_trials
 from model_RawNet import (CenterLoss, RawNet, RawNetBaseline, RawNetPretrain, between_speaker_loss,
@@ -229,8 +230,8 @@ def evaluate(model, trials, folder, args, device, desc):
     keys = sorted(set(keys_a) | set(keys_b))
     embeddings = embed_utterances(model, [k + ".wav" for k in keys], folder, device,
                                   nb_worker=min(args.nb_worker, 4), progress=args.progress, desc=desc)
-    scores = utils.cosine_scores(embeddings, keys_a, keys_b)
-    return utils.compute_eer(labels, scores)[0], scores
+    scores = scoring.cosine_scores(embeddings, keys_a, keys_b)
+    return scoring.compute_eer(labels, scores)[0], scores
 
 
 def main(args):
@@ -260,7 +261,7 @@ def main(args):
     eval_lengths, eval_skipped = load_index(args.eval_dir)
     train_keys, val_keys = split_speakers(sorted(dev_lengths), args.nb_val_spk, args.seed)
     labels = utils.speaker_labels(train_keys)
-    eval_trials = usable_trials(utils.read_trials(args.trials), {utils.utt_id(k) for k in eval_lengths},
+    eval_trials = usable_trials(scoring.read_trials(args.trials), {utils.utt_id(k) for k in eval_lengths},
                                 eval_skipped, args.trials)
     val_lines = (utils.make_validation_trials(val_keys, args.nb_val_trial, np.random.default_rng(args.seed))
                  if val_keys else [])
@@ -369,7 +370,7 @@ def main(args):
     test = embed_utterances(model, sorted(eval_lengths), args.eval_dir, device, min(args.nb_worker, 4),
                             args.progress, "test embeddings")
     utils.write_pickle_atomic({"dev_dic_embeddings": dev, "eval_dic_embeddings": test}, pickle_path)
-    cosine_eer = utils.compute_eer(eval_trials[0], utils.cosine_scores(test, *eval_trials[1:]))[0]
+    cosine_eer = scoring.compute_eer(eval_trials[0], scoring.cosine_scores(test, *eval_trials[1:]))[0]
     print(f"best {phases[-1].name} model (epoch {best['epoch']}): Vox1-O cosine EER {100 * cosine_eer:.2f} %; "
           f"embeddings in {pickle_path}")
 

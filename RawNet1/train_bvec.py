@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import scoring
 import utils
 from data_RawNet import split_speakers, trial_arrays
 from model_RawNet import LEAKY_SLOPE, keras_init
@@ -114,11 +115,11 @@ def balanced_pairs(speaker_rows, batch_size, rng):
 def load_embeddings(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: embeddings pickle not found (train_RawNet.py writes <save_dir>/<name>/embeddings.pk)")
-    obj = utils.load_pickle(path)  # restricted: a pickle may only hold containers and numpy arrays
+    obj = scoring.load_pickle(path)  # restricted: a pickle may only hold containers and numpy arrays
     if not isinstance(obj, dict) or not {"dev_dic_embeddings", "eval_dic_embeddings"} <= set(obj):
         raise DataError(f"{path}: expected a dict with 'dev_dic_embeddings' and 'eval_dic_embeddings'")
-    return (utils.check_embeddings(obj["dev_dic_embeddings"], f"{path} (dev)"),
-            utils.check_embeddings(obj["eval_dic_embeddings"], f"{path} (eval)"))
+    return (scoring.check_embeddings(obj["dev_dic_embeddings"], f"{path} (dev)"),
+            scoring.check_embeddings(obj["eval_dic_embeddings"], f"{path} (eval)"))
 
 
 def stack(embeddings, ids, what):
@@ -151,8 +152,8 @@ def main(args):
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.embeddings)), "bvec")
     utils.seed_everything(args.seed)
     dev, test = load_embeddings(args.embeddings)
-    trials = utils.read_trials(args.trials)
-    utils.check_keys(trials[1] + trials[2], test, f"trial keys of {args.trials}")
+    trials = scoring.read_trials(args.trials)
+    scoring.check_keys(trials[1] + trials[2], test, f"trial keys of {args.trials}")
 
     # Standardise with the dev set's statistics; pairs of training speakers, validation on held-out ones.
     dev_ids = sorted(dev)
@@ -194,7 +195,7 @@ def main(args):
             total += loss.item()
         line = f"epoch:{epoch}, loss:{total / args.nb_batch_per_epoch:.4f}"
         if val_trials is not None:
-            val_eer = utils.compute_eer(val_trials[0], score_pairs(model, dev_std, *val_trials[1:], row))[0]
+            val_eer = scoring.compute_eer(val_trials[0], score_pairs(model, dev_std, *val_trials[1:], row))[0]
             line += f", val_eer:{val_eer:.4f}"
         append_line(eers_path, line)
         if val_trials is None or val_eer < best_eer:
@@ -206,12 +207,12 @@ def main(args):
 
     # Vox1-O: cosine on the raw embeddings, b-vector on the standardised ones with the selected model.
     labels, keys_a, keys_b = trials
-    cosine = utils.cosine_scores(test, keys_a, keys_b)
+    cosine = scoring.cosine_scores(test, keys_a, keys_b)
     test_ids = sorted(set(keys_a) | set(keys_b))
     test_std = torch.from_numpy((stack(test, test_ids, "test") - mean) / std)
     model.load_state_dict(best_state)
     bvec = score_pairs(model, test_std, keys_a, keys_b, {k: i for i, k in enumerate(test_ids)})
-    eers = {"cosine": utils.compute_eer(labels, cosine)[0], "bvec": utils.compute_eer(labels, bvec)[0]}
+    eers = {"cosine": scoring.compute_eer(labels, cosine)[0], "bvec": scoring.compute_eer(labels, bvec)[0]}
     for name, scores in (("cosine", cosine), ("bvec", bvec)):
         utils.write_text_atomic("".join(f"{s} {t}\n" for s, t in zip(scores, labels)),
                                 os.path.join(out_dir, "results", f"{name}_eval.txt"))

@@ -1,0 +1,536 @@
+"""Scoring of speaker embeddings with NumPy only: trial lists, embedding files, cosine scores and
+AS-norm, EER and minDCF. Nothing here imports PyTorch, so a scoring run starts in a fraction of a
+second.
+
+The numbers are those of the authors' evaluate_pretrained_RawNet2.py (github.com/Jungjee/RawNet):
+  * Cosine similarity per trial, ``dot(a, b) / (|a| |b|)``. The original computes each trial's dot
+    product in float32; here it is accumulated in float64 (the EERs agree on the VoxCeleb1 lists).
+  * EER by the original method: the ROC of ``sklearn.metrics.roc_curve``, then ``scipy.optimize.brentq``
+    on ``1 - x - tpr(x)``, tpr linearly interpolated (``scipy.interpolate.interp1d``). Both are
+    re-implemented here in NumPy, operation for operation, so the EERs are the same floats
+    (tests/test_scoring.py checks them bit for bit against scikit-learn and SciPy).
+Added for back-end studies: minDCF (NIST SRE), AS-norm. Embedding pickles are untrusted input: they
+are read with an unpickler that admits only containers, strings, numbers and numpy arrays (the
+original calls ``pickle.load``, which runs any code a pickle names).
+"""
+
+import itertools
+import math
+import operator
+import os
+import pickle
+
+import numpy as np
+
+from common import (
+    DataError,
+    utt_id,
+    write_npy_atomic,
+    write_pickle_atomic,
+    write_text_atomic,
+)
+
+TRIAL_LINE = "'<1|0> <spk>/<video>/<NNNNN>.wav <spk>/<video>/<NNNNN>.wav'"
+
+
+# ---------------------------------------------------------------------------------------------
+# Trial lists
+
+def read_trial_list(path):
+    """Parse a trial list: lines ``<1|0> <keyA> <keyB>`` (blank lines are skipped). Keys are taken
+    in canonical form (no ``.wav``), and each distinct key once: returns ``(labels, keys, index_a,
+    index_b)``, trial ``i`` comparing ``keys[index_a[i]]`` with ``keys[index_b[i]]``.
+
+    A list whose lines all have the same layout (VoxCeleb's do) is parsed as a byte matrix, without
+    a Python step per line; any other list line by line, with the same result.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: trial list not found (lines {TRIAL_LINE})")
+    with open(path, "rb") as f:
+        data = f.read()
+    parsed = _parse_fixed_layout(data)
+    labels, keys, index_a, index_b = parsed if parsed is not None else _parse_lines(path)
+    if not len(labels):
+        raise DataError(f"{path}: no trials")
+    # keys with and without .wav are one utterance
+    canonical = {}
+    remap = np.array([canonical.setdefault(utt_id(k), len(canonical)) for k in keys], dtype=np.int64)
+    return labels, list(canonical), remap[index_a], remap[index_b]
+
+
+def read_trials(path):
+    """``(labels int array, keysA, keysB)`` of a trial list (see ``read_trial_list``), keys as lists."""
+    labels, keys, index_a, index_b = read_trial_list(path)
+    keys = np.array(keys, dtype=object)
+    return labels, keys[index_a].tolist(), keys[index_b].tolist()
+
+
+def _parse_lines(path):
+    labels, keys_a, keys_b = [], [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 3 or parts[0] not in ("0", "1"):
+                raise DataError(f"{path}:{lineno}: expected '<1|0> <keyA> <keyB>', got {line.strip()!r}")
+            labels.append(int(parts[0]))
+            keys_a.append(parts[1])
+            keys_b.append(parts[2])
+    codes = {}
+    index = np.array([codes.setdefault(k, len(codes)) for k in keys_a + keys_b], dtype=np.int64)
+    return np.array(labels, dtype=np.int64), list(codes), index[:len(labels)], index[len(labels):]
+
+
+_NOT_IN_KEY = np.zeros(256, dtype=bool)
+_NOT_IN_KEY[[0, 9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True  # NUL and the ASCII str.split() splits at
+
+
+def _parse_fixed_layout(data):
+    """``_parse_lines`` for a list whose every line is ``<0|1> <keyA> <keyB>\\n`` with keys of one
+    length per column, as a (lines, line length) byte matrix; None for any other list."""
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    width = data.find(b"\n") + 1
+    gap_a = data.find(b" ", 2)
+    if width < 6 or len(data) % width or not 2 < gap_a < width - 2:
+        return None
+    lines = np.frombuffer(data, np.uint8).reshape(-1, width)
+    label = lines[:, 0]
+    in_key = np.r_[2:gap_a, gap_a + 1:width - 1]
+    if (not np.all((label == ord("0")) | (label == ord("1"))) or not np.all(lines[:, 1] == ord(" "))
+            or not np.all(lines[:, gap_a] == ord(" ")) or not np.all(lines[:, -1] == ord("\n"))
+            or _NOT_IN_KEY[lines[:, in_key]].any() or lines[:, in_key].max() >= 128):  # non-ASCII: line by line
+        return None
+    n = len(lines)
+    side = max(gap_a - 2, width - 2 - gap_a)
+    padded = np.zeros((2 * n, -(-side // 8) * 8), np.uint8)  # each key, zero-padded to 8-byte words
+    padded[:n, :gap_a - 2] = lines[:, 2:gap_a]
+    padded[n:, :width - 2 - gap_a] = lines[:, gap_a + 1:width - 1]
+    words = padded.view(np.uint64)
+    code = words[:, 0].copy()
+    for j in range(1, words.shape[1]):  # a 64-bit hash of each key, checked below
+        code = code * np.uint64(0x100000001B3) ^ words[:, j]
+    _, first, index = np.unique(code, return_index=True, return_inverse=True)
+    if not np.array_equal(words[first][index], words):  # two keys with one hash: line by line
+        return None
+    keys = [k.decode() for k in padded[first].view(f"S{padded.shape[1]}")[:, 0].tolist()]
+    return (label - ord("0")).astype(np.int64), keys, index[:n], index[n:]
+
+
+def check_keys(needed, available, what):
+    """Raise DataError with the count and the first few of ``needed`` keys not in ``available``."""
+    missing = sorted(set(needed) - set(available))
+    if missing:
+        raise DataError(f"{len(missing)} {what} have no audio/embedding, e.g. {', '.join(missing[:5])}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding files: pickles (the released format) and .npy matrix + key list
+
+# The only globals an embedding pickle may name: what numpy needs to rebuild arrays (numpy 1.x
+# pickles say numpy.core, numpy 2.x pickles numpy._core). Anything else, e.g. os.system or
+# builtins.eval in a crafted pickle, is refused before it can run.
+_PICKLE_GLOBALS = {
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy._core.multiarray", "scalar"), ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler for untrusted files: plain containers, strings and numbers, and numpy arrays."""
+
+    def find_class(self, module, name):
+        if module.startswith("numpy.core.") or module == "numpy.core":
+            module = "numpy._core" + module[len("numpy.core"):]  # the numpy 1.x name of the same module
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refused a persistent id")
+
+
+def _unpickle(path, unpickler_class):
+    """``(object, unpickler)`` of ``path``; DataError (one line) if it is refused or broken."""
+    try:
+        with open(path, "rb") as f:
+            unpickler = unpickler_class(f)
+            return unpickler.load(), unpickler
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path}: not loaded, {e}: embedding pickles may only hold a dict of "
+                        f"utterance keys to numpy arrays") from None
+    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
+        raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+
+
+def load_pickle(path):
+    """Unpickle ``path`` with ``RestrictedUnpickler``; DataError (one line) if it is refused or broken."""
+    return _unpickle(path, RestrictedUnpickler)[0]
+
+
+def _entry_error(path, key, dtype, shape):
+    return DataError(f"{path}: entry {key!r} is a {dtype} array of shape {shape}, "
+                     f"expected 1-D real vectors of one size")
+
+
+def check_embeddings(obj, path):
+    """Validate a loaded embedding dict (keys -> 1-D real vectors of one size) and return it with
+    canonical keys (no ``.wav``) and float32 values."""
+    if not isinstance(obj, dict) or not obj:
+        raise DataError(f"{path}: expected a non-empty dict of utterance keys to embeddings, got {type(obj).__name__}")
+    out, dim = {}, None
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, np.ndarray):
+            raise DataError(f"{path}: entry {key!r} is not a string key with a numpy array value")
+        if value.ndim != 1 or value.dtype.kind not in "fiu" or (dim is not None and len(value) != dim):
+            raise _entry_error(path, key, value.dtype, value.shape)
+        dim = len(value)
+        out[utt_id(key)] = value.astype(np.float32, copy=False)
+    return out
+
+
+class _Row:
+    """Stands in for one numpy array while ``_RowUnpickler`` reads a pickle: the array's data go
+    straight into the float32 rows of one matrix, so no array object is built per embedding."""
+
+    __slots__ = ("dtype", "number", "rows", "shape")
+
+    def __init__(self, rows):
+        self.rows, self.number, self.dtype, self.shape = rows, None, None, None
+
+    def __setstate__(self, state):  # numpy's array state: ([version,] shape, dtype, fortran, data)
+        shape, dtype, _, data = state[-4:]
+        self.set(data, dtype, shape)
+
+    def set(self, data, dtype, shape):
+        self.dtype, self.shape = dtype, tuple(shape)
+        if not isinstance(dtype, np.dtype) or dtype.kind not in "fiu" or len(self.shape) != 1:
+            return  # reported, with the key, by read_embedding_rows
+        if not isinstance(data, (bytes, bytearray)) or len(data) != self.shape[0] * dtype.itemsize:
+            raise pickle.UnpicklingError("an array's data do not match its shape")
+        if dtype != np.float32:
+            data = np.frombuffer(data, dtype).astype(np.float32).tobytes()
+        self.number = len(self.rows)
+        self.rows.append(data)
+
+
+class _RowUnpickler(RestrictedUnpickler):
+    """``RestrictedUnpickler`` whose numpy arrays become ``_Row``s of one matrix (see ``_Row``)."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.rows = []
+
+    def find_class(self, module, name):
+        cls = super().find_class(module, name)
+        if name == "_reconstruct":  # _reconstruct(ndarray, (0,), b"b"), then __setstate__
+            return lambda *_: _Row(self.rows)
+        if name == "_frombuffer":  # pickle protocol 5: _frombuffer(data, dtype, shape, order)
+            return self._from_buffer
+        return cls
+
+    def _from_buffer(self, data, dtype, shape, order):
+        row = _Row(self.rows)
+        row.set(bytes(data), dtype, shape)
+        return row
+
+
+def read_embedding_rows(path):
+    """Embeddings of a pickle as ``(keys, matrix)``: canonical keys (no ``.wav``) and a float32
+    (len(keys), dim) matrix, read with the restrictions of ``RestrictedUnpickler``. Key ``i``'s
+    vector is row ``i``."""
+    obj, unpickler = _unpickle(path, _RowUnpickler)
+    if not isinstance(obj, dict) or not obj:
+        raise DataError(f"{path}: expected a non-empty dict of utterance keys to embeddings, got {type(obj).__name__}")
+    dim = None
+    for key, row in obj.items():
+        if not isinstance(key, str) or not isinstance(row, _Row):
+            raise DataError(f"{path}: entry {key!r} is not a string key with a numpy array value")
+        if row.number is None or not row.shape[0] or (dim is not None and row.shape[0] != dim):
+            raise _entry_error(path, key, row.dtype, row.shape)
+        dim = row.shape[0]
+    matrix = np.frombuffer(b"".join(unpickler.rows), np.float32).reshape(-1, dim)
+    numbers = np.fromiter((row.number for row in obj.values()), dtype=np.int64, count=len(obj))
+    if not np.array_equal(numbers, np.arange(len(matrix))):  # rows shared or out of order
+        matrix = matrix[numbers]
+    return [utt_id(k) for k in obj], matrix
+
+
+def npy_keys_path(path):
+    """The key list that goes with an embedding matrix ``X.npy``: ``X_keys.txt``, one key per row."""
+    return path[:-len(".npy")] + "_keys.txt"
+
+
+def read_embeddings(path):
+    """Embeddings from a pickle (``.pk``, see ``read_embedding_rows``) or from a ``.npy`` matrix
+    plus its key list (``npy_keys_path``), as ``(canonical keys, float32 matrix)``."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: embedding file not found")
+    if not path.endswith(".npy"):
+        return read_embedding_rows(path)
+    try:
+        matrix = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise DataError(f"{path}: not a plain .npy matrix ({e})") from None
+    keys_path = npy_keys_path(path)
+    if not os.path.isfile(keys_path):
+        raise DataError(f"{keys_path}: key list of {path} not found")
+    with open(keys_path) as f:
+        keys = f.read().split()
+    if matrix.ndim != 2 or len(keys) != len(matrix) or matrix.dtype.kind not in "fiu" or not len(keys):
+        raise DataError(f"{path}: {matrix.dtype} matrix of shape {matrix.shape} does not match "
+                        f"{len(keys)} keys in {keys_path}")
+    return [utt_id(k) for k in keys], matrix.astype(np.float32, copy=False)
+
+
+def load_embeddings(path):
+    """Embeddings of ``path`` (see ``read_embeddings``) as a dict utterance id -> float32 vector."""
+    keys, matrix = read_embeddings(path)
+    return dict(zip(keys, matrix))
+
+
+def save_embeddings(embeddings, path):
+    """Write embeddings atomically as the released pickles (dict key -> float32 vector) or, for a
+    ``.npy`` path, as a float32 matrix with rows in sorted key order plus its key list."""
+    keys = sorted(embeddings)
+    if not path.endswith(".npy"):
+        write_pickle_atomic({k: np.asarray(embeddings[k], dtype=np.float32) for k in keys}, path)
+        return
+    write_text_atomic("".join(k + "\n" for k in keys), npy_keys_path(path))
+    write_npy_atomic(np.stack([np.asarray(embeddings[k], dtype=np.float32) for k in keys]), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cosine scores, AS-norm
+
+class EmbeddingTable:
+    """Embeddings indexed for scoring: key -> row of a float32 matrix, and each row's float64 L2
+    norm, computed once. Trials are then scored by row numbers, a chunk at a time. A key given twice
+    takes its last vector (as merging dicts does)."""
+
+    def __init__(self, keys, matrix, chunk=256):
+        self.keys, self.matrix = list(keys), np.ascontiguousarray(matrix, dtype=np.float32)
+        self.index = dict(zip(self.keys, range(len(self.keys))))
+        self.norms = np.empty(len(self.matrix))
+        buf = np.empty((chunk, self.matrix.shape[1]))
+        for s in range(0, len(self.matrix), chunk):
+            block = buf[:len(self.matrix[s:s + chunk])]
+            np.copyto(block, self.matrix[s:s + chunk])
+            self.norms[s:s + chunk] = np.sqrt(np.einsum("ij,ij->i", block, block))
+
+    @classmethod
+    def from_dict(cls, embeddings):
+        return cls(embeddings, np.stack([np.asarray(v) for v in embeddings.values()]))
+
+    @classmethod
+    def read(cls, paths):
+        """The embeddings of every file of ``paths`` (see ``read_embeddings``), later files winning."""
+        parts = [read_embeddings(p) for p in paths]
+        keys = [k for part_keys, _ in parts for k in part_keys]
+        matrices = [m for _, m in parts]
+        return cls(keys, matrices[0] if len(matrices) == 1 else np.concatenate(matrices))
+
+    def lookup(self, keys):
+        """Row number of each key, -1 for a key without embedding."""
+        if not keys:
+            return np.zeros(0, dtype=np.int64)
+        try:  # itemgetter does every lookup in C: ~2x faster than a map over dict.get
+            return np.atleast_1d(np.array(operator.itemgetter(*keys)(self.index), dtype=np.int64))
+        except KeyError:
+            return np.fromiter(map(self.index.get, keys, itertools.repeat(-1)), dtype=np.int64, count=len(keys))
+
+    def check_finite(self, rows):
+        """DataError naming the keys of any non-finite (NaN/inf) or zero-norm embedding in ``rows``."""
+        used = np.zeros(len(self.matrix), dtype=bool)
+        used[rows] = True
+        bad = np.flatnonzero(used & (~np.isfinite(self.norms) | (self.norms == 0)))
+        if len(bad):
+            bad = set(bad.tolist())
+            names = sorted(k for k, r in self.index.items() if r in bad)
+            raise DataError(f"{len(names)} embeddings are non-finite or zero, e.g. {', '.join(names[:5])}")
+
+    def rows(self, keys, what="trial keys"):
+        """Row number of each key; DataError with the count and a few examples if any is unknown,
+        or naming the keys of non-finite or zero-norm embeddings."""
+        rows = self.lookup(keys)
+        if np.any(rows < 0):
+            check_keys(keys, self.index, what)
+        self.check_finite(rows)
+        return rows
+
+    def gather(self, rows, out):
+        """The float64 vectors of ``rows`` (valid row numbers), written into ``out[:len(rows)]``."""
+        block = out[:len(rows)]
+        np.copyto(block, np.take(self.matrix, rows, axis=0, mode="clip"))
+        return block
+
+    def cosine(self, rows_a, rows_b, chunk=256):
+        """Cosine similarity of row pairs, ``dot(a, b) / (|a| |b|)``, accumulated in float64.
+
+        Trials are taken in order of ``rows_a``, so that each A vector is read from memory once and
+        only the B vectors are read at random; memory stays bounded (two ``chunk`` x dim buffers).
+        """
+        rows_a, rows_b = np.asarray(rows_a, dtype=np.int64), np.asarray(rows_b, dtype=np.int64)
+        order = np.argsort(rows_a, kind="stable")
+        buf_a, buf_b = np.empty((chunk, self.matrix.shape[1])), np.empty((chunk, self.matrix.shape[1]))
+        scores = np.empty(len(rows_a))
+        for s in range(0, len(order), chunk):
+            trials = order[s:s + chunk]
+            a, b = rows_a[trials], rows_b[trials]
+            dots = np.einsum("ij,ij->i", self.gather(a, buf_a), self.gather(b, buf_b))
+            scores[trials] = dots / (self.norms[a] * self.norms[b])
+        return scores
+
+
+def cosine_scores(embeddings, keys_a, keys_b, chunk=256):
+    """Cosine similarity per trial (the original's ``np.dot(a, b) / (|a| |b|)``, in float64) of a
+    dict of embeddings: each needed embedding is stacked once (``EmbeddingTable``)."""
+    needed = dict.fromkeys(keys_a)
+    needed.update(dict.fromkeys(keys_b))
+    check_keys(needed, embeddings, "trial keys")
+    table = EmbeddingTable.from_dict({k: embeddings[k] for k in needed})
+    return table.cosine(table.rows(keys_a), table.rows(keys_b), chunk)
+
+
+def cohort_statistics(table, rows, cohort, top_n, chunk=2048):
+    """Adaptive s-norm statistics: for each of ``rows`` of the ``EmbeddingTable``, the mean and
+    standard deviation of its ``top_n`` highest cosine scores against the ``cohort`` embeddings
+    (Matejka et al., Interspeech 2017). Returns ``(mean, std)`` arrays aligned with ``rows``."""
+    cohort = np.asarray(cohort, dtype=np.float64)
+    cohort_norms = np.linalg.norm(cohort, axis=1)
+    if not np.all(np.isfinite(cohort_norms)) or np.any(cohort_norms == 0):
+        raise DataError("the AS-norm cohort holds non-finite or zero embeddings")
+    unit_cohort = (cohort / cohort_norms[:, None]).T  # (dim, C)
+    top_n = min(top_n, cohort.shape[0])
+    mean, std = np.empty(len(rows)), np.empty(len(rows))
+    for s in range(0, len(rows), chunk):
+        r = rows[s:s + chunk]
+        scores = (table.matrix[r].astype(np.float64) @ unit_cohort) / table.norms[r, None]  # (chunk, C)
+        top = -np.partition(-scores, top_n - 1, axis=1)[:, :top_n]
+        mean[s:s + chunk], std[s:s + chunk] = top.mean(1), top.std(1)
+    return mean, std
+
+
+def asnorm_scores(scores, table, rows_a, rows_b, cohort, top_n=300):
+    """Adaptive symmetric normalisation (AS-norm1, Matejka et al. 2017) of raw cosine ``scores``
+    of the trials ``(rows_a, rows_b)`` of an ``EmbeddingTable``:
+    ``0.5 * ((s - mu_a) / sigma_a + (s - mu_b) / sigma_b)``, each side's statistics taken over its
+    ``top_n`` closest cohort embeddings (``cohort_statistics``)."""
+    used, inverse = np.unique(np.concatenate([rows_a, rows_b]), return_inverse=True)
+    mean, std = cohort_statistics(table, used, cohort, top_n)
+    if np.any(std == 0):
+        raise DataError("AS-norm: a cohort score spread is zero (cohort too small or duplicated)")
+    ia, ib = inverse[:len(rows_a)], inverse[len(rows_a):]
+    scores = np.asarray(scores, dtype=np.float64)
+    return 0.5 * ((scores - mean[ia]) / std[ia] + (scores - mean[ib]) / std[ib])
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+def _check_two_classes(labels, metric):
+    labels = np.asarray(labels)
+    if not np.isin(labels, (0, 1)).all():
+        raise DataError(f"{metric}: trial labels must be 0 or 1")
+    if labels.min() == labels.max():
+        raise DataError(f"{metric} is undefined: the trials hold only targets or only non-targets")
+    return labels
+
+
+def roc_curve(labels, scores, drop_intermediate=True):
+    """``sklearn.metrics.roc_curve(labels, scores, pos_label=1, drop_intermediate=...)`` in NumPy, the
+    same operations in the same order: ``(fpr, tpr, thresholds)``, one point per distinct score
+    (highest first) after a first point (0, 0) at threshold inf. ``drop_intermediate`` drops the
+    points collinear with both neighbours."""
+    scores = np.asarray(scores)
+    if not np.all(np.isfinite(scores)):
+        raise DataError("scores hold NaN or infinite values")
+    order = np.argsort(scores, kind="stable")[::-1]  # descending; the order within ties changes nothing
+    scores, targets = scores[order], (np.asarray(labels)[order] == 1).astype(np.float64)
+    ends = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last trial of each distinct score
+    tps = np.cumsum(targets)[ends]
+    fps = 1 + ends.astype(np.float64) - tps
+    thresholds = scores[ends]
+    if drop_intermediate and len(fps) > 2:
+        keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
+        fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
+    tps, fps = np.r_[0.0, tps], np.r_[0.0, fps]
+    thresholds = np.r_[np.inf, thresholds.astype(np.float64)]
+    return fps / fps[-1], tps / tps[-1], thresholds
+
+
+BRENTQ_RTOL = 4 * np.finfo(float).eps  # scipy.optimize.brentq's default rtol
+
+
+def brentq(f, a, b, xtol=2e-12, rtol=BRENTQ_RTOL, maxiter=100):
+    """Root of ``f`` in [a, b] by Brent's method, step for step as ``scipy.optimize.brentq`` (its C
+    implementation, with its default tolerances), so that the root is the same float."""
+    x_pre, x_cur = float(a), float(b)
+    f_pre, f_cur = float(f(x_pre)), float(f(x_cur))
+    if f_pre == 0:
+        return x_pre
+    if f_cur == 0:
+        return x_cur
+    if math.copysign(1, f_pre) == math.copysign(1, f_cur):
+        raise ValueError("f(a) and f(b) must have different signs")
+    x_blk = f_blk = s_pre = s_cur = 0.0
+    for _ in range(maxiter):
+        if f_pre != 0 and f_cur != 0 and math.copysign(1, f_pre) != math.copysign(1, f_cur):
+            x_blk, f_blk = x_pre, f_pre
+            s_pre = s_cur = x_cur - x_pre
+        if abs(f_blk) < abs(f_cur):  # keep the best estimate in x_cur
+            x_pre, x_cur, x_blk = x_cur, x_blk, x_cur
+            f_pre, f_cur, f_blk = f_cur, f_blk, f_cur
+        delta = (xtol + rtol * abs(x_cur)) / 2
+        s_bis = (x_blk - x_cur) / 2
+        if f_cur == 0 or abs(s_bis) < delta:
+            return x_cur
+        if abs(s_pre) > delta and abs(f_cur) < abs(f_pre):
+            if x_pre == x_blk:  # secant step
+                s_try = -f_cur * (x_cur - x_pre) / (f_cur - f_pre)
+            else:  # inverse quadratic step
+                d_pre = (f_pre - f_cur) / (x_pre - x_cur)
+                d_blk = (f_blk - f_cur) / (x_blk - x_cur)
+                s_try = -f_cur * (f_blk * d_blk - f_pre * d_pre) / (d_blk * d_pre * (f_blk - f_pre))
+            if 2 * abs(s_try) < min(abs(s_pre), 3 * abs(s_bis) - delta):
+                s_pre, s_cur = s_cur, s_try
+            else:
+                s_pre = s_cur = s_bis
+        else:
+            s_pre = s_cur = s_bis
+        x_pre, f_pre = x_cur, f_cur
+        x_cur += s_cur if abs(s_cur) > delta else (delta if s_bis > 0 else -delta)
+        f_cur = float(f(x_cur))
+    raise RuntimeError(f"brentq: no convergence after {maxiter} iterations, value is {x_cur}")
+
+
+def compute_eer(labels, scores):
+    """Equal error rate (fraction) and its threshold, by the original method: the ROC of
+    ``roc_curve``, then ``brentq`` on 1 - x - tpr(x), tpr linearly interpolated in fpr (what
+    ``scipy.interpolate.interp1d`` computes for these float64 points: ``np.interp``)."""
+    labels = _check_two_classes(labels, "EER")
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    eer = brentq(lambda x: 1.0 - x - np.interp(x, fpr, tpr), 0.0, 1.0)
+    return float(eer), float(np.interp(eer, fpr, thresholds))
+
+
+def compute_min_dcf(labels, scores, p_target, c_miss=1.0, c_fa=1.0):
+    """Minimum normalised detection cost and its threshold (NIST SRE evaluation plans):
+
+        C_det(t) = C_miss * P_miss(t) * P_target + C_fa * P_fa(t) * (1 - P_target)
+        minDCF   = min_t C_det(t) / min(C_miss * P_target, C_fa * (1 - P_target))
+
+    with P_miss(t) the fraction of targets scored below t and P_fa(t) that of non-targets at or
+    above t, over every operating point of the ROC (accept none ... accept all). ``p_target`` may
+    be a list: then lists of (minDCF, threshold) pairs come back, from one ROC.
+    """
+    labels = _check_two_classes(labels, "minDCF")
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    results = []
+    for p in np.atleast_1d(p_target):
+        cost = c_miss * (1 - tpr) * p + c_fa * fpr * (1 - p)
+        best = int(np.argmin(cost))
+        results.append((float(cost[best] / min(c_miss * p, c_fa * (1 - p))), float(thresholds[best])))
+    return results if np.ndim(p_target) else results[0]
