@@ -263,11 +263,11 @@ def trial_lists(args):
 
 def load_cohort(args):
     """AS-norm cohort matrix: per-speaker means of the -cohort embeddings, or the embeddings."""
-    keys, matrix = scoring.read_embeddings(args.cohort)
+    embeddings = scoring.load_embeddings(args.cohort)
     if args.cohort_by == "utterance":
-        return matrix
+        return np.stack(list(embeddings.values()))
     by_speaker = {}
-    for key, code in zip(keys, matrix):
+    for key, code in embeddings.items():
         by_speaker.setdefault(common.speaker_of(key), []).append(code)
     return np.stack([np.mean(codes, axis=0) for codes in by_speaker.values()])
 

@@ -14,6 +14,8 @@ are read with an unpickler that admits only containers, strings, numbers and num
 original calls ``pickle.load``, which runs any code a pickle names).
 """
 
+import contextlib
+import gc
 import itertools
 import math
 import operator
@@ -52,10 +54,12 @@ def read_trial_list(path):
     labels, keys, index_a, index_b = parsed if parsed is not None else _parse_lines(path)
     if not len(labels):
         raise DataError(f"{path}: no trials")
-    # keys with and without .wav are one utterance
-    canonical = {}
-    remap = np.array([canonical.setdefault(utt_id(k), len(canonical)) for k in keys], dtype=np.int64)
-    return labels, list(canonical), remap[index_a], remap[index_b]
+    keys = list(map(utt_id, keys))
+    if len(set(keys)) < len(keys):  # a key written both with and without .wav: one utterance
+        canonical = {}
+        remap = np.array([canonical.setdefault(k, len(canonical)) for k in keys], dtype=np.int64)
+        keys, index_a, index_b = list(canonical), remap[index_a], remap[index_b]
+    return labels, keys, index_a, index_b
 
 
 def read_trials(path):
@@ -82,10 +86,6 @@ def _parse_lines(path):
     return np.array(labels, dtype=np.int64), list(codes), index[:len(labels)], index[len(labels):]
 
 
-_NOT_IN_KEY = np.zeros(256, dtype=bool)
-_NOT_IN_KEY[[0, 9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True  # NUL and the ASCII str.split() splits at
-
-
 def _parse_fixed_layout(data):
     """``_parse_lines`` for a list whose every line is ``<0|1> <keyA> <keyB>\\n`` with keys of one
     length per column, as a (lines, line length) byte matrix; None for any other list."""
@@ -96,26 +96,32 @@ def _parse_fixed_layout(data):
     if width < 6 or len(data) % width or not 2 < gap_a < width - 2:
         return None
     lines = np.frombuffer(data, np.uint8).reshape(-1, width)
-    label = lines[:, 0]
-    in_key = np.r_[2:gap_a, gap_a + 1:width - 1]
+    label, key_a, key_b = lines[:, 0], lines[:, 2:gap_a], lines[:, gap_a + 1:-1]
     if (not np.all((label == ord("0")) | (label == ord("1"))) or not np.all(lines[:, 1] == ord(" "))
             or not np.all(lines[:, gap_a] == ord(" ")) or not np.all(lines[:, -1] == ord("\n"))
-            or _NOT_IN_KEY[lines[:, in_key]].any() or lines[:, in_key].max() >= 128):  # non-ASCII: line by line
+            or _outside_printable_ascii(key_a) or _outside_printable_ascii(key_b)):
         return None
     n = len(lines)
-    side = max(gap_a - 2, width - 2 - gap_a)
-    padded = np.zeros((2 * n, -(-side // 8) * 8), np.uint8)  # each key, zero-padded to 8-byte words
-    padded[:n, :gap_a - 2] = lines[:, 2:gap_a]
-    padded[n:, :width - 2 - gap_a] = lines[:, gap_a + 1:width - 1]
+    padded = np.zeros((2 * n, -(-max(key_a.shape[1], key_b.shape[1]) // 8) * 8), np.uint8)  # 8-byte words
+    padded[:n, :key_a.shape[1]] = key_a
+    padded[n:, :key_b.shape[1]] = key_b
     words = padded.view(np.uint64)
     code = words[:, 0].copy()
     for j in range(1, words.shape[1]):  # a 64-bit hash of each key, checked below
         code = code * np.uint64(0x100000001B3) ^ words[:, j]
-    _, first, index = np.unique(code, return_index=True, return_inverse=True)
-    if not np.array_equal(words[first][index], words):  # two keys with one hash: line by line
-        return None
+    codes, index = np.unique(code, return_inverse=True)
+    first = np.empty(len(codes), np.int64)
+    first[index] = np.arange(2 * n)  # one key of each code
+    first_words = words[first]
+    if any(not np.array_equal(first_words[:, j][index], words[:, j]) for j in range(words.shape[1])):
+        return None  # two keys with one hash: line by line
     keys = [k.decode() for k in padded[first].view(f"S{padded.shape[1]}")[:, 0].tolist()]
     return (label - ord("0")).astype(np.int64), keys, index[:n], index[n:]
+
+
+def _outside_printable_ascii(block):
+    """Whether a uint8 array holds a byte outside '!'..'~' (whitespace, controls, NUL, non-ASCII)."""
+    return bool(np.any(block - np.uint8(33) > 93))
 
 
 def check_keys(needed, available, what):
@@ -152,27 +158,29 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("refused a persistent id")
 
 
-def _unpickle(path, unpickler_class):
-    """``(object, unpickler)`` of ``path``; DataError (one line) if it is refused or broken."""
+@contextlib.contextmanager
+def _gc_paused():
+    """No garbage-collection passes while a pickle creates ~10^5 objects that all stay alive (they
+    would scan the growing heap again and again)."""
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        with open(path, "rb") as f:
-            unpickler = unpickler_class(f)
-            return unpickler.load(), unpickler
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def load_pickle(path):
+    """Unpickle ``path`` with ``RestrictedUnpickler``; DataError (one line) if it is refused or broken."""
+    try:
+        with open(path, "rb") as f, _gc_paused():
+            return RestrictedUnpickler(f).load()
     except pickle.UnpicklingError as e:
         raise DataError(f"{path}: not loaded, {e}: embedding pickles may only hold a dict of "
                         f"utterance keys to numpy arrays") from None
     except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
         raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
-
-
-def load_pickle(path):
-    """Unpickle ``path`` with ``RestrictedUnpickler``; DataError (one line) if it is refused or broken."""
-    return _unpickle(path, RestrictedUnpickler)[0]
-
-
-def _entry_error(path, key, dtype, shape):
-    return DataError(f"{path}: entry {key!r} is a {dtype} array of shape {shape}, "
-                     f"expected 1-D real vectors of one size")
 
 
 def check_embeddings(obj, path):
@@ -185,77 +193,11 @@ def check_embeddings(obj, path):
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
             raise DataError(f"{path}: entry {key!r} is not a string key with a numpy array value")
         if value.ndim != 1 or value.dtype.kind not in "fiu" or (dim is not None and len(value) != dim):
-            raise _entry_error(path, key, value.dtype, value.shape)
+            raise DataError(f"{path}: entry {key!r} is a {value.dtype} array of shape {value.shape}, "
+                            f"expected 1-D real vectors of one size")
         dim = len(value)
         out[utt_id(key)] = value.astype(np.float32, copy=False)
     return out
-
-
-class _Row:
-    """Stands in for one numpy array while ``_RowUnpickler`` reads a pickle: the array's data go
-    straight into the float32 rows of one matrix, so no array object is built per embedding."""
-
-    __slots__ = ("dtype", "number", "rows", "shape")
-
-    def __init__(self, rows):
-        self.rows, self.number, self.dtype, self.shape = rows, None, None, None
-
-    def __setstate__(self, state):  # numpy's array state: ([version,] shape, dtype, fortran, data)
-        shape, dtype, _, data = state[-4:]
-        self.set(data, dtype, shape)
-
-    def set(self, data, dtype, shape):
-        self.dtype, self.shape = dtype, tuple(shape)
-        if not isinstance(dtype, np.dtype) or dtype.kind not in "fiu" or len(self.shape) != 1:
-            return  # reported, with the key, by read_embedding_rows
-        if not isinstance(data, (bytes, bytearray)) or len(data) != self.shape[0] * dtype.itemsize:
-            raise pickle.UnpicklingError("an array's data do not match its shape")
-        if dtype != np.float32:
-            data = np.frombuffer(data, dtype).astype(np.float32).tobytes()
-        self.number = len(self.rows)
-        self.rows.append(data)
-
-
-class _RowUnpickler(RestrictedUnpickler):
-    """``RestrictedUnpickler`` whose numpy arrays become ``_Row``s of one matrix (see ``_Row``)."""
-
-    def __init__(self, file):
-        super().__init__(file)
-        self.rows = []
-
-    def find_class(self, module, name):
-        cls = super().find_class(module, name)
-        if name == "_reconstruct":  # _reconstruct(ndarray, (0,), b"b"), then __setstate__
-            return lambda *_: _Row(self.rows)
-        if name == "_frombuffer":  # pickle protocol 5: _frombuffer(data, dtype, shape, order)
-            return self._from_buffer
-        return cls
-
-    def _from_buffer(self, data, dtype, shape, order):
-        row = _Row(self.rows)
-        row.set(bytes(data), dtype, shape)
-        return row
-
-
-def read_embedding_rows(path):
-    """Embeddings of a pickle as ``(keys, matrix)``: canonical keys (no ``.wav``) and a float32
-    (len(keys), dim) matrix, read with the restrictions of ``RestrictedUnpickler``. Key ``i``'s
-    vector is row ``i``."""
-    obj, unpickler = _unpickle(path, _RowUnpickler)
-    if not isinstance(obj, dict) or not obj:
-        raise DataError(f"{path}: expected a non-empty dict of utterance keys to embeddings, got {type(obj).__name__}")
-    dim = None
-    for key, row in obj.items():
-        if not isinstance(key, str) or not isinstance(row, _Row):
-            raise DataError(f"{path}: entry {key!r} is not a string key with a numpy array value")
-        if row.number is None or not row.shape[0] or (dim is not None and row.shape[0] != dim):
-            raise _entry_error(path, key, row.dtype, row.shape)
-        dim = row.shape[0]
-    matrix = np.frombuffer(b"".join(unpickler.rows), np.float32).reshape(-1, dim)
-    numbers = np.fromiter((row.number for row in obj.values()), dtype=np.int64, count=len(obj))
-    if not np.array_equal(numbers, np.arange(len(matrix))):  # rows shared or out of order
-        matrix = matrix[numbers]
-    return [utt_id(k) for k in obj], matrix
 
 
 def npy_keys_path(path):
@@ -263,13 +205,13 @@ def npy_keys_path(path):
     return path[:-len(".npy")] + "_keys.txt"
 
 
-def read_embeddings(path):
-    """Embeddings from a pickle (``.pk``, see ``read_embedding_rows``) or from a ``.npy`` matrix
-    plus its key list (``npy_keys_path``), as ``(canonical keys, float32 matrix)``."""
+def load_embeddings(path):
+    """Embeddings from a pickle (``.pk``, loaded with ``RestrictedUnpickler``) or from a ``.npy``
+    matrix plus its key list (``npy_keys_path``). Returns dict utterance id -> float32 vector."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: embedding file not found")
     if not path.endswith(".npy"):
-        return read_embedding_rows(path)
+        return check_embeddings(load_pickle(path), path)
     try:
         matrix = np.load(path, allow_pickle=False)
     except ValueError as e:
@@ -279,16 +221,9 @@ def read_embeddings(path):
         raise DataError(f"{keys_path}: key list of {path} not found")
     with open(keys_path) as f:
         keys = f.read().split()
-    if matrix.ndim != 2 or len(keys) != len(matrix) or matrix.dtype.kind not in "fiu" or not len(keys):
-        raise DataError(f"{path}: {matrix.dtype} matrix of shape {matrix.shape} does not match "
-                        f"{len(keys)} keys in {keys_path}")
-    return [utt_id(k) for k in keys], matrix.astype(np.float32, copy=False)
-
-
-def load_embeddings(path):
-    """Embeddings of ``path`` (see ``read_embeddings``) as a dict utterance id -> float32 vector."""
-    keys, matrix = read_embeddings(path)
-    return dict(zip(keys, matrix))
+    if matrix.ndim != 2 or len(keys) != len(matrix):
+        raise DataError(f"{path}: matrix of shape {matrix.shape} does not match {len(keys)} keys in {keys_path}")
+    return check_embeddings(dict(zip(keys, matrix)), path)
 
 
 def save_embeddings(embeddings, path):
@@ -322,15 +257,21 @@ class EmbeddingTable:
 
     @classmethod
     def from_dict(cls, embeddings):
-        return cls(embeddings, np.stack([np.asarray(v) for v in embeddings.values()]))
+        return cls(embeddings, np.stack(list(embeddings.values())))
 
     @classmethod
     def read(cls, paths):
-        """The embeddings of every file of ``paths`` (see ``read_embeddings``), later files winning."""
-        parts = [read_embeddings(p) for p in paths]
-        keys = [k for part_keys, _ in parts for k in part_keys]
-        matrices = [m for _, m in parts]
-        return cls(keys, matrices[0] if len(matrices) == 1 else np.concatenate(matrices))
+        """The embeddings of every file of ``paths`` (``load_embeddings``), later files winning."""
+        keys, vectors, dim = [], [], None
+        for path in paths:
+            embeddings = load_embeddings(path)
+            file_dim = len(next(iter(embeddings.values())))
+            if dim is not None and file_dim != dim:
+                raise DataError(f"{path}: {file_dim}-dimensional embeddings, {paths[0]} holds {dim}-dimensional ones")
+            dim = file_dim
+            keys += embeddings
+            vectors += embeddings.values()
+        return cls(keys, np.stack(vectors))
 
     def lookup(self, keys):
         """Row number of each key, -1 for a key without embedding."""
