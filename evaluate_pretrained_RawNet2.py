@@ -130,7 +130,8 @@ def embedding_path(args, subset):
 def with_device(args):
     """``args`` with -device set: CUDA when available unless given."""
     import torch
-    return argparse.Namespace(**{**vars(args), "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")})
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return argparse.Namespace(**{**vars(args), "device": device})
 
 
 def load_model(args):
@@ -296,8 +297,7 @@ def trial_rows(name, trials, table, skip_missing):
 
 def metrics(labels, scores):
     """EER (original method), its threshold, and minDCF at each of P_TARGETS."""
-    eer, threshold = scoring.compute_eer(labels, scores)
-    min_dcfs = scoring.compute_min_dcf(labels, scores, list(P_TARGETS))
+    (eer, threshold), min_dcfs = scoring.eer_and_min_dcf(labels, scores, P_TARGETS)
     return {"eer": eer, "eer_threshold": threshold,
             **{f"min_dcf_{p}": dcf for p, (dcf, _) in zip(P_TARGETS, min_dcfs)}}
 

@@ -14,6 +14,7 @@ are read with an unpickler that admits only containers, strings, numbers and num
 original calls ``pickle.load``, which runs any code a pickle names).
 """
 
+import concurrent.futures
 import contextlib
 import gc
 import itertools
@@ -32,6 +33,8 @@ from common import (
     write_text_atomic,
 )
 
+# Threads scoring trials: the gathers are bound by memory bandwidth, which a few cores fill.
+SCORING_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
 TRIAL_LINE = "'<1|0> <spk>/<video>/<NNNNN>.wav <spk>/<video>/<NNNNN>.wav'"
 
 
@@ -86,6 +89,9 @@ def _parse_lines(path):
     return np.array(labels, dtype=np.int64), list(codes), index[:len(labels)], index[len(labels):]
 
 
+_KEY_HASH_MULTIPLIER = np.uint64(0x100000001B3)  # FNV-1's 64-bit prime
+
+
 def _parse_fixed_layout(data):
     """``_parse_lines`` for a list whose every line is ``<0|1> <keyA> <keyB>\\n`` with keys of one
     length per column, as a (lines, line length) byte matrix; None for any other list."""
@@ -108,7 +114,7 @@ def _parse_fixed_layout(data):
     words = padded.view(np.uint64)
     code = words[:, 0].copy()
     for j in range(1, words.shape[1]):  # a 64-bit hash of each key, checked below
-        code = code * np.uint64(0x100000001B3) ^ words[:, j]
+        code = code * _KEY_HASH_MULTIPLIER ^ words[:, j]
     codes, index = np.unique(code, return_inverse=True)
     first = np.empty(len(codes), np.int64)
     first[index] = np.arange(2 * n)  # one key of each code
@@ -183,11 +189,18 @@ def load_pickle(path):
         raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
 
 
+_FLOAT32 = np.dtype(np.float32)
+
+
 def check_embeddings(obj, path):
     """Validate a loaded embedding dict (keys -> 1-D real vectors of one size) and return it with
     canonical keys (no ``.wav``) and float32 values."""
     if not isinstance(obj, dict) or not obj:
         raise DataError(f"{path}: expected a non-empty dict of utterance keys to embeddings, got {type(obj).__name__}")
+    values = list(obj.values())
+    if (set(map(type, obj)) == {str} and set(map(type, values)) == {np.ndarray} and values[0].ndim == 1
+            and {(v.dtype, v.shape) for v in values} == {(_FLOAT32, values[0].shape)}):
+        return dict(zip(map(utt_id, obj), values))  # the usual case, checked as a whole
     out, dim = {}, None
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
@@ -267,7 +280,8 @@ class EmbeddingTable:
             embeddings = load_embeddings(path)
             file_dim = len(next(iter(embeddings.values())))
             if dim is not None and file_dim != dim:
-                raise DataError(f"{path}: {file_dim}-dimensional embeddings, {paths[0]} holds {dim}-dimensional ones")
+                raise DataError(f"{path}: {file_dim}-dimensional embeddings, {paths[0]} holds "
+                                f"{dim}-dimensional ones")
             dim = file_dim
             keys += embeddings
             vectors += embeddings.values()
@@ -301,31 +315,38 @@ class EmbeddingTable:
         self.check_finite(rows)
         return rows
 
-    def gather(self, rows, out):
-        """The float64 vectors of ``rows`` (valid row numbers), written into ``out[:len(rows)]``."""
-        block = out[:len(rows)]
-        np.copyto(block, np.take(self.matrix, rows, axis=0, mode="clip"))
-        return block
+    def cosine(self, rows_a, rows_b, chunk=128, threads=None):
+        """Cosine similarity of row pairs, ``dot(a, b) / (|a| |b|)``, the dot products of the float32
+        vectors accumulated in float64.
 
-    def cosine(self, rows_a, rows_b, chunk=256):
-        """Cosine similarity of row pairs, ``dot(a, b) / (|a| |b|)``, accumulated in float64.
-
-        Trials are taken in order of ``rows_a``, so that each A vector is read from memory once and
-        only the B vectors are read at random; memory stays bounded (two ``chunk`` x dim buffers).
+        The trials are split over ``threads`` (default: up to ``SCORING_THREADS``; NumPy's gathers and
+        sums run without the GIL), each scoring ``chunk`` trials at a time in two ``chunk`` x dim
+        buffers: memory stays bounded.
         """
         rows_a, rows_b = np.asarray(rows_a, dtype=np.int64), np.asarray(rows_b, dtype=np.int64)
-        order = np.argsort(rows_a, kind="stable")
-        buf_a, buf_b = np.empty((chunk, self.matrix.shape[1])), np.empty((chunk, self.matrix.shape[1]))
+        rows = np.concatenate([rows_a, rows_b])
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self.matrix)):
+            raise IndexError("row numbers outside the table")
         scores = np.empty(len(rows_a))
-        for s in range(0, len(order), chunk):
-            trials = order[s:s + chunk]
-            a, b = rows_a[trials], rows_b[trials]
-            dots = np.einsum("ij,ij->i", self.gather(a, buf_a), self.gather(b, buf_b))
-            scores[trials] = dots / (self.norms[a] * self.norms[b])
+
+        def score(span):
+            buf_a, buf_b = (np.empty((chunk, self.matrix.shape[1]), np.float32) for _ in range(2))
+            for s in range(span.start, span.stop, chunk):
+                a, b = rows_a[s:min(s + chunk, span.stop)], rows_b[s:min(s + chunk, span.stop)]
+                # mode="clip": no bounds check per row (done above), no temporary array
+                vec_a = np.take(self.matrix, a, axis=0, out=buf_a[:len(a)], mode="clip")
+                vec_b = np.take(self.matrix, b, axis=0, out=buf_b[:len(a)], mode="clip")
+                dots = np.einsum("ij,ij->i", vec_a, vec_b, dtype=np.float64)
+                scores[s:s + len(a)] = dots / (self.norms[a] * self.norms[b])
+
+        threads = threads or min(SCORING_THREADS, max(1, len(rows_a) // (64 * chunk)))
+        bounds = np.linspace(0, len(rows_a), threads + 1).astype(int)
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            list(pool.map(score, [range(lo, hi) for lo, hi in itertools.pairwise(bounds)]))
         return scores
 
 
-def cosine_scores(embeddings, keys_a, keys_b, chunk=256):
+def cosine_scores(embeddings, keys_a, keys_b, chunk=128):
     """Cosine similarity per trial (the original's ``np.dot(a, b) / (|a| |b|)``, in float64) of a
     dict of embeddings: each needed embedding is stacked once (``EmbeddingTable``)."""
     needed = dict.fromkeys(keys_a)
@@ -380,11 +401,9 @@ def _check_two_classes(labels, metric):
     return labels
 
 
-def roc_curve(labels, scores, drop_intermediate=True):
-    """``sklearn.metrics.roc_curve(labels, scores, pos_label=1, drop_intermediate=...)`` in NumPy, the
-    same operations in the same order: ``(fpr, tpr, thresholds)``, one point per distinct score
-    (highest first) after a first point (0, 0) at threshold inf. ``drop_intermediate`` drops the
-    points collinear with both neighbours."""
+def _roc_counts(labels, scores):
+    """False and true positives at each distinct score, highest first, and the scores: the counts of
+    sklearn's ``roc_curve``, by the same operations in the same order."""
     scores = np.asarray(scores)
     if not np.all(np.isfinite(scores)):
         raise DataError("scores hold NaN or infinite values")
@@ -392,14 +411,23 @@ def roc_curve(labels, scores, drop_intermediate=True):
     scores, targets = scores[order], (np.asarray(labels)[order] == 1).astype(np.float64)
     ends = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last trial of each distinct score
     tps = np.cumsum(targets)[ends]
-    fps = 1 + ends.astype(np.float64) - tps
-    thresholds = scores[ends]
-    if drop_intermediate and len(fps) > 2:
+    return 1 + ends.astype(np.float64) - tps, tps, scores[ends]
+
+
+def _roc_rates(fps, tps, thresholds, drop_intermediate):
+    if drop_intermediate and len(fps) > 2:  # drop the points collinear with both neighbours
         keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
         fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
     tps, fps = np.r_[0.0, tps], np.r_[0.0, fps]
     thresholds = np.r_[np.inf, thresholds.astype(np.float64)]
     return fps / fps[-1], tps / tps[-1], thresholds
+
+
+def roc_curve(labels, scores, drop_intermediate=True):
+    """``sklearn.metrics.roc_curve(labels, scores, pos_label=1, drop_intermediate=...)`` in NumPy, the
+    same operations in the same order: ``(fpr, tpr, thresholds)``, one point per distinct score
+    (highest first) after a first point (0, 0) at threshold inf."""
+    return _roc_rates(*_roc_counts(labels, scores), drop_intermediate)
 
 
 BRENTQ_RTOL = 4 * np.finfo(float).eps  # scipy.optimize.brentq's default rtol
@@ -447,14 +475,25 @@ def brentq(f, a, b, xtol=2e-12, rtol=BRENTQ_RTOL, maxiter=100):
     raise RuntimeError(f"brentq: no convergence after {maxiter} iterations, value is {x_cur}")
 
 
+def _eer(fpr, tpr, thresholds):
+    eer = brentq(lambda x: 1.0 - x - np.interp(x, fpr, tpr), 0.0, 1.0)
+    return float(eer), float(np.interp(eer, fpr, thresholds))
+
+
 def compute_eer(labels, scores):
     """Equal error rate (fraction) and its threshold, by the original method: the ROC of
     ``roc_curve``, then ``brentq`` on 1 - x - tpr(x), tpr linearly interpolated in fpr (what
     ``scipy.interpolate.interp1d`` computes for these float64 points: ``np.interp``)."""
-    labels = _check_two_classes(labels, "EER")
-    fpr, tpr, thresholds = roc_curve(labels, scores)
-    eer = brentq(lambda x: 1.0 - x - np.interp(x, fpr, tpr), 0.0, 1.0)
-    return float(eer), float(np.interp(eer, fpr, thresholds))
+    return _eer(*roc_curve(_check_two_classes(labels, "EER"), scores))
+
+
+def _min_dcf(fpr, tpr, thresholds, p_target, c_miss, c_fa):
+    results = []
+    for p in np.atleast_1d(p_target):
+        cost = c_miss * (1 - tpr) * p + c_fa * fpr * (1 - p)
+        best = int(np.argmin(cost))
+        results.append((float(cost[best] / min(c_miss * p, c_fa * (1 - p))), float(thresholds[best])))
+    return results if np.ndim(p_target) else results[0]
 
 
 def compute_min_dcf(labels, scores, p_target, c_miss=1.0, c_fa=1.0):
@@ -468,10 +507,11 @@ def compute_min_dcf(labels, scores, p_target, c_miss=1.0, c_fa=1.0):
     be a list: then lists of (minDCF, threshold) pairs come back, from one ROC.
     """
     labels = _check_two_classes(labels, "minDCF")
-    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
-    results = []
-    for p in np.atleast_1d(p_target):
-        cost = c_miss * (1 - tpr) * p + c_fa * fpr * (1 - p)
-        best = int(np.argmin(cost))
-        results.append((float(cost[best] / min(c_miss * p, c_fa * (1 - p))), float(thresholds[best])))
-    return results if np.ndim(p_target) else results[0]
+    return _min_dcf(*roc_curve(labels, scores, drop_intermediate=False), p_target, c_miss, c_fa)
+
+
+def eer_and_min_dcf(labels, scores, p_targets):
+    """``(compute_eer(...), compute_min_dcf(labels, scores, p_targets))`` from one sort of the scores."""
+    counts = _roc_counts(_check_two_classes(labels, "EER"), scores)
+    return (_eer(*_roc_rates(*counts, drop_intermediate=True)),
+            _min_dcf(*_roc_rates(*counts, drop_intermediate=False), list(p_targets), 1.0, 1.0))

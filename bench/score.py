@@ -148,8 +148,8 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         t = time.perf_counter()
         # in a child process: a forked child inherits the parent's peak RSS, so the parent stays small
-        subprocess.run([sys.executable, os.path.abspath(__file__), "-make", folder, "-scale", str(args.scale)],
-                       check=True)
+        make = [sys.executable, os.path.abspath(__file__), "-make", folder, "-scale", str(args.scale)]
+        subprocess.run(make, check=True)
         sizes = {}
         for _, file, _, _ in LISTS:
             with open(os.path.join(folder, file)) as f:
@@ -162,9 +162,10 @@ def main():
             for name, cmd in commands.items():
                 runs[name].append(timed(cmd))
                 wall, cpu, mb, _ = runs[name][-1]
-                print(f"round {r + 1}: {name:8s} {wall:6.1f} s start to exit, {cpu:6.1f} s CPU, peak RSS {mb:,.0f} MB",
-                      flush=True)
-    median = {name: [float(np.median(column)) for column in zip(*[run[:3] for run in rs])] for name, rs in runs.items()}
+                print(f"round {r + 1}: {name:8s} {wall:6.1f} s start to exit, {cpu:6.1f} s CPU, "
+                      f"peak RSS {mb:,.0f} MB", flush=True)
+    median = {name: [float(np.median(column)) for column in zip(*[run[:3] for run in rs])]
+              for name, rs in runs.items()}
     lines = {name: eer_lines(rs[-1][3]) for name, rs in runs.items()}
     print("\n| path | start to exit | CPU | peak RSS |\n| --- | --- | --- | --- |")
     for name, label in (("original", "original script (DataLoader, per-trial loop)"),
