@@ -18,8 +18,9 @@ Added, none of which changes a number the original prints:
     eval_wav/ from any checkpoint (released legacy weights or ours), segments of many utterances per
     forward, audio read in DataLoader workers, written atomically; an interrupted run resumes from
     ``-embd_dir/.partial/``. ``-format npy`` writes/reads a matrix plus key list instead.
-  * Pickles are untrusted input: they are read with a restricted unpickler (``scoring.RestrictedUnpickler``)
-    that refuses anything but containers, strings, numbers and numpy arrays.
+  * Pickles are untrusted input: they are read with a restricted unpickler
+    (``scoring.RestrictedUnpickler``) that refuses anything but containers, strings, numbers and
+    numpy arrays.
   * Scoring imports no PyTorch (only -extract and -verify do) and is vectorised and chunked
     (``scoring.EmbeddingTable``), accumulated in float64: the EERs of the original's per-trial loop
     (bench/score.py measures both).
