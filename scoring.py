@@ -4,7 +4,7 @@ second.
 
 The numbers are those of the authors' evaluate_pretrained_RawNet2.py (github.com/Jungjee/RawNet):
   * Cosine similarity per trial, ``dot(a, b) / (|a| |b|)``. The original computes each trial's dot
-    product in float32; here it is accumulated in float64 (the EERs agree on the VoxCeleb1 lists).
+    product in float32; here it is accumulated in float64 (bench/score.py prints both EERs).
   * EER by the original method: the ROC of ``sklearn.metrics.roc_curve``, then ``scipy.optimize.brentq``
     on ``1 - x - tpr(x)``, tpr linearly interpolated (``scipy.interpolate.interp1d``). Both are
     re-implemented here in NumPy, operation for operation, so the EERs are the same floats
@@ -34,7 +34,8 @@ from common import (
 )
 
 # Threads scoring trials: the gathers are bound by memory bandwidth, which a few cores fill.
-SCORING_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+SCORING_THREADS = min(4, _CPUS)
 TRIAL_LINE = "'<1|0> <spk>/<video>/<NNNNN>.wav <spk>/<video>/<NNNNN>.wav'"
 
 
@@ -262,11 +263,9 @@ class EmbeddingTable:
         self.keys, self.matrix = list(keys), np.ascontiguousarray(matrix, dtype=np.float32)
         self.index = dict(zip(self.keys, range(len(self.keys))))
         self.norms = np.empty(len(self.matrix))
-        buf = np.empty((chunk, self.matrix.shape[1]))
         for s in range(0, len(self.matrix), chunk):
-            block = buf[:len(self.matrix[s:s + chunk])]
-            np.copyto(block, self.matrix[s:s + chunk])
-            self.norms[s:s + chunk] = np.sqrt(np.einsum("ij,ij->i", block, block))
+            block = self.matrix[s:s + chunk]
+            self.norms[s:s + chunk] = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
 
     @classmethod
     def from_dict(cls, embeddings):
@@ -285,7 +284,7 @@ class EmbeddingTable:
             dim = file_dim
             keys += embeddings
             vectors += embeddings.values()
-        return cls(keys, np.array(vectors))  # np.array copies the vectors in one C loop, ~4x np.stack
+        return cls(keys, np.array(vectors))  # one C loop over the vectors (np.stack is slower)
 
     def lookup(self, keys):
         """Row number of each key, -1 for a key without embedding."""

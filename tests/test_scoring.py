@@ -59,6 +59,12 @@ def test_eer_is_the_original_methods_float_and_printed_line():
         assert f"Vox original evaluation EER: {eer}" == f"Vox original evaluation EER: {expected}"
 
 
+def test_one_sort_for_eer_and_min_dcf_gives_both_functions_results():
+    for labels, scores in list(score_sets())[:30]:
+        expected = (scoring.compute_eer(labels, scores), scoring.compute_min_dcf(labels, scores, [0.01, 0.05]))
+        assert scoring.eer_and_min_dcf(labels, scores, (0.01, 0.05)) == expected
+
+
 def test_eer_threshold_is_interp1d_of_the_thresholds():
     rng = np.random.default_rng(1)
     labels, scores = rng.integers(0, 2, 500), rng.standard_normal(500)
