@@ -31,6 +31,7 @@ Added, none of which changes a number the original prints:
 """
 
 import argparse
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -346,6 +347,46 @@ def plot_det(path, title, curves):
     plt.close(fig)
 
 
+def scorable_lists(args):
+    """(name, path, embedding sets) of each list to score whose file and embeddings are present; a
+    note for each other."""
+    lists = []
+    for name, path, subsets in trial_lists(args):
+        if not os.path.isfile(path):
+            print(f"note: {path} not found: {name} skipped")
+            continue
+        present = tuple(s for s in subsets if os.path.isfile(embedding_path(args, s)))
+        if not present or (args.trials is None and present != subsets):
+            absent = [embedding_path(args, s) for s in subsets if s not in present]
+            print(f"note: {' and '.join(absent)} not found: {name} skipped")
+            continue
+        lists.append((name, path, present))
+    return lists
+
+
+def score_list(args, name, path, trials, table, cohort):
+    """Metrics of one trial list (and its AS-norm metrics with a cohort), reported and written."""
+    labels, rows_a, rows_b, kept = trial_rows(path, trials, table, args.skip_missing)
+    scores = table.cosine(rows_a, rows_b)
+    result = metrics(labels, scores)
+    report(f"{name} evaluation EER: {result['eer']}", result, args.eer_file)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    curves = [("cosine", labels, scores)]
+    if args.score_dir:
+        write_scores(os.path.join(args.score_dir, stem + ".txt"), scores, labels, trials, kept)
+    if cohort is not None:
+        normed = scoring.asnorm_scores(scores, table, rows_a, rows_b, cohort, args.asnorm_top_n)
+        result["asnorm"] = metrics(labels, normed)
+        report(f"{name} evaluation EER (AS-norm, top {args.asnorm_top_n}): {result['asnorm']['eer']}",
+               result["asnorm"], args.eer_file)
+        curves.append((f"AS-norm (top {args.asnorm_top_n})", labels, normed))
+        if args.score_dir:
+            write_scores(os.path.join(args.score_dir, stem + "_asnorm.txt"), normed, labels, trials, kept)
+    if args.plot is not None:
+        plot_det(os.path.join(args.plot, stem + ".png"), name, curves)
+    return result
+
+
 def score(args):
     """Score every list present; returns {name: metrics (and 'asnorm': metrics)}."""
     tables = {}  # embedding sets -> EmbeddingTable, built on first use
@@ -356,36 +397,15 @@ def score(args):
         return tables[subsets]
 
     cohort = load_cohort(args) if args.asnorm else None
+    lists = scorable_lists(args)
     results = {}
-    for name, path, subsets in trial_lists(args):
-        if not os.path.isfile(path):
-            print(f"note: {path} not found: {name} skipped")
-            continue
-        present = tuple(s for s in subsets if os.path.isfile(embedding_path(args, s)))
-        if not present or (args.trials is None and present != subsets):
-            absent = [embedding_path(args, s) for s in subsets if s not in present]
-            print(f"note: {' and '.join(absent)} not found: {name} skipped")
-            continue
-        table = table_of(present)
-        trials = scoring.read_trial_list(path)
-        labels, rows_a, rows_b, kept = trial_rows(path, trials, table, args.skip_missing)
-        scores = table.cosine(rows_a, rows_b)
-        results[name] = metrics(labels, scores)
-        report(f"{name} evaluation EER: {results[name]['eer']}", results[name], args.eer_file)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        curves = [("cosine", labels, scores)]
-        if args.score_dir:
-            write_scores(os.path.join(args.score_dir, stem + ".txt"), scores, labels, trials, kept)
-        if cohort is not None:
-            normed = scoring.asnorm_scores(scores, table, rows_a, rows_b, cohort, args.asnorm_top_n)
-            results[name]["asnorm"] = metrics(labels, normed)
-            report(f"{name} evaluation EER (AS-norm, top {args.asnorm_top_n}): {results[name]['asnorm']['eer']}",
-                   results[name]["asnorm"], args.eer_file)
-            curves.append((f"AS-norm (top {args.asnorm_top_n})", labels, normed))
-            if args.score_dir:
-                write_scores(os.path.join(args.score_dir, stem + "_asnorm.txt"), normed, labels, trials, kept)
-        if args.plot is not None:
-            plot_det(os.path.join(args.plot, stem + ".png"), name, curves)
+    # The lists are parsed in a second thread while the embeddings load (NumPy's parsing steps run
+    # without the GIL, unpickling holds it).
+    with concurrent.futures.ThreadPoolExecutor(1) as reader:
+        parsed = [reader.submit(scoring.read_trial_list, path) for _, path, _ in lists]
+        for (name, path, subsets), trials in zip(lists, parsed):
+            table = table_of(subsets)
+            results[name] = score_list(args, name, path, trials.result(), table, cohort)
     if not results:
         raise DataError("nothing was scored: no trial list together with its embeddings was found")
     return results
