@@ -3,7 +3,7 @@
 `make_demo_corpus()` writes a corpus in the exact VoxCeleb layout the training script reads
 (`VoxCeleb2/wav/` to train on; `VoxCeleb1/eval_wav/` and `VoxCeleb1/veri_test.txt` to test on), and
 `naive_baseline_eer()` scores its trials with a deliberately naive feature. Synthesis needs numpy,
-scipy, soundfile and tqdm; the baseline's EER is the project's (``utils.compute_eer``), so importing
+scipy, soundfile and tqdm; the baseline's EER is the project's (``scoring.compute_eer``), so importing
 this module also imports ``utils`` and with it torch and scikit-learn.
 
 Why it is a real task and not a toy:
@@ -42,7 +42,7 @@ from scipy import fft
 from scipy.ndimage import gaussian_filter1d, uniform_filter1d
 from tqdm import tqdm
 
-from utils import compute_eer
+from scoring import compute_eer
 
 SAMPLE_RATE = 16000
 HOP, WIN, NFFT = 256, 512, 1024  # 16 ms control rate; zero-padded FFT so filter responses fit

@@ -18,11 +18,12 @@ Added, none of which changes a number the original prints:
     eval_wav/ from any checkpoint (released legacy weights or ours), segments of many utterances per
     forward, audio read in DataLoader workers, written atomically; an interrupted run resumes from
     ``-embd_dir/.partial/``. ``-format npy`` writes/reads a matrix plus key list instead.
-  * Pickles are untrusted input: they are read with a restricted unpickler (``utils.load_pickle``)
-    that refuses anything but containers, strings, numbers and numpy arrays.
-  * Scoring is vectorised and chunked (``utils.EmbeddingTable``), accumulated in float64: the same
-    EERs as the original's per-trial loop, with bounded memory (bench/score.py: Vox1-O + E + H in
-    7-8 s on 2 cores, the original loop 9 s; both are bound by memory reads).
+  * Pickles are untrusted input: they are read with a restricted unpickler
+    (``scoring.RestrictedUnpickler``) that refuses anything but containers, strings, numbers and
+    numpy arrays.
+  * Scoring imports no PyTorch (only -extract and -verify do) and is vectorised and chunked
+    (``scoring.EmbeddingTable``), accumulated in float64: the EERs of the original's per-trial loop
+    (bench/score.py measures both).
   * ``-asnorm`` (adaptive symmetric score normalisation), ``-score_dir``, ``-plot`` (DET curves),
     ``-verify`` (one pair of wav files), ``-bf16`` (opt-in bfloat16 autocast for extraction).
   * Bad input stops with one line naming the file, key or line: missing keys, NaN/zero embeddings,
@@ -30,6 +31,7 @@ Added, none of which changes a number the original prints:
 """
 
 import argparse
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -39,12 +41,10 @@ import sys
 import time
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-import utils
-from model_RawNet2 import load_pretrained
-from utils import DataError
+import common
+import scoring
+from common import DataError
 
 # (name printed, file in -trial_dir, embedding sets scored with it), as in the original script.
 LISTS = [("Vox original", "vox_original.txt", ("eval",)),
@@ -65,7 +65,7 @@ def build_parser():
                     "extract them from a checkpoint; verify a pair of recordings.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    add = utils.arg_group(parser, "scoring")
+    add = common.arg_group(parser, "scoring")
     add("embd_dir", type=str, default="spk_embd/", help="folder of TTA_vox1_dev.pk and TTA_vox1_eval.pk")
     add("trial_dir", type=str, default="trials/",
         help="folder of vox_original.txt, list_test_all_cleaned.txt, list_test_hard_cleaned.txt")
@@ -80,7 +80,7 @@ def build_parser():
     add("plot", type=str, nargs="?", const="det_curves/", default=None, metavar="DIR",
         help="write a DET curve PNG per list into DIR (needs matplotlib)")
 
-    add = utils.arg_group(parser, "score normalisation")
+    add = common.arg_group(parser, "score normalisation")
     add("asnorm", action="store_true",
         help="also report adaptive symmetric score normalisation (AS-norm) with -cohort")
     add("cohort", type=str, default="", help="AS-norm cohort: an embedding file (.pk or .npy)")
@@ -88,7 +88,7 @@ def build_parser():
         help="cohort entries: per-speaker mean embeddings (speaker = first part of the key), or utterances")
     add("asnorm_top_n", type=int, default=300, help="AS-norm: closest cohort entries per side")
 
-    add = utils.arg_group(parser, "extraction")
+    add = common.arg_group(parser, "extraction")
     add("extract", action="store_true",
         help="compute TTA embeddings of -DB's -dev_wav and -eval_wav with -model_dir into -embd_dir, then score")
     add("model_dir", type=str, default="Pre-trained_model/rawnet2_best_weights.pt",
@@ -102,15 +102,14 @@ def build_parser():
              f"(default on GPU {GPU_SEGMENTS_PER_BATCH[True]} with -fast, else {GPU_SEGMENTS_PER_BATCH[False]}; "
              f"{CPU_SEGMENTS_PER_BATCH} on CPU)")
     add("nb_worker", type=int, default=4, help="DataLoader worker processes reading audio")
-    add("fast", default=True, **utils.BOOL_FLAG,
+    add("fast", default=True, **common.BOOL_FLAG,
         help="fast path of fast_RawNet2.py (fused sinc front end; on CPU also channels-last blocks "
              "and GRU): same math; False runs the plain reference path")
     add("bf16", action="store_true",
         help="bfloat16 autocast in the network (faster on CPUs with bf16 support; changes scores slightly)")
-    add("device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
-        help="device of the network")
+    add("device", type=str, default=None, help="device of the network (default: cuda if available, else cpu)")
 
-    add = utils.arg_group(parser, "verification")
+    add = common.arg_group(parser, "verification")
     add("verify", type=str, nargs=2, default=None, metavar=("A.wav", "B.wav"),
         help="embed two recordings with -model_dir and print their cosine score and decision")
     add("threshold", type=float, default=None,
@@ -123,13 +122,23 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Embedding files, model
+# Embedding files, model. PyTorch is imported only here and in extraction and verification, so that
+# a scoring run starts without it.
 
 def embedding_path(args, subset):
     return os.path.join(args.embd_dir, f"TTA_vox1_{subset}.{args.format}")
 
 
+def with_device(args):
+    """``args`` with -device set: CUDA when available unless given."""
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return argparse.Namespace(**{**vars(args), "device": device})
+
+
 def load_model(args):
+    from model_RawNet2 import load_pretrained
+
     if not os.path.isfile(args.model_dir):
         raise DataError(f"{args.model_dir}: checkpoint not found (-model_dir)")
     try:
@@ -163,7 +172,7 @@ def open_partial(folder, fingerprint):
                 return
         print(f"note: {folder} holds a partial extraction made with another model or settings: starting over")
         shutil.rmtree(folder)
-    utils.write_json_atomic(fingerprint, stamp)
+    common.write_json_atomic(fingerprint, stamp)
 
 
 def load_partial(folder, subset):
@@ -172,17 +181,21 @@ def load_partial(folder, subset):
     for name in sorted(os.listdir(folder)):
         if name.startswith(f"{subset}_") and name.endswith(".pk"):
             path = os.path.join(folder, name)
-            chunk = utils.load_pickle(path)
+            chunk = scoring.load_pickle(path)
             if not isinstance(chunk, dict) or set(chunk) != {"embeddings", "skipped"}:
                 raise DataError(f"{path}: not a partial-extraction file; delete {folder} to start over")
             if chunk["embeddings"]:
-                embeddings.update(utils.check_embeddings(chunk["embeddings"], path))
+                embeddings.update(scoring.check_embeddings(chunk["embeddings"], path))
             skipped.update(chunk["skipped"])
     return embeddings, skipped
 
 
 def extract_subset(model, args, folder, wav_dir, subset):
     """TTA embeddings of every utterance under ``wav_dir``, resuming from ``folder``."""
+    from tqdm import tqdm
+
+    import utils
+
     keys = utils.list_utterances(wav_dir)
     embeddings, skipped = load_partial(folder, subset)
     todo = [k for k in keys if utils.utt_id(k) not in embeddings and k not in skipped]
@@ -236,7 +249,7 @@ def extract(args):
     for subset, wav_dir in present:
         embeddings = extract_subset(model, args, partial, wav_dir, subset)
         path = embedding_path(args, subset)
-        utils.save_embeddings(embeddings, path)
+        scoring.save_embeddings(embeddings, path)
         print(f"{len(embeddings)} embeddings of {wav_dir} written to {path}")
     shutil.rmtree(partial)
 
@@ -253,40 +266,40 @@ def trial_lists(args):
 
 def load_cohort(args):
     """AS-norm cohort matrix: per-speaker means of the -cohort embeddings, or the embeddings."""
-    embeddings = utils.load_embeddings(args.cohort)
+    embeddings = scoring.load_embeddings(args.cohort)
     if args.cohort_by == "utterance":
         return np.stack(list(embeddings.values()))
     by_speaker = {}
     for key, code in embeddings.items():
-        by_speaker.setdefault(utils.speaker_of(key), []).append(code)
+        by_speaker.setdefault(common.speaker_of(key), []).append(code)
     return np.stack([np.mean(codes, axis=0) for codes in by_speaker.values()])
 
 
 def trial_rows(name, trials, table, skip_missing):
-    """Row numbers in ``table`` of each trial's keys. A key without embedding is an error, or with
-    -skip_missing its trials are dropped with a note. Returns (labels, keysA, keysB, rowsA, rowsB)."""
-    labels, keys_a, keys_b = trials
-    rows_a, rows_b = table.lookup(keys_a), table.lookup(keys_b)
-    keep = (rows_a >= 0) & (rows_b >= 0)
-    if not keep.all():
-        missing = sorted({k for k in keys_a + keys_b if k not in table.index})
+    """Table rows of each trial's keys (``trials`` from ``scoring.read_trial_list``). A key without
+    embedding is an error, or with -skip_missing its trials are dropped with a note. Returns
+    (labels, rowsA, rowsB, kept): ``kept`` the trials scored, a slice or a mask."""
+    labels, keys, index_a, index_b = trials
+    key_rows = table.lookup(keys)
+    rows_a, rows_b = key_rows[index_a], key_rows[index_b]
+    kept = slice(None)
+    if np.any(key_rows < 0):
+        missing = sorted(k for k, r in zip(keys, key_rows.tolist()) if r < 0)
         if not skip_missing:
-            utils.check_keys(missing, (), f"trial keys of {name}")
-        if not keep.any():
+            scoring.check_keys(missing, (), f"trial keys of {name}")
+        kept = (rows_a >= 0) & (rows_b >= 0)
+        if not kept.any():
             raise DataError(f"{name}: no trial has embeddings for both of its keys")
-        print(f"note: {name}: {int((~keep).sum())} of {len(keep)} trials skipped, "
+        print(f"note: {name}: {int((~kept).sum())} of {len(kept)} trials skipped, "
               f"{len(missing)} keys have no embedding (e.g. {', '.join(missing[:3])})")
-        labels, rows_a, rows_b = labels[keep], rows_a[keep], rows_b[keep]
-        keys_a = [k for k, m in zip(keys_a, keep) if m]
-        keys_b = [k for k, m in zip(keys_b, keep) if m]
+        labels, rows_a, rows_b = labels[kept], rows_a[kept], rows_b[kept]
     table.check_finite(np.concatenate([rows_a, rows_b]))
-    return labels, keys_a, keys_b, rows_a, rows_b
+    return labels, rows_a, rows_b, kept
 
 
 def metrics(labels, scores):
     """EER (original method), its threshold, and minDCF at each of P_TARGETS."""
-    eer, threshold = utils.compute_eer(labels, scores)
-    min_dcfs = utils.compute_min_dcf(labels, scores, list(P_TARGETS))
+    (eer, threshold), min_dcfs = scoring.eer_and_min_dcf(labels, scores, P_TARGETS)
     return {"eer": eer, "eer_threshold": threshold,
             **{f"min_dcf_{p}": dcf for p, (dcf, _) in zip(P_TARGETS, min_dcfs)}}
 
@@ -299,8 +312,12 @@ def report(line, result, eer_file):
           + f", EER threshold {result['eer_threshold']:.4f}")
 
 
-def write_scores(path, scores, labels, keys_a, keys_b):
-    utils.write_text_atomic("".join(f"{s} {t} {a} {b}\n" for s, t, a, b in zip(scores, labels, keys_a, keys_b)), path)
+def write_scores(path, scores, labels, trials, kept):
+    """'score target keyA keyB' per scored trial."""
+    _, keys, index_a, index_b = trials
+    keys = np.array(keys, dtype=object)
+    lines = zip(scores.tolist(), labels.tolist(), keys[index_a[kept]], keys[index_b[kept]])
+    common.write_text_atomic("".join(f"{s} {t} {a} {b}\n" for s, t, a, b in lines), path)
 
 
 def plot_det(path, title, curves):
@@ -315,7 +332,7 @@ def plot_det(path, title, curves):
     fig, ax = plt.subplots(figsize=(5, 5))
     for label, labels, scores in curves:
         fpr, fnr, _ = det_curve(labels, scores)
-        eer = utils.compute_eer(labels, scores)[0]
+        eer = scoring.compute_eer(labels, scores)[0]
         ax.plot(norm.ppf(np.clip(fpr, 1e-6, 1 - 1e-6)), norm.ppf(np.clip(fnr, 1e-6, 1 - 1e-6)),
                 label=f"{label}, EER {100 * eer:.2f} %")
     ax.plot(norm.ppf(ticks), norm.ppf(ticks), ":", color="grey", linewidth=0.8)  # EER diagonal
@@ -330,20 +347,10 @@ def plot_det(path, title, curves):
     plt.close(fig)
 
 
-def score(args):
-    """Score every list present; returns {name: metrics (and 'asnorm': metrics)}."""
-    tables = {}  # embedding sets -> EmbeddingTable, built on first use
-
-    def table_of(subsets):
-        if subsets not in tables:
-            merged = {}
-            for subset in subsets:
-                merged.update(utils.load_embeddings(embedding_path(args, subset)))
-            tables[subsets] = utils.EmbeddingTable(merged)
-        return tables[subsets]
-
-    cohort = load_cohort(args) if args.asnorm else None
-    results = {}
+def scorable_lists(args):
+    """(name, path, embedding sets) of each list to score whose file and embeddings are present; a
+    note for each other."""
+    lists = []
     for name, path, subsets in trial_lists(args):
         if not os.path.isfile(path):
             print(f"note: {path} not found: {name} skipped")
@@ -353,25 +360,52 @@ def score(args):
             absent = [embedding_path(args, s) for s in subsets if s not in present]
             print(f"note: {' and '.join(absent)} not found: {name} skipped")
             continue
-        table = table_of(present)
-        labels, keys_a, keys_b, rows_a, rows_b = trial_rows(path, utils.read_trials(path), table, args.skip_missing)
-        scores = table.cosine(rows_a, rows_b)
-        results[name] = metrics(labels, scores)
-        report(f"{name} evaluation EER: {results[name]['eer']}", results[name], args.eer_file)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        curves = [("cosine", labels, scores)]
+        lists.append((name, path, present))
+    return lists
+
+
+def score_list(args, name, path, trials, table, cohort):
+    """Metrics of one trial list (and its AS-norm metrics with a cohort), reported and written."""
+    labels, rows_a, rows_b, kept = trial_rows(path, trials, table, args.skip_missing)
+    scores = table.cosine(rows_a, rows_b)
+    result = metrics(labels, scores)
+    report(f"{name} evaluation EER: {result['eer']}", result, args.eer_file)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    curves = [("cosine", labels, scores)]
+    if args.score_dir:
+        write_scores(os.path.join(args.score_dir, stem + ".txt"), scores, labels, trials, kept)
+    if cohort is not None:
+        normed = scoring.asnorm_scores(scores, table, rows_a, rows_b, cohort, args.asnorm_top_n)
+        result["asnorm"] = metrics(labels, normed)
+        report(f"{name} evaluation EER (AS-norm, top {args.asnorm_top_n}): {result['asnorm']['eer']}",
+               result["asnorm"], args.eer_file)
+        curves.append((f"AS-norm (top {args.asnorm_top_n})", labels, normed))
         if args.score_dir:
-            write_scores(os.path.join(args.score_dir, stem + ".txt"), scores, labels, keys_a, keys_b)
-        if cohort is not None:
-            normed = utils.asnorm_scores(scores, table, rows_a, rows_b, cohort, args.asnorm_top_n)
-            results[name]["asnorm"] = metrics(labels, normed)
-            report(f"{name} evaluation EER (AS-norm, top {args.asnorm_top_n}): {results[name]['asnorm']['eer']}",
-                   results[name]["asnorm"], args.eer_file)
-            curves.append((f"AS-norm (top {args.asnorm_top_n})", labels, normed))
-            if args.score_dir:
-                write_scores(os.path.join(args.score_dir, stem + "_asnorm.txt"), normed, labels, keys_a, keys_b)
-        if args.plot is not None:
-            plot_det(os.path.join(args.plot, stem + ".png"), name, curves)
+            write_scores(os.path.join(args.score_dir, stem + "_asnorm.txt"), normed, labels, trials, kept)
+    if args.plot is not None:
+        plot_det(os.path.join(args.plot, stem + ".png"), name, curves)
+    return result
+
+
+def score(args):
+    """Score every list present; returns {name: metrics (and 'asnorm': metrics)}."""
+    tables = {}  # embedding sets -> EmbeddingTable, built on first use
+
+    def table_of(subsets):
+        if subsets not in tables:
+            tables[subsets] = scoring.EmbeddingTable.read([embedding_path(args, s) for s in subsets])
+        return tables[subsets]
+
+    cohort = load_cohort(args) if args.asnorm else None
+    lists = scorable_lists(args)
+    results = {}
+    # The lists are parsed in a second thread while the embeddings load (NumPy's parsing steps run
+    # without the GIL, unpickling holds it).
+    with concurrent.futures.ThreadPoolExecutor(1) as reader:
+        parsed = [reader.submit(scoring.read_trial_list, path) for _, path, _ in lists]
+        for (name, path, subsets), trials in zip(lists, parsed):
+            table = table_of(subsets)
+            results[name] = score_list(args, name, path, trials.result(), table, cohort)
     if not results:
         raise DataError("nothing was scored: no trial list together with its embeddings was found")
     return results
@@ -379,10 +413,12 @@ def score(args):
 
 def verify(args):
     """Cosine score of two recordings' TTA embeddings, and the decision at -threshold."""
+    import utils
+
     model = load_model(args)
     code_a, code_b = (utils.embed_utterance(model, path, args.window_size, args.device, bf16=args.bf16)
                       for path in args.verify)
-    scores = utils.cosine_scores({"a": code_a, "b": code_b}, ["a"], ["b"])
+    scores = scoring.cosine_scores({"a": code_a, "b": code_b}, ["a"], ["b"])
     value = float(scores[0])
     if args.threshold is None:
         print(f"cosine score {value:.6f} (pass -threshold for a same/different decision)")
@@ -401,9 +437,9 @@ def main(args):
         except ImportError:
             raise DataError("-plot needs matplotlib, which is not installed: pip install matplotlib") from None
     if args.verify:
-        return verify(args)
+        return verify(with_device(args))
     if args.extract:
-        extract(args)
+        extract(with_device(args))
     return score(args)
 
 
@@ -412,7 +448,7 @@ if __name__ == "__main__":
         main(parse_args())
     except (DataError, ValueError) as e:
         # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
-        sys.exit(utils.error_line(e))
+        sys.exit(common.error_line(e))
     except KeyboardInterrupt:
         sys.exit("interrupted (an -extract run keeps finished embeddings in <embd_dir>/.partial/: "
                  "the same command resumes it)")

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import scoring
 import utils
 from model_RawNet2 import RawNet2, strip_module_prefix
 from utils import DataError
@@ -219,14 +220,14 @@ def evaluate(model, keys, base_dir, trials, args, device, desc):
         labels = labels[keep]
         keys_a = [k for k, m in zip(keys_a, keep) if m]
         keys_b = [k for k, m in zip(keys_b, keep) if m]
-    scores = utils.cosine_scores(embeddings, keys_a, keys_b)
-    eer, _ = utils.compute_eer(labels, scores)
+    scores = scoring.cosine_scores(embeddings, keys_a, keys_b)
+    eer, _ = scoring.compute_eer(labels, scores)
     return eer, scores, labels
 
 
 def load_trials(path, keys):
-    trials = utils.read_trials(path)
-    utils.check_keys(trials[1] + trials[2], {utils.utt_id(k) for k in keys}, f"trial keys of {path}")
+    trials = scoring.read_trials(path)
+    scoring.check_keys(trials[1] + trials[2], {utils.utt_id(k) for k in keys}, f"trial keys of {path}")
     return trials
 
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the RawNet2 reproduction: data, segmentation, scoring, training helpers.
+"""Shared pieces of the RawNet2 reproduction: data, segmentation, TTA embeddings, training helpers.
 
 Follows the authors' ``utils.py`` / ``trainer`` of github.com/Jungjee/RawNet (python/RawNet2); the
 facts are in ../shared/SPEC.md. Everything numeric here is checked by tests against an independent
@@ -11,73 +11,47 @@ Deliberate differences from the original code:
     NaN) is skipped with a warning.
   * TTA evaluation feeds all segments of many utterances through the network in one batch (the
     original feeds one segment at a time); in eval mode this is the same math.
-  * Trial scoring is vectorised and chunked (``EmbeddingTable``), accumulated in float64 (the
-    original's per-trial ``np.dot`` works in float32); EER is computed exactly as the original
-    (roc_curve + brentq). minDCF and AS-norm are added for back-end studies.
-  * Embedding pickles are untrusted input: ``load_pickle`` admits only containers, strings, numbers
-    and numpy arrays (the original calls ``pickle.load``, which runs any code a pickle names).
   * Checkpoints and text outputs are written atomically (temporary file, then rename).
+
+Trial lists, embedding files, scores and metrics are in scoring.py, which needs no PyTorch; the
+torch-free basics (``DataError``, flags, key forms, atomic writes) are in common.py and are used
+here as ``utils.X`` too.
 """
 
-import argparse
 import contextlib
-import itertools
-import json
 import multiprocessing
-import operator
 import os
-import pickle
 import random
-import re
-import tempfile
 import warnings
 
 import numpy as np
 import soundfile as sf
 import torch
 import torch.nn as nn
-from scipy.interpolate import interp1d
-from scipy.optimize import brentq
-from sklearn.metrics import roc_curve
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
+
+# torch-free basics; the scripts reach them as utils.X
+from common import (  # noqa: F401
+    BOOL_FLAG,
+    DataError,
+    arg_group,
+    error_line,
+    speaker_of,
+    str2bool,
+    utt_id,
+    write_atomic,
+    write_json_atomic,
+    write_npy_atomic,
+    write_pickle_atomic,
+    write_text_atomic,
+)
 
 SAMPLE_RATE = 16000
 
 
-class DataError(Exception):
-    """Bad or missing input data; the message is one line naming the file, key or flag."""
-
-
 class SilentAudioError(DataError):
     """An empty or all-zero waveform: it cannot be peak-normalised."""
-
-
-def error_line(error):
-    """``error: <message>`` in one line. Errors raised in DataLoader workers arrive wrapped with the
-    worker's traceback: keep its last line, without the exception's class name."""
-    return "error: " + re.sub(r"^[\w.]*Error: ", "", str(error).strip().splitlines()[-1])
-
-
-def str2bool(v):
-    """argparse type of the original's boolean flags: ``-mg False``, ``-mg true``, or bare ``-mg``."""
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if v.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
-
-
-BOOL_FLAG = dict(type=str2bool, nargs="?", const=True)  # add(name, default=..., **BOOL_FLAG)
-
-
-def arg_group(parser, title):
-    """``add(name, **kw)`` for an argparse group: each flag as ``-name`` (the original's single dash)
-    and ``--name``."""
-    group = parser.add_argument_group(title)
-    return lambda name, **kw: group.add_argument(f"-{name}", f"--{name}", **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,21 +71,12 @@ def list_utterances(wav_dir):
     return sorted(keys)
 
 
-def speaker_of(key):
-    return key.split("/")[0]
-
-
 def speaker_labels(keys):
     """Speaker -> class index, in order of first appearance in ``keys``."""
     labels = {}
     for key in keys:
         labels.setdefault(speaker_of(key), len(labels))
     return labels
-
-
-def utt_id(key):
-    """Canonical utterance id: the key without ``.wav`` (the pickled embeddings' form)."""
-    return key[:-4] if key.endswith(".wav") else key
 
 
 def _read_checked(path, **kwargs):
@@ -173,7 +138,7 @@ def wav_index(keys, base_dir, nb_worker=2, progress=True):
                    "sizes": np.array([index[k][2][0] for k in names]),
                    "mtimes": np.array([index[k][2][1] for k in names])}
         try:
-            _atomic(cache, lambda f: np.savez(f, **columns))
+            write_atomic(cache, lambda f: np.savez(f, **columns))
         except OSError as e:
             warnings.warn(f"{cache}: cannot cache the wav index ({e}); it will be rebuilt next time")
     return {k: index[k][:2] for k in keys}
@@ -388,178 +353,6 @@ def embed_utterance(model, wav, window_size=11810, device="cpu", segments_per_ba
     return torch.cat(codes).mean(0).numpy()
 
 
-# ---------------------------------------------------------------------------------------------
-# Trials, scoring, EER
-
-def read_trials(path):
-    """Parse a trial list: lines ``<1|0> <keyA> <keyB>``. Returns (labels int array, keysA, keysB)
-    with keys in canonical form (no ``.wav``)."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: trial list not found (lines '<1|0> <spk>/<video>/<NNNNN>.wav <spk>/<video>/<NNNNN>.wav')")
-    labels, keys_a, keys_b = [], [], []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 3 or parts[0] not in ("0", "1"):
-                raise DataError(f"{path}:{lineno}: expected '<1|0> <keyA> <keyB>', got {line.strip()!r}")
-            labels.append(int(parts[0]))
-            keys_a.append(parts[1].removesuffix(".wav"))  # utt_id, inlined: 2.3M calls for Vox1-E + H
-            keys_b.append(parts[2].removesuffix(".wav"))
-    if not labels:
-        raise DataError(f"{path}: no trials")
-    return np.array(labels), keys_a, keys_b
-
-
-def check_keys(needed, available, what):
-    """Raise DataError with the count and the first few of ``needed`` keys not in ``available``."""
-    missing = sorted(set(needed) - set(available))
-    if missing:
-        raise DataError(f"{len(missing)} {what} have no audio/embedding, e.g. {', '.join(missing[:5])}")
-
-
-class EmbeddingTable:
-    """Embeddings indexed for scoring: key -> row number, each row's vector (referenced, not copied,
-    so a 150k x 1,024 set costs no second 600 MB) and its float64 L2 norm, computed once. Trials are
-    then scored by row numbers, a chunk at a time."""
-
-    def __init__(self, embeddings, chunk=4096):
-        self.keys = list(embeddings)
-        self.index = dict(zip(self.keys, range(len(self.keys))))
-        self.vectors = [np.asarray(embeddings[k]) for k in self.keys]
-        self.dim = len(self.vectors[0])
-        self.dtype = np.result_type(*{v.dtype for v in self.vectors})
-        self.norms = np.empty(len(self.keys))
-        for s in range(0, len(self.keys), chunk):
-            block = self.gather(np.arange(s, min(s + chunk, len(self.keys))))
-            self.norms[s:s + chunk] = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
-
-    def gather(self, rows, out=None):
-        """The vectors of ``rows`` as a (len(rows), dim) array, written into ``out`` when given."""
-        flat = None if out is None else out.reshape(-1)[:len(rows) * self.dim]
-        return np.concatenate([self.vectors[i] for i in rows.tolist()], out=flat,
-                              dtype=None if out is not None else self.dtype).reshape(len(rows), self.dim)
-
-    def lookup(self, keys):
-        """Row number of each key, -1 for a key without embedding."""
-        if not keys:
-            return np.zeros(0, dtype=np.int64)
-        try:  # itemgetter does every lookup in C: ~2x faster than a map over dict.get
-            return np.atleast_1d(np.array(operator.itemgetter(*keys)(self.index), dtype=np.int64))
-        except KeyError:
-            return np.fromiter(map(self.index.get, keys, itertools.repeat(-1)), dtype=np.int64, count=len(keys))
-
-    def check_finite(self, rows):
-        """DataError naming the keys of any non-finite (NaN/inf) or zero-norm embedding in ``rows``."""
-        used = np.zeros(len(self.keys), dtype=bool)
-        used[rows] = True
-        bad = np.flatnonzero(used & (~np.isfinite(self.norms) | (self.norms == 0)))
-        if len(bad):
-            names = [self.keys[i] for i in bad]
-            raise DataError(f"{len(names)} embeddings are non-finite or zero, e.g. {', '.join(names[:5])}")
-
-    def rows(self, keys, what="trial keys"):
-        """Row number of each key; DataError with the count and a few examples if any is unknown,
-        or naming the keys of non-finite or zero-norm embeddings."""
-        rows = self.lookup(keys)
-        if np.any(rows < 0):
-            check_keys(keys, self.index, what)
-        self.check_finite(rows)
-        return rows
-
-    def cosine(self, rows_a, rows_b, chunk=512):
-        """Cosine similarity of row pairs, ``dot(a, b) / (|a| |b|)`` accumulated in float64.
-
-        Memory stays bounded: two ``chunk`` x dim buffers, never a trials x dim matrix.
-        """
-        buf_a, buf_b = np.empty((chunk, self.dim), self.dtype), np.empty((chunk, self.dim), self.dtype)
-        scores = np.empty(len(rows_a))
-        for s in range(0, len(rows_a), chunk):
-            a, b = rows_a[s:s + chunk], rows_b[s:s + chunk]
-            dots = np.einsum("ij,ij->i", self.gather(a, buf_a), self.gather(b, buf_b), dtype=np.float64)
-            scores[s:s + chunk] = dots / (self.norms[a] * self.norms[b])
-        return scores
-
-
-def cosine_scores(embeddings, keys_a, keys_b, chunk=512):
-    """Cosine similarity per trial (the original's ``np.dot(a, b) / (|a| |b|)``), vectorised: each
-    needed embedding is stacked once, then trials are scored in chunks (``EmbeddingTable``). The
-    float64 scores equal a float64 per-trial loop to ~1e-15."""
-    needed = dict.fromkeys(keys_a)
-    needed.update(dict.fromkeys(keys_b))
-    check_keys(needed, embeddings, "trial keys")
-    table = EmbeddingTable({k: embeddings[k] for k in needed})
-    return table.cosine(table.rows(keys_a), table.rows(keys_b), chunk)
-
-
-def cohort_statistics(table, rows, cohort, top_n, chunk=2048):
-    """Adaptive s-norm statistics: for each of ``rows`` of the ``EmbeddingTable``, the mean and
-    standard deviation of its ``top_n`` highest cosine scores against the ``cohort`` embeddings
-    (Matejka et al., Interspeech 2017). Returns ``(mean, std)`` arrays aligned with ``rows``."""
-    cohort = np.asarray(cohort, dtype=np.float64)
-    cohort_norms = np.linalg.norm(cohort, axis=1)
-    if not np.all(np.isfinite(cohort_norms)) or np.any(cohort_norms == 0):
-        raise DataError("the AS-norm cohort holds non-finite or zero embeddings")
-    unit_cohort = (cohort / cohort_norms[:, None]).T  # (dim, C)
-    top_n = min(top_n, cohort.shape[0])
-    mean, std = np.empty(len(rows)), np.empty(len(rows))
-    for s in range(0, len(rows), chunk):
-        r = rows[s:s + chunk]
-        scores = (table.gather(r).astype(np.float64) @ unit_cohort) / table.norms[r, None]  # (chunk, C)
-        top = -np.partition(-scores, top_n - 1, axis=1)[:, :top_n]
-        mean[s:s + chunk], std[s:s + chunk] = top.mean(1), top.std(1)
-    return mean, std
-
-
-def asnorm_scores(scores, table, rows_a, rows_b, cohort, top_n=300):
-    """Adaptive symmetric normalisation (AS-norm1, Matejka et al. 2017) of raw cosine ``scores``
-    of the trials ``(rows_a, rows_b)`` of an ``EmbeddingTable``:
-    ``0.5 * ((s - mu_a) / sigma_a + (s - mu_b) / sigma_b)``, each side's statistics taken over its
-    ``top_n`` closest cohort embeddings (``cohort_statistics``)."""
-    used, inverse = np.unique(np.concatenate([rows_a, rows_b]), return_inverse=True)
-    mean, std = cohort_statistics(table, used, cohort, top_n)
-    if np.any(std == 0):
-        raise DataError("AS-norm: a cohort score spread is zero (cohort too small or duplicated)")
-    ia, ib = inverse[:len(rows_a)], inverse[len(rows_a):]
-    scores = np.asarray(scores, dtype=np.float64)
-    return 0.5 * ((scores - mean[ia]) / std[ia] + (scores - mean[ib]) / std[ib])
-
-
-def compute_eer(labels, scores):
-    """Equal error rate (fraction) and its threshold, by the original method: ROC from
-    ``sklearn.metrics.roc_curve``, then brentq on 1 - x - tpr(x) with tpr linearly interpolated."""
-    labels = np.asarray(labels)
-    if labels.min() == labels.max():
-        raise DataError("EER is undefined: the trials hold only targets or only non-targets")
-    fpr, tpr, thresholds = roc_curve(labels, scores, pos_label=1)
-    eer = brentq(lambda x: 1.0 - x - interp1d(fpr, tpr)(x), 0.0, 1.0)
-    threshold = float(interp1d(fpr, thresholds)(eer))
-    return float(eer), threshold
-
-
-def compute_min_dcf(labels, scores, p_target, c_miss=1.0, c_fa=1.0):
-    """Minimum normalised detection cost and its threshold (NIST SRE evaluation plans):
-
-        C_det(t) = C_miss * P_miss(t) * P_target + C_fa * P_fa(t) * (1 - P_target)
-        minDCF   = min_t C_det(t) / min(C_miss * P_target, C_fa * (1 - P_target))
-
-    with P_miss(t) the fraction of targets scored below t and P_fa(t) that of non-targets at or
-    above t, over every operating point of the ROC (accept none ... accept all). ``p_target`` may
-    be a list: then lists of (minDCF, threshold) pairs come back, from one ROC.
-    """
-    labels = np.asarray(labels)
-    if labels.min() == labels.max():
-        raise DataError("minDCF is undefined: the trials hold only targets or only non-targets")
-    fpr, tpr, thresholds = roc_curve(labels, scores, pos_label=1, drop_intermediate=False)
-    results = []
-    for p in np.atleast_1d(p_target):
-        cost = c_miss * (1 - tpr) * p + c_fa * fpr * (1 - p)
-        best = int(np.argmin(cost))
-        results.append((float(cost[best] / min(c_miss * p, c_fa * (1 - p))), float(thresholds[best])))
-    return results if np.ndim(p_target) else results[0]
-
-
 def make_validation_trials(keys, nb_trial, rng):
     """Random validation trials (original ``make_validation_trial``): half targets (two different
     utterances of a random speaker), half non-targets (utterances of two random speakers)."""
@@ -638,136 +431,11 @@ def set_rng_states(states):
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writes
-
-def _atomic(path, write):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
+# Atomic writes (the torch-free ones are in common.py)
 
 def save_atomic(obj, path):
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    _atomic(path, lambda f: torch.save(obj, f))
-
-
-def write_text_atomic(text, path):
-    _atomic(path, lambda f: f.write(text.encode()))
-
-
-def write_json_atomic(obj, path):
-    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
-
-
-def write_pickle_atomic(obj, path):
-    _atomic(path, lambda f: pickle.dump(obj, f, protocol=4))
-
-
-def write_npy_atomic(array, path):
-    _atomic(path, lambda f: np.save(f, array, allow_pickle=False))
-
-
-# ---------------------------------------------------------------------------------------------
-# Embedding files: pickles (the released format) and .npy matrix + key list
-
-# The only globals an embedding pickle may name: what numpy needs to rebuild arrays (numpy 1.x
-# pickles say numpy.core, numpy 2.x pickles numpy._core). Anything else, e.g. os.system or
-# builtins.eval in a crafted pickle, is refused before it can run.
-_PICKLE_GLOBALS = {
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy._core.multiarray", "scalar"), ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("collections", "OrderedDict"),
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler for untrusted files: plain containers, strings and numbers, and numpy arrays."""
-
-    def find_class(self, module, name):
-        if module.startswith("numpy.core.") or module == "numpy.core":
-            module = "numpy._core" + module[len("numpy.core"):]  # the numpy 1.x name of the same module
-        if (module, name) not in _PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
-        return super().find_class(module, name)
-
-    def persistent_load(self, pid):
-        raise pickle.UnpicklingError("refused a persistent id")
-
-
-def load_pickle(path):
-    """Unpickle ``path`` with ``RestrictedUnpickler``; DataError (one line) if it is refused or broken."""
-    try:
-        with open(path, "rb") as f:
-            return RestrictedUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        raise DataError(f"{path}: not loaded, {e}: embedding pickles may only hold a dict of "
-                        f"utterance keys to numpy arrays") from None
-    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
-        raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
-
-
-def check_embeddings(obj, path):
-    """Validate a loaded embedding dict (keys -> 1-D real vectors of one size) and return it with
-    canonical keys (no ``.wav``) and float32 values."""
-    if not isinstance(obj, dict) or not obj:
-        raise DataError(f"{path}: expected a non-empty dict of utterance keys to embeddings, got {type(obj).__name__}")
-    out, dim = {}, None
-    for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, np.ndarray):
-            raise DataError(f"{path}: entry {key!r} is not a string key with a numpy array value")
-        if value.ndim != 1 or value.dtype.kind not in "fiu" or (dim is not None and len(value) != dim):
-            raise DataError(f"{path}: entry {key!r} is a {value.dtype} array of shape {value.shape}, "
-                            f"expected 1-D real vectors of one size")
-        dim = len(value)
-        out[utt_id(key)] = value.astype(np.float32, copy=False)
-    return out
-
-
-def npy_keys_path(path):
-    """The key list that goes with an embedding matrix ``X.npy``: ``X_keys.txt``, one key per row."""
-    return path[:-len(".npy")] + "_keys.txt"
-
-
-def load_embeddings(path):
-    """Embeddings from a pickle (``.pk``, loaded with ``RestrictedUnpickler``) or from a ``.npy``
-    matrix plus its key list (``npy_keys_path``). Returns dict utterance id -> float32 vector."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: embedding file not found")
-    if not path.endswith(".npy"):
-        return check_embeddings(load_pickle(path), path)
-    try:
-        matrix = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise DataError(f"{path}: not a plain .npy matrix ({e})") from None
-    keys_path = npy_keys_path(path)
-    if not os.path.isfile(keys_path):
-        raise DataError(f"{keys_path}: key list of {path} not found")
-    with open(keys_path) as f:
-        keys = f.read().split()
-    if matrix.ndim != 2 or len(keys) != len(matrix):
-        raise DataError(f"{path}: matrix of shape {matrix.shape} does not match {len(keys)} keys in {keys_path}")
-    return check_embeddings(dict(zip(keys, matrix)), path)
-
-
-def save_embeddings(embeddings, path):
-    """Write embeddings atomically as the released pickles (dict key -> float32 vector) or, for a
-    ``.npy`` path, as a float32 matrix with rows in sorted key order plus its key list."""
-    keys = sorted(embeddings)
-    if not path.endswith(".npy"):
-        write_pickle_atomic({k: np.asarray(embeddings[k], dtype=np.float32) for k in keys}, path)
-        return
-    write_text_atomic("".join(k + "\n" for k in keys), npy_keys_path(path))
-    write_npy_atomic(np.stack([np.asarray(embeddings[k], dtype=np.float32) for k in keys]), path)
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 # ---------------------------------------------------------------------------------------------

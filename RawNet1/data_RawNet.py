@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import scoring
 import utils
 from utils import DataError, SilentAudioError
 
@@ -147,7 +148,7 @@ def vox1_id_key(key, names):
 def read_trial_lines(path, names=None):
     """Trial lines '<1|0> <keyA> <keyB>' of ``path``; with ``names`` (``read_vox1_meta``) keys of the
     first VoxCeleb1 release are translated to the current one."""
-    labels, keys_a, keys_b = utils.read_trials(path)
+    labels, keys_a, keys_b = scoring.read_trials(path)
     if names is not None:
         keys_a = [vox1_id_key(k, names) for k in keys_a]
         keys_b = [vox1_id_key(k, names) for k in keys_b]
@@ -232,5 +233,5 @@ def usable_trials(trials, available, skipped, what):
         labels = labels[keep]
         keys_a = [k for k, m in zip(keys_a, keep) if m]
         keys_b = [k for k, m in zip(keys_b, keep) if m]
-    utils.check_keys(keys_a + keys_b, available, f"trial keys of {what}")
+    scoring.check_keys(keys_a + keys_b, available, f"trial keys of {what}")
     return labels, keys_a, keys_b

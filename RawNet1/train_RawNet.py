@@ -62,6 +62,7 @@ from model_RawNet import (  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import scoring  # noqa: E402
 import utils  # noqa: E402
 from utils import DataError  # noqa: E402
 
@@ -279,8 +280,8 @@ def evaluate(model, trials, folder, args, device, desc, crop=None):
     keys = sorted(set(keys_a) | set(keys_b))
     embeddings = embed_utterances(model, [k + ".wav" for k in keys], folder, device, min(args.nb_worker, 4),
                                   args.progress, desc, crop)
-    scores = utils.cosine_scores(embeddings, keys_a, keys_b)
-    return utils.compute_eer(labels, scores)[0], scores
+    scores = scoring.cosine_scores(embeddings, keys_a, keys_b)
+    return scoring.compute_eer(labels, scores)[0], scores
 
 
 def main(args):
@@ -314,7 +315,7 @@ def main(args):
     val_lengths, val_skipped = (dev_lengths, dev_skipped) if val_dir == args.dev_dir else load_index(val_dir)
     train_keys = sorted(dev_lengths)
     labels = utils.speaker_labels(train_keys)
-    eval_trials = usable_trials(utils.read_trials(args.trials), {utils.utt_id(k) for k in eval_lengths},
+    eval_trials = usable_trials(scoring.read_trials(args.trials), {utils.utt_id(k) for k in eval_lengths},
                                 eval_skipped, args.trials)
     val_lines = validation_lines(args, sorted(val_lengths))
     val_trials = usable_trials(trial_arrays(val_lines), {utils.utt_id(k) for k in val_lengths}, val_skipped,
@@ -426,7 +427,7 @@ def main(args):
     test = embed_utterances(model, sorted(eval_lengths), args.eval_dir, device, min(args.nb_worker, 4),
                             args.progress, "test embeddings")
     utils.write_pickle_atomic({"dev_dic_embeddings": dev, "eval_dic_embeddings": test}, pickle_path)
-    cosine_eer = utils.compute_eer(eval_trials[0], utils.cosine_scores(test, *eval_trials[1:]))[0]
+    cosine_eer = scoring.compute_eer(eval_trials[0], scoring.cosine_scores(test, *eval_trials[1:]))[0]
     print(f"best {phases[-1].name} model (epoch {best['epoch']}): Vox1-O cosine EER "
           f"{100 * cosine_eer:.2f} %; "
           f"embeddings in {pickle_path}")

@@ -36,6 +36,7 @@ from data_RawNet import generate_validation_lines, read_trial_lines, trial_array
 from model_RawNet import LEAKY_SLOPE, keras_decay_scheduler, keras_l2_groups  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import scoring  # noqa: E402
 import utils  # noqa: E402
 from utils import DataError  # noqa: E402
 
@@ -130,11 +131,11 @@ def load_embeddings(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: embeddings pickle not found (train_RawNet.py writes "
                         "<save_dir>/<name>/embeddings.pk)")
-    obj = utils.load_pickle(path)  # restricted: a pickle may only hold containers and numpy arrays
+    obj = scoring.load_pickle(path)  # restricted: a pickle may only hold containers and numpy arrays
     if not isinstance(obj, dict) or not {"dev_dic_embeddings", "eval_dic_embeddings"} <= set(obj):
         raise DataError(f"{path}: expected a dict with 'dev_dic_embeddings' and 'eval_dic_embeddings'")
-    return (utils.check_embeddings(obj["dev_dic_embeddings"], f"{path} (dev)"),
-            utils.check_embeddings(obj["eval_dic_embeddings"], f"{path} (eval)"))
+    return (scoring.check_embeddings(obj["dev_dic_embeddings"], f"{path} (dev)"),
+            scoring.check_embeddings(obj["eval_dic_embeddings"], f"{path} (eval)"))
 
 
 def stack(embeddings, ids, what):
@@ -187,8 +188,8 @@ def main(args):
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.embeddings)), "bvec")
     utils.seed_everything(args.seed)
     dev, test = load_embeddings(args.embeddings)
-    trials = utils.read_trials(args.trials)
-    utils.check_keys(trials[1] + trials[2], test, f"trial keys of {args.trials}")
+    trials = scoring.read_trials(args.trials)
+    scoring.check_keys(trials[1] + trials[2], test, f"trial keys of {args.trials}")
 
     # Standardise with the dev set's statistics; pairs of training speakers, validation on held-out ones.
     dev_ids = sorted(dev)
@@ -205,7 +206,7 @@ def main(args):
         raise DataError(f"-bs {args.bs}: needs {args.bs // 2} dev speakers with two utterances or more, "
                         f"the embeddings have {sum(len(r) >= 2 for r in speaker_rows)}")
     val_trials = trial_arrays(validation_lines(args, dev_ids))
-    utils.check_keys(val_trials[1] + val_trials[2], dev, "validation trial keys (dev embeddings)")
+    scoring.check_keys(val_trials[1] + val_trials[2], dev, "validation trial keys (dev embeddings)")
 
     model, optimizer, scheduler = make_training(dev_matrix.shape[1], args)
     best_eer, best_state = np.inf, None
@@ -228,7 +229,7 @@ def main(args):
             optimizer.step()
             scheduler.step()
             total += loss.item()
-        val_eer = utils.compute_eer(val_trials[0], score_pairs(model, dev_std, *val_trials[1:], row))[0]
+        val_eer = scoring.compute_eer(val_trials[0], score_pairs(model, dev_std, *val_trials[1:], row))[0]
         line = f"epoch:{epoch}, loss:{total / args.nb_batch_per_epoch:.4f}, val_eer:{val_eer:.4f}"
         append_line(eers_path, line)
         if val_eer < best_eer:
@@ -240,12 +241,12 @@ def main(args):
 
     # Vox1-O: cosine on the raw embeddings, b-vector on the standardised ones with the selected model.
     labels, keys_a, keys_b = trials
-    cosine = utils.cosine_scores(test, keys_a, keys_b)
+    cosine = scoring.cosine_scores(test, keys_a, keys_b)
     test_ids = sorted(set(keys_a) | set(keys_b))
     test_std = torch.from_numpy((stack(test, test_ids, "test") - mean) / std)
     model.load_state_dict(best_state)
     bvec = score_pairs(model, test_std, keys_a, keys_b, {k: i for i, k in enumerate(test_ids)})
-    eers = {"cosine": utils.compute_eer(labels, cosine)[0], "bvec": utils.compute_eer(labels, bvec)[0]}
+    eers = {"cosine": scoring.compute_eer(labels, cosine)[0], "bvec": scoring.compute_eer(labels, bvec)[0]}
     for name, scores in (("cosine", cosine), ("bvec", bvec)):
         utils.write_text_atomic("".join(f"{s} {t}\n" for s, t in zip(scores, labels)),
                                 os.path.join(out_dir, "results", f"{name}_eval.txt"))

@@ -1,6 +1,8 @@
-"""Benchmark: scoring Vox1-O + Vox1-E + Vox1-H sized lists, vectorised vs the original per-trial loop.
+"""Benchmark: scoring Vox1-O + Vox1-E + Vox1-H sized lists, evaluate_pretrained_RawNet2.py vs the
+original script's method, each timed from process start to exit.
 
-    python bench/score.py                 # full sizes (needs ~4 GB of RAM and ~1.3 GB in $TMPDIR)
+    python bench/score.py                 # full sizes, 1 round (~2 GB RAM, 0.7 GB in $TMPDIR)
+    python bench/score.py -rounds 3       # 3 interleaved rounds, medians
     python bench/score.py -scale 0.1      # a tenth of the embeddings and trials
 
 Builds synthetic data in a temporary folder (deleted afterwards; nothing is committed): 148,642 dev +
@@ -8,17 +10,17 @@ Builds synthetic data in a temporary folder (deleted afterwards; nothing is comm
 VoxCeleb1), pickled as TTA_vox1_{dev,eval}.pk, and trial lists of the sizes of vox_original.txt
 (37,720), list_test_all_cleaned.txt (579,818) and list_test_hard_cleaned.txt (550,894).
 
-Then, each timed from process start to exit, in the same run:
-  * ours: ``python evaluate_pretrained_RawNet2.py`` on those files (restricted unpickler, vectorised
-    chunked cosine scoring, EER + minDCF);
-  * reference: the original script's method, i.e. ``pickle.load`` and a Python loop of
-    ``np.dot(a, b) / (norm(a) * norm(b))`` per trial, then roc_curve + brentq.
-It prints both times, their ratio, peak memory of each, and the EERs: ours must equal the per-trial
-loop's to 1e-9 (the loop run in float64; the original's float32 loop is shown too).
+Then, in each round, two fresh processes:
+  * original: the authors' evaluate_pretrained_RawNet2.py, step for step: it imports PyTorch,
+    scikit-learn and SciPy, loads both pickles with ``pickle.load``, and per list feeds the trials
+    through a PyTorch DataLoader (batches of 100, 4 workers, as its defaults) into a Python loop of
+    ``np.dot(a, b) / (norm(a) * norm(b))`` per trial, then ``roc_curve`` + ``brentq``;
+  * ours: ``python evaluate_pretrained_RawNet2.py`` on the same files.
+It prints the medians, the ratio, the peak memory of each, and whether the printed EER lines are
+identical.
 """
 
 import argparse
-import json
 import os
 import pickle
 import platform
@@ -49,7 +51,7 @@ def make_data(folder, scale, rng, dim=1024):
         with open(os.path.join(folder, f"TTA_vox1_{subset}.pk"), "wb") as f:
             pickle.dump(dict(zip(keys[subset], codes)), f, protocol=4)
     for _, file, subsets, size in LISTS:
-        pool = np.array(sum((keys[s] for s in subsets), []))
+        pool = np.array([k for s in subsets for k in keys[s]])
         spk = np.array([k.split("/")[0] for k in pool])
         order = np.argsort(spk, kind="stable")
         starts = np.searchsorted(spk[order], spk)  # same-speaker block of each utterance
@@ -64,35 +66,48 @@ def make_data(folder, scale, rng, dim=1024):
             f.writelines(f"{t} {x}.wav {y}.wav\n" for t, x, y in zip(label, pool[a], pool[b]))
 
 
-def reference(folder, dtype):
-    """The original script's method: plain pickle.load, then one cos_sim per trial in a loop."""
+def original(folder):
+    """The original script's method (see the module docstring); prints its EER lines."""
     from scipy.interpolate import interp1d
     from scipy.optimize import brentq
     from sklearn.metrics import roc_curve
+    from torch.utils import data
+    from tqdm import tqdm
 
     def cos_sim(a, b):
         return np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))
+
+    class Trials(data.Dataset):
+        def __init__(self, embeddings, lines):
+            self.embeddings, self.trials = embeddings, []
+            for line in lines:
+                label, key_a, key_b = line.strip().split(" ")
+                self.trials.append([key_a.split(".")[0], key_b.split(",")[0], int(label)])
+
+        def __len__(self):
+            return len(self.trials)
+
+        def __getitem__(self, index):
+            key_a, key_b, label = self.trials[index]
+            return self.embeddings[key_a.split(".")[0]], self.embeddings[key_b.split(".")[0]], label
 
     with open(os.path.join(folder, "TTA_vox1_dev.pk"), "rb") as f:
         dev = pickle.load(f)
     with open(os.path.join(folder, "TTA_vox1_eval.pk"), "rb") as f:
         evl = pickle.load(f)
-    if dtype != "float32":
-        dev = {k: v.astype(dtype) for k, v in dev.items()}
-        evl = {k: v.astype(dtype) for k, v in evl.items()}
     both = {**dev, **evl}
-    eers = {}
     for name, file, subsets, _ in LISTS:
-        embd = evl if subsets == ("eval",) else both
-        y, y_score = [], []
         with open(os.path.join(folder, file)) as f:
-            for line in f:
-                trg, utt_a, utt_b = line.strip().split(" ")
-                y.append(int(trg))
-                y_score.append(cos_sim(embd[utt_a.replace(".wav", "")], embd[utt_b.replace(".wav", "")]))
+            trials = Trials(evl if subsets == ("eval",) else both, f.readlines())
+        y, y_score = [], []
+        for batch_a, batch_b, labels in tqdm(data.DataLoader(trials, batch_size=100, shuffle=False,
+                                                             drop_last=False, num_workers=4), ncols=70):
+            for label, a, b in zip(labels, batch_a, batch_b):
+                y.append(label)
+                y_score.append(cos_sim(a, b))
         fpr, tpr, _ = roc_curve(y, y_score, pos_label=1)
-        eers[name] = brentq(lambda x: 1. - x - interp1d(fpr, tpr)(x), 0., 1.)
-    print(json.dumps(eers))
+        eer = brentq(lambda x, fpr=fpr, tpr=tpr: 1. - x - interp1d(fpr, tpr)(x), 0., 1.)
+        print(f"{name} evaluation EER: {eer}")
 
 
 def timed(cmd):
@@ -111,48 +126,61 @@ def timed(cmd):
         return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out.read()
 
 
+def eer_lines(out):
+    return [line for line in out.splitlines() if " evaluation EER: " in line]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-scale", type=float, default=1.0, help="fraction of the VoxCeleb1 sizes")
-    parser.add_argument("-reference", type=str, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("-dtype", type=str, default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("-rounds", type=int, default=1, help="interleaved rounds (original, ours); medians")
+    parser.add_argument("-original", type=str, default=None, help=argparse.SUPPRESS)
     parser.add_argument("-make", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.reference:
-        return reference(args.reference, args.dtype)
+    if args.original:
+        return original(args.original)
     if args.make:
         return make_data(args.make, args.scale, np.random.default_rng(0))
 
     print(f"device: CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"python {platform.python_version()}, numpy {np.__version__}")
+    runs = {"original": [], "ours": []}
     with tempfile.TemporaryDirectory() as folder:
         t = time.perf_counter()
         # in a child process: a forked child inherits the parent's peak RSS, so the parent stays small
-        subprocess.run([sys.executable, os.path.abspath(__file__), "-make", folder, "-scale", str(args.scale)], check=True)
-        sizes = {file: sum(1 for _ in open(os.path.join(folder, file))) for _, file, _, _ in LISTS}
+        make = [sys.executable, os.path.abspath(__file__), "-make", folder, "-scale", str(args.scale)]
+        subprocess.run(make, check=True)
+        sizes = {}
+        for _, file, _, _ in LISTS:
+            with open(os.path.join(folder, file)) as f:
+                sizes[file] = sum(1 for _ in f)
         print(f"synthetic data ({time.perf_counter() - t:.1f} s to make): trials {sizes}")
-        ours_cmd = [sys.executable, "evaluate_pretrained_RawNet2.py", "-embd_dir", folder,
-                    "-trial_dir", folder, "-eer_file", os.path.join(folder, "eers.txt")]
-        ref_cmd = [sys.executable, os.path.abspath(__file__), "-reference", folder]
-        ref_t, ref_cpu, ref_mb, out = timed(ref_cmd)
-        ref32 = json.loads(out)
-        ours_t, ours_cpu, ours_mb, out = timed(ours_cmd)
-        ours = {line.split(" evaluation EER: ")[0]: float(line.split(": ")[1])
-                for line in out.splitlines() if " evaluation EER: " in line}
-        _, _, _, out = timed(ref_cmd + ["-dtype", "float64"])
-        ref64 = json.loads(out)
-    print(f"reference (per-trial loop): {ref_t:6.1f} s start to exit ({ref_cpu:6.1f} s CPU), peak RSS {ref_mb:,.0f} MB")
-    print(f"ours (vectorised):          {ours_t:6.1f} s start to exit ({ours_cpu:6.1f} s CPU), "
-          f"peak RSS {ours_mb:,.0f} MB")
-    print(f"speed-up: {ref_t / ours_t:.1f}x wall, {ref_cpu / ours_cpu:.1f}x CPU; "
-          f"load average during the run {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    for name in ref32:
-        print(f"{name}: EER ours {ours[name]:.9f}, loop float64 {ref64[name]:.9f} "
-              f"(|diff| {abs(ours[name] - ref64[name]):.1e}), original float32 loop {ref32[name]:.9f} "
-              f"(|diff| {abs(ours[name] - ref32[name]):.1e})")
-    worst = max(abs(ours[n] - ref64[n]) for n in ref64)
-    print("EERs equal to the float64 per-trial loop within 1e-9" if worst <= 1e-9 else
-          f"MISMATCH: largest EER difference {worst:.2e}")
+        commands = {"original": [sys.executable, os.path.abspath(__file__), "-original", folder],
+                    "ours": [sys.executable, "evaluate_pretrained_RawNet2.py", "-embd_dir", folder,
+                             "-trial_dir", folder, "-eer_file", os.path.join(folder, "eers.txt")]}
+        for r in range(args.rounds):
+            for name, cmd in commands.items():
+                runs[name].append(timed(cmd))
+                wall, cpu, mb, _ = runs[name][-1]
+                print(f"round {r + 1}: {name:8s} {wall:6.1f} s start to exit, {cpu:6.1f} s CPU, "
+                      f"peak RSS {mb:,.0f} MB", flush=True)
+    median = {name: [float(np.median(column)) for column in zip(*[run[:3] for run in rs])]
+              for name, rs in runs.items()}
+    lines = {name: eer_lines(rs[-1][3]) for name, rs in runs.items()}
+    print("\n| path | start to exit | CPU | peak RSS |\n| --- | --- | --- | --- |")
+    for name, label in (("original", "original script (DataLoader, per-trial loop)"),
+                        ("ours", "`evaluate_pretrained_RawNet2.py`")):
+        wall, cpu, mb = median[name]
+        print(f"| {label} | {wall:.1f} s | {cpu:.1f} s | {mb / 1024:.2f} GB |")
+    ratios = [o[0] / u[0] for o, u in zip(runs["original"], runs["ours"])]
+    print(f"\nspeed-up, start to exit: {median['original'][0] / median['ours'][0]:.1f}x "
+          f"(per round: {', '.join(f'{x:.1f}x' for x in ratios)}); CPU time: "
+          f"{median['original'][1] / median['ours'][1]:.1f}x; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
+    for ours, orig in zip(lines["ours"], lines["original"]):
+        print(f"ours:     {ours}\noriginal: {orig}")
+    same = lines["ours"] == lines["original"] and len(lines["ours"]) == len(LISTS)
+    print(f"EERs identical (printed lines equal): {'yes' if same else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 import train_RawNet2 as train
+import scoring
 import utils
 from conftest import ROOT, tiny_run_flags
 from model_RawNet2 import RawNet2, load_pretrained
@@ -98,7 +99,7 @@ def test_sharded_evaluation_equals_single_process(tiny_corpus, tmp_path):
     args = train.parse_args(flags)
     eval_dir = os.path.join(args.DB, args.eval_wav)
     keys = utils.list_utterances(eval_dir)
-    trials = utils.read_trials(os.path.join(args.DB, "veri_test.txt"))
+    trials = scoring.read_trials(os.path.join(args.DB, "veri_test.txt"))
     eer, scores, labels = train.evaluate(model, keys, eval_dir, trials, args, torch.device("cpu"), "eval")
     written = np.loadtxt(tmp_path / "run" / "results" / "eval_epoch0.txt")
     np.testing.assert_allclose(written[:, 0], scores, rtol=1e-5, atol=1e-6)

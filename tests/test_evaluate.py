@@ -13,6 +13,7 @@ import soundfile as sf
 import torch
 
 import evaluate_pretrained_RawNet2 as ev
+import scoring
 import utils
 from conftest import ROOT
 from model_RawNet2 import RawNet2
@@ -38,11 +39,11 @@ def test_min_dcf_hand_computed():
     # t=0.9 (.5, 0), t=0.6 (.5, .5), t=0.4 (0, .5), t=0.1 (0, 1).
     labels, scores = [1, 0, 1, 0], [0.9, 0.6, 0.4, 0.1]
     # p = 0.01: C_def = 0.01; best is t=0.9 with 0.5 * 0.01 -> 0.5
-    assert utils.compute_min_dcf(labels, scores, 0.01) == pytest.approx((0.5, 0.9))
+    assert scoring.compute_min_dcf(labels, scores, 0.01) == pytest.approx((0.5, 0.9))
     # p = 0.5: C_def = 0.5; t=0.9 costs 0.25 -> 0.5 (t=0.4 ties)
-    assert utils.compute_min_dcf(labels, scores, 0.5)[0] == pytest.approx(0.5)
+    assert scoring.compute_min_dcf(labels, scores, 0.5)[0] == pytest.approx(0.5)
     # perfectly separated scores cost nothing
-    assert utils.compute_min_dcf([1, 1, 0], [0.8, 0.7, 0.1], 0.05)[0] == 0.0
+    assert scoring.compute_min_dcf([1, 1, 0], [0.8, 0.7, 0.1], 0.05)[0] == 0.0
 
 
 def slow_min_dcf(labels, scores, p, c_miss=1.0, c_fa=1.0):
@@ -59,13 +60,14 @@ def test_min_dcf_matches_slow_reference(p):
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 2, 1500)
     scores = np.round(rng.standard_normal(1500) + 1.5 * labels, 2)  # rounding makes ties
-    assert utils.compute_min_dcf(labels, scores, p)[0] == pytest.approx(slow_min_dcf(labels, scores, p), abs=1e-12)
-    assert utils.compute_min_dcf(labels, scores, [p, 0.5])[0][0] == pytest.approx(slow_min_dcf(labels, scores, p), abs=1e-12)
+    expected = pytest.approx(slow_min_dcf(labels, scores, p), abs=1e-12)
+    assert scoring.compute_min_dcf(labels, scores, p)[0] == expected
+    assert scoring.compute_min_dcf(labels, scores, [p, 0.5])[0][0] == expected
 
 
 def test_min_dcf_undefined_with_one_class():
     with pytest.raises(DataError, match="only targets or only non-targets"):
-        utils.compute_min_dcf([0, 0], [0.1, 0.2], 0.01)
+        scoring.compute_min_dcf([0, 0], [0.1, 0.2], 0.01)
 
 
 def test_asnorm_matches_slow_reference():
@@ -73,10 +75,10 @@ def test_asnorm_matches_slow_reference():
     emb = {f"u{i}": rng.standard_normal(8).astype(np.float32) for i in range(10)}
     cohort = rng.standard_normal((20, 8))
     keys_a, keys_b = ["u0", "u1", "u2", "u3"], ["u4", "u5", "u6", "u0"]
-    table = utils.EmbeddingTable(emb)
+    table = scoring.EmbeddingTable.from_dict(emb)
     rows_a, rows_b = table.rows(keys_a), table.rows(keys_b)
     raw = table.cosine(rows_a, rows_b)
-    got = utils.asnorm_scores(raw, table, rows_a, rows_b, cohort, top_n=5)
+    got = scoring.asnorm_scores(raw, table, rows_a, rows_b, cohort, top_n=5)
 
     def stats(key):
         top = sorted((cos_sim(emb[key].astype(float), c) for c in cohort), reverse=True)[:5]
@@ -133,7 +135,7 @@ def loop_eer(path, embeddings, dtype=np.float64):
         target, a, b = line.split()
         labels.append(int(target))
         scores.append(cos_sim(embeddings[a[:-4]].astype(dtype), embeddings[b[:-4]].astype(dtype)))
-    return utils.compute_eer(labels, scores)[0]
+    return scoring.compute_eer(labels, scores)[0]
 
 
 def test_three_lines_verbatim_and_eers_appended(scored_dir, capsys):
@@ -219,10 +221,10 @@ def test_unparsable_line_and_single_class_list(scored_dir):
 
 def test_npy_format_round_trip(tmp_path):
     emb = {"b/v/00001": np.arange(3, dtype=np.float32), "a/v/00002": np.ones(3, np.float32)}
-    utils.save_embeddings(emb, str(tmp_path / "e.npy"))
+    scoring.save_embeddings(emb, str(tmp_path / "e.npy"))
     assert (tmp_path / "e_keys.txt").read_text() == "a/v/00002\nb/v/00001\n"
     np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), [[1, 1, 1], [0, 1, 2]])
-    back = utils.load_embeddings(str(tmp_path / "e.npy"))
+    back = scoring.load_embeddings(str(tmp_path / "e.npy"))
     assert set(back) == set(emb) and all(np.array_equal(back[k], emb[k]) for k in emb)
 
 
@@ -250,7 +252,7 @@ def test_malicious_pickle_is_refused(tmp_path):
     with open(tmp_path / "TTA_vox1_eval.pk", "wb") as f:
         pickle.dump({"id1/v/00001": Evil(marker)}, f)
     with pytest.raises(DataError, match=r"TTA_vox1_eval.pk: not loaded, refused to load (posix|os)\.system"):
-        utils.load_embeddings(str(tmp_path / "TTA_vox1_eval.pk"))
+        scoring.load_embeddings(str(tmp_path / "TTA_vox1_eval.pk"))
     assert not marker.exists()
 
 
@@ -262,7 +264,7 @@ def test_real_pickle_is_accepted_including_numpy1_layout(tmp_path):
     assert old != data
     for i, blob in enumerate([data, old]):
         (tmp_path / f"{i}.pk").write_bytes(blob)
-        back = utils.load_embeddings(str(tmp_path / f"{i}.pk"))
+        back = scoring.load_embeddings(str(tmp_path / f"{i}.pk"))
         assert sorted(back) == ["id1/v/00001", "id1/v/00002"]
         np.testing.assert_array_equal(back["id1/v/00001"], np.arange(4))
 
@@ -270,7 +272,7 @@ def test_real_pickle_is_accepted_including_numpy1_layout(tmp_path):
 def test_pickle_of_wrong_content_is_refused(tmp_path):
     utils.write_pickle_atomic({"k": np.zeros((2, 2))}, str(tmp_path / "m.pk"))
     with pytest.raises(DataError, match="expected 1-D real vectors"):
-        utils.load_embeddings(str(tmp_path / "m.pk"))
+        scoring.load_embeddings(str(tmp_path / "m.pk"))
 
 
 # --- extraction, verification -------------------------------------------------------------------
@@ -327,7 +329,7 @@ def test_extract_batched_equals_one_at_a_time_and_pickle_format(tiny_corpus, tin
     out = capsys.readouterr().out
     assert "dev_wav/ not found: no dev embeddings" in out and "veri_test evaluation EER: " in out
     assert results["veri_test"]["eer"] == pytest.approx(
-        loop_eer(os.path.join(tiny_corpus, "VoxCeleb1", "veri_test.txt"), utils.load_embeddings(
+        loop_eer(os.path.join(tiny_corpus, "VoxCeleb1", "veri_test.txt"), scoring.load_embeddings(
             str(tmp_path / "TTA_vox1_eval.pk"))), abs=1e-9)  # the original method on the written pickle
     assert not (tmp_path / ".partial").exists() and not (tmp_path / "TTA_vox1_dev.pk").exists()
     with open(tmp_path / "TTA_vox1_eval.pk", "rb") as f:
@@ -348,8 +350,8 @@ def test_extract_npy_matches_pickle(tiny_corpus, tiny_checkpoint, tmp_path):
     checkpoint, _ = tiny_checkpoint
     run(extract_flags(tiny_corpus, tmp_path / "pk", checkpoint))
     run(extract_flags(tiny_corpus, tmp_path / "npy", checkpoint, "-format", "npy"))
-    from_pk = utils.load_embeddings(str(tmp_path / "pk" / "TTA_vox1_eval.pk"))
-    from_npy = utils.load_embeddings(str(tmp_path / "npy" / "TTA_vox1_eval.npy"))
+    from_pk = scoring.load_embeddings(str(tmp_path / "pk" / "TTA_vox1_eval.pk"))
+    from_npy = scoring.load_embeddings(str(tmp_path / "npy" / "TTA_vox1_eval.npy"))
     assert sorted(from_pk) == sorted(from_npy)
     for k in from_pk:
         np.testing.assert_array_equal(from_npy[k], from_pk[k])
@@ -381,8 +383,8 @@ def test_interrupted_extraction_resumes_without_recomputing(tiny_corpus, tiny_ch
     monkeypatch.setattr(utils, "iter_embeddings", counting)
     run(extract_flags(tiny_corpus, tmp_path / "cut", checkpoint))
     assert len(computed) == 12 and len(set(computed)) == 12  # 5 before, the other 7 after: none twice
-    full = utils.load_embeddings(str(tmp_path / "full" / "TTA_vox1_eval.pk"))
-    cut = utils.load_embeddings(str(tmp_path / "cut" / "TTA_vox1_eval.pk"))
+    full = scoring.load_embeddings(str(tmp_path / "full" / "TTA_vox1_eval.pk"))
+    cut = scoring.load_embeddings(str(tmp_path / "cut" / "TTA_vox1_eval.pk"))
     assert sorted(full) == sorted(cut)
     for k in full:
         np.testing.assert_allclose(cut[k], full[k], atol=1e-6)

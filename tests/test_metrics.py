@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import evaluate_pretrained_RawNet2 as ev
-import utils
+import scoring
 
 
 def far_frr(labels, scores, threshold):
@@ -26,7 +26,7 @@ LABELS_B, SCORES_B = [1, 1, 0, 0], [0.9, 0.5, 0.5, 0.1]
 
 
 def test_eer_threshold_hand_worked_flat_segment():
-    eer, threshold = utils.compute_eer(LABELS_A, SCORES_A)
+    eer, threshold = scoring.compute_eer(LABELS_A, SCORES_A)
     assert eer == pytest.approx(0.25, abs=1e-9)
     assert threshold == pytest.approx(0.65, abs=1e-9)
     # at that threshold one target of four is rejected and no non-target accepted
@@ -34,7 +34,7 @@ def test_eer_threshold_hand_worked_flat_segment():
 
 
 def test_eer_threshold_hand_worked_tie():
-    eer, threshold = utils.compute_eer(LABELS_B, SCORES_B)
+    eer, threshold = scoring.compute_eer(LABELS_B, SCORES_B)
     assert eer == pytest.approx(0.25, abs=1e-9)
     assert threshold == pytest.approx(0.7, abs=1e-9)
 
@@ -42,7 +42,7 @@ def test_eer_threshold_hand_worked_tie():
 def test_eer_threshold_does_not_depend_on_trial_order():
     order = [3, 0, 5, 1, 4, 2]
     labels, scores = np.array(LABELS_A)[order], np.array(SCORES_A)[order]
-    assert utils.compute_eer(labels, scores) == pytest.approx(utils.compute_eer(LABELS_A, SCORES_A))
+    assert scoring.compute_eer(labels, scores) == pytest.approx(scoring.compute_eer(LABELS_A, SCORES_A))
 
 
 def test_accepting_at_the_eer_threshold_gives_the_eer_on_both_sides():
@@ -51,7 +51,7 @@ def test_accepting_at_the_eer_threshold_gives_the_eer_on_both_sides():
     rng = np.random.default_rng(11)
     labels = np.repeat([1, 0], 2000)
     scores = rng.standard_normal(4000) + 1.5 * labels
-    eer, threshold = utils.compute_eer(labels, scores)
+    eer, threshold = scoring.compute_eer(labels, scores)
     far, frr = far_frr(labels, scores, threshold)
     assert abs(far - eer) < 0.005 and abs(frr - eer) < 0.005
     assert 0.2 < eer < 0.3  # two unit normals 1.5 apart: Phi(-0.75) = 0.227
@@ -70,7 +70,7 @@ def test_scoring_prints_the_hand_worked_threshold(tmp_path, capsys):
         embeddings[f"id{i}/v/a"] = np.array([1.0, 0.0], dtype=np.float32)
         embeddings[f"id{i}/v/b"] = np.array([score, np.sqrt(1 - score ** 2)], dtype=np.float32)
         lines.append(f"{label} id{i}/v/a.wav id{i}/v/b.wav\n")
-    utils.save_embeddings(embeddings, str(tmp_path / "TTA_vox1_eval.pk"))
+    scoring.save_embeddings(embeddings, str(tmp_path / "TTA_vox1_eval.pk"))
     (tmp_path / "vox_original.txt").write_text("".join(lines))
     ev.main(ev.parse_args(["-embd_dir", str(tmp_path), "-trial_dir", str(tmp_path),
                            "-eer_file", str(tmp_path / "eers.txt")]))

@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import scoring
 import utils
 from utils import DataError, SilentAudioError
 
@@ -113,7 +114,7 @@ def test_tta_paper_sizes():
 def test_read_trials_accepts_keys_with_or_without_wav(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("1 id1/a/00001.wav id1/b/00002.wav\n\n0 id1/a/00001 id2/c/00001\n")
-    labels, a, b = utils.read_trials(str(path))
+    labels, a, b = scoring.read_trials(str(path))
     assert labels.tolist() == [1, 0]
     assert a == ["id1/a/00001", "id1/a/00001"] and b == ["id1/b/00002", "id2/c/00001"]
 
@@ -122,12 +123,12 @@ def test_read_trials_bad_line_names_file_and_line(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("1 a b\n2 a b\n")
     with pytest.raises(DataError, match=r"t.txt:2:"):
-        utils.read_trials(str(path))
+        scoring.read_trials(str(path))
 
 
 def test_check_keys_reports_count_and_examples():
     with pytest.raises(DataError, match=r"^2 trial keys .*a/x/1, b/y/2"):
-        utils.check_keys(["a/x/1", "b/y/2", "c/z/3"], {"c/z/3"}, "trial keys")
+        scoring.check_keys(["a/x/1", "b/y/2", "c/z/3"], {"c/z/3"}, "trial keys")
 
 
 def test_cosine_scores_equal_per_trial_loop():
@@ -136,22 +137,22 @@ def test_cosine_scores_equal_per_trial_loop():
     a = [f"u{i}" for i in rng.integers(0, 30, 200)]
     b = [f"u{i}" for i in rng.integers(0, 30, 200)]
     loop = [np.dot(emb[x], emb[y]) / (np.linalg.norm(emb[x]) * np.linalg.norm(emb[y])) for x, y in zip(a, b)]
-    np.testing.assert_allclose(utils.cosine_scores(emb, a, b, chunk=7), loop, rtol=1e-5)
+    np.testing.assert_allclose(scoring.cosine_scores(emb, a, b, chunk=7), loop, rtol=1e-5)
 
 
 def test_cosine_scores_reject_zero_or_nan_embedding():
     emb = {"a": np.zeros(4), "b": np.ones(4), "c": np.array([np.nan, 1, 1, 1])}
     with pytest.raises(DataError, match="2 embeddings.*a, c"):
-        utils.cosine_scores(emb, ["a", "c"], ["b", "b"])
+        scoring.cosine_scores(emb, ["a", "c"], ["b", "b"])
 
 
 def test_eer_hand_made_cases():
-    assert utils.compute_eer([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1])[0] == pytest.approx(0.0)
-    assert utils.compute_eer([1, 1, 0, 0], [0.1, 0.2, 0.8, 0.9])[0] == pytest.approx(1.0)
+    assert scoring.compute_eer([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1])[0] == pytest.approx(0.0)
+    assert scoring.compute_eer([1, 1, 0, 0], [0.1, 0.2, 0.8, 0.9])[0] == pytest.approx(1.0)
     # targets 0.9, 0.3; non-targets 0.6, 0.1: any threshold misses one of two on one side
-    assert utils.compute_eer([1, 1, 0, 0], [0.9, 0.3, 0.6, 0.1])[0] == pytest.approx(0.5)
+    assert scoring.compute_eer([1, 1, 0, 0], [0.9, 0.3, 0.6, 0.1])[0] == pytest.approx(0.5)
     # 4 targets, 4 non-targets, one of each on the wrong side: EER 1/4
-    eer, thr = utils.compute_eer([1, 1, 1, 1, 0, 0, 0, 0], [0.9, 0.8, 0.7, 0.2, 0.6, 0.3, 0.1, 0.05])
+    eer, thr = scoring.compute_eer([1, 1, 1, 1, 0, 0, 0, 0], [0.9, 0.8, 0.7, 0.2, 0.6, 0.3, 0.1, 0.05])
     assert eer == pytest.approx(0.25)
 
 
@@ -173,12 +174,12 @@ def test_eer_matches_slow_reference_on_random_scores():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, 3000)
     scores = rng.standard_normal(3000) + 1.2 * labels
-    assert utils.compute_eer(labels, scores)[0] == pytest.approx(slow_eer(labels, scores), abs=2e-3)
+    assert scoring.compute_eer(labels, scores)[0] == pytest.approx(slow_eer(labels, scores), abs=2e-3)
 
 
 def test_eer_undefined_with_one_class():
     with pytest.raises(DataError, match="only targets or only non-targets"):
-        utils.compute_eer([1, 1], [0.2, 0.3])
+        scoring.compute_eer([1, 1], [0.2, 0.3])
 
 
 def test_validation_trials_are_half_targets_and_well_formed():
