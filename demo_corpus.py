@@ -3,8 +3,8 @@
 `make_demo_corpus()` writes a corpus in the exact VoxCeleb layout the training script reads
 (`VoxCeleb2/wav/` to train on; `VoxCeleb1/eval_wav/` and `VoxCeleb1/veri_test.txt` to test on), and
 `naive_baseline_eer()` scores its trials with a deliberately naive feature. Synthesis needs numpy,
-scipy, soundfile and tqdm; the baseline's EER is the project's (``scoring.compute_eer``), so importing
-this module also imports ``utils`` and with it torch and scikit-learn.
+scipy, soundfile and tqdm; the baseline's EER is the project's (``scoring.compute_eer``,
+NumPy only).
 
 Why it is a real task and not a toy:
 - Voices come from a source-filter model. Each speaker draws traits from one shared distribution:
