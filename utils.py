@@ -139,8 +139,9 @@ def _read_checked(path, **kwargs):
 def to_mono_16k(x, sr):
     """``(samples, note)``: float64 ``x`` (frames, or frames x channels) at ``sr`` Hz as 16 kHz mono.
     Channels are averaged; the rate is changed by polyphase filtering (``scipy.signal.resample_poly``
-    with the reduced ratio 16000 / sr, its default Kaiser-windowed anti-aliasing filter). ``note``
-    says what was converted ("" when nothing was)."""
+    with the reduced ratio 16000 / sr, its default Kaiser-windowed anti-aliasing filter: flat within
+    1 % up to 7 kHz, -6 dB at 8 kHz, more than 55 dB down from 9.5 kHz). ``note`` says what was
+    converted ("" when nothing was)."""
     notes = []
     if x.ndim == 2:
         if x.shape[1] > 1:
