@@ -254,7 +254,8 @@ def audio_files(args):
             keys = list(dict.fromkeys(line.strip() for line in f if line.strip()))
         absent = [k for k in keys if not os.path.isfile(k)]
         if absent:
-            raise DataError(f"{args.wav_list}: {len(absent)} listed files not found, e.g. {', '.join(absent[:3])}")
+            raise DataError(f"{args.wav_list}: {len(absent)} listed files not found, "
+                            f"e.g. {', '.join(absent[:3])}")
         source, base = args.wav_list, ""
     if not keys:
         raise DataError(f"{source}: no audio files (extensions {', '.join(utils.AUDIO_EXTENSIONS)})")
@@ -279,7 +280,8 @@ def conversion_note(keys, base):
             rates.add(info.samplerate), channels.add(info.channels)
     if converted:
         print(f"note: {converted} of {len(keys)} files are converted to 16 kHz mono as they are read "
-              f"(rates {', '.join(map(str, sorted(rates)))} Hz; channels {', '.join(map(str, sorted(channels)))})")
+              f"(rates {', '.join(map(str, sorted(rates)))} Hz; "
+              f"channels {', '.join(map(str, sorted(channels)))})")
 
 
 def extract_files(args):
@@ -288,7 +290,8 @@ def extract_files(args):
     conversion_note(keys, base)
     model = load_model(args)
     args.embd = args.embd or os.path.join(args.embd_dir, f"embeddings.{args.format}")
-    partial = os.path.join(os.path.dirname(os.path.abspath(args.embd)), ".partial-" + os.path.basename(args.embd))
+    folder, name = os.path.split(os.path.abspath(args.embd))
+    partial = os.path.join(folder, ".partial-" + name)
     open_partial(partial, {"model_sha256": file_sha256(args.model_dir), "nb_samp": model.nb_samp,
                            "window_size": args.window_size, "bf16": args.bf16,
                            "source": os.path.abspath(args.wav_dir or args.wav_list)})

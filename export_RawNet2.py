@@ -32,6 +32,7 @@ An utterance's embedding is the TTA recipe of evaluate_pretrained_RawNet2.py aro
 import argparse
 import copy
 import json
+import logging
 import os
 import pickle
 import sys
@@ -100,6 +101,8 @@ def save_pt2(program, path, meta):
 def save_onnx(program, path, meta, opset):
     """The exported program as ONNX (torch.onnx's exporter), with ``meta`` in its metadata."""
     import onnx
+    # torch.onnx logs a warning per torchvision operator it cannot register; none is used here
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset,
                                      input_names=["waveform"], output_names=["embedding"], verbose=False)
     proto = onnx_program.model_proto
@@ -174,7 +177,8 @@ def main(args):
             import onnx  # noqa: F401
             import onnxscript  # noqa: F401
         except ImportError:
-            raise DataError(f"-formats onnx needs onnx and onnxscript, which are not installed: {OPTIONAL}") from None
+            raise DataError(f"-formats onnx needs onnx and onnxscript, which are not installed: "
+                            f"{OPTIONAL}") from None
     model = load_model(args.model_dir)
     net = EmbeddingNetwork(model)
     meta = {"nb_samp": net.nb_samp, "window_size": args.window_size, "sample_rate": utils.SAMPLE_RATE,
@@ -196,7 +200,8 @@ def main(args):
             if error is None:
                 print(f"note: onnxruntime is not installed ({OPTIONAL}): {paths[kind]} not checked")
             else:
-                print(f"check {kind}: max |exported - PyTorch| / max |PyTorch| = {error:.1e} (batches 1 and 3)")
+                print(f"check {kind}: max |exported - PyTorch| / max |PyTorch| = {error:.1e} "
+                      f"(batches 1 and 3)")
     return paths
 
 

@@ -2,7 +2,8 @@
 
     python DB/prepare_dataset.py /data/mine -layout speaker/session/file -out DB/mine
     python DB/prepare_dataset.py -list files.csv -out DB/mine                 # rows: path,speaker[,session]
-    python DB/prepare_dataset.py /data/mine -layout speaker/file -out DB/mine -test_speakers 10 -make_trials 2000
+    python DB/prepare_dataset.py /data/mine -layout speaker/file -out DB/mine -test_speakers 10 \
+        -make_trials 2000                                                     # + a test split and trials
 
 Sources: a folder whose path components name the speaker (and optionally the session), described by
 ``-layout`` (``speaker/file``, ``speaker/session/file``, ``*/speaker/file``: ``*`` is a folder level
@@ -67,7 +68,8 @@ def parse_args(argv=None):
     add("out", type=str, required=True, help="dataset folder to write (see the layout above)")
     add("default_session", type=str, default="default", help="session folder of files without a session")
     add("test_speakers", type=int, default=0,
-        help="put this many speakers (drawn with -seed) into OUT/test/eval_wav/, the rest into OUT/train/wav/")
+        help="put this many speakers (drawn with -seed) into OUT/test/eval_wav/, the rest into "
+             "OUT/train/wav/")
     add("make_trials", type=int, default=0, metavar="N",
         help="write N trials over the test speakers to OUT/test/veri_test.txt: half targets (cross-session "
              "where a speaker has several sessions), half non-targets")
@@ -114,8 +116,9 @@ def scan_folder(source, layout):
                 continue
             rel = os.path.relpath(path, source).split(os.sep)
             if len(rel) != len(parts):
-                skipped.append((path, f"{len(rel) - 1} folder levels below the source, -layout {layout} "
-                                      f"has {len(parts) - 1}"))
+                reason = (f"{len(rel) - 1} folder levels below the source, -layout {layout} "
+                          f"has {len(parts) - 1}")
+                skipped.append((path, reason))
                 continue
             levels = dict(zip(parts, rel))
             found.append((path, levels["speaker"], levels.get("session")))
@@ -138,7 +141,8 @@ def read_list(path, root=None):
             if not any(row) or (lineno == 1 and row[0].lower() == "path"):
                 continue
             if len(row) not in (2, 3) or not row[0] or not row[1]:
-                raise DataError(f"{path}:{lineno}: expected 'path{delimiter}speaker[{delimiter}session]', got {row}")
+                raise DataError(f"{path}:{lineno}: expected 'path{delimiter}speaker[{delimiter}session]', "
+                                f"got {row}")
             found.append((os.path.join(root, row[0]), row[1], row[2] if len(row) == 3 and row[2] else None))
     if not found:
         raise DataError(f"{path}: no rows")
@@ -197,7 +201,8 @@ def check_plan(out, plan):
                                 f"choose another -out or delete it")
         return
     if os.path.isdir(out) and os.listdir(out):
-        raise DataError(f"{out}: exists and is not a folder made by DB/prepare_dataset.py; choose another -out")
+        raise DataError(f"{out}: exists and is not a folder made by DB/prepare_dataset.py; "
+                        f"choose another -out")
     utils.write_json_atomic(entries, path)
 
 
@@ -275,7 +280,8 @@ def make_trials(keys, sessions, count, rng):
     for spk, files in by_spk.items():
         i, j = np.triu_indices(len(files), 1)
         if len(sessions[spk]) > 1:
-            cross = np.array([files[a].split("/")[1] != files[b].split("/")[1] for a, b in zip(i, j)], dtype=bool)
+            session = np.array([f.split("/")[1] for f in files])
+            cross = session[i] != session[j]
             i, j = i[cross], j[cross]
         targets.extend((files[a], files[b]) for a, b in zip(i, j))
     chosen = [targets[t] for t in rng.permutation(len(targets))[:count // 2]]
@@ -332,11 +338,13 @@ def write_trials(args, rows):
         sessions.setdefault(key.split("/")[0], set()).add(key.split("/")[1])
     lines = make_trials(keys, sessions, args.make_trials, np.random.default_rng([args.seed, 1]))
     if len(lines) < args.make_trials:
-        print(f"note: only {len(lines)} distinct trials exist over the test speakers ({args.make_trials} asked for)")
+        print(f"note: only {len(lines)} distinct trials exist over the test speakers "
+              f"({args.make_trials} asked for)")
     if not lines or all(line[0] == "1" for line in lines) or all(line[0] == "0" for line in lines):
-        raise DataError(f"-make_trials: the test speakers' files give no target or no non-target pair "
-                        f"(need two speakers, one with two files)")
-    utils.write_text_atomic("".join(line + "\n" for line in lines), os.path.join(args.out, "test", "veri_test.txt"))
+        raise DataError("-make_trials: the test speakers' files give no target or no non-target pair "
+                        "(need two speakers, one with two files)")
+    utils.write_text_atomic("".join(line + "\n" for line in lines),
+                            os.path.join(args.out, "test", "veri_test.txt"))
 
 
 def summarise(args, rows, frames, skipped):

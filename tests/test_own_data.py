@@ -60,7 +60,8 @@ def write_layouts(root, seed=0):
 
 
 def prepare(argv, out):
-    args = prepare_dataset.parse_args([str(a) for a in argv] + ["-out", str(out), "-jobs", "2", "-progress", "False"])
+    flags = ["-out", str(out), "-jobs", "2", "-progress", "False"]
+    args = prepare_dataset.parse_args([str(a) for a in argv] + flags)
     return prepare_dataset.main(args)
 
 
@@ -111,7 +112,8 @@ def test_channels_are_averaged_and_16k_mono_is_left_as_it_is(tmp_path):
     assert note == "2 channels mixed down to mono"
     sf.write(tmp_path / "m.wav", stereo[:, 0], 16000, subtype="PCM_16")
     x, note = utils.read_audio(str(tmp_path / "m.wav"))
-    assert note == "" and np.array_equal(utils.peak_normalise(x, "m"), utils.read_wav(str(tmp_path / "m.wav")))
+    assert note == ""
+    assert np.array_equal(utils.peak_normalise(x, "m"), utils.read_wav(str(tmp_path / "m.wav")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +126,8 @@ args = sys.argv[1:]
 src, dst = args[args.index("-i") + 1], args[-1]
 if "broken" in src:
     sys.exit("Invalid data found when processing input")
-sf.write(dst, 0.1 * np.sin(np.arange(8000) / 5), int(args[args.index("-ar") + 1]), subtype="PCM_16", format="WAV")
+rate = int(args[args.index("-ar") + 1])
+sf.write(dst, 0.1 * np.sin(np.arange(8000) / 5), rate, subtype="PCM_16", format="WAV")
 """
 
 
@@ -151,8 +154,9 @@ def test_prepare_reports_skips_resumes_and_refuses_other_plans(tmp_path, capsys)
     assert "silent.wav: empty or all-zero audio" in report and "broken.flac: cannot read audio" in report
     assert "deep.wav: 2 folder levels below the source, -layout speaker/file has 1" in report
     rows = mapping(out)
-    assert [r[1] for r in rows] == ["wav/a/default/00001.wav", "wav/a/default/00002.wav",
-                                    "wav/a/default/00005.wav", "wav/b/default/00001.wav", "wav/b/default/00002.wav"]
+    assert [r[1] for r in rows] == [f"wav/{name}.wav" for name in ("a/default/00001", "a/default/00002",
+                                                                  "a/default/00005", "b/default/00001",
+                                                                  "b/default/00002")]
     assert rows[2][0].endswith("talk.m4a")  # through ffmpeg
     for _, output, *_ in rows:
         info = sf.info(os.path.join(out, output))
@@ -162,15 +166,18 @@ def test_prepare_reports_skips_resumes_and_refuses_other_plans(tmp_path, capsys)
     before = os.stat(out / rows[1][1]).st_mtime_ns
     assert prepare([src, "-layout", "speaker/file", "-ffmpeg", ffmpeg], out) == 0
     assert "resuming" in capsys.readouterr().out and os.stat(out / rows[1][1]).st_mtime_ns == before
-    assert os.path.isfile(out / rows[0][1]) and not [f for _, _, fs in os.walk(out) for f in fs if ".part" in f]
+    assert os.path.isfile(out / rows[0][1])
+    assert not [f for _, _, files in os.walk(out) for f in files if ".part" in f]
     with pytest.raises(DataError, match="prepared earlier from other sources or flags"):
         prepare([src, "-layout", "speaker/file", "-test_speakers", "1"], out)
 
 
 def test_prepare_bad_input_is_one_line(tmp_path):
     run = [sys.executable, os.path.join(ROOT, "DB", "prepare_dataset.py")]
-    proc = subprocess.run(run + [str(tmp_path / "nowhere"), "-out", str(tmp_path / "o")], capture_output=True, text=True)
-    assert proc.returncode == 1 and proc.stderr.strip() == f"error: {tmp_path / 'nowhere'}: source folder not found"
+    proc = subprocess.run(run + [str(tmp_path / "nowhere"), "-out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: {tmp_path / 'nowhere'}: source folder not found"
     (tmp_path / "l.csv").write_text("path,speaker\na.wav\n")
     with pytest.raises(DataError, match=r"l.csv:2: expected 'path,speaker\[,session\]'"):
         prepare_dataset.read_list(str(tmp_path / "l.csv"))
@@ -219,7 +226,8 @@ def test_foreign_layouts_end_to_end(tmp_path, capsys):
         prepared[name] = str(tmp_path / f"prep_{name}")
         assert prepare(argv + ["-test_speakers", "2", "-make_trials", "10"], prepared[name]) == 0
         report = capsys.readouterr().out
-        assert "0 files skipped" in report and f"-DB {prepared[name]}/test/ -DB_vox2 {prepared[name]}/train/" in report
+        assert "0 files skipped" in report
+        assert f"-DB {prepared[name]}/test/ -DB_vox2 {prepared[name]}/train/" in report
     assert len(mapping(prepared["two"])) == 12 and len(mapping(prepared["three"])) == 16
     assert {r[2] for r in mapping(prepared["csv"])} == {"spk 0", "spk 1", "spk 2", "spk 3"}
     assert all(r[1].split("/")[2].startswith("spk_") for r in mapping(prepared["csv"]))
@@ -235,7 +243,7 @@ def test_foreign_layouts_end_to_end(tmp_path, capsys):
 
     # Extract the prepared test set of the 48 kHz stereo source, score its trials against that file.
     common = ["-model_dir", checkpoint, "-window_size", "1000", "-nb_worker", "0", "-fast", "False",
-              "-eer_file", str(tmp_path / "eers.txt")]
+              "-bs", "32", "-eer_file", str(tmp_path / "eers.txt")]
     prepared_embd = str(tmp_path / "two.npy")
     results = evaluate.main(evaluate.parse_args(
         ["-extract", "-wav_dir", prepared["two"] + "/test/eval_wav", "-embd", prepared_embd,
