@@ -36,6 +36,7 @@ import logging
 import os
 import pickle
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -128,7 +129,9 @@ def check(net, paths, batches=(1, 3), seed=0):
         refs = [net(x).numpy() for x in inputs]
     errors = {}
     if "pt2" in paths:
-        module = torch.export.load(paths["pt2"]).module()
+        with warnings.catch_warnings():  # a deprecation inside torch.export's own loader
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            module = torch.export.load(paths["pt2"]).module()
         with torch.no_grad():
             errors["pt2"] = max(relative_error(module(x), r) for x, r in zip(inputs, refs))
     if "onnx" in paths:

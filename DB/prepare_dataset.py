@@ -17,7 +17,7 @@ the session ``-default_session``), under:
     OUT/wav/                      no -test_speakers: train_RawNet2.py -DB_vox2 OUT/
     OUT/train/wav/                with -test_speakers N: the other speakers, -DB_vox2 OUT/train/
     OUT/test/eval_wav/            the N test speakers, -DB OUT/test/
-    OUT/test/veri_test.txt        with -make_trials M: M trials '<1|0> keyA keyB'
+    OUT/test/veri_test.txt        trials '<1|0> keyA keyB' over the test speakers (-make_trials)
 
 ``OUT/mapping.tsv`` maps each source file to its output (``source output speaker session``, output
 relative to OUT); ``OUT/skipped.tsv`` lists the files not converted and why. Files are converted in
@@ -70,9 +70,10 @@ def parse_args(argv=None):
     add("test_speakers", type=int, default=0,
         help="put this many speakers (drawn with -seed) into OUT/test/eval_wav/, the rest into "
              "OUT/train/wav/")
-    add("make_trials", type=int, default=0, metavar="N",
-        help="write N trials over the test speakers to OUT/test/veri_test.txt: half targets (cross-session "
-             "where a speaker has several sessions), half non-targets")
+    add("make_trials", type=int, default=None, metavar="N",
+        help="with -test_speakers: N trials over the test speakers in OUT/test/veri_test.txt, half targets "
+             "(cross-session where a speaker has several sessions), half non-targets (default: every "
+             "target pair and as many non-targets)")
     add("seed", type=int, default=0, help="seed of the test-speaker draw and of the trials")
     add("jobs", type=int, default=os.cpu_count(), help="parallel conversion processes")
     add("ffmpeg", type=str, default="ffmpeg", help="ffmpeg executable, for m4a/aac/mp4/wma/webm sources")
@@ -80,7 +81,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if (args.source is None) == (args.list is None):
         parser.error("give either a source folder or -list FILE")
-    if args.make_trials and not args.test_speakers:
+    if args.make_trials is not None and not args.test_speakers:
         parser.error("-make_trials needs -test_speakers N (the trials are made over the test speakers)")
     return args
 
@@ -272,7 +273,8 @@ def convert_all(tasks, jobs, progress):
 def make_trials(keys, sessions, count, rng):
     """``count`` trial lines over ``keys`` (``<spk>/<session>/<NNNNN>.wav``): half targets, two files of
     one speaker, from different sessions when that speaker has several; half non-targets, two speakers.
-    Pairs are drawn without repetition; fewer come back when fewer exist."""
+    Pairs are drawn without repetition; fewer come back when fewer exist. ``count`` None: every
+    target pair and as many non-targets."""
     by_spk = {}
     for key in sorted(keys):
         by_spk.setdefault(key.split("/")[0], []).append(key)
@@ -284,6 +286,7 @@ def make_trials(keys, sessions, count, rng):
             cross = session[i] != session[j]
             i, j = i[cross], j[cross]
         targets.extend((files[a], files[b]) for a, b in zip(i, j))
+    count = 2 * len(targets) if count is None else count
     chosen = [targets[t] for t in rng.permutation(len(targets))[:count // 2]]
     lines = [f"1 {a} {b}" for a, b in chosen]
     speakers, flat = sorted(by_spk), sorted(keys)
@@ -325,7 +328,7 @@ def main(args):
                             os.path.join(args.out, "mapping.tsv"))
     utils.write_text_atomic("source\treason\n" + "".join(f"{p}\t{r}\n" for p, r in skipped),
                             os.path.join(args.out, "skipped.tsv"))
-    if args.make_trials:
+    if args.test_speakers:
         write_trials(args, rows)
     summarise(args, rows, frames, skipped)
     return 0
@@ -337,7 +340,7 @@ def write_trials(args, rows):
     for key in keys:
         sessions.setdefault(key.split("/")[0], set()).add(key.split("/")[1])
     lines = make_trials(keys, sessions, args.make_trials, np.random.default_rng([args.seed, 1]))
-    if len(lines) < args.make_trials:
+    if args.make_trials is not None and len(lines) < args.make_trials:
         print(f"note: only {len(lines)} distinct trials exist over the test speakers "
               f"({args.make_trials} asked for)")
     if not lines or all(line[0] == "1" for line in lines) or all(line[0] == "0" for line in lines):
@@ -352,8 +355,9 @@ def summarise(args, rows, frames, skipped):
     for part in sorted({dst.rsplit("/", 3)[0] for _, dst, *_ in rows}):
         files = [(src, dst) for src, dst, *_ in rows if dst.startswith(part + "/")]
         speakers = {dst.rsplit("/", 3)[1] for _, dst in files}
-        hours = sum(frames[src] for src, _ in files) / SAMPLE_RATE / 3600
-        print(f"{os.path.join(args.out, part)}: {len(speakers)} speakers, {len(files)} files, {hours:.3f} h")
+        seconds = sum(frames[src] for src, _ in files) / SAMPLE_RATE
+        duration = f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+        print(f"{os.path.join(args.out, part)}: {len(speakers)} speakers, {len(files)} files, {duration}")
     if os.path.isfile(os.path.join(args.out, "test", "veri_test.txt")):
         with open(os.path.join(args.out, "test", "veri_test.txt")) as f:
             labels = [line.split()[0] for line in f]

@@ -31,14 +31,14 @@ def voice(rng, f0, seconds, rate, channels):
     return np.stack([x * g for g in np.linspace(1.0, 0.6, channels)], axis=1) if channels > 1 else x
 
 
-def write_layouts(root, seed=0):
+def write_layouts(root, speakers=4, seed=0):
     """Three foreign layouts: ``two/<speaker>/<file>.flac`` (48 kHz stereo), ``three/<speaker>/<chapter>/
     <file>.flac`` (16 kHz mono) and ``csv/list.csv`` of 44.1 kHz wavs (``path,speaker,session``)."""
     rng = np.random.default_rng(seed)
-    for s in range(4):
-        f0 = 90 + 45 * s
+    for s in range(speakers):
+        f0 = 90 * 1.15 ** s
         for u in range(3):
-            path = os.path.join(root, "two", f"reader{s}", f"take {u}.flac")  # a space in the file name
+            path = os.path.join(root, "two", f"reader{s}", f"take_{u}.flac")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             sf.write(path, voice(rng, f0, rng.uniform(0.3, 0.5), 48000, 2), 48000)
         for c in range(2):
@@ -50,10 +50,10 @@ def write_layouts(root, seed=0):
     with open(os.path.join(root, "csv", "list.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "speaker", "session"])
-        for s in range(4):
+        for s in range(speakers):
             for u in range(3):
                 name = f"clips/s{s}_{u}.wav"
-                sf.write(os.path.join(root, "csv", name), voice(rng, 100 + 40 * s, 0.4, 44100, 1), 44100,
+                sf.write(os.path.join(root, "csv", name), voice(rng, 100 * 1.15 ** s, 0.4, 44100, 1), 44100,
                          subtype="PCM_16")
                 writer.writerow([name, f"spk {s}", f"day{u % 2}"])
     return root
@@ -136,7 +136,7 @@ def test_prepare_reports_skips_resumes_and_refuses_other_plans(tmp_path, capsys)
     for spk in ("a", "b"):
         for u in range(2):
             os.makedirs(src / spk, exist_ok=True)
-            sf.write(src / spk / f"{u}.ogg", voice(np.random.default_rng(u), 120, 0.3, 22050, 3), 22050)
+            sf.write(src / spk / f"{u} take.ogg", voice(np.random.default_rng(u), 120, 0.3, 22050, 3), 22050)
     sf.write(src / "a" / "silent.wav", np.zeros(800), 16000)
     (src / "a" / "broken.flac").write_bytes(b"not audio")
     (src / "a" / "talk.m4a").write_bytes(b"m4a")
@@ -200,6 +200,8 @@ def test_trials_are_half_targets_cross_session_where_sessions_exist():
         assert a.split("/")[0] == b.split("/")[0] and a != b
         assert a.split("/")[0] == "t" or a.split("/")[1] != b.split("/")[1]  # cross-session
     assert all(a.split("/")[0] != b.split("/")[0] for label, a, b in trials if label == "0")
+    every = [line.split() for line in prepare_dataset.make_trials(keys, sessions, None, np.random.default_rng(0))]
+    assert sum(t[0] == "1" for t in every) == 3 * 9 + 1 and sum(t[0] == "0" for t in every) == 28
 
 
 # ---------------------------------------------------------------------------------------------
