@@ -110,6 +110,9 @@ def build_parser():
     add("embd", type=str, default=None, metavar="FILE",
         help="one embedding file (.pk or .npy): written by -extract with -wav_dir/-wav_list (default "
              "<embd_dir>/embeddings.<format>), and the file every trial list is scored against")
+    add("onnx", type=str, default=None, metavar="FILE",
+        help="run the network with onnxruntime from this export of export_RawNet2.py instead of "
+             "-model_dir (CPU; bench/onnx_extract.py; needs requirements-optional.txt)")
     add("window_size", type=int, default=11810, help="overlap in samples between consecutive TTA segments")
     add("bs", type=int, default=None,
         help=f"TTA segments per forward, packed across utterances "
@@ -146,6 +149,9 @@ def embedding_path(args, subset):
 
 
 def load_model(args):
+    if args.onnx:
+        from export_RawNet2 import OnnxNetwork
+        return OnnxNetwork(args.onnx)
     if not os.path.isfile(args.model_dir):
         raise DataError(f"{args.model_dir}: checkpoint not found (-model_dir)")
     try:
@@ -292,7 +298,7 @@ def extract_files(args):
     args.embd = args.embd or os.path.join(args.embd_dir, f"embeddings.{args.format}")
     folder, name = os.path.split(os.path.abspath(args.embd))
     partial = os.path.join(folder, ".partial-" + name)
-    open_partial(partial, {"model_sha256": file_sha256(args.model_dir), "nb_samp": model.nb_samp,
+    open_partial(partial, {"model_sha256": file_sha256(args.onnx or args.model_dir), "nb_samp": model.nb_samp,
                            "window_size": args.window_size, "bf16": args.bf16,
                            "source": os.path.abspath(args.wav_dir or args.wav_list)})
     embeddings = extract_subset(model, args, partial, base, "files", keys, convert=True)
@@ -313,7 +319,7 @@ def extract(args):
             print(f"note: {wav_dir} not found: no {subset} embeddings")
     model = load_model(args)
     partial = os.path.join(args.embd_dir, ".partial")
-    open_partial(partial, {"model_sha256": file_sha256(args.model_dir), "nb_samp": model.nb_samp,
+    open_partial(partial, {"model_sha256": file_sha256(args.onnx or args.model_dir), "nb_samp": model.nb_samp,
                            "window_size": args.window_size, "bf16": args.bf16})
     for subset, wav_dir in present:
         embeddings = extract_subset(model, args, partial, wav_dir, subset)
@@ -488,6 +494,9 @@ def main(args):
         raise DataError("-wav_dir and -wav_list name what -extract embeds: add -extract")
     if args.wav_dir and args.wav_list:
         raise DataError("-extract: give -wav_dir or -wav_list, not both")
+    if args.extract and args.embd and not (args.wav_dir or args.wav_list):
+        raise DataError("-extract -embd FILE needs -wav_dir or -wav_list (the VoxCeleb extraction writes "
+                        "<embd_dir>/TTA_vox1_{dev,eval})")
     if args.verify:
         return verify(args)
     if args.extract:

@@ -76,6 +76,30 @@ class EmbeddingNetwork(nn.Module):
         return self.rawnet2.embed(waveform)
 
 
+class OnnxNetwork(nn.Module):
+    """An exported ONNX file run by onnxruntime behind ``RawNet2.embed``'s interface, so that
+    ``utils.iter_embeddings`` and ``utils.embed_utterance`` (evaluate_pretrained_RawNet2.py ``-onnx``)
+    run it in place of the PyTorch network. CPU only."""
+
+    def __init__(self, path):
+        super().__init__()
+        try:
+            import onnxruntime
+        except ImportError:
+            raise DataError(f"-onnx needs onnxruntime, which is not installed: {OPTIONAL}") from None
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: ONNX file not found (-onnx)")
+        try:
+            self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        except (RuntimeError, ValueError) as e:  # onnxruntime's errors for unreadable files
+            raise DataError(f"{path}: not a loadable ONNX file ({str(e).splitlines()[0]})") from None
+        self.nb_samp = self.session.get_inputs()[0].shape[1]
+
+    def embed(self, x):  # (B, nb_samp) -> (B, dim), as RawNet2.embed
+        batch = x.detach().cpu().numpy().astype(np.float32, copy=False)
+        return torch.from_numpy(self.session.run(None, {"waveform": batch})[0])
+
+
 def tta_embedding(run, waveform, nb_samp, window_size=11810, segments_per_batch=32):
     """TTA embedding of one peak-normalised float32 waveform with ``run`` ((n, nb_samp) float32 array ->
     (n, dim) array or tensor): the mean of its segments' embeddings (``utils.tta_segments``)."""

@@ -223,6 +223,15 @@ def write_wav_atomic(path, x):
         raise
 
 
+def remove_temporaries(out):
+    """Delete what an interrupted run left half-written: our ``.tmp-*.part`` files and ffmpeg's
+    ``*.part.wav`` (``convert_vox2_to_wav.convert``)."""
+    for folder, _, files in os.walk(out):
+        for name in files:
+            if (name.startswith(".tmp-") and name.endswith(".part")) or name.endswith(".part.wav"):
+                os.remove(os.path.join(folder, name))
+
+
 def convert_file(task):
     """``(source, frames written or None, reason skipped or None)`` for one (source, wav, ffmpeg) task."""
     src, dst, ffmpeg = task
@@ -314,6 +323,7 @@ def main(args):
         raise DataError(f"{args.list or args.source}: no audio files found")
     plan = make_plan(sources, args)
     check_plan(args.out, plan)
+    remove_temporaries(args.out)
     ffmpeg = shutil.which(args.ffmpeg)
     done = {src: sf.info(os.path.join(args.out, dst)).frames for src, dst, *_ in plan
             if os.path.exists(os.path.join(args.out, dst))}

@@ -163,6 +163,7 @@ def test_prepare_reports_skips_resumes_and_refuses_other_plans(tmp_path, capsys)
         assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
     assert utils.list_utterances(str(out / "wav")) == sorted(r[1][len("wav/"):] for r in rows)
     os.remove(out / rows[0][1])
+    (out / "wav" / "a" / "default" / "00002.wav.part.wav").write_bytes(b"half")  # an interrupted ffmpeg
     before = os.stat(out / rows[1][1]).st_mtime_ns
     assert prepare([src, "-layout", "speaker/file", "-ffmpeg", ffmpeg], out) == 0
     assert "resuming" in capsys.readouterr().out and os.stat(out / rows[1][1]).st_mtime_ns == before
@@ -210,6 +211,8 @@ def test_trials_are_half_targets_cross_session_where_sessions_exist():
 def test_extract_flags_refuse_misuse_in_one_line(tmp_path):
     with pytest.raises(DataError, match="add -extract"):
         evaluate.main(evaluate.parse_args(["-wav_dir", str(tmp_path)]))
+    with pytest.raises(DataError, match="-extract -embd FILE needs -wav_dir or -wav_list"):
+        evaluate.main(evaluate.parse_args(["-extract", "-embd", str(tmp_path / "e.pk")]))
     os.makedirs(tmp_path / "d")
     sf.write(tmp_path / "d" / "a b.wav", np.ones(100) * 0.1, 16000)
     with pytest.raises(DataError, match="a b.wav: a key cannot hold whitespace"):
@@ -281,3 +284,10 @@ def test_foreign_layouts_end_to_end(tmp_path, capsys):
         for run in (lambda b: session.run(None, {"waveform": b})[0], program):
             code = export_RawNet2.tta_embedding(run, x, 4000, 1000, segments_per_batch=3)
             assert np.max(np.abs(code - ref)) <= 1e-4 * np.max(np.abs(ref))
+    # -extract -onnx: the same extraction with onnxruntime running the network.
+    evaluate.main(evaluate.parse_args(["-extract", "-wav_dir", wav_dir, "-embd", str(tmp_path / "onnx.pk"),
+                                       "-onnx", paths["onnx"]] + common))
+    by_onnx = utils.load_embeddings(str(tmp_path / "onnx.pk"))
+    assert by_onnx.keys() == extracted.keys()
+    for key, ref in extracted.items():
+        assert np.max(np.abs(by_onnx[key] - ref)) <= 1e-4 * np.max(np.abs(ref))
