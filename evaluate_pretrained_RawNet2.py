@@ -24,6 +24,10 @@ Added, none of which changes a number the original prints:
   * Scoring imports no PyTorch (only -extract and -verify do) and is vectorised and chunked
     (``scoring.EmbeddingTable``), accumulated in float64: the EERs of the original's per-trial loop
     (bench/score.py measures both).
+  * Any audio: ``-extract -wav_dir DIR`` (every audio file under DIR, keys relative to it) or
+    ``-wav_list FILE`` embeds files of any format libsndfile reads, rate and channel count (converted
+    to 16 kHz mono as they are read) into one file, ``-embd``; ``-trials FILE -embd FILE`` scores any
+    trial list against one embedding file. ``-verify`` converts its two files the same way.
   * ``-asnorm`` (adaptive symmetric score normalisation), ``-score_dir``, ``-plot`` (DET curves),
     ``-verify`` (one pair of wav files), ``-bf16`` (opt-in bfloat16 autocast for extraction).
   * Bad input stops with one line naming the file, key or line: missing keys, NaN/zero embeddings,
@@ -96,6 +100,18 @@ def build_parser():
     add("DB", type=str, default="DB/VoxCeleb1/", help="VoxCeleb1 folder holding -dev_wav and -eval_wav")
     add("dev_wav", type=str, default="dev_wav/", help="dev utterances (Vox1-E/H), inside -DB")
     add("eval_wav", type=str, default="eval_wav/", help="test utterances (Vox1-O), inside -DB")
+    add("wav_dir", type=str, default=None, metavar="DIR",
+        help="-extract: embed every audio file under DIR instead (wav, flac, ogg, mp3, ...: any rate and "
+             "channel count, converted to 16 kHz mono on the fly); keys are paths relative to DIR")
+    add("wav_list", type=str, default=None, metavar="FILE",
+        help="-extract: embed the audio files listed in FILE (one path per line) instead; keys are the "
+             "paths as written")
+    add("embd", type=str, default=None, metavar="FILE",
+        help="one embedding file (.pk or .npy): written by -extract with -wav_dir/-wav_list (default "
+             "<embd_dir>/embeddings.<format>), and the file every trial list is scored against")
+    add("onnx", type=str, default=None, metavar="FILE",
+        help="run the network with onnxruntime from this export of export_RawNet2.py instead of "
+             "-model_dir (CPU; bench/onnx_extract.py; needs requirements-optional.txt)")
     add("window_size", type=int, default=11810, help="overlap in samples between consecutive TTA segments")
     add("bs", type=int, default=None,
         help=f"TTA segments per forward, packed across utterances "
@@ -126,6 +142,8 @@ def parse_args(argv=None):
 # a scoring run starts without it.
 
 def embedding_path(args, subset):
+    if args.embd:  # -embd: one file holds every embedding
+        return args.embd
     return os.path.join(args.embd_dir, f"TTA_vox1_{subset}.{args.format}")
 
 
@@ -137,6 +155,9 @@ def with_device(args):
 
 
 def load_model(args):
+    if args.onnx:
+        from export_RawNet2 import OnnxNetwork
+        return OnnxNetwork(args.onnx)
     from model_RawNet2 import load_pretrained
 
     if not os.path.isfile(args.model_dir):
@@ -190,20 +211,21 @@ def load_partial(folder, subset):
     return embeddings, skipped
 
 
-def extract_subset(model, args, folder, wav_dir, subset):
-    """TTA embeddings of every utterance under ``wav_dir``, resuming from ``folder``."""
+def extract_subset(model, args, folder, wav_dir, subset, keys=None, convert=False):
+    """TTA embeddings of every utterance under ``wav_dir`` (or of ``keys``, paths inside it; with
+    ``convert``, of any format, rate and channel count), resuming from ``folder``."""
     from tqdm import tqdm
 
     import utils
 
-    keys = utils.list_utterances(wav_dir)
+    keys = utils.list_utterances(wav_dir) if keys is None else keys
     embeddings, skipped = load_partial(folder, subset)
     todo = [k for k in keys if utils.utt_id(k) not in embeddings and k not in skipped]
     if len(todo) < len(keys):
         print(f"resuming {wav_dir}: {len(keys) - len(todo)} of {len(keys)} utterances already done")
     bs = args.bs or (GPU_SEGMENTS_PER_BATCH[args.fast] if args.device.startswith("cuda") else CPU_SEGMENTS_PER_BATCH)
     stream = utils.iter_embeddings(model, todo, wav_dir, model.nb_samp, args.window_size, args.device,
-                                   args.nb_worker, bs, args.bf16)
+                                   args.nb_worker, bs, args.bf16, convert)
     new, new_skipped = {}, []
     chunk_id = sum(1 for name in os.listdir(folder) if name.startswith(f"{subset}_"))
 
@@ -234,7 +256,78 @@ def extract_subset(model, args, folder, wav_dir, subset):
     return embeddings
 
 
+def audio_files(args):
+    """(keys, folder they are relative to) of -wav_dir or -wav_list."""
+    import utils
+
+    if args.wav_dir:
+        if not os.path.isdir(args.wav_dir):
+            raise DataError(f"{args.wav_dir}: folder not found (-wav_dir)")
+        keys = sorted(os.path.relpath(os.path.join(path, name), args.wav_dir).replace(os.sep, "/")
+                      for path, _, files in os.walk(args.wav_dir, followlinks=True) for name in files
+                      if name.lower().endswith(utils.AUDIO_EXTENSIONS))
+        source, base = args.wav_dir, args.wav_dir
+    else:
+        if not os.path.isfile(args.wav_list):
+            raise DataError(f"{args.wav_list}: list not found (-wav_list)")
+        with open(args.wav_list) as f:
+            keys = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+        absent = [k for k in keys if not os.path.isfile(k)]
+        if absent:
+            raise DataError(f"{args.wav_list}: {len(absent)} listed files not found, "
+                            f"e.g. {', '.join(absent[:3])}")
+        source, base = args.wav_list, ""
+    if not keys:
+        raise DataError(f"{source}: no audio files (extensions {', '.join(utils.AUDIO_EXTENSIONS)})")
+    spaced = [k for k in keys if len(k.split()) != 1]
+    if spaced:
+        raise DataError(f"{os.path.join(base, spaced[0])}: a key cannot hold whitespace (trial lists split "
+                        f"on it): rename it, or prepare the folder with DB/prepare_dataset.py")
+    return keys, base
+
+
+def conversion_note(keys, base):
+    """One line saying how many files are converted on the fly (other rates, several channels)."""
+    import soundfile as sf
+
+    import utils
+
+    rates, channels = set(), set()
+    converted = 0
+    for key in keys:
+        try:
+            info = sf.info(os.path.join(base, key))
+        except (RuntimeError, sf.LibsndfileError):
+            continue  # reported by name when it is read
+        if info.samplerate != utils.SAMPLE_RATE or info.channels != 1:
+            converted += 1
+            rates.add(info.samplerate), channels.add(info.channels)
+    if converted:
+        print(f"note: {converted} of {len(keys)} files are converted to 16 kHz mono as they are read "
+              f"(rates {', '.join(map(str, sorted(rates)))} Hz; "
+              f"channels {', '.join(map(str, sorted(channels)))})")
+
+
+def extract_files(args):
+    """-extract -wav_dir / -wav_list: TTA embeddings of any audio files into one file (-embd)."""
+    keys, base = audio_files(args)
+    conversion_note(keys, base)
+    model = load_model(args)
+    args.embd = args.embd or os.path.join(args.embd_dir, f"embeddings.{args.format}")
+    folder, name = os.path.split(os.path.abspath(args.embd))
+    partial = os.path.join(folder, ".partial-" + name)
+    open_partial(partial, {"model_sha256": file_sha256(args.onnx or args.model_dir), "nb_samp": model.nb_samp,
+                           "window_size": args.window_size, "bf16": args.bf16,
+                           "source": os.path.abspath(args.wav_dir or args.wav_list)})
+    embeddings = extract_subset(model, args, partial, base, "files", keys, convert=True)
+    scoring.save_embeddings(embeddings, args.embd)
+    print(f"{len(embeddings)} embeddings of {args.wav_dir or args.wav_list} written to {args.embd}")
+    shutil.rmtree(partial)
+
+
 def extract(args):
+    if args.wav_dir or args.wav_list:
+        return extract_files(args)
     folders = [(subset, os.path.join(args.DB, wav)) for subset, wav in (("dev", args.dev_wav), ("eval", args.eval_wav))]
     present = [(subset, wav_dir) for subset, wav_dir in folders if os.path.isdir(wav_dir)]
     if not present:
@@ -244,7 +337,7 @@ def extract(args):
             print(f"note: {wav_dir} not found: no {subset} embeddings")
     model = load_model(args)
     partial = os.path.join(args.embd_dir, ".partial")
-    open_partial(partial, {"model_sha256": file_sha256(args.model_dir), "nb_samp": model.nb_samp,
+    open_partial(partial, {"model_sha256": file_sha256(args.onnx or args.model_dir), "nb_samp": model.nb_samp,
                            "window_size": args.window_size, "bf16": args.bf16})
     for subset, wav_dir in present:
         embeddings = extract_subset(model, args, partial, wav_dir, subset)
@@ -260,8 +353,10 @@ def extract(args):
 def trial_lists(args):
     """(name, path, embedding sets) of each list to score."""
     if args.trials:
-        return [(os.path.splitext(os.path.basename(p))[0], p, ("dev", "eval")) for p in args.trials]
-    return [(name, os.path.join(args.trial_dir, file), subsets) for name, file, subsets in LISTS]
+        lists = [(os.path.splitext(os.path.basename(p))[0], p, ("dev", "eval")) for p in args.trials]
+    else:
+        lists = [(name, os.path.join(args.trial_dir, file), subsets) for name, file, subsets in LISTS]
+    return [(name, path, ("embd",)) for name, path, _ in lists] if args.embd else lists
 
 
 def load_cohort(args):
@@ -436,10 +531,19 @@ def main(args):
             import matplotlib  # noqa: F401  (optional dependency, checked before any long work)
         except ImportError:
             raise DataError("-plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    if (args.wav_dir or args.wav_list) and not args.extract:
+        raise DataError("-wav_dir and -wav_list name what -extract embeds: add -extract")
+    if args.wav_dir and args.wav_list:
+        raise DataError("-extract: give -wav_dir or -wav_list, not both")
+    if args.extract and args.embd and not (args.wav_dir or args.wav_list):
+        raise DataError("-extract -embd FILE needs -wav_dir or -wav_list (the VoxCeleb extraction writes "
+                        "<embd_dir>/TTA_vox1_{dev,eval})")
     if args.verify:
         return verify(with_device(args))
     if args.extract:
         extract(with_device(args))
+        if (args.wav_dir or args.wav_list) and not args.trials:
+            return None  # own files: nothing to score unless trial lists are given
     return score(args)
 
 

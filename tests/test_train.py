@@ -219,5 +219,5 @@ def test_cli_bad_sample_rate_in_worker_is_one_line(tiny_corpus, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_RawNet2.py")] + flags,
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert re.search(r"^error: .*id00001/vid00000000/00001.wav: sample rate 8000 Hz, expected 16000 Hz$",
+    assert re.search(r"^error: .*id00001/vid00000000/00001.wav: sample rate 8000 Hz, expected 16000 Hz \(DB/prepare_dataset.py converts audio to 16 kHz mono\)$",
                      proc.stderr.strip(), re.M)

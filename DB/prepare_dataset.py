@@ -1,0 +1,392 @@
+"""Prepare any speaker-labelled audio collection for RawNet2: 16 kHz mono 16-bit wav in our layout.
+
+    python DB/prepare_dataset.py /data/mine -layout speaker/session/file -out DB/mine
+    python DB/prepare_dataset.py -list files.csv -out DB/mine                 # rows: path,speaker[,session]
+    python DB/prepare_dataset.py /data/mine -layout speaker/file -out DB/mine -test_speakers 10 \
+        -make_trials 2000                                                     # + a test split and trials
+
+Sources: a folder whose path components name the speaker (and optionally the session), described by
+``-layout`` (``speaker/file``, ``speaker/session/file``, ``*/speaker/file``: ``*`` is a folder level
+that is ignored), or a CSV/TSV list of ``path, speaker[, session]`` rows. Every file libsndfile reads
+(wav, flac, ogg, mp3, aiff, ...) at any sample rate and channel count is mixed down (channels
+averaged) and resampled to 16 kHz by polyphase filtering (``utils.to_mono_16k``); m4a/aac/mp4 go
+through ffmpeg as in ``DB/convert_vox2_to_wav.py``. Each file becomes ``<speaker>/<session>/<NNNNN>.wav``
+(files of one speaker and session numbered in sorted source order; a speaker without sessions gets
+the session ``-default_session``), under:
+
+    OUT/wav/                      no -test_speakers: train_RawNet2.py -DB_vox2 OUT/
+    OUT/train/wav/                with -test_speakers N: the other speakers, -DB_vox2 OUT/train/
+    OUT/test/eval_wav/            the N test speakers, -DB OUT/test/
+    OUT/test/veri_test.txt        trials '<1|0> keyA keyB' over the test speakers (-make_trials)
+
+``OUT/mapping.tsv`` maps each source file to its output (``source output speaker session``, output
+relative to OUT); ``OUT/skipped.tsv`` lists the files not converted and why. Files are converted in
+``-jobs`` processes, each written to a temporary name and renamed when complete, so an interrupted
+run is resumed by running the same command again (finished files are kept).
+"""
+
+import argparse
+import csv
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections import Counter
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import convert_vox2_to_wav  # noqa: E402  (the ffmpeg path, for formats libsndfile does not read)
+import utils  # noqa: E402
+from utils import SAMPLE_RATE, DataError  # noqa: E402
+
+FFMPEG_EXTENSIONS = (".m4a", ".aac", ".mp4", ".wma", ".webm")
+PLAN = ".prepare_plan.json"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = utils.arg_group(parser, "sources")
+    parser.add_argument("source", nargs="?", default=None,
+                        help="folder of audio files laid out as -layout says (or use -list)")
+    add("layout", type=str, default="speaker/session/file",
+        help="path of each file below the source folder: 'speaker', 'session' and '*' (ignored) folder "
+             "levels, ending in 'file'; e.g. speaker/file, speaker/session/file, */speaker/file")
+    add("list", type=str, default=None, metavar="FILE",
+        help="CSV (or TSV, by extension) of 'path,speaker[,session]' rows instead of a folder; "
+             "an optional first row 'path,speaker,...' is a header")
+    add("root", type=str, default=None,
+        help="-list: folder that relative paths in the list start from (default: the list's folder)")
+    add = utils.arg_group(parser, "output")
+    add("out", type=str, required=True, help="dataset folder to write (see the layout above)")
+    add("default_session", type=str, default="default", help="session folder of files without a session")
+    add("test_speakers", type=int, default=0,
+        help="put this many speakers (drawn with -seed) into OUT/test/eval_wav/, the rest into "
+             "OUT/train/wav/")
+    add("make_trials", type=int, default=None, metavar="N",
+        help="with -test_speakers: N trials over the test speakers in OUT/test/veri_test.txt, half targets "
+             "(cross-session where a speaker has several sessions), half non-targets (default: every "
+             "target pair and as many non-targets)")
+    add("seed", type=int, default=0, help="seed of the test-speaker draw and of the trials")
+    add("jobs", type=int, default=os.cpu_count(), help="parallel conversion processes")
+    add("ffmpeg", type=str, default="ffmpeg", help="ffmpeg executable, for m4a/aac/mp4/wma/webm sources")
+    add("progress", default=True, help="show a progress bar", **utils.BOOL_FLAG)
+    args = parser.parse_args(argv)
+    if (args.source is None) == (args.list is None):
+        parser.error("give either a source folder or -list FILE")
+    if args.make_trials is not None and not args.test_speakers:
+        parser.error("-make_trials needs -test_speakers N (the trials are made over the test speakers)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: (path, speaker, session or None)
+
+def is_audio(name):
+    return name.lower().endswith(utils.AUDIO_EXTENSIONS + FFMPEG_EXTENSIONS)
+
+
+def parse_layout(layout):
+    parts = layout.strip("/").split("/")
+    if parts[-1] != "file" or parts.count("speaker") != 1 or parts.count("session") > 1 or \
+            any(p not in ("speaker", "session", "*") for p in parts[:-1]):
+        raise DataError(f"-layout {layout}: expected folder levels 'speaker' (once), 'session' (at most "
+                        f"once) and '*', ending in 'file', e.g. speaker/session/file")
+    return parts
+
+
+def scan_folder(source, layout):
+    """Sources of every audio file under ``source``, and (path, reason) of files that do not fit."""
+    if not os.path.isdir(source):
+        raise DataError(f"{source}: source folder not found")
+    parts = parse_layout(layout)
+    found, skipped, ignored = [], [], Counter()
+    for folder, dirs, files in os.walk(source, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.abspath(os.path.join(folder, name))
+            if not is_audio(name):
+                ignored[os.path.splitext(name)[1] or name] += 1
+                continue
+            rel = os.path.relpath(path, source).split(os.sep)
+            if len(rel) != len(parts):
+                reason = (f"{len(rel) - 1} folder levels below the source, -layout {layout} "
+                          f"has {len(parts) - 1}")
+                skipped.append((path, reason))
+                continue
+            levels = dict(zip(parts, rel))
+            found.append((path, levels["speaker"], levels.get("session")))
+    if ignored:
+        print(f"note: {sum(ignored.values())} files that are not audio ignored "
+              f"({', '.join(f'{ext}: {n}' for ext, n in sorted(ignored.items()))})")
+    return found, skipped
+
+
+def read_list(path, root=None):
+    """Sources of a CSV/TSV list of ``path, speaker[, session]`` rows."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: list not found (-list)")
+    root = os.path.dirname(os.path.abspath(path)) if root is None else os.path.abspath(root)
+    delimiter = "\t" if path.lower().endswith((".tsv", ".tab")) else ","
+    found = []
+    with open(path, newline="") as f:
+        for lineno, row in enumerate(csv.reader(f, delimiter=delimiter), 1):
+            row = [field.strip() for field in row]
+            if not any(row) or (lineno == 1 and row[0].lower() == "path"):
+                continue
+            if len(row) not in (2, 3) or not row[0] or not row[1]:
+                raise DataError(f"{path}:{lineno}: expected 'path{delimiter}speaker[{delimiter}session]', "
+                                f"got {row}")
+            found.append((os.path.join(root, row[0]), row[1], row[2] if len(row) == 3 and row[2] else None))
+    if not found:
+        raise DataError(f"{path}: no rows")
+    return found
+
+
+def folder_name(name, what, source):
+    """A speaker or session name as a folder name of a key: no separators, spaces or leading dot."""
+    clean = re.sub(r"[^\w.+-]", "_", name).lstrip(".")
+    if not clean:
+        raise DataError(f"{source}: {what} name {name!r} is empty as a folder name")
+    return clean
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: source -> output path relative to OUT
+
+def split_speakers(speakers, count, seed):
+    """The test speakers: ``count`` of the sorted ``speakers``, drawn with ``seed``."""
+    if count >= len(speakers):
+        raise DataError(f"-test_speakers {count}: there are only {len(speakers)} speakers; "
+                        f"at least one must be left for training")
+    rng = np.random.default_rng(seed)
+    return {speakers[i] for i in rng.choice(len(speakers), count, replace=False)}
+
+
+def make_plan(sources, args):
+    """Rows (source, output relative to OUT, speaker, session), in sorted source order."""
+    names = {}  # folder name -> original speaker name, to catch two names that clean to one
+    rows = []
+    for path, speaker, session in sorted(sources):
+        spk = folder_name(speaker, "speaker", path)
+        if names.setdefault(spk, speaker) != speaker:
+            raise DataError(f"{path}: speakers {names[spk]!r} and {speaker!r} both become the folder {spk!r}")
+        sess = folder_name(session, "session", path) if session is not None else args.default_session
+        rows.append([path, spk, sess, speaker, session or ""])
+    test = split_speakers(sorted(names), args.test_speakers, args.seed) if args.test_speakers else set()
+    counts, plan = Counter(), []
+    for path, spk, sess, speaker, session in rows:
+        counts[spk, sess] += 1
+        base = "wav" if not args.test_speakers else ("test/eval_wav" if spk in test else "train/wav")
+        plan.append((path, f"{base}/{spk}/{sess}/{counts[spk, sess]:05d}.wav", speaker, session))
+    if len({os.path.abspath(p) for p, *_ in plan}) != len(plan):
+        raise DataError("a source file is listed more than once")
+    return plan
+
+
+def check_plan(out, plan):
+    """Record the plan in ``out``; a folder prepared with another plan is refused, not overwritten."""
+    path = os.path.join(out, PLAN)
+    entries = [[src, dst] for src, dst, *_ in plan]
+    if os.path.isfile(path):
+        with open(path) as f:
+            if json.load(f) != entries:
+                raise DataError(f"{out}: prepared earlier from other sources or flags ({PLAN} differs); "
+                                f"choose another -out or delete it")
+        return
+    if os.path.isdir(out) and os.listdir(out):
+        raise DataError(f"{out}: exists and is not a folder made by DB/prepare_dataset.py; "
+                        f"choose another -out")
+    utils.write_json_atomic(entries, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion of one file
+
+def write_wav_atomic(path, x):
+    """16-bit PCM wav written to a temporary name in the same folder, then renamed."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".part")  # not a .wav
+    os.close(fd)
+    try:
+        sf.write(tmp, x, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def remove_temporaries(out):
+    """Delete what an interrupted run left half-written: our ``.tmp-*.part`` files and ffmpeg's
+    ``*.part.wav`` (``convert_vox2_to_wav.convert``)."""
+    for folder, _, files in os.walk(out):
+        for name in files:
+            if (name.startswith(".tmp-") and name.endswith(".part")) or name.endswith(".part.wav"):
+                os.remove(os.path.join(folder, name))
+
+
+def convert_file(task):
+    """``(source, frames written or None, reason skipped or None)`` for one (source, wav, ffmpeg) task."""
+    src, dst, ffmpeg = task
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if src.lower().endswith(FFMPEG_EXTENSIONS):
+        if ffmpeg is None:
+            return src, None, "needs ffmpeg (not found; install it or pass -ffmpeg)"
+        error = convert_vox2_to_wav.convert(src, dst, ffmpeg)
+        if error:
+            return src, None, f"ffmpeg failed: {error.split(': ', 1)[-1]}"
+        x = sf.read(dst, dtype="float64")[0]
+        if not np.any(x):
+            os.remove(dst)
+            return src, None, "empty or all-zero audio"
+        return src, len(x), None
+    try:
+        x, _ = utils.read_audio(src)
+    except DataError as e:
+        return src, None, str(e).split(": ", 1)[-1]
+    if not np.any(x):
+        return src, None, "empty or all-zero audio"
+    peak = np.max(np.abs(x))
+    if peak > 1:  # the resampling filter can overshoot a full-scale source: scale, never clip
+        x = x / peak
+    write_wav_atomic(dst, x)
+    return src, len(x), None
+
+
+def convert_all(tasks, jobs, progress):
+    """Run ``convert_file`` on every task in ``jobs`` processes; returns frames per source and skips."""
+    frames, skipped = {}, []
+    if not tasks:
+        return frames, skipped
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(max(1, min(jobs, len(tasks)))) as pool:
+        for src, n, reason in tqdm(pool.imap_unordered(convert_file, tasks, chunksize=4), total=len(tasks),
+                                   desc="converting to 16 kHz mono wav", unit="file", disable=not progress):
+            if reason is None:
+                frames[src] = n
+            else:
+                skipped.append((src, reason))
+    return frames, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Trials
+
+def make_trials(keys, sessions, count, rng):
+    """``count`` trial lines over ``keys`` (``<spk>/<session>/<NNNNN>.wav``): half targets, two files of
+    one speaker, from different sessions when that speaker has several; half non-targets, two speakers.
+    Pairs are drawn without repetition; fewer come back when fewer exist. ``count`` None: every
+    target pair and as many non-targets."""
+    by_spk = {}
+    for key in sorted(keys):
+        by_spk.setdefault(key.split("/")[0], []).append(key)
+    targets = []
+    for spk, files in by_spk.items():
+        i, j = np.triu_indices(len(files), 1)
+        if len(sessions[spk]) > 1:
+            session = np.array([f.split("/")[1] for f in files])
+            cross = session[i] != session[j]
+            i, j = i[cross], j[cross]
+        targets.extend((files[a], files[b]) for a, b in zip(i, j))
+    count = 2 * len(targets) if count is None else count
+    chosen = [targets[t] for t in rng.permutation(len(targets))[:count // 2]]
+    lines = [f"1 {a} {b}" for a, b in chosen]
+    speakers, flat = sorted(by_spk), sorted(keys)
+    spk_of = [k.split("/")[0] for k in flat]
+    n_non = sum(len(by_spk[a]) * len(by_spk[b]) for x, a in enumerate(speakers) for b in speakers[x + 1:])
+    wanted, seen = min(count - count // 2, n_non), set()
+    while len(seen) < wanted:
+        a, b = sorted(rng.choice(len(flat), 2, replace=False))
+        if spk_of[a] != spk_of[b] and (a, b) not in seen:
+            seen.add((a, b))
+            lines.append(f"0 {flat[a]} {flat[b]}")
+    return [lines[k] for k in rng.permutation(len(lines))]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(args):
+    if args.list:
+        sources, misfits = read_list(args.list, args.root), []
+    else:
+        sources, misfits = scan_folder(args.source, args.layout)
+    missing = [(p, "file not found") for p, *_ in sources if not os.path.isfile(p)]
+    sources = [s for s in sources if os.path.isfile(s[0])]
+    if not sources:
+        raise DataError(f"{args.list or args.source}: no audio files found")
+    plan = make_plan(sources, args)
+    check_plan(args.out, plan)
+    remove_temporaries(args.out)
+    ffmpeg = shutil.which(args.ffmpeg)
+    done = {src: sf.info(os.path.join(args.out, dst)).frames for src, dst, *_ in plan
+            if os.path.exists(os.path.join(args.out, dst))}
+    if done:
+        print(f"resuming {args.out}: {len(done)} of {len(plan)} files already converted")
+    tasks = [(src, os.path.join(args.out, dst), ffmpeg) for src, dst, *_ in plan if src not in done]
+    frames, failed = convert_all(tasks, args.jobs, args.progress)
+    frames.update(done)
+    skipped = sorted(misfits + missing + failed)
+    rows = [row for row in plan if row[0] in frames]
+    utils.write_text_atomic("source\toutput\tspeaker\tsession\n" + "".join("\t".join(r) + "\n" for r in rows),
+                            os.path.join(args.out, "mapping.tsv"))
+    utils.write_text_atomic("source\treason\n" + "".join(f"{p}\t{r}\n" for p, r in skipped),
+                            os.path.join(args.out, "skipped.tsv"))
+    if args.test_speakers:
+        write_trials(args, rows)
+    summarise(args, rows, frames, skipped)
+    return 0
+
+
+def write_trials(args, rows):
+    keys = [dst.split("/", 2)[2] for _, dst, *_ in rows if dst.startswith("test/")]
+    sessions = {}
+    for key in keys:
+        sessions.setdefault(key.split("/")[0], set()).add(key.split("/")[1])
+    lines = make_trials(keys, sessions, args.make_trials, np.random.default_rng([args.seed, 1]))
+    if args.make_trials is not None and len(lines) < args.make_trials:
+        print(f"note: only {len(lines)} distinct trials exist over the test speakers "
+              f"({args.make_trials} asked for)")
+    if not lines or all(line[0] == "1" for line in lines) or all(line[0] == "0" for line in lines):
+        raise DataError("-make_trials: the test speakers' files give no target or no non-target pair "
+                        "(need two speakers, one with two files)")
+    utils.write_text_atomic("".join(line + "\n" for line in lines),
+                            os.path.join(args.out, "test", "veri_test.txt"))
+
+
+def summarise(args, rows, frames, skipped):
+    """The closing report: per part, speakers, files and hours; every skipped file with its reason."""
+    for part in sorted({dst.rsplit("/", 3)[0] for _, dst, *_ in rows}):
+        files = [(src, dst) for src, dst, *_ in rows if dst.startswith(part + "/")]
+        speakers = {dst.rsplit("/", 3)[1] for _, dst in files}
+        seconds = sum(frames[src] for src, _ in files) / SAMPLE_RATE
+        duration = f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+        print(f"{os.path.join(args.out, part)}: {len(speakers)} speakers, {len(files)} files, {duration}")
+    if os.path.isfile(os.path.join(args.out, "test", "veri_test.txt")):
+        with open(os.path.join(args.out, "test", "veri_test.txt")) as f:
+            labels = [line.split()[0] for line in f]
+        print(f"{os.path.join(args.out, 'test', 'veri_test.txt')}: {len(labels)} trials, "
+              f"{labels.count('1')} targets")
+    print(f"{len(skipped)} files skipped" + (":" if skipped else ""))
+    for path, reason in skipped[:50]:
+        print(f"  {path}: {reason}")
+    if len(skipped) > 50:
+        print(f"  ... all {len(skipped)} in {os.path.join(args.out, 'skipped.tsv')}")
+    if args.test_speakers:
+        out = os.path.normpath(args.out)
+        print(f"train with: python train_RawNet2.py -name NAME -DB {out}/test/ -DB_vox2 {out}/train/")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(parse_args()))
+    except (DataError, OSError) as e:
+        sys.exit(utils.error_line(e))
+    except KeyboardInterrupt:
+        sys.exit("interrupted: finished files are kept; the same command resumes")

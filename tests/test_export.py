@@ -1,0 +1,78 @@
+"""export_RawNet2.py: ONNX (checked with onnxruntime) and .pt2 (torch.export.load) against PyTorch."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import export_RawNet2
+import utils
+from conftest import ROOT
+from model_RawNet2 import RawNet2, load_pretrained
+
+TINY = {"first_conv": 251, "in_channels": 1, "filts": [8, [8, 8], [8, 16], [16, 16]], "nb_fc_node": 16,
+        "gru_node": 16, "nb_gru_layer": 1, "nb_samp": 4000, "nb_classes": 5}
+
+
+def test_random_legacy_weights_export_to_onnx_and_pt2_matching_pytorch(tmp_path, capsys):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = RawNet2(TINY, legacy=True)
+    model.apply(utils.init_weights)
+    for name, buffer in model.named_buffers():  # batch-norm statistics away from the identity
+        if name.endswith("running_mean"):
+            buffer.normal_(0, 0.1)
+        elif name.endswith("running_var"):
+            buffer.uniform_(0.5, 2.0)
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "legacy.pt")
+    paths = export_RawNet2.main(export_RawNet2.build_parser().parse_args(
+        ["-model_dir", str(tmp_path / "legacy.pt"), "-out", str(tmp_path / "x" / "net")]))
+    out = capsys.readouterr().out
+    assert "check pt2: max |exported - PyTorch| / max |PyTorch| = 0.0e+00" in out
+    assert "check onnx: max |exported - PyTorch|" in out
+    reference = load_pretrained(str(tmp_path / "legacy.pt"))
+    assert reference.legacy and not reference.fast
+    session = onnxruntime.InferenceSession(paths["onnx"], providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["nb_samp"] == "4000" and meta["layout"] == "legacy" and meta["window_size"] == "11810"
+    program = torch.export.load(paths["pt2"]).module()
+    generator = torch.Generator().manual_seed(1)
+    for batch in (1, 2, 5):  # the batch axis is dynamic
+        x = torch.randn(batch, 4000, generator=generator)
+        with torch.no_grad():
+            ref = reference.embed(x).numpy()
+            pt2 = program(x).numpy()
+        onnx = session.run(None, {"waveform": x.numpy()})[0]
+        assert onnx.shape == ref.shape == (batch, 16)
+        assert np.max(np.abs(onnx - ref)) <= 1e-4 * np.max(np.abs(ref))
+        assert np.max(np.abs(pt2 - ref)) <= 1e-6 * np.max(np.abs(ref))
+
+
+def test_tta_embedding_is_the_mean_of_segment_embeddings():
+    model = RawNet2(TINY).eval()
+    model.apply(utils.init_weights)
+    x = np.random.default_rng(0).uniform(-1, 1, 9500).astype(np.float32)
+    with torch.no_grad():
+        expected = model.embed(torch.from_numpy(utils.tta_segments(x, 4000, 1000))).mean(0).numpy()
+        code = export_RawNet2.tta_embedding(lambda b: model.embed(torch.from_numpy(b)), x, 4000, 1000,
+                                            segments_per_batch=2)
+    np.testing.assert_allclose(code, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(utils.embed_utterance(model, x, 1000), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_optional_dependency_and_bad_checkpoint_are_one_line(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    script = os.path.join(ROOT, "export_RawNet2.py")
+    proc = subprocess.run([sys.executable, script, "-model_dir", str(tmp_path / "bad.pt"), "-formats", "pt2"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith(f"error: {tmp_path / 'bad.pt'}: not a")
+    code = "import sys; sys.modules['onnxscript'] = None; sys.argv[1:] = ['-model_dir', 'x.pt']; " \
+           f"exec(open({script!r}).read())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: -formats onnx needs onnx and onnxscript, which are not installed: "
+                                   "pip install -r requirements-optional.txt")
