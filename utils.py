@@ -21,6 +21,10 @@ Deliberate differences from the original code:
 
 import argparse
 import contextlib
+import errno
+import fcntl
+import fnmatch
+import io
 import itertools
 import json
 import multiprocessing
@@ -29,7 +33,11 @@ import os
 import pickle
 import random
 import re
+import signal
+import socket
+import stat
 import tempfile
+import time
 import warnings
 
 import numpy as np
@@ -83,15 +91,36 @@ def arg_group(parser, title):
 # ---------------------------------------------------------------------------------------------
 # Utterance lists, labels, audio
 
+def check_regular_file(path):
+    """DataError naming ``path`` unless it is a regular file (or a link to one): a broken link, a
+    link loop, a folder or a FIFO (whose read would wait forever) stops with one line."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DataError(f"{path}: cannot read audio ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a file"
+        raise DataError(f"{path}: cannot read audio ({kind}, not a regular file)")
+
+
 def list_utterances(wav_dir):
     """Sorted keys ``<spk>/<video>/<NNNNN>.wav`` of every wav under ``wav_dir`` (original key rule:
-    the last two folder names plus the file name)."""
+    the last two folder names plus the file name). Linked folders are followed, each folder once (a
+    link loop ends there); a ``.wav`` that is not a readable regular file stops with one line."""
     if not os.path.isdir(wav_dir):
         raise DataError(f"{wav_dir}: folder not found (it should hold <speaker>/<video>/<NNNNN>.wav files)")
-    keys = []
-    for path, _, files in os.walk(wav_dir, followlinks=True):
+    keys, seen = [], set()
+    for path, dirs, files in os.walk(wav_dir, followlinks=True):
+        real = os.path.realpath(path)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
         base = "/".join(os.path.normpath(path).split(os.sep)[-2:])
-        keys.extend(f"{base}/{f}" for f in files if f.endswith(".wav"))
+        wavs = [f for f in files if f.endswith(".wav")]
+        for f in wavs:
+            check_regular_file(os.path.join(path, f))
+        keys.extend(f"{base}/{f}" for f in wavs)
     if not keys:
         raise DataError(f"{wav_dir}: no .wav files found (expected <speaker>/<video>/<NNNNN>.wav)")
     return sorted(keys)
@@ -115,7 +144,9 @@ def utt_id(key):
 
 
 def _read_checked(path, **kwargs):
-    """float64 samples of a 16 kHz mono wav (``kwargs``: soundfile's start/frames); DataError else."""
+    """float64 samples of a 16 kHz mono wav (``kwargs``: soundfile's start/frames); DataError else,
+    also for NaN or infinite samples (a float wav can hold them; they would poison every number)."""
+    check_regular_file(path)
     try:
         x, sr = sf.read(path, dtype="float64", **kwargs)
     except (RuntimeError, sf.LibsndfileError) as e:
@@ -124,6 +155,8 @@ def _read_checked(path, **kwargs):
         raise DataError(f"{path}: {x.shape[1]} channels, expected mono")
     if sr != SAMPLE_RATE:
         raise DataError(f"{path}: sample rate {sr} Hz, expected {SAMPLE_RATE} Hz")
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: NaN or infinite samples")
     return x
 
 
@@ -296,6 +329,11 @@ class TTASet(Dataset):
         return torch.from_numpy(tta_segments(x, self.nb_samp, self.window_size)), key
 
 
+def unwrap_model(model):
+    """The network inside nn.DataParallel or DistributedDataParallel; any other model itself."""
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+
 def _first(batch):
     return batch[0]
 
@@ -319,7 +357,7 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     once, in ``nb_worker`` DataLoader workers while the model runs. In eval mode every segment's
     embedding is independent of its batch-mates, so packing changes no number.
     """
-    net = model.module if isinstance(model, nn.DataParallel) else model
+    net = unwrap_model(model)
     was_training = net.training
     net.eval()
     loader = DataLoader(TTASet(keys, base_dir, nb_samp, window_size), batch_size=1,
@@ -374,7 +412,7 @@ def embed_utterance(model, wav, window_size=11810, device="cpu", segments_per_ba
 
     A long recording is fed ``segments_per_batch`` segments at a time, so memory stays bounded.
     """
-    net = model.module if isinstance(model, nn.DataParallel) else model
+    net = unwrap_model(model)
     x = read_wav(wav) if isinstance(wav, (str, os.PathLike)) else np.asarray(wav, dtype=np.float32)
     segments = torch.from_numpy(np.ascontiguousarray(tta_segments(x, net.nb_samp, window_size)))
     was_training = net.training
@@ -397,7 +435,8 @@ def read_trials(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: trial list not found (lines '<1|0> <spk>/<video>/<NNNNN>.wav <spk>/<video>/<NNNNN>.wav')")
     labels, keys_a, keys_b = [], [], []
-    with open(path) as f:
+    # utf-8-sig: a leading byte-order mark is no part of line 1; undecodable bytes show up in the error
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
@@ -640,20 +679,105 @@ def set_rng_states(states):
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
 
+# Test hook: RAWNET_FAULT="ACTION@PATTERN[#N]" (several separated by commas) injects a real fault into
+# the N-th write (default the first) of this process to a file whose path ends in PATTERN (fnmatch
+# wildcards). ACTION: "kill" (SIGKILL once the temporary file is complete, before the rename), "torn"
+# (SIGKILL after half of the bytes), or "enospc" / "eacces" / "erofs" (that OSError after half of the
+# bytes). Unset, it costs one environment lookup per write. RAWNET_TRACE=FILE appends one line per
+# ``trace`` event (e.g. each embedding computed) to FILE.
+FAULT_ENV, TRACE_ENV = "RAWNET_FAULT", "RAWNET_TRACE"
+FAULT_ERRNOS = {"enospc": errno.ENOSPC, "eacces": errno.EACCES, "erofs": errno.EROFS}
+_fault_counts = {}
+TMP_PREFIX = ".tmp-"  # temporary files of the atomic writer, beside their destination
+
+
+class OutputError(DataError, OSError):
+    """An output could not be written (disk full, read-only folder, a file where a folder should be);
+    the message names the path. The file's previous version, if any, is unchanged."""
+
+
+def _planned_fault(path):
+    """The RAWNET_FAULT action planned for this write of ``path``, or None."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    for item in spec.split(","):
+        action, _, rest = item.partition("@")
+        pattern, _, nth = rest.partition("#")
+        if fnmatch.fnmatch(path, "*" + pattern):
+            _fault_counts[item] = _fault_counts.get(item, 0) + 1
+            if _fault_counts[item] == int(nth or 1):
+                return action
+    return None
+
+
+def _write_faulty(f, data, action, path):
+    """Write half of ``data``, then the fault ``action`` (or, for "kill", the rest)."""
+    f.write(data[:len(data) // 2])
+    f.flush()
+    if action == "torn":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action in FAULT_ERRNOS:
+        code = FAULT_ERRNOS[action]
+        raise OSError(code, os.strerror(code), path)
+    f.write(data[len(data) // 2:])
+
+
+def trace(event):
+    """Test hook: append ``event`` as a line to the file named by RAWNET_TRACE (if set)."""
+    target = os.environ.get(TRACE_ENV)
+    if target:
+        with open(target, "a") as f:
+            f.write(event + "\n")
+
+
+def output_error(path, error, consequence="its previous version, if any, is unchanged"):
+    """OutputError naming ``path`` for an OSError met while writing it."""
+    reason = error.strerror or str(error)
+    if error.filename not in (None, path):
+        reason += f": {error.filename}"
+    return OutputError(f"{path}: not written ({reason}); {consequence}")
+
+
 def _atomic(path, write):
+    fault = _planned_fault(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX + os.path.basename(path))
+    except OSError as e:
+        raise output_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            if fault is None:
+                write(f)
+            else:  # test hook: the bytes in memory first, so that half of them can be written
+                buffer = io.BytesIO()
+                write(buffer)
+                _write_faulty(f, buffer.getvalue(), fault, path)
             f.flush()
             os.fsync(f.fileno())
+        if fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise output_error(path, e) from None
         raise
+
+
+def remove_temporaries(folder):
+    """Delete the atomic writer's temporary files left under ``folder`` by a killed process (call
+    only while holding the folder's ``folder_lock``). Returns how many were removed."""
+    removed = 0
+    for path, _, files in os.walk(folder):
+        for name in files:
+            if name.startswith(TMP_PREFIX):
+                os.remove(os.path.join(path, name))
+                removed += 1
+    return removed
 
 
 def save_atomic(obj, path):
@@ -716,6 +840,42 @@ def load_pickle(path):
         raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
 
 
+def append_record(f, obj, path):
+    """Append ``obj`` to the record log ``f`` (a binary file opened for appending on ``path``): one
+    length-prefixed pickle, flushed to the operating system, so a killed process loses at most the
+    record it was writing (``read_records`` leaves a torn last record out)."""
+    data = pickle.dumps(obj, protocol=4)
+    record = len(data).to_bytes(8, "little") + data
+    fault = _planned_fault(path)
+    try:
+        if fault is None:
+            f.write(record)
+        else:
+            _write_faulty(f, record, fault, path)
+        f.flush()
+    except OSError as e:
+        raise output_error(path, e, "the records before this one are kept") from None
+
+
+def read_records(path):
+    """The complete records of a log written by ``append_record``, each unpickled with
+    ``RestrictedUnpickler``; a torn last record (its writer was killed) is left out."""
+    with open(path, "rb") as f:
+        data = f.read()
+    records, pos = [], 0
+    while pos + 8 <= len(data):
+        end = pos + 8 + int.from_bytes(data[pos:pos + 8], "little")
+        if end > len(data):
+            break
+        try:
+            records.append(RestrictedUnpickler(io.BytesIO(data[pos + 8:end])).load())
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+                IndexError, KeyError) as e:
+            raise DataError(f"{path}: record {len(records) + 1} is corrupt ({type(e).__name__}: {e})") from None
+        pos = end
+    return records
+
+
 def check_embeddings(obj, path):
     """Validate a loaded embedding dict (keys -> 1-D real vectors of one size) and return it with
     canonical keys (no ``.wav``) and float32 values."""
@@ -768,6 +928,95 @@ def save_embeddings(embeddings, path):
         return
     write_text_atomic("".join(k + "\n" for k in keys), npy_keys_path(path))
     write_npy_atomic(np.stack([np.asarray(embeddings[k], dtype=np.float32) for k in keys]), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and locks
+
+def load_torch_file(path, what):
+    """``torch.load(path, weights_only=True)`` onto the CPU. A missing, truncated or corrupt file, or
+    one holding objects other than tensors and plain containers, is a DataError naming the file and
+    ``what`` it was read for."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path}: {what} holds objects other than tensors ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: {what} is truncated or corrupt ({reason})") from None
+
+
+LOCK_NAME = ".lock"
+LOCK_WAIT_S = 30  # how long a lock whose holder has died may still be held by its exiting children
+
+
+def _lock_holder(fd):
+    """The holder recorded in an open lock file (dict pid, host, since), or None if it names none."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        holder = json.loads(os.read(fd, 4096).decode())
+    except ValueError:
+        return None
+    return holder if isinstance(holder, dict) and {"pid", "host", "since"} <= set(holder) else None
+
+
+def _holder_gone(holder):
+    """Whether the recorded holder is known to be dead (a pid of this host that no longer runs)."""
+    if holder is None or holder["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def folder_lock(folder, hint):
+    """Hold ``<folder>/.lock`` while the block runs, so that a second process refuses to write into
+    the same folder. The lock is an advisory ``flock``: the kernel releases it when its holder dies,
+    so a lock file left by a killed process (or by the dead attempt of a restarted torchrun job) is
+    stale and taken over with a note. The file names its holder (pid, host, start time) for the
+    refusal, which ends with ``hint``."""
+    path = os.path.join(folder, LOCK_NAME)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise output_error(path, e, "nothing was written") from None
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            if _holder_gone(holder) and time.monotonic() < deadline:
+                time.sleep(0.2)  # the holder is dead; its child processes are still exiting
+                continue
+            who = (f"pid {holder['pid']} on {holder['host']} (since {holder['since']})" if holder
+                   else "another process")
+            raise DataError(f"{folder} is in use by {who}, lock {path}: {hint}") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the previous holder removed the file as we opened it: lock the new one
+    previous = _lock_holder(fd)
+    if previous is not None:
+        print(f"note: {path}: stale lock of pid {previous['pid']} on {previous['host']} (no longer "
+              f"running) taken over")
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(me).encode())
+    try:
+        yield
+    finally:
+        os.remove(path)  # removed while still held: a waiting process then opens a new file
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
