@@ -56,7 +56,7 @@ P_TARGETS = (0.01, 0.05)
 # front end's full-rate map (~2 x 30 MB per segment).
 CPU_SEGMENTS_PER_BATCH = 1
 GPU_SEGMENTS_PER_BATCH = {True: 512, False: 64}  # -fast: the fused front end keeps no full-rate map
-PARTIAL_SAVE_S = 60  # an extraction saves finished embeddings at least this often
+PARTIAL_SAVE_S = 60  # an extraction's log of finished embeddings is synced to disk at least this often
 
 
 def build_parser():
@@ -152,7 +152,7 @@ def file_sha256(path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Extraction with resume: finished embeddings go to -embd_dir/.partial/<subset>_<n>.pk chunks
+# Extraction with resume: each finished embedding is appended to -embd_dir/.partial/<subset>_<n>.log
 
 def open_partial(folder, fingerprint):
     """Make ``folder`` hold partial results of this model and these settings, or start it over."""
@@ -167,17 +167,24 @@ def open_partial(folder, fingerprint):
 
 
 def load_partial(folder, subset):
-    """Embeddings and silent keys saved by an earlier, interrupted run for ``subset``."""
+    """Embeddings and silent keys saved by earlier, interrupted runs for ``subset``: the records
+    ``(key, embedding or None)`` of its logs (a record torn by a killed process is left out)."""
     embeddings, skipped = {}, set()
     for name in sorted(os.listdir(folder)):
-        if name.startswith(f"{subset}_") and name.endswith(".pk"):
+        if name.startswith(f"{subset}_") and name.endswith(".log"):
             path = os.path.join(folder, name)
-            chunk = utils.load_pickle(path)
-            if not isinstance(chunk, dict) or set(chunk) != {"embeddings", "skipped"}:
-                raise DataError(f"{path}: not a partial-extraction file; delete {folder} to start over")
-            if chunk["embeddings"]:
-                embeddings.update(utils.check_embeddings(chunk["embeddings"], path))
-            skipped.update(chunk["skipped"])
+            try:
+                records = utils.read_records(path)
+            except DataError as e:
+                raise DataError(f"{e}; delete {folder} to start the extraction over") from None
+            for record in records:
+                if not (isinstance(record, tuple) and len(record) == 2 and isinstance(record[0], str)):
+                    raise DataError(f"{path}: not a partial-extraction log; delete {folder} to start over")
+                key, code = record
+                if code is None:
+                    skipped.add(key)
+                else:
+                    embeddings.update(utils.check_embeddings({key: code}, path))
     return embeddings, skipped
 
 
@@ -191,30 +198,25 @@ def extract_subset(model, args, folder, wav_dir, subset):
     bs = args.bs or (GPU_SEGMENTS_PER_BATCH[args.fast] if args.device.startswith("cuda") else CPU_SEGMENTS_PER_BATCH)
     stream = utils.iter_embeddings(model, todo, wav_dir, model.nb_samp, args.window_size, args.device,
                                    args.nb_worker, bs, args.bf16)
-    new, new_skipped = {}, []
-    chunk_id = sum(1 for name in os.listdir(folder) if name.startswith(f"{subset}_"))
-
-    def save_chunk():
-        nonlocal chunk_id
-        if new or new_skipped:
-            utils.write_pickle_atomic({"embeddings": dict(new), "skipped": list(new_skipped)},
-                                      os.path.join(folder, f"{subset}_{chunk_id:05d}.pk"))
-            embeddings.update(new), skipped.update(new_skipped)
-            new.clear(), new_skipped.clear()
-            chunk_id += 1
-
-    last_save = time.monotonic()
+    # A log of this run's own: every finished embedding is appended (and flushed) as it comes, so a
+    # run killed at any moment loses at most the utterance in flight.
+    log_path = os.path.join(folder, f"{subset}_{len(os.listdir(folder)):05d}.log")
+    last_sync = time.monotonic()
     try:
+        log = open(log_path, "ab")
+    except OSError as e:
+        raise utils.output_error(log_path, e, "nothing was extracted") from None
+    with log:
         for key, code in tqdm(stream, total=len(todo), desc=f"TTA {subset}", dynamic_ncols=True):
+            utils.trace(f"embedded {key}")
+            utils.append_record(log, (key, code), log_path)
             if code is None:
-                new_skipped.append(key)
+                skipped.add(key)
             else:
-                new[utils.utt_id(key)] = code
-            if time.monotonic() - last_save >= PARTIAL_SAVE_S:
-                save_chunk()
-                last_save = time.monotonic()
-    finally:  # also on Ctrl-C or an error: what is finished is kept for the next run
-        save_chunk()
+                embeddings[utils.utt_id(key)] = code
+            if time.monotonic() - last_sync >= PARTIAL_SAVE_S:
+                os.fsync(log.fileno())
+                last_sync = time.monotonic()
     if skipped:
         print(f"warning: {len(skipped)} silent/empty files of {wav_dir} have no embedding "
               f"({', '.join(sorted(skipped)[:5])})")
@@ -231,6 +233,8 @@ def extract(args):
             print(f"note: {wav_dir} not found: no {subset} embeddings")
     model = load_model(args)
     partial = os.path.join(args.embd_dir, ".partial")
+    if os.path.isdir(partial + ".done"):  # a finished extraction killed while deleting its logs
+        shutil.rmtree(partial + ".done")
     open_partial(partial, {"model_sha256": file_sha256(args.model_dir), "nb_samp": model.nb_samp,
                            "window_size": args.window_size, "bf16": args.bf16})
     for subset, wav_dir in present:
@@ -238,7 +242,8 @@ def extract(args):
         path = embedding_path(args, subset)
         utils.save_embeddings(embeddings, path)
         print(f"{len(embeddings)} embeddings of {wav_dir} written to {path}")
-    shutil.rmtree(partial)
+    os.replace(partial, partial + ".done")  # one step: never a half-deleted .partial to resume from
+    shutil.rmtree(partial + ".done")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,8 +298,11 @@ def metrics(labels, scores):
 
 def report(line, result, eer_file):
     print(line)
-    with open(eer_file, "a") as f:  # appended, as the original does
-        f.write(line + "\n")
+    try:
+        with open(eer_file, "a") as f:  # appended, as the original does
+            f.write(line + "\n")
+    except OSError as e:
+        raise utils.output_error(eer_file, e, "the EER above was printed only") from None
     print("  " + ", ".join(f"minDCF(p_target={p}) {result[f'min_dcf_{p}']:.4f}" for p in P_TARGETS)
           + f", EER threshold {result['eer_threshold']:.4f}")
 
@@ -342,9 +350,21 @@ def score(args):
             tables[subsets] = utils.EmbeddingTable(merged)
         return tables[subsets]
 
+    if not os.path.isdir(args.embd_dir):
+        raise DataError(f"{args.embd_dir}: folder not found (-embd_dir: the folder of "
+                        f"{os.path.basename(embedding_path(args, 'dev'))} and "
+                        f"{os.path.basename(embedding_path(args, 'eval'))})")
+    lists = trial_lists(args)
+    if not any(os.path.isfile(path) for _, path, _ in lists):
+        where = (" ".join(args.trials) if args.trials
+                 else f"{args.trial_dir} ({', '.join(file for _, file, _ in LISTS)})")
+        if args.extract:  # the embeddings are the result; scoring them is optional
+            print(f"note: no trial list found in {where}: embeddings written, nothing scored")
+            return {}
+        raise DataError(f"nothing was scored: no trial list found in {where} (-trial_dir or -trials)")
     cohort = load_cohort(args) if args.asnorm else None
     results = {}
-    for name, path, subsets in trial_lists(args):
+    for name, path, subsets in lists:
         if not os.path.isfile(path):
             print(f"note: {path} not found: {name} skipped")
             continue
@@ -407,12 +427,20 @@ def main(args):
     return score(args)
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """Command-line entry: bad input or a refused write ends in one line on stderr, exit 1; a run that
+    extracted embeddings but found no trial list to score them with exits 0."""
     try:
-        main(parse_args())
+        main(parse_args(argv))
     except (DataError, ValueError) as e:
         # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
         sys.exit(utils.error_line(e))
+    except OSError as e:  # an input or output the system refused (permissions, disk, a folder as a file)
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else utils.error_line(e))
     except KeyboardInterrupt:
         sys.exit("interrupted (an -extract run keeps finished embeddings in <embd_dir>/.partial/: "
                  "the same command resumes it)")
+
+
+if __name__ == "__main__":
+    cli()

@@ -532,14 +532,16 @@ def main(args):
     validate_args(args)
     main_process = utils.is_main_process()
     run_dir = os.path.join(args.save_dir, args.name)
-    resume = decide_resume(args, run_dir) if main_process else os.path.exists(os.path.join(run_dir, "last.pt"))
     device = setup_device(args)
     # Only rank 0 writes, so only rank 0 holds the run folder's lock.
     lock = (utils.folder_lock(run_dir, "wait for it to end, or choose another -name") if main_process
             else contextlib.nullcontext())
     with lock:
         if main_process:
+            resume = decide_resume(args, run_dir)
             utils.remove_temporaries(run_dir)  # of a killed process: never read, now removed
+        else:
+            resume = os.path.exists(os.path.join(run_dir, "last.pt"))
         return train(args, run_dir, device, resume)
 
 
@@ -604,6 +606,10 @@ def cli(argv=None):
         # Under torchrun every process fails alike; only rank 0 says so.
         if utils.rank_and_world()[0] == 0:
             print(utils.error_line(e), file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # an input or output the system refused (permissions, disk, a folder as a file)
+        if utils.rank_and_world()[0] == 0:
+            print(f"error: {e.filename}: {e.strerror}" if e.filename else utils.error_line(e), file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit("interrupted: the last completed epoch is in last.pt; continue with -resume")

@@ -981,8 +981,9 @@ def folder_lock(folder, hint):
     the same folder. The lock is an advisory ``flock``: the kernel releases it when its holder dies,
     so a lock file left by a killed process (or by the dead attempt of a restarted torchrun job) is
     stale and taken over with a note. The file names its holder (pid, host, start time) for the
-    refusal, which ends with ``hint``."""
+    refusal, which ends with ``hint``. A folder made for the lock and left empty is removed again."""
     path = os.path.join(folder, LOCK_NAME)
+    created = not os.path.isdir(folder)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -1017,6 +1018,8 @@ def folder_lock(folder, hint):
     finally:
         os.remove(path)  # removed while still held: a waiting process then opens a new file
         os.close(fd)
+        if created and not os.listdir(folder):
+            os.rmdir(folder)
 
 
 # ---------------------------------------------------------------------------------------------
