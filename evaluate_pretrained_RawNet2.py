@@ -232,6 +232,13 @@ def extract(args):
         if (subset, wav_dir) not in present:
             print(f"note: {wav_dir} not found: no {subset} embeddings")
     model = load_model(args)
+    with utils.folder_lock(args.embd_dir, "wait for it to end, or choose another -embd_dir"):
+        utils.remove_temporaries(args.embd_dir)  # of a killed extraction: never read, now removed
+        extract_locked(args, model, present)
+
+
+def extract_locked(args, model, present):
+    """The extraction proper, while -embd_dir is locked: resume from .partial/, write each subset."""
     partial = os.path.join(args.embd_dir, ".partial")
     if os.path.isdir(partial + ".done"):  # a finished extraction killed while deleting its logs
         shutil.rmtree(partial + ".done")

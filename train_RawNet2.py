@@ -355,7 +355,9 @@ def load_into(module, state, path, what):
     try:
         module.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: the {what} does not fit these flags ({str(e).strip().splitlines()[0]}); "
+        reason = " ".join(str(e).split())  # load_state_dict lists every mismatch on lines of its own
+        reason = reason if len(reason) <= 200 else reason[:200] + " ..."
+        raise DataError(f"{path}: the {what} does not fit these flags ({reason}); "
                         f"use the model flags it was trained with (its run's args.json)") from None
 
 

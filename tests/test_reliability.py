@@ -120,3 +120,98 @@ def test_training_killed_anywhere_resumes_exactly(reference, tmp_path):
     assert code == 0, f"seed {seed}, {log}: {err[-2000:]}"
     assert not temporaries(run), f"seed {seed}, {log}"
     assert_same_run(run, reference["run"])
+
+
+# --- the optimiser state sits beside its parameters ------------------------------------------------
+
+def optimiser_devices(optimizer):
+    # Adam keeps its step counter on the CPU by design; every other state tensor follows its parameter
+    return {v.device.type for s in optimizer.state.values() for k, v in s.items() if k != "step"}
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_loaded_optimiser_state_is_on_the_parameters_device(reference):
+    # The meta device stands in for a GPU: state left on the CPU (loaded before the model moved) shows.
+    run = reference["run"]
+    ta = next(f for f in os.listdir(os.path.join(run, "models")) if f.startswith("TA_"))
+    args = train.parse_args(reference["flags"] + ["-load_model", "-load_model_dir", os.path.join(run, "models", ta),
+                                                  "-load_model_opt_dir", os.path.join(run, "models", "best_opt_eval.pt")])
+    state = train.build_training(args, train.model_args(args, 6), torch.device("meta"))
+    assert {p.device.type for p in state.model.parameters()} == {"meta"}
+    assert optimiser_devices(state.optimizer) == {"meta"}
+    state = train.build_training(train.parse_args(reference["flags"]), train.model_args(args, 6), torch.device("meta"))
+    state.load(os.path.join(run, "last.pt"))  # -resume
+    assert optimiser_devices(state.optimizer) == {"meta"} and state.epoch == EPOCHS - 1
+
+
+# --- extraction killed anywhere -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def extraction(reference, tiny_corpus, tmp_path_factory):
+    """A VoxCeleb1 layout with dev_wav/ (24 files) and eval_wav/ (12), the reference run's best
+    weights, and an uninterrupted extraction by a real process with no trial list at hand."""
+    root = tmp_path_factory.mktemp("extraction")
+    db = root / "VoxCeleb1"
+    shutil.copytree(os.path.join(tiny_corpus, "VoxCeleb1", "eval_wav"), db / "eval_wav")
+    shutil.copytree(os.path.join(tiny_corpus, "VoxCeleb2", "wav"), db / "dev_wav")
+    models = os.path.join(reference["run"], "models")
+    checkpoint = os.path.join(models, next(f for f in sorted(os.listdir(models)) if f.startswith("TA_")))
+
+    def flags(embd_dir, *extra):
+        return ["-extract", "-model_dir", checkpoint, "-DB", str(db), "-window_size", "1000", "-nb_worker", "0",
+                "-device", "cpu", "-embd_dir", str(embd_dir), "-eer_file", str(root / "eers.txt"),
+                "-trial_dir", str(root / "no_trials") + "/", *extra]
+
+    code, out, err = run_script(EVALUATE, flags(root / "ref"))
+    return {"root": root, "db": db, "checkpoint": checkpoint, "flags": flags, "ref": root / "ref",
+            "keys": {s: utils.list_utterances(str(db / f"{s}_wav")) for s in ("dev", "eval")},
+            "exit": code, "out": out, "err": err}
+
+
+def test_extraction_without_trial_lists_says_so_and_succeeds(extraction):
+    assert extraction["exit"] == 0, extraction["err"][-2000:]
+    assert ("note: no trial list found in " + str(extraction["root"] / "no_trials") + "/") in extraction["out"]
+    assert "embeddings written, nothing scored" in extraction["out"]
+    assert sorted(os.listdir(extraction["ref"])) == ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk"]
+
+
+def logged(folder, subset):
+    """Utterances of ``subset`` in the partial-extraction logs of ``folder``."""
+    partial = os.path.join(folder, ".partial")
+    return len(ev.load_partial(partial, subset)[0]) if os.path.isdir(partial) else 0
+
+
+def test_extraction_killed_anywhere_resumes_without_recomputing(extraction, tmp_path):
+    seed = seed_of_this_run()
+    rng = random.Random(seed)
+    out, trace = tmp_path / "embd", tmp_path / "trace.txt"
+    total = {s: len(k) for s, k in extraction["keys"].items()}
+    kills, log, code = 0, [], None
+    while kills < 8 and len(log) < 24 and code != 0:  # exit 0: a kill point after the last write
+        done = {s: logged(out, s) for s in total}
+        left = [s for s in total if done[s] < total[s]]
+        files = ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk"] + ([] if (out / ".partial").is_dir() else ["fingerprint.json"])
+        kind = rng.choice(["record", "record", "progress", "file"]) if left else "file"
+        fault, kill_when = f"{rng.choice(['kill', 'torn'])}@{rng.choice(files)}", None
+        if kind == "record":
+            subset = rng.choice(left)
+            fault = f"{rng.choice(['kill', 'torn'])}@{subset}_*.log#{rng.randint(1, total[subset] - done[subset])}"
+        elif kind == "progress":
+            delay = rng.uniform(0, 0.3)
+            fault, kill_when = None, when_seen(f"TTA {left[0]}", 1, delay)
+        code, _, err = run_forked(ev.cli, extraction["flags"](out), trace=trace, kill_when=kill_when, fault=fault)
+        log.append(f"{fault or f'while embedding {left[0]} (+{delay:.2f} s)'}: exit {code}")
+        assert code in (0, -9), f"seed {seed}, {log}: {err[-2000:]}"
+        kills += code == -9
+    if code != 0:
+        code, _, err = run_forked(ev.cli, extraction["flags"](out), trace=trace)
+        assert code == 0, f"seed {seed}, {log}: {err[-2000:]}"
+    print("\n".join(log))
+    computed = open(trace).read().split()[1::2]
+    assert sorted(set(computed)) == sorted(extraction["keys"]["dev"] + extraction["keys"]["eval"])
+    # each kill loses at most the one utterance in flight
+    assert len(computed) <= sum(total.values()) + kills, f"seed {seed}, {log}"
+    assert sorted(os.listdir(out)) == ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk"], f"seed {seed}, {log}"
+    for name in os.listdir(out):
+        assert (out / name).read_bytes() == (extraction["ref"] / name).read_bytes(), name
+    assert kills >= 4, f"seed {seed}: {log}"
