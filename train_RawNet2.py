@@ -321,7 +321,7 @@ def decide_resume(args, run_dir):
             raise DataError(f"{run_dir} already holds a run: pass -resume to continue it, or choose another -name")
         return True
     if args.resume:
-        if not os.path.exists(os.path.join(run_dir, "args.json")):
+        if not any(os.path.exists(os.path.join(run_dir, f)) for f in ("args.json", "f_params.txt")):
             raise DataError(f"-resume: {last_path} not found (no completed epoch to continue from)")
         print(f"note: {run_dir} has no completed epoch (no last.pt) to continue: starting at epoch 0")
     return False

@@ -39,6 +39,7 @@ import stat
 import tempfile
 import time
 import warnings
+import zipfile
 
 import numpy as np
 import soundfile as sf
@@ -943,8 +944,11 @@ def load_torch_file(path, what):
         raise DataError(f"{path}: {what} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise DataError(f"{path}: {what} holds objects other than tensors ({str(e).splitlines()[0]})") from None
+    except pickle.UnpicklingError:
+        if zipfile.is_zipfile(path):  # a complete torch.save archive, of other objects
+            raise DataError(f"{path}: {what} holds objects other than tensors and plain containers "
+                            f"(torch.load with weights_only=True refused it)") from None
+        raise DataError(f"{path}: {what} is truncated or corrupt (not a PyTorch archive)") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: {what} is truncated or corrupt ({reason})") from None

@@ -215,3 +215,166 @@ def test_extraction_killed_anywhere_resumes_without_recomputing(extraction, tmp_
     for name in os.listdir(out):
         assert (out / name).read_bytes() == (extraction["ref"] / name).read_bytes(), name
     assert kills >= 4, f"seed {seed}: {log}"
+
+
+# --- full disks, read-only folders, a file where a folder should be -------------------------------
+
+def one_error_line(err, *fragments):
+    """stderr is exactly one ``error: ...`` line (no traceback) holding each fragment."""
+    progress = r"\d+%\||\d+/\d+ \[|it/s|s/it"  # tqdm's bars, redrawn with carriage returns
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip() and not re.search(progress, line)]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err[-3000:]
+    for fragment in fragments:
+        assert str(fragment) in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("fault,path,reason", [
+    ("enospc@last.pt#2", "last.pt", "No space left on device"),
+    ("eacces@eers.txt#2", "eers.txt", "Permission denied"),
+    ("erofs@models/TA_*.pt", "models/TA_0_", "Read-only file system"),
+    ("enospc@models/best_opt_eval.pt", "models/best_opt_eval.pt", "No space left on device"),
+    ("enospc@results/eval_epoch*.txt#2", "results/eval_epoch1.txt", "No space left on device"),
+    ("erofs@args.json", "args.json", "Read-only file system"),
+])
+def test_write_failures_in_training_are_one_line_and_lose_nothing(reference, tmp_path, fault, path, reason):
+    flags = [str(tmp_path) if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
+    flags[flags.index("-epoch") + 1] = "2"
+    run = tmp_path / "run"
+    code, _, err = run_forked(train.cli, flags, fault=fault)
+    assert code == 1
+    one_error_line(err, os.path.join(run, path), reason, "not written")
+    assert not temporaries(run)
+    if (run / "last.pt").exists():  # the epoch before stays loadable
+        assert load(run / "last.pt")["epoch"] == 0
+    code, _, err = run_forked(train.cli, flags + ["-resume"])
+    assert code == 0, err[-2000:]
+    assert (run / "eers.txt").read_text().splitlines() == reference["eers"][:2]
+    assert not temporaries(run) and load(run / "last.pt")["epoch"] == 1
+
+
+def test_a_file_where_the_results_folder_should_be_is_one_line(reference, tmp_path):
+    flags = [str(tmp_path) if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results").write_text("not a folder")
+    code, _, err = run_forked(train.cli, flags)
+    assert code == 1
+    one_error_line(err, tmp_path / "run" / "results", "not written")
+    assert files_under(tmp_path / "run") == ["results"]  # no file written
+
+
+def test_write_failures_in_extraction_keep_what_is_done(extraction, tmp_path):
+    out, trace = tmp_path / "embd", tmp_path / "trace.txt"
+    code, _, err = run_forked(ev.cli, extraction["flags"](out), fault="enospc@TTA_vox1_eval.pk", trace=trace)
+    assert code == 1
+    one_error_line(err, out / "TTA_vox1_eval.pk", "No space left on device")
+    assert not temporaries(out) and (out / ".partial").is_dir() and not (out / "TTA_vox1_eval.pk").exists()
+    os.remove(trace)
+    code, _, err = run_forked(ev.cli, extraction["flags"](out), trace=trace)
+    assert code == 0 and not trace.exists()  # nothing computed again
+    for name in ("TTA_vox1_dev.pk", "TTA_vox1_eval.pk"):
+        assert (out / name).read_bytes() == (extraction["ref"] / name).read_bytes()
+    code, _, err = run_forked(ev.cli, extraction["flags"](tmp_path / "log"), fault="erofs@dev_*.log#3")
+    assert code == 1
+    one_error_line(err, tmp_path / "log" / ".partial" / "dev_00001.log", "Read-only file system")
+    assert logged(tmp_path / "log", "dev") == 2
+
+
+def test_eer_file_on_a_full_disk_is_one_line(extraction, tiny_corpus, tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    trials = os.path.join(tiny_corpus, "VoxCeleb1", "veri_test.txt")
+    code, out, err = run_forked(ev.cli, ["-embd_dir", str(extraction["ref"]), "-trials", trials,
+                                         "-eer_file", "/dev/full"])  # a real ENOSPC on every write
+    assert code == 1 and "veri_test evaluation EER: " in out
+    one_error_line(err, "/dev/full", "No space left on device")
+
+
+# --- corrupt and truncated files ---------------------------------------------------------------------
+
+def truncated(path):
+    data = open(path, "rb").read()
+    return data[:len(data) // 2]
+
+
+CORRUPTIONS = {"truncated": truncated, "empty": lambda path: b"",
+               "random bytes": lambda path: np.random.default_rng(0).bytes(5000)}
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_corrupt_last_pt_is_one_line_and_changes_nothing(reference, tmp_path, how):
+    run = tmp_path / "run"
+    shutil.copytree(reference["run"], run)
+    (run / "last.pt").write_bytes(CORRUPTIONS[how](run / "last.pt"))
+    before = {f: (run / f).read_bytes() for f in files_under(run)}
+    flags = [str(tmp_path) if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
+    code, _, err = run_forked(train.cli, flags + ["-resume"])
+    assert code == 1
+    one_error_line(err, run / "last.pt", "checkpoint to resume from is truncated or corrupt")
+    assert {f: (run / f).read_bytes() for f in files_under(run)} == before
+
+
+def test_last_pt_of_another_kind_or_other_flags_is_one_line(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference["run"], run)
+    flags = [str(tmp_path) if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
+    torch.save({"weights": torch.zeros(3)}, run / "last.pt")
+    code, _, err = run_forked(train.cli, flags + ["-resume"])
+    one_error_line(err, run / "last.pt", "not a last.pt of train_RawNet2.py (it lacks args, best_eer")
+    shutil.copy(os.path.join(reference["run"], "last.pt"), run / "last.pt")
+    other = flags + ["-resume", "-m_gru_node", "24"]
+    code, _, err = run_forked(train.cli, other)
+    assert code == 1
+    one_error_line(err, run / "last.pt", "the model does not fit these flags", "size mismatch")
+
+
+@pytest.mark.parametrize("flag", ["-load_model_dir", "-load_model_opt_dir"])
+def test_corrupt_starting_point_is_one_line(reference, tmp_path, flag):
+    models = os.path.join(reference["run"], "models")
+    files = {"-load_model_dir": os.path.join(models, next(f for f in os.listdir(models) if f.startswith("TA_"))),
+             "-load_model_opt_dir": os.path.join(models, "best_opt_eval.pt")}
+    files[flag] = str(tmp_path / "broken.pt")
+    (tmp_path / "broken.pt").write_bytes(truncated(os.path.join(reference["run"], "last.pt")))
+    flags = [str(tmp_path / "out") if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
+    code, _, err = run_forked(train.cli, flags + ["-load_model", "-load_model_dir", files["-load_model_dir"],
+                                                  "-load_model_opt_dir", files["-load_model_opt_dir"]])
+    assert code == 1
+    one_error_line(err, tmp_path / "broken.pt", flag, "truncated or corrupt")
+    assert not (tmp_path / "out" / "run").exists()
+
+
+def test_corrupt_checkpoint_and_embeddings_in_evaluation_are_one_line(extraction, tiny_corpus, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(truncated(extraction["checkpoint"]))
+    code, _, err = run_forked(ev.cli, ["-verify", *[os.path.join(extraction["db"], "eval_wav", k)
+                                                    for k in extraction["keys"]["eval"][:2]],
+                                       "-model_dir", str(broken), "-window_size", "1000", "-device", "cpu"])
+    assert code == 1
+    one_error_line(err, broken, "not a loadable PyTorch checkpoint")
+    trials = os.path.join(tiny_corpus, "VoxCeleb1", "veri_test.txt")
+    for how, make in CORRUPTIONS.items():
+        embd = tmp_path / how.replace(" ", "_")
+        embd.mkdir()
+        (embd / "TTA_vox1_eval.pk").write_bytes(make(extraction["ref"] / "TTA_vox1_eval.pk"))
+        code, _, err = run_forked(ev.cli, ["-embd_dir", str(embd), "-trials", trials, "-eer_file", str(tmp_path / "e")])
+        assert code == 1, how
+        one_error_line(err, embd / "TTA_vox1_eval.pk")
+    embd = tmp_path / "npy"
+    run_forked(ev.cli, extraction["flags"](embd, "-format", "npy"))
+    (embd / "TTA_vox1_eval.npy").write_bytes(truncated(embd / "TTA_vox1_eval.npy"))
+    code, _, err = run_forked(ev.cli, ["-embd_dir", str(embd), "-format", "npy", "-trials", trials,
+                                       "-eer_file", str(tmp_path / "e")])
+    assert code == 1
+    one_error_line(err, embd / "TTA_vox1_eval.npy")
+
+
+def test_corrupt_partial_extraction_log_is_one_line(extraction, tmp_path):
+    out = tmp_path / "embd"
+    run_forked(ev.cli, extraction["flags"](out), fault="kill@eval_*.log#5")
+    log = next((out / ".partial").glob("eval_*.log"))
+    data = bytearray(log.read_bytes())
+    data[20:40] = b"\xff" * 20  # inside the first, complete record
+    log.write_bytes(bytes(data))
+    code, _, err = run_forked(ev.cli, extraction["flags"](out))
+    assert code == 1
+    one_error_line(err, log, "record 1 is corrupt", f"delete {out / '.partial'} to start the extraction over")
