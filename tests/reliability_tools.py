@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 
 import torch
 import torch._dynamo  # noqa: F401  (torch.optim imports it on first use: once here, not in every forked run)
@@ -65,6 +66,9 @@ def run_forked(cli, argv, fault=None, trace=None, kill_when=None, timeout=240):
                         os.environ[name] = str(value)
                 utils._fault_counts.clear()
                 torch.set_num_threads(1)
+                warnings.resetwarnings()  # as a fresh interpreter: printed to stderr, not recorded by pytest
+                warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: (
+                    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line)))
                 sys.stdout, sys.stderr = open(out_path, "a", buffering=1), open(err_path, "a", buffering=1)
                 os.dup2(sys.stdout.fileno(), 1), os.dup2(sys.stderr.fileno(), 2)
                 try:

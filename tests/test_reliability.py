@@ -378,3 +378,160 @@ def test_corrupt_partial_extraction_log_is_one_line(extraction, tmp_path):
     code, _, err = run_forked(ev.cli, extraction["flags"](out))
     assert code == 1
     one_error_line(err, log, "record 1 is corrupt", f"delete {out / '.partial'} to start the extraction over")
+
+
+# --- bad audio -----------------------------------------------------------------------------------
+# One table: case -> behaviour in training, in -extract, in -verify. "read": read correctly (a finite
+# embedding, a finite loss); "skip": left out with a counted warning; "ignored": not an utterance;
+# any other string: the run stops with one line naming the file and holding that text.
+
+NON_ASCII = "00009_äöü_日本.wav"
+AUDIO_CASES = {
+    "truncated header": ("cannot read audio",) * 3,
+    "zero-length file": ("cannot read audio",) * 3,
+    "random bytes": ("cannot read audio",) * 3,
+    "8 kHz": ("sample rate 8000 Hz, expected 16000 Hz",) * 3,
+    "44.1 kHz": ("sample rate 44100 Hz, expected 16000 Hz",) * 3,
+    "stereo": ("2 channels, expected mono",) * 3,
+    "24-bit PCM": ("read",) * 3,
+    "float32 beyond +-1": ("read",) * 3,
+    "NaN samples": ("NaN or infinite samples",) * 3,
+    "inf samples": ("NaN or infinite samples",) * 3,
+    "all-zero audio": ("skip", "skip", "empty or all-zero audio"),
+    "shorter than one window": ("read",) * 3,
+    "folder named .wav": ("ignored", "ignored", "a folder, not a regular file"),
+    "FIFO": ("a FIFO, not a regular file",) * 3,
+    "broken symlink": ("No such file or directory",) * 3,
+    "symlink loop": ("Too many levels of symbolic links",) * 3,
+    "non-ASCII file name": ("read",) * 3,
+}
+
+
+def tone(n=8000):
+    rng = np.random.default_rng(1)
+    return 0.3 * np.sin(2 * np.pi * 150 * np.arange(n) / 16000) + 0.05 * rng.standard_normal(n)
+
+
+def write_audio_case(case, folder):
+    """Write the file of ``case`` into ``folder``; returns its path."""
+    path = os.path.join(folder, NON_ASCII if case == "non-ASCII file name" else "00009.wav")
+    os.makedirs(folder, exist_ok=True)
+    x = tone()
+    if case == "truncated header":
+        sf.write(path, x, 16000, subtype="PCM_16")
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[:30])
+    elif case == "zero-length file":
+        open(path, "wb").close()
+    elif case == "random bytes":
+        open(path, "wb").write(np.random.default_rng(2).bytes(4000))
+    elif case in ("8 kHz", "44.1 kHz"):
+        sf.write(path, x, {"8 kHz": 8000, "44.1 kHz": 44100}[case], subtype="PCM_16")
+    elif case == "stereo":
+        sf.write(path, np.stack([x, x[::-1]], 1), 16000, subtype="PCM_16")
+    elif case == "24-bit PCM":
+        sf.write(path, x, 16000, subtype="PCM_24")
+    elif case == "float32 beyond +-1":
+        sf.write(path, 3 * x, 16000, subtype="FLOAT")
+    elif case in ("NaN samples", "inf samples"):
+        x[100] = np.nan if case == "NaN samples" else np.inf
+        sf.write(path, x, 16000, subtype="FLOAT")
+    elif case == "all-zero audio":
+        sf.write(path, np.zeros(8000), 16000, subtype="PCM_16")
+    elif case == "shorter than one window":
+        sf.write(path, x[:1000], 16000, subtype="PCM_16")  # nb_samp 4000: tiled
+    elif case == "folder named .wav":
+        os.mkdir(path)
+    elif case == "FIFO":
+        os.mkfifo(path)  # a read would wait for a writer forever
+    elif case == "broken symlink":
+        os.symlink(path + ".missing", path)
+    elif case == "symlink loop":
+        os.symlink(path, path)
+    else:
+        sf.write(path, x, 16000, subtype="PCM_16")
+    return path
+
+
+def test_audio_read_correctly_equals_the_samples_written(tmp_path):
+    # independent of utils' float64 path: integer / float samples as written, divided by their peak
+    ints = sf.read(write_audio_case("24-bit PCM", tmp_path / "a"), dtype="int32")[0].astype(np.float64)
+    np.testing.assert_allclose(utils.read_wav(str(tmp_path / "a" / "00009.wav")), ints / np.abs(ints).max(), atol=1e-7)
+    floats = np.float32(3 * tone()).astype(np.float64)
+    np.testing.assert_allclose(utils.read_wav(write_audio_case("float32 beyond +-1", tmp_path / "b")),
+                               floats / np.abs(floats).max(), atol=1e-7)
+    ints = sf.read(write_audio_case("non-ASCII file name", tmp_path / "c"), dtype="int16")[0].astype(np.float64)
+    np.testing.assert_allclose(utils.read_wav(str(tmp_path / "c" / NON_ASCII)), ints / np.abs(ints).max(), atol=1e-7)
+
+
+def audio_tree(src, dst, cases):
+    """A copy of the wav tree ``src`` with each case's file in a video folder of its own."""
+    shutil.copytree(src, dst)
+    speaker = sorted(os.listdir(dst))[0]
+    os.symlink("..", os.path.join(dst, speaker, "vid00000000", "loop"))  # a folder link loop: listed once
+    return {case: write_audio_case(case, os.path.join(dst, speaker, f"case{i:04d}")) for i, case in enumerate(cases)}
+
+
+def stopping(column):
+    return [c for c, behaviour in AUDIO_CASES.items() if behaviour[column] not in ("read", "skip", "ignored")]
+
+
+def passing(column):
+    return [c for c, behaviour in AUDIO_CASES.items() if behaviour[column] in ("read", "skip", "ignored")]
+
+
+def test_bad_audio_in_verify(extraction, tmp_path):
+    good = os.path.join(extraction["db"], "eval_wav", extraction["keys"]["eval"][0])
+    flags = ["-model_dir", extraction["checkpoint"], "-window_size", "1000", "-device", "cpu"]
+    for case, (_, _, expected) in AUDIO_CASES.items():
+        path = write_audio_case(case, tmp_path / case.replace(" ", "_"))
+        code, out, err = run_forked(ev.cli, ["-verify", path, good, *flags], timeout=60)
+        if expected == "read":
+            assert code == 0, (case, err[-2000:])
+            assert np.isfinite(float(re.search(r"cosine score (\S+)", out).group(1))), case
+        else:
+            assert code == 1, case
+            one_error_line(err, path, expected)
+
+
+def test_bad_audio_in_extraction(extraction, tmp_path):
+    for case in stopping(1):
+        db = tmp_path / case.replace(" ", "_")
+        path = audio_tree(extraction["db"] / "eval_wav", db / "eval_wav", [case])[case]
+        code, _, err = run_forked(ev.cli, extraction["flags"](db / "embd", "-DB", str(db)), timeout=60)
+        assert code == 1, case
+        one_error_line(err, path, AUDIO_CASES[case][1])
+    cases = passing(1)
+    db = tmp_path / "passing"
+    paths = audio_tree(extraction["db"] / "eval_wav", db / "eval_wav", cases)
+    code, out, err = run_forked(ev.cli, extraction["flags"](db / "embd", "-DB", str(db)), timeout=60)
+    assert code == 0, err[-2000:]
+    embeddings = utils.load_embeddings(str(db / "embd" / "TTA_vox1_eval.pk"))
+    read = [c for c in cases if AUDIO_CASES[c][1] == "read"]
+    assert len(embeddings) == len(extraction["keys"]["eval"]) + len(read)  # the looped folder listed once
+    assert all(np.isfinite(v).all() for v in embeddings.values())
+    ids = {utils.utt_id(os.path.relpath(paths[c], db / "eval_wav")) for c in read}
+    assert ids <= set(embeddings)
+    assert f"warning: {sum(AUDIO_CASES[c][1] == 'skip' for c in cases)} silent/empty files" in out
+
+
+def test_bad_audio_in_training(reference, tiny_corpus, tmp_path):
+    def corpus_with(cases, name):
+        root = tmp_path / name
+        os.makedirs(root)
+        os.symlink(os.path.join(tiny_corpus, "VoxCeleb1"), root / "VoxCeleb1")
+        return root, audio_tree(os.path.join(tiny_corpus, "VoxCeleb2", "wav"), root / "VoxCeleb2" / "wav", cases)
+
+    for case in stopping(0):
+        root, paths = corpus_with([case], case.replace(" ", "_"))
+        code, _, err = run_forked(train.cli, tiny_run_flags(str(root), tmp_path / "out" / root.name), timeout=60)
+        assert code == 1, case
+        one_error_line(err, paths[case], AUDIO_CASES[case][0])
+    root, paths = corpus_with(passing(0), "passing")
+    code, out, err = run_forked(train.cli, tiny_run_flags(str(root), tmp_path / "out", epochs=1), timeout=120)
+    assert code == 0, err[-2000:]
+    last = load(tmp_path / "out" / "run" / "last.pt")
+    read = sum(AUDIO_CASES[c][0] == "read" for c in passing(0))
+    assert last["step"] == (24 + read + 1) // 4  # the silent file is listed, its crops taken from the next one
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert "skipping " in err and "empty or all-zero audio" in err
