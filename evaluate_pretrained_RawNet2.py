@@ -32,6 +32,7 @@ Added, none of which changes a number the original prints:
 import argparse
 import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
@@ -140,6 +141,9 @@ def load_model(args):
     except (RuntimeError, EOFError, OSError) as e:  # e.g. a truncated file
         raise DataError(f"{args.model_dir}: not a loadable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
     model.fast = args.fast
+    if args.window_size >= model.nb_samp:  # TTA segments would never advance
+        raise DataError(f"-window_size {args.window_size}: must be smaller than the segment length "
+                        f"{model.nb_samp} of {args.model_dir}")
     return model.to(args.device)
 
 
@@ -419,7 +423,20 @@ def verify(args):
     return value
 
 
+def check_flags(args):
+    """One line naming the flag for a value no run can use; called before anything is read or written."""
+    for flag, value, ok, why in (("window_size", args.window_size, args.window_size >= 0, "must not be negative"),
+                                 ("bs", args.bs, args.bs is None or args.bs >= 1, "must be at least 1"),
+                                 ("nb_worker", args.nb_worker, args.nb_worker >= 0, "must not be negative"),
+                                 ("asnorm_top_n", args.asnorm_top_n, args.asnorm_top_n >= 1, "must be at least 1"),
+                                 ("threshold", args.threshold, args.threshold is None or math.isfinite(args.threshold),
+                                  "must be a finite number")):
+        if not ok:
+            raise DataError(f"-{flag} {value}: {why}")
+
+
 def main(args):
+    check_flags(args)
     if args.asnorm and not args.cohort:
         raise DataError("-asnorm needs -cohort FILE (embeddings of speakers outside the trials)")
     if args.plot is not None:

@@ -535,3 +535,188 @@ def test_bad_audio_in_training(reference, tiny_corpus, tmp_path):
     assert last["step"] == (24 + read + 1) // 4  # the silent file is listed, its crops taken from the next one
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert "skipping " in err and "empty or all-zero audio" in err
+
+
+# --- bad trial lists -------------------------------------------------------------------------------
+
+def clean_trials(keys):
+    return [f"{int(a.split('/')[0] == b.split('/')[0])} {a}.wav {b}.wav" for i, a in enumerate(keys) for b in keys[i + 1:]]
+
+
+def with_line(lines, lineno, text):
+    return lines[:lineno - 1] + [text] + lines[lineno:]
+
+
+# case -> (file bytes from the clean lines, expected): "same" (the clean list's EER), "as listed"
+# (every line scored, duplicates included), or the text of the one-line error.
+TRIAL_CASES = {
+    "CRLF line ends": (lambda ls: "\r\n".join(ls).encode() + b"\r\n", "same"),
+    "UTF-8 byte-order mark": (lambda ls: b"\xef\xbb\xbf" + "\n".join(ls).encode(), "same"),
+    "tabs": (lambda ls: "\n".join(line.replace(" ", "\t") for line in ls).encode(), "same"),
+    "blank lines": (lambda ls: "\n".join(["", *ls[:5], "   ", *ls[5:], "", ""]).encode(), "same"),
+    "no final newline": (lambda ls: "\n".join(ls).encode(), "same"),
+    ".wav on one side only": (lambda ls: "\n".join(line.replace(".wav ", " ", 1) for line in ls).encode(), "same"),
+    "duplicate trials": (lambda ls: "\n".join(ls + ls[:7]).encode(), "as listed"),
+    "extra column": (lambda ls: "\n".join(with_line(ls, 3, ls[2] + " 0.5")).encode(), ":3: expected '<1|0> <keyA> <keyB>'"),
+    "label 2": (lambda ls: "\n".join(with_line(ls, 2, "2" + ls[1][1:])).encode(), ":2: expected '<1|0> <keyA> <keyB>'"),
+    "label 1.0": (lambda ls: "\n".join(with_line(ls, 4, "1.0" + ls[3][1:])).encode(), ":4: expected"),
+    "label 'target'": (lambda ls: "\n".join(with_line(ls, 1, "target" + ls[0][1:])).encode(), ":1: expected"),
+    "two columns": (lambda ls: "\n".join(with_line(ls, 5, ls[4].rsplit(" ", 1)[0])).encode(), ":5: expected"),
+    "non-UTF-8 bytes": (lambda ls: "\n".join(ls[:5]).encode() + b"\n1\xff" + ls[5][1:].encode(), ":6: expected"),
+    "empty file": (lambda ls: b"", ": no trials"),
+    "only blank lines": (lambda ls: b"\n \n\t\n", ": no trials"),
+    "key without embedding": (lambda ls: "\n".join([*ls, "1 id19999/v/00001.wav id19999/v/00002.wav"]).encode(),
+                              "2 trial keys of "),
+}
+
+
+@pytest.fixture(scope="module")
+def scored_set(tmp_path_factory):
+    """Embeddings of 4 speakers x 3 utterances, and the clean trial list over them."""
+    folder = tmp_path_factory.mktemp("trials")
+    rng = np.random.default_rng(5)
+    keys = [f"id1{s:04d}/vid{s:08d}/{u:05d}" for s in range(4) for u in range(3)]
+    centres = rng.standard_normal((4, 8))
+    embeddings = {k: (centres[i // 3] + 0.9 * rng.standard_normal(8)).astype(np.float32) for i, k in enumerate(keys)}
+    utils.save_embeddings(embeddings, str(folder / "TTA_vox1_eval.pk"))
+    return folder, embeddings, clean_trials(keys)
+
+
+def expected_eer(lines, embeddings):
+    """Per trial: label and the original's np.dot cosine, then the original EER method."""
+    labels, scores = [], []
+    for line in lines:
+        label, a, b = line.split()
+        x, y = embeddings[a.removesuffix(".wav")].astype(np.float64), embeddings[b.removesuffix(".wav")].astype(np.float64)
+        labels.append(int(label)), scores.append(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y)))
+    return utils.compute_eer(np.array(labels), np.array(scores))[0]
+
+
+@pytest.mark.parametrize("case", TRIAL_CASES)
+def test_bad_trial_lists(scored_set, tmp_path, case):
+    folder, embeddings, lines = scored_set
+    make, expected = TRIAL_CASES[case]
+    path = tmp_path / "list.txt"
+    path.write_bytes(make(lines))
+    flags = ["-embd_dir", str(folder), "-trials", str(path), "-eer_file", str(tmp_path / "eers.txt")]
+    if expected in ("same", "as listed"):
+        eer = run_forked(ev.cli, flags)  # (exit code and output checked below, in-process for the number)
+        assert eer[0] == 0, eer[2][-2000:]
+        result = ev.main(ev.parse_args(flags))["list"]["eer"]
+        listed = lines + lines[:7] if expected == "as listed" else lines
+        assert result == pytest.approx(expected_eer(listed, embeddings), abs=1e-12)
+        if expected == "as listed":
+            assert result != pytest.approx(expected_eer(lines, embeddings), abs=1e-6)  # the duplicates count
+    else:
+        with pytest.raises(DataError) as error:
+            ev.main(ev.parse_args(flags))
+        message = str(error.value)
+        assert "\n" not in message and expected in message and (str(path) in message or "trial keys" in message)
+
+
+# --- bad flags ---------------------------------------------------------------------------------------
+
+FLAG_CASES = [  # (flags replacing the tiny run's, start of the one-line error)
+    (["-bs", "0"], "-bs 0: must be at least 1"),
+    (["-bs", "-4"], "-bs -4: must be at least 1"),
+    (["-bs", "1000000000"], "-bs 1000000000: larger than the 24 training utterances"),
+    (["-nb_samp", "10", "-m_nb_samp", "10"], "-nb_samp 10: must be from 2437"),
+    (["-nb_samp", "0"], "-nb_samp 0: must be at least 1"),
+    (["-nb_samp", "100000000000", "-m_nb_samp", "100000000000"], "-nb_samp 100000000000: must be from"),
+    (["-m_nb_samp", "8000"], "-m_nb_samp (8000) must equal -nb_samp (4000)"),
+    (["-lr", "-1"], "-lr -1.0: must be a positive number"),
+    (["-lr", "0"], "-lr 0.0: must be a positive number"),
+    (["-lr", "nan"], "-lr nan: must be a positive number"),
+    (["-lr", "inf"], "-lr inf: must be a positive number"),
+    (["-wd", "-1"], "-wd -1.0: must be a number >= 0"),
+    (["-window_size", "4000"], "-window_size (4000) must be smaller than -nb_samp (4000)"),
+    (["-window_size", "-1"], "-window_size -1: must not be negative"),
+    (["-m_filts", "[8,[8,8],[8,16]]"], "-m_filts [8, [8, 8], [8, 16]]: must be [sinc, [in, out], [in, out], [in, out]]"),
+    (["-m_filts", "[8,[8,8],[8,-16],[16,16]]"], "-m_filts [8, [8, 8], [8, -16], [16, 16]]: must be"),
+    (["-m_filts", "[8,[8,8],[8,'a'],[16,16]]"], "-m_filts [8, [8, 8], [8, 'a'], [16, 16]]: must be"),
+    (["-m_filts", "[8,[4,4],[4,16],[16,16]]"], "-m_filts [8, [4, 4], [4, 16], [16, 16]]: channels must chain"),
+    (["-epoch", "0"], "-epoch 0: must be at least 1"),
+    (["-epoch", "-3"], "-epoch -3: must be at least 1"),
+    (["-nb_worker", "-1"], "-nb_worker -1: must not be negative"),
+    (["-m_gru_node", "0"], "-m_gru_node 0: must be at least 1"),
+    (["-m_nb_fc_node", "-1"], "-m_nb_fc_node -1: must be at least 1"),
+    (["-m_first_conv", "0"], "-m_first_conv 0: must be at least 1"),
+    (["-m_nb_gru_layer", "0"], "-m_nb_gru_layer 0: must be at least 1"),
+    (["-m_in_channels", "2"], "-m_in_channels 2: the sinc front end takes one channel"),
+    (["-dist_timeout", "0"], "-dist_timeout 0: must be at least 1"),
+    (["-make_val_trial", "-nb_val_trial", "0"], "-nb_val_trial 0: must be at least 2"),
+    (["-load_model"], "-load_model needs -load_model_dir"),
+]
+
+
+@pytest.mark.parametrize("new,message", FLAG_CASES, ids=[" ".join(c[0]) for c in FLAG_CASES])
+def test_bad_flags_are_one_line_and_write_nothing(tiny_corpus, tmp_path, new, message):
+    flags = dict(zip(tiny_run_flags(tiny_corpus, tmp_path / "out")[::2], tiny_run_flags(tiny_corpus, tmp_path / "out")[1::2]))
+    argv = [x for k, v in flags.items() if k not in new for x in (k, v)] + new
+    with pytest.raises(DataError) as error:
+        train.main(train.parse_args(argv))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists() or files_under(tmp_path / "out") == []
+
+
+def test_folder_flags_that_name_files(tiny_corpus, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    for flag in ("-save_dir", "-DB", "-DB_vox2"):
+        argv = tiny_run_flags(tiny_corpus, tmp_path / "out")
+        argv[argv.index(flag) + 1] = str(tmp_path / "a_file")
+        with pytest.raises(DataError, match=rf"^{flag} {tmp_path / 'a_file'}: is a file, not a folder$"):
+            train.main(train.parse_args(argv))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unparsable_flags_name_the_flag(capsys):
+    for argv, flag in ((["-m_filts", "[8,[8,8]"], "-m_filts"), (["-bs", "four"], "-bs")):
+        with pytest.raises(SystemExit) as stop:
+            train.parse_args(["-name", "x", *argv])
+        assert stop.value.code == 2 and f"argument {flag}/-{flag}: " in capsys.readouterr().err
+
+
+# --- concurrent runs -----------------------------------------------------------------------------------
+
+def die_holding_the_lock(argv):
+    with utils.folder_lock(argv[0], "test"):
+        os.kill(os.getpid(), 9)
+
+
+def test_stale_lock_of_a_killed_run_is_taken_over(reference, tmp_path):
+    run = tmp_path / "run"
+    code, _, _ = run_forked(die_holding_the_lock, [str(run)])
+    assert code == -9
+    holder = json.load(open(run / utils.LOCK_NAME))
+    flags = [str(tmp_path) if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
+    flags[flags.index("-epoch") + 1] = "1"
+    code, out, err = run_forked(train.cli, flags)
+    assert code == 0, err[-2000:]
+    assert f"note: {run / utils.LOCK_NAME}: stale lock of pid {holder['pid']} on {holder['host']}" in out
+    assert not (run / utils.LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-window_size", "-1"], "-window_size -1: must not be negative"),
+    (["-bs", "0"], "-bs 0: must be at least 1"),
+    (["-nb_worker", "-2"], "-nb_worker -2: must not be negative"),
+    (["-asnorm_top_n", "0"], "-asnorm_top_n 0: must be at least 1"),
+    (["-verify", "a.wav", "b.wav", "-threshold", "nan"], "-threshold nan: must be a finite number"),
+])
+def test_bad_evaluation_flags_are_one_line(tmp_path, argv, message):
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        ev.main(ev.parse_args(["-embd_dir", str(tmp_path), *argv]))
+
+
+def test_window_size_beyond_the_model_input_is_one_line(extraction, tmp_path):
+    code, _, err = run_forked(ev.cli, extraction["flags"](tmp_path / "embd", "-window_size", "4000"))
+    assert code == 1
+    one_error_line(err, "-window_size 4000: must be smaller than the segment length 4000 of", extraction["checkpoint"])
+    assert not (tmp_path / "embd").exists()
+
+
+def test_missing_embedding_folder_is_named(tmp_path):
+    code, _, err = run_forked(ev.cli, ["-embd_dir", str(tmp_path / "DIR_THAT_DOES_NOT_EXIST") + "/"])
+    assert code == 1
+    one_error_line(err, f"{tmp_path}/DIR_THAT_DOES_NOT_EXIST/: folder not found (-embd_dir: the folder of "
+                        f"TTA_vox1_dev.pk and TTA_vox1_eval.pk)")
