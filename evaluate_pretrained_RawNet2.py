@@ -206,11 +206,7 @@ def extract_subset(model, args, folder, wav_dir, subset):
     # run killed at any moment loses at most the utterance in flight.
     log_path = os.path.join(folder, f"{subset}_{len(os.listdir(folder)):05d}.log")
     last_sync = time.monotonic()
-    try:
-        log = open(log_path, "ab")
-    except OSError as e:
-        raise utils.output_error(log_path, e, "nothing was extracted") from None
-    with log:
+    with open(log_path, "ab") as log:  # (an OSError here names the path: see cli)
         for key, code in tqdm(stream, total=len(todo), desc=f"TTA {subset}", dynamic_ncols=True):
             utils.trace(f"embedded {key}")
             utils.append_record(log, (key, code), log_path)
@@ -425,14 +421,15 @@ def verify(args):
 
 def check_flags(args):
     """One line naming the flag for a value no run can use; called before anything is read or written."""
-    for flag, value, ok, why in (("window_size", args.window_size, args.window_size >= 0, "must not be negative"),
-                                 ("bs", args.bs, args.bs is None or args.bs >= 1, "must be at least 1"),
-                                 ("nb_worker", args.nb_worker, args.nb_worker >= 0, "must not be negative"),
-                                 ("asnorm_top_n", args.asnorm_top_n, args.asnorm_top_n >= 1, "must be at least 1"),
-                                 ("threshold", args.threshold, args.threshold is None or math.isfinite(args.threshold),
-                                  "must be a finite number")):
+    checks = (("window_size", args.window_size >= 0, "must not be negative"),
+              ("bs", args.bs is None or args.bs >= 1, "must be at least 1"),
+              ("nb_worker", args.nb_worker >= 0, "must not be negative"),
+              ("asnorm_top_n", args.asnorm_top_n >= 1, "must be at least 1"),
+              ("threshold", args.threshold is None or math.isfinite(args.threshold),
+               "must be a finite number"))
+    for flag, ok, why in checks:
         if not ok:
-            raise DataError(f"-{flag} {value}: {why}")
+            raise DataError(f"-{flag} {getattr(args, flag)}: {why}")
 
 
 def main(args):

@@ -259,8 +259,9 @@ def min_nb_samp(first_conv):
 
 def check_filts(filts):
     """-m_filts must be [sinc, [in, out], [in, out], [in, out]] of positive integers whose channels chain."""
-    shape_ok = (isinstance(filts, list) and len(filts) == 4 and isinstance(filts[0], int)
-                and all(isinstance(f, list) and len(f) == 2 and all(isinstance(c, int) for c in f) for f in filts[1:]))
+    pairs_ok = all(isinstance(f, list) and len(f) == 2 and all(isinstance(c, int) for c in f)
+                   for f in filts[1:])
+    shape_ok = isinstance(filts, list) and len(filts) == 4 and isinstance(filts[0], int) and pairs_ok
     if not shape_ok or filts[0] < 1 or min(c for f in filts[1:] for c in f) < 1:
         return "must be [sinc, [in, out], [in, out], [in, out]] of positive integers"
     if filts[1] != [filts[0], filts[0]] or filts[2][0] != filts[1][1]:
@@ -315,10 +316,12 @@ def decide_resume(args, run_dir):
     --max-restarts, or a Slurm job requeued, continues by itself; a finished or started run is never
     silently started over."""
     last_path = os.path.join(run_dir, "last.pt")
-    restarted = any(int(os.environ.get(v, "0")) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+    restarted = any(int(os.environ.get(v, "0")) > 0
+                    for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
     if os.path.exists(last_path):
         if not (args.resume or restarted):
-            raise DataError(f"{run_dir} already holds a run: pass -resume to continue it, or choose another -name")
+            raise DataError(f"{run_dir} already holds a run: pass -resume to continue it, "
+                            f"or choose another -name")
         return True
     if args.resume:
         if not any(os.path.exists(os.path.join(run_dir, f)) for f in ("args.json", "f_params.txt")):
@@ -390,9 +393,9 @@ class TrainState:
         """Continue from ``path`` (a last.pt of ``save``), RNG states included. The optimiser's
         state lands on its parameters' device (``Optimizer.load_state_dict`` casts it there)."""
         state = utils.load_torch_file(path, "checkpoint to resume from")
-        if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
-            raise DataError(f"{path}: not a last.pt of train_RawNet2.py (it lacks "
-                            f"{', '.join(sorted(CHECKPOINT_KEYS - set(state if isinstance(state, dict) else ())))})")
+        missing = sorted(CHECKPOINT_KEYS - set(state if isinstance(state, dict) else ()))
+        if missing:
+            raise DataError(f"{path}: not a last.pt of train_RawNet2.py (it lacks {', '.join(missing)})")
         load_into(self.model, state["model"], path, "model")
         load_into(self.optimizer, state["optimizer"], path, "optimiser state")
         if self.scheduler is not None and state["scheduler"] is not None:
@@ -433,7 +436,7 @@ def write_run_files(args, run_dir, d_args, nb_params, resume, start_epoch, world
         try:
             os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
         except OSError as e:
-            raise utils.output_error(os.path.join(run_dir, sub), e, "nothing of this epoch was written") from None
+            raise utils.output_error(os.path.join(run_dir, sub), e, "nothing was written") from None
     if not resume:
         params = [f"{k}:\t{v}" for k, v in sorted(vars(args).items())]
         params += [f"{k}:\t{v}" for k, v in sorted(d_args.items())] + [f"nb_params:\t{nb_params}"]
@@ -495,7 +498,8 @@ def make_loader(args, data, device, main_process):
         utils.barrier()
         if not main_process:
             index = utils.wav_index(data.train_keys, data.train_dir, progress=False)
-    train_set = utils.TrainSet(data.train_keys, data.train_dir, data.labels, args.nb_samp, seed=args.seed, index=index)
+    train_set = utils.TrainSet(data.train_keys, data.train_dir, data.labels, args.nb_samp, seed=args.seed,
+                               index=index)
     sampler = utils.EpochSampler(
         DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed))
     loader = DataLoader(train_set, batch_size=args.bs // world, sampler=sampler, drop_last=True,
@@ -512,7 +516,8 @@ def run_epoch(model, state, loader, data, args, device, epoch):
                                          "TTA eval")
     selection_eer = eer
     if args.val_trial:
-        selection_eer, _, _ = evaluate(model, data.val_keys, data.val_dir, data.val_trials, args, device, "TTA val")
+        selection_eer, _, _ = evaluate(model, data.val_keys, data.val_dir, data.val_trials, args, device,
+                                       "TTA val")
     return loss, eer, selection_eer, scores, trial_labels
 
 
@@ -525,7 +530,8 @@ def save_epoch(run_dir, state, line, scores, trial_labels, is_best, args, d_args
     eers_path = os.path.join(run_dir, "eers.txt")
     write_lines(eers_path, eers_before(eers_path, epoch) + [line])
     if is_best:
-        utils.save_atomic(state.model.state_dict(), os.path.join(run_dir, "models", f"TA_{epoch}_{state.best_eer:.4f}.pt"))
+        utils.save_atomic(state.model.state_dict(),
+                          os.path.join(run_dir, "models", f"TA_{epoch}_{state.best_eer:.4f}.pt"))
         utils.save_atomic(state.optimizer.state_dict(), os.path.join(run_dir, "models", "best_opt_eval.pt"))
     state.save(os.path.join(run_dir, "last.pt"), args, d_args, world)
 
@@ -576,14 +582,18 @@ def train(args, run_dir, device, resume):
         write_run_files(args, run_dir, d_args, nb_params, resume, state.epoch + 1, world)
     parallel = {DistributedDataParallel: f", {world} processes (DistributedDataParallel)",
                 nn.DataParallel: f" x{torch.cuda.device_count()} (DataParallel)"}.get(type(model), "")
-    log(f"{len(data.train_keys)} training utterances, {len(data.labels)} speakers; {len(data.eval_keys)} test "
-        f"utterances, {len(data.eval_trials[0])} trials; {nb_params:,} parameters; device {device}{parallel}")
+    log(f"{len(data.train_keys)} training utterances, {len(data.labels)} speakers; "
+        f"{len(data.eval_keys)} test utterances, {len(data.eval_trials[0])} trials; {nb_params:,} parameters; "
+        f"device {device}{parallel}")
 
     loader, sampler = make_loader(args, data, device, main_process)
     for epoch in range(state.epoch + 1, args.epoch):
         sampler.set_epoch(epoch)
-        loss, eer, selection_eer, scores, trial_labels = run_epoch(model, state, loader, data, args, device, epoch)
-        line = f"epoch:{epoch}, TA_eval_eer:{eer:.4f}" + (f", TA_val_eer:{selection_eer:.4f}" if args.val_trial else "")
+        loss, eer, selection_eer, scores, trial_labels = run_epoch(model, state, loader, data, args, device,
+                                                                   epoch)
+        line = f"epoch:{epoch}, TA_eval_eer:{eer:.4f}"
+        if args.val_trial:
+            line += f", TA_val_eer:{selection_eer:.4f}"
         is_best = selection_eer < state.best_eer
         state.epoch, state.best_eer = epoch, min(state.best_eer, selection_eer)
         if main_process:
@@ -594,7 +604,8 @@ def train(args, run_dir, device, resume):
         utils.barrier()  # every process starts the next epoch only once last.pt is complete
 
     if baseline_eer is not None:
-        log(f"demo: naive baseline EER {100 * baseline_eer:.2f} %, RawNet2 best TTA EER {100 * state.best_eer:.2f} %")
+        log(f"demo: naive baseline EER {100 * baseline_eer:.2f} %, "
+            f"RawNet2 best TTA EER {100 * state.best_eer:.2f} %")
     if dist.is_initialized():
         dist.destroy_process_group()
     return state.best_eer
@@ -611,7 +622,8 @@ def cli(argv=None):
         sys.exit(1)
     except OSError as e:  # an input or output the system refused (permissions, disk, a folder as a file)
         if utils.rank_and_world()[0] == 0:
-            print(f"error: {e.filename}: {e.strerror}" if e.filename else utils.error_line(e), file=sys.stderr)
+            line = f"error: {e.filename}: {e.strerror}" if e.filename else utils.error_line(e)
+            print(line, file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit("interrupted: the last completed epoch is in last.pt; continue with -resume")

@@ -332,7 +332,8 @@ class TTASet(Dataset):
 
 def unwrap_model(model):
     """The network inside nn.DataParallel or DistributedDataParallel; any other model itself."""
-    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    return model.module if isinstance(model, wrappers) else model
 
 
 def _first(batch):
@@ -874,7 +875,8 @@ def read_records(path):
             records.append(RestrictedUnpickler(io.BytesIO(data[pos + 8:end])).load())
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
                 IndexError, KeyError) as e:
-            raise DataError(f"{path}: record {len(records) + 1} is corrupt ({type(e).__name__}: {e})") from None
+            raise DataError(f"{path}: record {len(records) + 1} is corrupt "
+                            f"({type(e).__name__}: {e})") from None
         pos = end
     return records
 

@@ -13,10 +13,10 @@ import traceback
 import warnings
 
 import torch
-import torch._dynamo  # noqa: F401  (torch.optim imports it on first use: once here, not in every forked run)
+import torch._dynamo  # (torch.optim imports it on first use: once here, not in every forked run)
+from conftest import ROOT
 
 import utils
-from conftest import ROOT
 
 TRAIN = os.path.join(ROOT, "train_RawNet2.py")
 EVALUATE = os.path.join(ROOT, "evaluate_pretrained_RawNet2.py")
@@ -36,8 +36,14 @@ def script_env(fault=None, trace=None):
 def run_script(script, flags, fault=None, trace=None, kill_after=None, timeout=240):
     """Run ``script`` with ``flags``; SIGKILL it after ``kill_after`` seconds if still running.
     Returns (returncode, stdout, stderr); -9 when it was killed (by the timer or by the hook)."""
-    with subprocess.Popen([sys.executable, script, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=script_env(fault, trace), cwd=ROOT) as proc:
+    with subprocess.Popen(
+        [sys.executable, script, *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=script_env(fault, trace),
+        cwd=ROOT,
+    ) as proc:
         try:
             out, err = proc.communicate(timeout=kill_after if kill_after is not None else timeout)
         except subprocess.TimeoutExpired:
@@ -68,8 +74,10 @@ def run_forked(cli, argv, fault=None, trace=None, kill_when=None, timeout=240):
                 torch.set_num_threads(1)
                 warnings.resetwarnings()  # as a fresh interpreter: printed to stderr, not recorded by pytest
                 warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: (
-                    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line)))
-                sys.stdout, sys.stderr = open(out_path, "a", buffering=1), open(err_path, "a", buffering=1)
+                    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+                )
+                sys.stdout = open(out_path, "a", buffering=1)  # noqa: SIM115 (the child's, until os._exit)
+                sys.stderr = open(err_path, "a", buffering=1)  # noqa: SIM115
                 os.dup2(sys.stdout.fileno(), 1), os.dup2(sys.stderr.fileno(), 2)
                 try:
                     cli(argv)
@@ -78,7 +86,7 @@ def run_forked(cli, argv, fault=None, trace=None, kill_when=None, timeout=240):
                     if isinstance(e.code, str):
                         print(e.code, file=sys.stderr)
                     code = e.code if isinstance(e.code, int) else int(e.code is not None)
-                except BaseException:
+                except BaseException:  # noqa: BLE001 (the child reports anything, then exits)
                     traceback.print_exc()
                 sys.stdout.flush(), sys.stderr.flush()
             finally:
@@ -89,12 +97,12 @@ def run_forked(cli, argv, fault=None, trace=None, kill_when=None, timeout=240):
             if done:
                 break
             elapsed = time.monotonic() - start
-            if elapsed > timeout or (kill_when is not None and kill_when(open(err_path).read(), elapsed)):
+            if elapsed > timeout or (kill_when is not None and kill_when(text(err_path), elapsed)):
                 os.kill(pid, signal.SIGKILL)
                 _, status = os.waitpid(pid, 0)
                 break
             time.sleep(0.005)
-        return os.waitstatus_to_exitcode(status), open(out_path).read(), open(err_path).read()
+        return os.waitstatus_to_exitcode(status), text(out_path), text(err_path)
 
 
 def when_seen(pattern, count=1, delay=0.0):
@@ -106,13 +114,22 @@ def when_seen(pattern, count=1, delay=0.0):
         if not seen_at and len(re.findall(pattern, err)) >= count:
             seen_at.append(elapsed)
         return bool(seen_at) and elapsed >= seen_at[0] + delay
+
     return kill_when
+
+
+def text(path):
+    with open(path) as f:
+        return f.read()
 
 
 def files_under(folder):
     """Relative paths of every file under ``folder``, sorted."""
-    return sorted(os.path.relpath(os.path.join(path, name), folder)
-                  for path, _, names in os.walk(folder) for name in names)
+    return sorted(
+        os.path.relpath(os.path.join(path, name), folder)
+        for path, _, names in os.walk(folder)
+        for name in names
+    )
 
 
 def temporaries(folder):
@@ -158,19 +175,19 @@ def check_run_folder(run, ref):
     """Every file of the run folder ``run`` (a run of the same flags as ``ref``, interrupted) is a
     complete version of what the uninterrupted ``ref`` wrote at some epoch; temporary files and a
     dead process's lock are allowed. Returns the last completed epoch (-1 for none)."""
-    ref_eers = open(os.path.join(ref, "eers.txt")).read().splitlines()
+    ref_eers = text(os.path.join(ref, "eers.txt")).splitlines()
     completed = -1
     for rel in files_under(run):
         path, name = os.path.join(run, rel), os.path.basename(rel)
         if name.startswith(utils.TMP_PREFIX) or rel == utils.LOCK_NAME:
             continue
         if rel == "eers.txt":
-            lines = open(path).read().splitlines()
-            assert lines == ref_eers[:len(lines)], rel
-        elif rel.startswith("results" + os.sep) or rel.startswith("models" + os.sep + "TA_"):
+            lines = text(path).splitlines()
+            assert lines == ref_eers[: len(lines)], rel
+        elif rel.startswith(("results" + os.sep, os.path.join("models", "TA_"))):
             assert os.path.exists(os.path.join(ref, rel)), f"{rel}: a file the uninterrupted run never wrote"
             if rel.endswith(".txt"):
-                assert open(path).read() == open(os.path.join(ref, rel)).read(), rel
+                assert text(path) == text(os.path.join(ref, rel)), rel
             else:
                 assert_same(load(path), load(os.path.join(ref, rel)), rel)
         elif rel == os.path.join("models", "best_opt_eval.pt"):
@@ -182,9 +199,9 @@ def check_run_folder(run, ref):
             if ta:  # that epoch's weights are known from the uninterrupted run
                 assert_same(state["model"], load(os.path.join(ref, "models", ta[0])), rel)
         elif rel == "args.json":
-            assert json.load(open(path))["d_args"], rel
+            assert json.loads(text(path))["d_args"], rel
         elif rel == "f_params.txt":
-            assert without_save_dir(open(path).read()) == without_save_dir(open(os.path.join(ref, rel)).read())
+            assert without_save_dir(text(path)) == without_save_dir(text(os.path.join(ref, rel)))
         else:
             raise AssertionError(f"{rel}: unexpected file in the run folder")
     return completed
@@ -196,11 +213,17 @@ def assert_same_run(run, ref):
     assert files_under(run) == files_under(ref)
     for rel in files_under(ref):
         if rel.endswith(".txt"):
-            a, b = (open(os.path.join(folder, rel)).read() for folder in (run, ref))
+            a, b = (text(os.path.join(folder, rel)) for folder in (run, ref))
             assert (without_save_dir(a) == without_save_dir(b)) if rel == "f_params.txt" else a == b, rel
     for rel in [f for f in files_under(ref) if f.endswith(".pt")]:
         a, b = load(os.path.join(run, rel)), load(os.path.join(ref, rel))
         if rel == "last.pt":
-            a, b = ({k: v for k, v in s.items() if k in ("model", "optimizer", "scheduler", "epoch", "step",
-                                                        "best_eer", "rng")} for s in (a, b))
+            a, b = (
+                {
+                    k: v
+                    for k, v in s.items()
+                    if k in ("model", "optimizer", "scheduler", "epoch", "step", "best_eer", "rng")
+                }
+                for s in (a, b)
+            )
         assert_same(a, b, rel)

@@ -14,19 +14,32 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import tiny_run_flags
+from reliability_tools import (
+    EVALUATE,
+    TRAIN,
+    assert_same_run,
+    best_epochs,
+    check_run_folder,
+    files_under,
+    load,
+    run_forked,
+    run_script,
+    script_env,
+    temporaries,
+    text,
+    when_seen,
+)
 
 import evaluate_pretrained_RawNet2 as ev
 import train_RawNet2 as train
 import utils
-from conftest import tiny_run_flags
-from reliability_tools import (EVALUATE, TRAIN, assert_same, assert_same_run, best_epochs, check_run_folder,
-                               files_under, load, run_forked, run_script, script_env, temporaries,
-                               when_seen)
 from utils import DataError
 
 EPOCHS = 3
@@ -34,7 +47,7 @@ MIN_KILLS = 10
 
 
 def seed_of_this_run():
-    seed = int(os.environ.get("RELIABILITY_SEED", random.SystemRandom().randrange(10 ** 6)))
+    seed = int(os.environ.get("RELIABILITY_SEED", random.SystemRandom().randrange(10**6)))
     print(f"kill schedule seed {seed} (replay with RELIABILITY_SEED={seed})")
     return seed
 
@@ -46,8 +59,13 @@ def reference(tiny_corpus, tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("reference")
     flags = tiny_run_flags(tiny_corpus, save_dir, epochs=EPOCHS)
     start = time.time()
-    with subprocess.Popen([sys.executable, TRAIN, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=script_env()) as proc:
+    with subprocess.Popen(
+        [sys.executable, TRAIN, *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=script_env(),
+    ) as proc:
         lock = save_dir / "run" / utils.LOCK_NAME
         while not lock.exists() and proc.poll() is None:
             time.sleep(0.05)
@@ -56,19 +74,27 @@ def reference(tiny_corpus, tmp_path_factory):
             second = None
         except DataError as e:
             second = str(e)
-        out, err = proc.communicate(timeout=240)
+        _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-2000:]
     run = str(save_dir / "run")
     first_epoch_s = os.path.getmtime(os.path.join(run, "results", "eval_epoch0.txt")) - start
-    return {"run": run, "flags": flags, "pid": proc.pid, "second": second, "first_epoch_s": first_epoch_s,
-            "eers": open(os.path.join(run, "eers.txt")).read().splitlines()}
+    return {
+        "run": run,
+        "flags": flags,
+        "pid": proc.pid,
+        "second": second,
+        "first_epoch_s": first_epoch_s,
+        "eers": text(os.path.join(run, "eers.txt")).splitlines(),
+    }
 
 
 def test_second_run_with_the_same_name_is_refused(reference):
     assert reference["second"] is not None, "the second run was not refused"
-    assert re.fullmatch(rf"{re.escape(reference['run'])} is in use by pid {reference['pid']} on \S+ \(since "
-                        rf"[\d: -]+\), lock .*\.lock: wait for it to end, or choose another -name",
-                        reference["second"]), reference["second"]
+    assert re.fullmatch(
+        rf"{re.escape(reference['run'])} is in use by pid {reference['pid']} on \S+ \(since "
+        rf"[\d: -]+\), lock .*\.lock: wait for it to end, or choose another -name",
+        reference["second"],
+    ), reference["second"]
     assert not os.path.exists(os.path.join(reference["run"], utils.LOCK_NAME))  # released at the end
 
 
@@ -82,7 +108,11 @@ def kill_point(rng, run, ref):
     kind = rng.choice(["step", "evaluation", "time", "write", "write"])
     if kind == "step":
         delay = rng.uniform(0, 0.3)
-        return f"step of epoch {completed + k} (+{delay:.2f} s)", None, when_seen(rf"epoch {completed + k}:", 1, delay)
+        return (
+            f"step of epoch {completed + k} (+{delay:.2f} s)",
+            None,
+            when_seen(rf"epoch {completed + k}:", 1, delay),
+        )
     if kind == "evaluation":
         delay = rng.uniform(0, 0.05)
         return f"evaluation of epoch {completed + k} (+{delay:.2f} s)", None, when_seen("TTA eval", k, delay)
@@ -124,6 +154,7 @@ def test_training_killed_anywhere_resumes_exactly(reference, tmp_path):
 
 # --- the optimiser state sits beside its parameters ------------------------------------------------
 
+
 def optimiser_devices(optimizer):
     # Adam keeps its step counter on the CPU by design; every other state tensor follows its parameter
     return {v.device.type for s in optimizer.state.values() for k, v in s.items() if k != "step"}
@@ -134,17 +165,28 @@ def test_loaded_optimiser_state_is_on_the_parameters_device(reference):
     # The meta device stands in for a GPU: state left on the CPU (loaded before the model moved) shows.
     run = reference["run"]
     ta = next(f for f in os.listdir(os.path.join(run, "models")) if f.startswith("TA_"))
-    args = train.parse_args(reference["flags"] + ["-load_model", "-load_model_dir", os.path.join(run, "models", ta),
-                                                  "-load_model_opt_dir", os.path.join(run, "models", "best_opt_eval.pt")])
+    args = train.parse_args(
+        reference["flags"]
+        + [
+            "-load_model",
+            "-load_model_dir",
+            os.path.join(run, "models", ta),
+            "-load_model_opt_dir",
+            os.path.join(run, "models", "best_opt_eval.pt"),
+        ]
+    )
     state = train.build_training(args, train.model_args(args, 6), torch.device("meta"))
     assert {p.device.type for p in state.model.parameters()} == {"meta"}
     assert optimiser_devices(state.optimizer) == {"meta"}
-    state = train.build_training(train.parse_args(reference["flags"]), train.model_args(args, 6), torch.device("meta"))
+    state = train.build_training(
+        train.parse_args(reference["flags"]), train.model_args(args, 6), torch.device("meta")
+    )
     state.load(os.path.join(run, "last.pt"))  # -resume
     assert optimiser_devices(state.optimizer) == {"meta"} and state.epoch == EPOCHS - 1
 
 
 # --- extraction killed anywhere -----------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def extraction(reference, tiny_corpus, tmp_path_factory):
@@ -158,19 +200,46 @@ def extraction(reference, tiny_corpus, tmp_path_factory):
     checkpoint = os.path.join(models, next(f for f in sorted(os.listdir(models)) if f.startswith("TA_")))
 
     def flags(embd_dir, *extra):
-        return ["-extract", "-model_dir", checkpoint, "-DB", str(db), "-window_size", "1000", "-nb_worker", "0",
-                "-device", "cpu", "-embd_dir", str(embd_dir), "-eer_file", str(root / "eers.txt"),
-                "-trial_dir", str(root / "no_trials") + "/", *extra]
+        return [
+            "-extract",
+            "-model_dir",
+            checkpoint,
+            "-DB",
+            str(db),
+            "-window_size",
+            "1000",
+            "-nb_worker",
+            "0",
+            "-device",
+            "cpu",
+            "-embd_dir",
+            str(embd_dir),
+            "-eer_file",
+            str(root / "eers.txt"),
+            "-trial_dir",
+            str(root / "no_trials") + "/",
+            *extra,
+        ]
 
     code, out, err = run_script(EVALUATE, flags(root / "ref"))
-    return {"root": root, "db": db, "checkpoint": checkpoint, "flags": flags, "ref": root / "ref",
-            "keys": {s: utils.list_utterances(str(db / f"{s}_wav")) for s in ("dev", "eval")},
-            "exit": code, "out": out, "err": err}
+    return {
+        "root": root,
+        "db": db,
+        "checkpoint": checkpoint,
+        "flags": flags,
+        "ref": root / "ref",
+        "keys": {s: utils.list_utterances(str(db / f"{s}_wav")) for s in ("dev", "eval")},
+        "exit": code,
+        "out": out,
+        "err": err,
+    }
 
 
 def test_extraction_without_trial_lists_says_so_and_succeeds(extraction):
     assert extraction["exit"] == 0, extraction["err"][-2000:]
-    assert ("note: no trial list found in " + str(extraction["root"] / "no_trials") + "/") in extraction["out"]
+    assert ("note: no trial list found in " + str(extraction["root"] / "no_trials") + "/") in extraction[
+        "out"
+    ]
     assert "embeddings written, nothing scored" in extraction["out"]
     assert sorted(os.listdir(extraction["ref"])) == ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk"]
 
@@ -190,16 +259,21 @@ def test_extraction_killed_anywhere_resumes_without_recomputing(extraction, tmp_
     while kills < 8 and len(log) < 24 and code != 0:  # exit 0: a kill point after the last write
         done = {s: logged(out, s) for s in total}
         left = [s for s in total if done[s] < total[s]]
-        files = ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk"] + ([] if (out / ".partial").is_dir() else ["fingerprint.json"])
+        files = ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk"] + (
+            [] if (out / ".partial").is_dir() else ["fingerprint.json"]
+        )
         kind = rng.choice(["record", "record", "progress", "file"]) if left else "file"
         fault, kill_when = f"{rng.choice(['kill', 'torn'])}@{rng.choice(files)}", None
         if kind == "record":
             subset = rng.choice(left)
-            fault = f"{rng.choice(['kill', 'torn'])}@{subset}_*.log#{rng.randint(1, total[subset] - done[subset])}"
+            record = rng.randint(1, total[subset] - done[subset])
+            fault = f"{rng.choice(['kill', 'torn'])}@{subset}_*.log#{record}"
         elif kind == "progress":
             delay = rng.uniform(0, 0.3)
             fault, kill_when = None, when_seen(f"TTA {left[0]}", 1, delay)
-        code, _, err = run_forked(ev.cli, extraction["flags"](out), trace=trace, kill_when=kill_when, fault=fault)
+        code, _, err = run_forked(
+            ev.cli, extraction["flags"](out), trace=trace, kill_when=kill_when, fault=fault
+        )
         log.append(f"{fault or f'while embedding {left[0]} (+{delay:.2f} s)'}: exit {code}")
         assert code in (0, -9), f"seed {seed}, {log}: {err[-2000:]}"
         kills += code == -9
@@ -207,7 +281,7 @@ def test_extraction_killed_anywhere_resumes_without_recomputing(extraction, tmp_
         code, _, err = run_forked(ev.cli, extraction["flags"](out), trace=trace)
         assert code == 0, f"seed {seed}, {log}: {err[-2000:]}"
     print("\n".join(log))
-    computed = open(trace).read().split()[1::2]
+    computed = text(trace).split()[1::2]
     assert sorted(set(computed)) == sorted(extraction["keys"]["dev"] + extraction["keys"]["eval"])
     # each kill loses at most the one utterance in flight
     assert len(computed) <= sum(total.values()) + kills, f"seed {seed}, {log}"
@@ -219,6 +293,7 @@ def test_extraction_killed_anywhere_resumes_without_recomputing(extraction, tmp_
 
 # --- full disks, read-only folders, a file where a folder should be -------------------------------
 
+
 def one_error_line(err, *fragments):
     """stderr is exactly one ``error: ...`` line (no traceback) holding each fragment."""
     progress = r"\d+%\||\d+/\d+ \[|it/s|s/it"  # tqdm's bars, redrawn with carriage returns
@@ -229,14 +304,17 @@ def one_error_line(err, *fragments):
     return lines[0]
 
 
-@pytest.mark.parametrize("fault,path,reason", [
-    ("enospc@last.pt#2", "last.pt", "No space left on device"),
-    ("eacces@eers.txt#2", "eers.txt", "Permission denied"),
-    ("erofs@models/TA_*.pt", "models/TA_0_", "Read-only file system"),
-    ("enospc@models/best_opt_eval.pt", "models/best_opt_eval.pt", "No space left on device"),
-    ("enospc@results/eval_epoch*.txt#2", "results/eval_epoch1.txt", "No space left on device"),
-    ("erofs@args.json", "args.json", "Read-only file system"),
-])
+@pytest.mark.parametrize(
+    "fault,path,reason",
+    [
+        ("enospc@last.pt#2", "last.pt", "No space left on device"),
+        ("eacces@eers.txt#2", "eers.txt", "Permission denied"),
+        ("erofs@models/TA_*.pt", "models/TA_0_", "Read-only file system"),
+        ("enospc@models/best_opt_eval.pt", "models/best_opt_eval.pt", "No space left on device"),
+        ("enospc@results/eval_epoch*.txt#2", "results/eval_epoch1.txt", "No space left on device"),
+        ("erofs@args.json", "args.json", "Read-only file system"),
+    ],
+)
 def test_write_failures_in_training_are_one_line_and_lose_nothing(reference, tmp_path, fault, path, reason):
     flags = [str(tmp_path) if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
     flags[flags.index("-epoch") + 1] = "2"
@@ -284,21 +362,26 @@ def test_eer_file_on_a_full_disk_is_one_line(extraction, tiny_corpus, tmp_path):
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full on this system")
     trials = os.path.join(tiny_corpus, "VoxCeleb1", "veri_test.txt")
-    code, out, err = run_forked(ev.cli, ["-embd_dir", str(extraction["ref"]), "-trials", trials,
-                                         "-eer_file", "/dev/full"])  # a real ENOSPC on every write
+    code, out, err = run_forked(
+        ev.cli, ["-embd_dir", str(extraction["ref"]), "-trials", trials, "-eer_file", "/dev/full"]
+    )  # a real ENOSPC on every write
     assert code == 1 and "veri_test evaluation EER: " in out
     one_error_line(err, "/dev/full", "No space left on device")
 
 
 # --- corrupt and truncated files ---------------------------------------------------------------------
 
+
 def truncated(path):
-    data = open(path, "rb").read()
-    return data[:len(data) // 2]
+    data = Path(path).read_bytes()
+    return data[: len(data) // 2]
 
 
-CORRUPTIONS = {"truncated": truncated, "empty": lambda path: b"",
-               "random bytes": lambda path: np.random.default_rng(0).bytes(5000)}
+CORRUPTIONS = {
+    "truncated": truncated,
+    "empty": lambda path: b"",
+    "random bytes": lambda path: np.random.default_rng(0).bytes(5000),
+}
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
@@ -331,13 +414,26 @@ def test_last_pt_of_another_kind_or_other_flags_is_one_line(reference, tmp_path)
 @pytest.mark.parametrize("flag", ["-load_model_dir", "-load_model_opt_dir"])
 def test_corrupt_starting_point_is_one_line(reference, tmp_path, flag):
     models = os.path.join(reference["run"], "models")
-    files = {"-load_model_dir": os.path.join(models, next(f for f in os.listdir(models) if f.startswith("TA_"))),
-             "-load_model_opt_dir": os.path.join(models, "best_opt_eval.pt")}
+    files = {
+        "-load_model_dir": os.path.join(models, next(f for f in os.listdir(models) if f.startswith("TA_"))),
+        "-load_model_opt_dir": os.path.join(models, "best_opt_eval.pt"),
+    }
     files[flag] = str(tmp_path / "broken.pt")
     (tmp_path / "broken.pt").write_bytes(truncated(os.path.join(reference["run"], "last.pt")))
-    flags = [str(tmp_path / "out") if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
-    code, _, err = run_forked(train.cli, flags + ["-load_model", "-load_model_dir", files["-load_model_dir"],
-                                                  "-load_model_opt_dir", files["-load_model_opt_dir"]])
+    flags = [
+        str(tmp_path / "out") if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]
+    ]
+    code, _, err = run_forked(
+        train.cli,
+        flags
+        + [
+            "-load_model",
+            "-load_model_dir",
+            files["-load_model_dir"],
+            "-load_model_opt_dir",
+            files["-load_model_opt_dir"],
+        ],
+    )
     assert code == 1
     one_error_line(err, tmp_path / "broken.pt", flag, "truncated or corrupt")
     assert not (tmp_path / "out" / "run").exists()
@@ -346,9 +442,19 @@ def test_corrupt_starting_point_is_one_line(reference, tmp_path, flag):
 def test_corrupt_checkpoint_and_embeddings_in_evaluation_are_one_line(extraction, tiny_corpus, tmp_path):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(truncated(extraction["checkpoint"]))
-    code, _, err = run_forked(ev.cli, ["-verify", *[os.path.join(extraction["db"], "eval_wav", k)
-                                                    for k in extraction["keys"]["eval"][:2]],
-                                       "-model_dir", str(broken), "-window_size", "1000", "-device", "cpu"])
+    code, _, err = run_forked(
+        ev.cli,
+        [
+            "-verify",
+            *[os.path.join(extraction["db"], "eval_wav", k) for k in extraction["keys"]["eval"][:2]],
+            "-model_dir",
+            str(broken),
+            "-window_size",
+            "1000",
+            "-device",
+            "cpu",
+        ],
+    )
     assert code == 1
     one_error_line(err, broken, "not a loadable PyTorch checkpoint")
     trials = os.path.join(tiny_corpus, "VoxCeleb1", "veri_test.txt")
@@ -356,14 +462,18 @@ def test_corrupt_checkpoint_and_embeddings_in_evaluation_are_one_line(extraction
         embd = tmp_path / how.replace(" ", "_")
         embd.mkdir()
         (embd / "TTA_vox1_eval.pk").write_bytes(make(extraction["ref"] / "TTA_vox1_eval.pk"))
-        code, _, err = run_forked(ev.cli, ["-embd_dir", str(embd), "-trials", trials, "-eer_file", str(tmp_path / "e")])
+        code, _, err = run_forked(
+            ev.cli, ["-embd_dir", str(embd), "-trials", trials, "-eer_file", str(tmp_path / "e")]
+        )
         assert code == 1, how
         one_error_line(err, embd / "TTA_vox1_eval.pk")
     embd = tmp_path / "npy"
     run_forked(ev.cli, extraction["flags"](embd, "-format", "npy"))
     (embd / "TTA_vox1_eval.npy").write_bytes(truncated(embd / "TTA_vox1_eval.npy"))
-    code, _, err = run_forked(ev.cli, ["-embd_dir", str(embd), "-format", "npy", "-trials", trials,
-                                       "-eer_file", str(tmp_path / "e")])
+    code, _, err = run_forked(
+        ev.cli,
+        ["-embd_dir", str(embd), "-format", "npy", "-trials", trials, "-eer_file", str(tmp_path / "e")],
+    )
     assert code == 1
     one_error_line(err, embd / "TTA_vox1_eval.npy")
 
@@ -419,12 +529,11 @@ def write_audio_case(case, folder):
     x = tone()
     if case == "truncated header":
         sf.write(path, x, 16000, subtype="PCM_16")
-        data = open(path, "rb").read()
-        open(path, "wb").write(data[:30])
+        Path(path).write_bytes(Path(path).read_bytes()[:30])
     elif case == "zero-length file":
-        open(path, "wb").close()
+        Path(path).write_bytes(b"")
     elif case == "random bytes":
-        open(path, "wb").write(np.random.default_rng(2).bytes(4000))
+        Path(path).write_bytes(np.random.default_rng(2).bytes(4000))
     elif case in ("8 kHz", "44.1 kHz"):
         sf.write(path, x, {"8 kHz": 8000, "44.1 kHz": 44100}[case], subtype="PCM_16")
     elif case == "stereo":
@@ -456,20 +565,32 @@ def write_audio_case(case, folder):
 def test_audio_read_correctly_equals_the_samples_written(tmp_path):
     # independent of utils' float64 path: integer / float samples as written, divided by their peak
     ints = sf.read(write_audio_case("24-bit PCM", tmp_path / "a"), dtype="int32")[0].astype(np.float64)
-    np.testing.assert_allclose(utils.read_wav(str(tmp_path / "a" / "00009.wav")), ints / np.abs(ints).max(), atol=1e-7)
+    np.testing.assert_allclose(
+        utils.read_wav(str(tmp_path / "a" / "00009.wav")), ints / np.abs(ints).max(), atol=1e-7
+    )
     floats = np.float32(3 * tone()).astype(np.float64)
-    np.testing.assert_allclose(utils.read_wav(write_audio_case("float32 beyond +-1", tmp_path / "b")),
-                               floats / np.abs(floats).max(), atol=1e-7)
-    ints = sf.read(write_audio_case("non-ASCII file name", tmp_path / "c"), dtype="int16")[0].astype(np.float64)
-    np.testing.assert_allclose(utils.read_wav(str(tmp_path / "c" / NON_ASCII)), ints / np.abs(ints).max(), atol=1e-7)
+    np.testing.assert_allclose(
+        utils.read_wav(write_audio_case("float32 beyond +-1", tmp_path / "b")),
+        floats / np.abs(floats).max(),
+        atol=1e-7,
+    )
+    ints = sf.read(write_audio_case("non-ASCII file name", tmp_path / "c"), dtype="int16")[0].astype(
+        np.float64
+    )
+    np.testing.assert_allclose(
+        utils.read_wav(str(tmp_path / "c" / NON_ASCII)), ints / np.abs(ints).max(), atol=1e-7
+    )
 
 
 def audio_tree(src, dst, cases):
     """A copy of the wav tree ``src`` with each case's file in a video folder of its own."""
     shutil.copytree(src, dst)
-    speaker = sorted(os.listdir(dst))[0]
+    speaker = min(os.listdir(dst))
     os.symlink("..", os.path.join(dst, speaker, "vid00000000", "loop"))  # a folder link loop: listed once
-    return {case: write_audio_case(case, os.path.join(dst, speaker, f"case{i:04d}")) for i, case in enumerate(cases)}
+    return {
+        case: write_audio_case(case, os.path.join(dst, speaker, f"case{i:04d}"))
+        for i, case in enumerate(cases)
+    }
 
 
 def stopping(column):
@@ -520,31 +641,42 @@ def test_bad_audio_in_training(reference, tiny_corpus, tmp_path):
         root = tmp_path / name
         os.makedirs(root)
         os.symlink(os.path.join(tiny_corpus, "VoxCeleb1"), root / "VoxCeleb1")
-        return root, audio_tree(os.path.join(tiny_corpus, "VoxCeleb2", "wav"), root / "VoxCeleb2" / "wav", cases)
+        return root, audio_tree(
+            os.path.join(tiny_corpus, "VoxCeleb2", "wav"), root / "VoxCeleb2" / "wav", cases
+        )
 
     for case in stopping(0):
         root, paths = corpus_with([case], case.replace(" ", "_"))
-        code, _, err = run_forked(train.cli, tiny_run_flags(str(root), tmp_path / "out" / root.name), timeout=60)
+        code, _, err = run_forked(
+            train.cli, tiny_run_flags(str(root), tmp_path / "out" / root.name), timeout=60
+        )
         assert code == 1, case
         one_error_line(err, paths[case], AUDIO_CASES[case][0])
     root, paths = corpus_with(passing(0), "passing")
-    code, out, err = run_forked(train.cli, tiny_run_flags(str(root), tmp_path / "out", epochs=1), timeout=120)
+    code, _, err = run_forked(train.cli, tiny_run_flags(str(root), tmp_path / "out", epochs=1), timeout=120)
     assert code == 0, err[-2000:]
     last = load(tmp_path / "out" / "run" / "last.pt")
     read = sum(AUDIO_CASES[c][0] == "read" for c in passing(0))
-    assert last["step"] == (24 + read + 1) // 4  # the silent file is listed, its crops taken from the next one
+    assert (
+        last["step"] == (24 + read + 1) // 4
+    )  # the silent file is listed, its crops taken from the next one
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert "skipping " in err and "empty or all-zero audio" in err
 
 
 # --- bad trial lists -------------------------------------------------------------------------------
 
+
 def clean_trials(keys):
-    return [f"{int(a.split('/')[0] == b.split('/')[0])} {a}.wav {b}.wav" for i, a in enumerate(keys) for b in keys[i + 1:]]
+    return [
+        f"{int(a.split('/')[0] == b.split('/')[0])} {a}.wav {b}.wav"
+        for i, a in enumerate(keys)
+        for b in keys[i + 1 :]
+    ]
 
 
 def with_line(lines, lineno, text):
-    return lines[:lineno - 1] + [text] + lines[lineno:]
+    return lines[: lineno - 1] + [text] + lines[lineno:]
 
 
 # case -> (file bytes from the clean lines, expected): "same" (the clean list's EER), "as listed"
@@ -555,18 +687,32 @@ TRIAL_CASES = {
     "tabs": (lambda ls: "\n".join(line.replace(" ", "\t") for line in ls).encode(), "same"),
     "blank lines": (lambda ls: "\n".join(["", *ls[:5], "   ", *ls[5:], "", ""]).encode(), "same"),
     "no final newline": (lambda ls: "\n".join(ls).encode(), "same"),
-    ".wav on one side only": (lambda ls: "\n".join(line.replace(".wav ", " ", 1) for line in ls).encode(), "same"),
+    ".wav on one side only": (
+        lambda ls: "\n".join(line.replace(".wav ", " ", 1) for line in ls).encode(),
+        "same",
+    ),
     "duplicate trials": (lambda ls: "\n".join(ls + ls[:7]).encode(), "as listed"),
-    "extra column": (lambda ls: "\n".join(with_line(ls, 3, ls[2] + " 0.5")).encode(), ":3: expected '<1|0> <keyA> <keyB>'"),
-    "label 2": (lambda ls: "\n".join(with_line(ls, 2, "2" + ls[1][1:])).encode(), ":2: expected '<1|0> <keyA> <keyB>'"),
+    "extra column": (
+        lambda ls: "\n".join(with_line(ls, 3, ls[2] + " 0.5")).encode(),
+        ":3: expected '<1|0> <keyA> <keyB>'",
+    ),
+    "label 2": (
+        lambda ls: "\n".join(with_line(ls, 2, "2" + ls[1][1:])).encode(),
+        ":2: expected '<1|0> <keyA> <keyB>'",
+    ),
     "label 1.0": (lambda ls: "\n".join(with_line(ls, 4, "1.0" + ls[3][1:])).encode(), ":4: expected"),
     "label 'target'": (lambda ls: "\n".join(with_line(ls, 1, "target" + ls[0][1:])).encode(), ":1: expected"),
     "two columns": (lambda ls: "\n".join(with_line(ls, 5, ls[4].rsplit(" ", 1)[0])).encode(), ":5: expected"),
-    "non-UTF-8 bytes": (lambda ls: "\n".join(ls[:5]).encode() + b"\n1\xff" + ls[5][1:].encode(), ":6: expected"),
+    "non-UTF-8 bytes": (
+        lambda ls: "\n".join(ls[:5]).encode() + b"\n1\xff" + ls[5][1:].encode(),
+        ":6: expected",
+    ),
     "empty file": (lambda ls: b"", ": no trials"),
     "only blank lines": (lambda ls: b"\n \n\t\n", ": no trials"),
-    "key without embedding": (lambda ls: "\n".join([*ls, "1 id19999/v/00001.wav id19999/v/00002.wav"]).encode(),
-                              "2 trial keys of "),
+    "key without embedding": (
+        lambda ls: "\n".join([*ls, "1 id19999/v/00001.wav id19999/v/00002.wav"]).encode(),
+        "2 trial keys of ",
+    ),
 }
 
 
@@ -577,7 +723,9 @@ def scored_set(tmp_path_factory):
     rng = np.random.default_rng(5)
     keys = [f"id1{s:04d}/vid{s:08d}/{u:05d}" for s in range(4) for u in range(3)]
     centres = rng.standard_normal((4, 8))
-    embeddings = {k: (centres[i // 3] + 0.9 * rng.standard_normal(8)).astype(np.float32) for i, k in enumerate(keys)}
+    embeddings = {
+        k: (centres[i // 3] + 0.9 * rng.standard_normal(8)).astype(np.float32) for i, k in enumerate(keys)
+    }
     utils.save_embeddings(embeddings, str(folder / "TTA_vox1_eval.pk"))
     return folder, embeddings, clean_trials(keys)
 
@@ -587,7 +735,10 @@ def expected_eer(lines, embeddings):
     labels, scores = [], []
     for line in lines:
         label, a, b = line.split()
-        x, y = embeddings[a.removesuffix(".wav")].astype(np.float64), embeddings[b.removesuffix(".wav")].astype(np.float64)
+        x, y = (
+            embeddings[a.removesuffix(".wav")].astype(np.float64),
+            embeddings[b.removesuffix(".wav")].astype(np.float64),
+        )
         labels.append(int(label)), scores.append(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y)))
     return utils.compute_eer(np.array(labels), np.array(scores))[0]
 
@@ -611,7 +762,9 @@ def test_bad_trial_lists(scored_set, tmp_path, case):
         with pytest.raises(DataError) as error:
             ev.main(ev.parse_args(flags))
         message = str(error.value)
-        assert "\n" not in message and expected in message and (str(path) in message or "trial keys" in message)
+        assert (
+            "\n" not in message and expected in message and (str(path) in message or "trial keys" in message)
+        )
 
 
 # --- bad flags ---------------------------------------------------------------------------------------
@@ -631,10 +784,16 @@ FLAG_CASES = [  # (flags replacing the tiny run's, start of the one-line error)
     (["-wd", "-1"], "-wd -1.0: must be a number >= 0"),
     (["-window_size", "4000"], "-window_size (4000) must be smaller than -nb_samp (4000)"),
     (["-window_size", "-1"], "-window_size -1: must not be negative"),
-    (["-m_filts", "[8,[8,8],[8,16]]"], "-m_filts [8, [8, 8], [8, 16]]: must be [sinc, [in, out], [in, out], [in, out]]"),
+    (
+        ["-m_filts", "[8,[8,8],[8,16]]"],
+        "-m_filts [8, [8, 8], [8, 16]]: must be [sinc, [in, out], [in, out], [in, out]]",
+    ),
     (["-m_filts", "[8,[8,8],[8,-16],[16,16]]"], "-m_filts [8, [8, 8], [8, -16], [16, 16]]: must be"),
     (["-m_filts", "[8,[8,8],[8,'a'],[16,16]]"], "-m_filts [8, [8, 8], [8, 'a'], [16, 16]]: must be"),
-    (["-m_filts", "[8,[4,4],[4,16],[16,16]]"], "-m_filts [8, [4, 4], [4, 16], [16, 16]]: channels must chain"),
+    (
+        ["-m_filts", "[8,[4,4],[4,16],[16,16]]"],
+        "-m_filts [8, [4, 4], [4, 16], [16, 16]]: channels must chain",
+    ),
     (["-epoch", "0"], "-epoch 0: must be at least 1"),
     (["-epoch", "-3"], "-epoch -3: must be at least 1"),
     (["-nb_worker", "-1"], "-nb_worker -1: must not be negative"),
@@ -651,7 +810,12 @@ FLAG_CASES = [  # (flags replacing the tiny run's, start of the one-line error)
 
 @pytest.mark.parametrize("new,message", FLAG_CASES, ids=[" ".join(c[0]) for c in FLAG_CASES])
 def test_bad_flags_are_one_line_and_write_nothing(tiny_corpus, tmp_path, new, message):
-    flags = dict(zip(tiny_run_flags(tiny_corpus, tmp_path / "out")[::2], tiny_run_flags(tiny_corpus, tmp_path / "out")[1::2]))
+    flags = dict(
+        zip(
+            tiny_run_flags(tiny_corpus, tmp_path / "out")[::2],
+            tiny_run_flags(tiny_corpus, tmp_path / "out")[1::2],
+        )
+    )
     argv = [x for k, v in flags.items() if k not in new for x in (k, v)] + new
     with pytest.raises(DataError) as error:
         train.main(train.parse_args(argv))
@@ -678,6 +842,7 @@ def test_unparsable_flags_name_the_flag(capsys):
 
 # --- concurrent runs -----------------------------------------------------------------------------------
 
+
 def die_holding_the_lock(argv):
     with utils.folder_lock(argv[0], "test"):
         os.kill(os.getpid(), 9)
@@ -687,7 +852,7 @@ def test_stale_lock_of_a_killed_run_is_taken_over(reference, tmp_path):
     run = tmp_path / "run"
     code, _, _ = run_forked(die_holding_the_lock, [str(run)])
     assert code == -9
-    holder = json.load(open(run / utils.LOCK_NAME))
+    holder = json.loads(text(run / utils.LOCK_NAME))
     flags = [str(tmp_path) if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
     flags[flags.index("-epoch") + 1] = "1"
     code, out, err = run_forked(train.cli, flags)
@@ -696,13 +861,16 @@ def test_stale_lock_of_a_killed_run_is_taken_over(reference, tmp_path):
     assert not (run / utils.LOCK_NAME).exists()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["-window_size", "-1"], "-window_size -1: must not be negative"),
-    (["-bs", "0"], "-bs 0: must be at least 1"),
-    (["-nb_worker", "-2"], "-nb_worker -2: must not be negative"),
-    (["-asnorm_top_n", "0"], "-asnorm_top_n 0: must be at least 1"),
-    (["-verify", "a.wav", "b.wav", "-threshold", "nan"], "-threshold nan: must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["-window_size", "-1"], "-window_size -1: must not be negative"),
+        (["-bs", "0"], "-bs 0: must be at least 1"),
+        (["-nb_worker", "-2"], "-nb_worker -2: must not be negative"),
+        (["-asnorm_top_n", "0"], "-asnorm_top_n 0: must be at least 1"),
+        (["-verify", "a.wav", "b.wav", "-threshold", "nan"], "-threshold nan: must be a finite number"),
+    ],
+)
 def test_bad_evaluation_flags_are_one_line(tmp_path, argv, message):
     with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
         ev.main(ev.parse_args(["-embd_dir", str(tmp_path), *argv]))
@@ -711,12 +879,17 @@ def test_bad_evaluation_flags_are_one_line(tmp_path, argv, message):
 def test_window_size_beyond_the_model_input_is_one_line(extraction, tmp_path):
     code, _, err = run_forked(ev.cli, extraction["flags"](tmp_path / "embd", "-window_size", "4000"))
     assert code == 1
-    one_error_line(err, "-window_size 4000: must be smaller than the segment length 4000 of", extraction["checkpoint"])
+    one_error_line(
+        err, "-window_size 4000: must be smaller than the segment length 4000 of", extraction["checkpoint"]
+    )
     assert not (tmp_path / "embd").exists()
 
 
 def test_missing_embedding_folder_is_named(tmp_path):
     code, _, err = run_forked(ev.cli, ["-embd_dir", str(tmp_path / "DIR_THAT_DOES_NOT_EXIST") + "/"])
     assert code == 1
-    one_error_line(err, f"{tmp_path}/DIR_THAT_DOES_NOT_EXIST/: folder not found (-embd_dir: the folder of "
-                        f"TTA_vox1_dev.pk and TTA_vox1_eval.pk)")
+    one_error_line(
+        err,
+        f"{tmp_path}/DIR_THAT_DOES_NOT_EXIST/: folder not found (-embd_dir: the folder of "
+        f"TTA_vox1_dev.pk and TTA_vox1_eval.pk)",
+    )
