@@ -13,7 +13,8 @@ Added, none of which changes the recipe: ``last.pt`` (model, optimiser, schedule
 RNG states) and ``args.json`` written atomically every epoch, so ``-resume`` continues an interrupted
 run; ``-val_trial`` to select the best model on a validation list instead of the test list; ``-demo``;
 crops and shuffling drawn from ``-seed`` and the epoch, so a run does not depend on the worker count;
-no ``val_trial.txt`` or ``dev_wav/`` required unless asked for; bad data stops with one clear line.
+no ``val_trial.txt`` or ``dev_wav/`` required unless asked for; bad data and bad flags stop with one
+clear line; a lock (``.lock``) keeps a second run out of the same folder.
 """
 
 import argparse
@@ -323,10 +324,15 @@ def decide_resume(args, run_dir):
             raise DataError(f"{run_dir} already holds a run: pass -resume to continue it, "
                             f"or choose another -name")
         return True
+    listed = [int(line.split(",")[0][6:]) for line in eers_before(os.path.join(run_dir, "eers.txt"), math.inf)]
+    if max(listed, default=0) > 0:  # epoch 0 may be listed by a run killed before committing it
+        raise DataError(f"{last_path} not found, but {run_dir}/eers.txt lists epochs up to {max(listed)}: "
+                        f"restore last.pt to continue, or choose another -name")
     if args.resume:
         if not any(os.path.exists(os.path.join(run_dir, f)) for f in ("args.json", "f_params.txt")):
             raise DataError(f"-resume: {last_path} not found (no completed epoch to continue from)")
-        print(f"note: {run_dir} has no completed epoch (no last.pt) to continue: starting at epoch 0")
+        if utils.is_main_process():
+            print(f"note: {run_dir} has no completed epoch (no last.pt) to continue: starting at epoch 0")
     return False
 
 
@@ -545,11 +551,9 @@ def main(args):
     lock = (utils.folder_lock(run_dir, "wait for it to end, or choose another -name") if main_process
             else contextlib.nullcontext())
     with lock:
+        resume = decide_resume(args, run_dir)  # every process: all of them stop alike, or none
         if main_process:
-            resume = decide_resume(args, run_dir)
             utils.remove_temporaries(run_dir)  # of a killed process: never read, now removed
-        else:
-            resume = os.path.exists(os.path.join(run_dir, "last.pt"))
         return train(args, run_dir, device, resume)
 
 

@@ -325,6 +325,8 @@ def test_write_failures_in_training_are_one_line_and_lose_nothing(reference, tmp
     assert not temporaries(run)
     if (run / "last.pt").exists():  # the epoch before stays loadable
         assert load(run / "last.pt")["epoch"] == 0
+    for checkpoint in run.glob("models/*.pt"):
+        load(checkpoint)
     code, _, err = run_forked(train.cli, flags + ["-resume"])
     assert code == 0, err[-2000:]
     assert (run / "eers.txt").read_text().splitlines() == reference["eers"][:2]
@@ -394,6 +396,19 @@ def test_corrupt_last_pt_is_one_line_and_changes_nothing(reference, tmp_path, ho
     code, _, err = run_forked(train.cli, flags + ["-resume"])
     assert code == 1
     one_error_line(err, run / "last.pt", "checkpoint to resume from is truncated or corrupt")
+    assert {f: (run / f).read_bytes() for f in files_under(run)} == before
+
+
+@pytest.mark.parametrize("resume", [[], ["-resume"]])
+def test_a_run_that_lost_its_last_pt_is_never_started_over(reference, tmp_path, resume):
+    run = tmp_path / "run"
+    shutil.copytree(reference["run"], run)
+    os.remove(run / "last.pt")
+    before = {f: (run / f).read_bytes() for f in files_under(run)}
+    flags = [str(tmp_path) if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
+    code, _, err = run_forked(train.cli, flags + resume)
+    assert code == 1
+    one_error_line(err, run / "last.pt", f"eers.txt lists epochs up to {EPOCHS - 1}: restore last.pt")
     assert {f: (run / f).read_bytes() for f in files_under(run)} == before
 
 
