@@ -6,10 +6,14 @@ They live apart from utils.py so that scoring (scoring.py, evaluate_pretrained_R
 """
 
 import argparse
+import errno
+import fnmatch
+import io
 import json
 import os
 import pickle
 import re
+import signal
 import tempfile
 
 import numpy as np
@@ -58,21 +62,95 @@ def utt_id(key):
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
 
+# Test hook: RAWNET_FAULT="ACTION@PATTERN[#N]" (several separated by commas) injects a real fault into
+# the N-th write (default the first) of this process to a file whose path ends in PATTERN (fnmatch
+# wildcards). ACTION: "kill" (SIGKILL once the temporary file is complete, before the rename), "torn"
+# (SIGKILL after half of the bytes), or "enospc" / "eacces" / "erofs" (that OSError after half of the
+# bytes). Unset, it costs one environment lookup per write. RAWNET_TRACE=FILE appends one line per
+# ``trace`` event (e.g. each embedding computed) to FILE.
+FAULT_ENV, TRACE_ENV = "RAWNET_FAULT", "RAWNET_TRACE"
+FAULT_ERRNOS = {"enospc": errno.ENOSPC, "eacces": errno.EACCES, "erofs": errno.EROFS}
+_fault_counts = {}
+TMP_PREFIX = ".tmp-"  # temporary files of the atomic writer, beside their destination
+
+
+class OutputError(DataError, OSError):
+    """An output could not be written (disk full, read-only folder, a file where a folder should be);
+    the message names the path. The file's previous version, if any, is unchanged."""
+
+
+def planned_fault(path):
+    """The RAWNET_FAULT action planned for this write of ``path``, or None."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    for item in spec.split(","):
+        action, _, rest = item.partition("@")
+        pattern, _, nth = rest.partition("#")
+        if fnmatch.fnmatch(path, "*" + pattern):
+            _fault_counts[item] = _fault_counts.get(item, 0) + 1
+            if _fault_counts[item] == int(nth or 1):
+                return action
+    return None
+
+
+def write_faulty(f, data, action, path):
+    """Write half of ``data``, then the fault ``action`` (or, for "kill", the rest)."""
+    f.write(data[:len(data) // 2])
+    f.flush()
+    if action == "torn":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action in FAULT_ERRNOS:
+        code = FAULT_ERRNOS[action]
+        raise OSError(code, os.strerror(code), path)
+    f.write(data[len(data) // 2:])
+
+
+def trace(event):
+    """Test hook: append ``event`` as a line to the file named by RAWNET_TRACE (if set)."""
+    target = os.environ.get(TRACE_ENV)
+    if target:
+        with open(target, "a") as f:
+            f.write(event + "\n")
+
+
+def output_error(path, error, consequence="its previous version, if any, is unchanged"):
+    """OutputError naming ``path`` for an OSError met while writing it."""
+    reason = error.strerror or str(error)
+    if error.filename not in (None, path):
+        reason += f": {error.filename}"
+    return OutputError(f"{path}: not written ({reason}); {consequence}")
+
+
 def write_atomic(path, write):
     """Write ``path`` through ``write(binary file)``: a temporary file in the same folder, synced, then
-    renamed over ``path``, so that a reader never sees a partial file."""
+    renamed over ``path``, so that a reader never sees a partial file. An OSError becomes an
+    ``OutputError`` naming ``path``."""
+    fault = planned_fault(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX + os.path.basename(path))
+    except OSError as e:
+        raise output_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            if fault is None:
+                write(f)
+            else:  # test hook: the bytes in memory first, so that half of them can be written
+                buffer = io.BytesIO()
+                write(buffer)
+                write_faulty(f, buffer.getvalue(), fault, path)
             f.flush()
             os.fsync(f.fileno())
+        if fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise output_error(path, e) from None
         raise
 
 

@@ -38,6 +38,7 @@ import argparse
 import concurrent.futures
 import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
@@ -60,7 +61,7 @@ P_TARGETS = (0.01, 0.05)
 # front end's full-rate map (~2 x 30 MB per segment).
 CPU_SEGMENTS_PER_BATCH = 1
 GPU_SEGMENTS_PER_BATCH = {True: 512, False: 64}  # -fast: the fused front end keeps no full-rate map
-PARTIAL_SAVE_S = 60  # an extraction saves finished embeddings at least this often
+PARTIAL_SAVE_S = 60  # an extraction's log of finished embeddings is synced to disk at least this often
 
 
 def build_parser():
@@ -170,6 +171,9 @@ def load_model(args):
     except (RuntimeError, EOFError, OSError) as e:  # e.g. a truncated file
         raise DataError(f"{args.model_dir}: not a loadable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
     model.fast = args.fast
+    if args.window_size >= model.nb_samp:  # TTA segments would never advance
+        raise DataError(f"-window_size {args.window_size}: must be smaller than the segment length "
+                        f"{model.nb_samp} of {args.model_dir}")
     return model.to(args.device)
 
 
@@ -182,7 +186,7 @@ def file_sha256(path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Extraction with resume: finished embeddings go to -embd_dir/.partial/<subset>_<n>.pk chunks
+# Extraction with resume: each finished embedding is appended to -embd_dir/.partial/<subset>_<n>.log
 
 def open_partial(folder, fingerprint):
     """Make ``folder`` hold partial results of this model and these settings, or start it over."""
@@ -197,17 +201,26 @@ def open_partial(folder, fingerprint):
 
 
 def load_partial(folder, subset):
-    """Embeddings and silent keys saved by an earlier, interrupted run for ``subset``."""
+    """Embeddings and silent keys saved by earlier, interrupted runs for ``subset``: the records
+    ``(key, embedding or None)`` of its logs (a record torn by a killed process is left out)."""
     embeddings, skipped = {}, set()
     for name in sorted(os.listdir(folder)):
-        if name.startswith(f"{subset}_") and name.endswith(".pk"):
+        if name.startswith(f"{subset}_") and name.endswith(".log"):
             path = os.path.join(folder, name)
-            chunk = scoring.load_pickle(path)
-            if not isinstance(chunk, dict) or set(chunk) != {"embeddings", "skipped"}:
-                raise DataError(f"{path}: not a partial-extraction file; delete {folder} to start over")
-            if chunk["embeddings"]:
-                embeddings.update(scoring.check_embeddings(chunk["embeddings"], path))
-            skipped.update(chunk["skipped"])
+            try:
+                import utils
+
+                records = utils.read_records(path)
+            except DataError as e:
+                raise DataError(f"{e}; delete {folder} to start the extraction over") from None
+            for record in records:
+                if not (isinstance(record, tuple) and len(record) == 2 and isinstance(record[0], str)):
+                    raise DataError(f"{path}: not a partial-extraction log; delete {folder} to start over")
+                key, code = record
+                if code is None:
+                    skipped.add(key)
+                else:
+                    embeddings.update(scoring.check_embeddings({key: code}, path))
     return embeddings, skipped
 
 
@@ -226,30 +239,21 @@ def extract_subset(model, args, folder, wav_dir, subset, keys=None, convert=Fals
     bs = args.bs or (GPU_SEGMENTS_PER_BATCH[args.fast] if args.device.startswith("cuda") else CPU_SEGMENTS_PER_BATCH)
     stream = utils.iter_embeddings(model, todo, wav_dir, model.nb_samp, args.window_size, args.device,
                                    args.nb_worker, bs, args.bf16, convert)
-    new, new_skipped = {}, []
-    chunk_id = sum(1 for name in os.listdir(folder) if name.startswith(f"{subset}_"))
-
-    def save_chunk():
-        nonlocal chunk_id
-        if new or new_skipped:
-            utils.write_pickle_atomic({"embeddings": dict(new), "skipped": list(new_skipped)},
-                                      os.path.join(folder, f"{subset}_{chunk_id:05d}.pk"))
-            embeddings.update(new), skipped.update(new_skipped)
-            new.clear(), new_skipped.clear()
-            chunk_id += 1
-
-    last_save = time.monotonic()
-    try:
+    # A log of this run's own: every finished embedding is appended (and flushed) as it comes, so a
+    # run killed at any moment loses at most the utterance in flight.
+    log_path = os.path.join(folder, f"{subset}_{len(os.listdir(folder)):05d}.log")
+    last_sync = time.monotonic()
+    with open(log_path, "ab") as log:  # (an OSError here names the path: see cli)
         for key, code in tqdm(stream, total=len(todo), desc=f"TTA {subset}", dynamic_ncols=True):
+            utils.trace(f"embedded {key}")
+            utils.append_record(log, (key, code), log_path)
             if code is None:
-                new_skipped.append(key)
+                skipped.add(key)
             else:
-                new[utils.utt_id(key)] = code
-            if time.monotonic() - last_save >= PARTIAL_SAVE_S:
-                save_chunk()
-                last_save = time.monotonic()
-    finally:  # also on Ctrl-C or an error: what is finished is kept for the next run
-        save_chunk()
+                embeddings[utils.utt_id(key)] = code
+            if time.monotonic() - last_sync >= PARTIAL_SAVE_S:
+                os.fsync(log.fileno())
+                last_sync = time.monotonic()
     if skipped:
         print(f"warning: {len(skipped)} silent/empty files of {wav_dir} have no embedding "
               f"({', '.join(sorted(skipped)[:5])})")
@@ -308,26 +312,13 @@ def conversion_note(keys, base):
               f"channels {', '.join(map(str, sorted(channels)))})")
 
 
-def extract_files(args):
-    """-extract -wav_dir / -wav_list: TTA embeddings of any audio files into one file (-embd)."""
-    keys, base = audio_files(args)
-    conversion_note(keys, base)
-    model = load_model(args)
-    args.embd = args.embd or os.path.join(args.embd_dir, f"embeddings.{args.format}")
-    folder, name = os.path.split(os.path.abspath(args.embd))
-    partial = os.path.join(folder, ".partial-" + name)
-    open_partial(partial, {"model_sha256": file_sha256(args.onnx or args.model_dir), "nb_samp": model.nb_samp,
-                           "window_size": args.window_size, "bf16": args.bf16,
-                           "source": os.path.abspath(args.wav_dir or args.wav_list)})
-    embeddings = extract_subset(model, args, partial, base, "files", keys, convert=True)
-    scoring.save_embeddings(embeddings, args.embd)
-    print(f"{len(embeddings)} embeddings of {args.wav_dir or args.wav_list} written to {args.embd}")
-    shutil.rmtree(partial)
-
-
-def extract(args):
-    if args.wav_dir or args.wav_list:
-        return extract_files(args)
+def extraction_jobs(args):
+    """(folder of the outputs, jobs): each job (subset, folder its keys are relative to, keys or None
+    for every wav under it, convert, output path)."""
+    if args.wav_dir or args.wav_list:  # any audio files, into one file (-embd)
+        keys, base = audio_files(args)
+        conversion_note(keys, base)
+        return os.path.dirname(os.path.abspath(args.embd)), [("files", base, keys, True, args.embd)]
     folders = [(subset, os.path.join(args.DB, wav)) for subset, wav in (("dev", args.dev_wav), ("eval", args.eval_wav))]
     present = [(subset, wav_dir) for subset, wav_dir in folders if os.path.isdir(wav_dir)]
     if not present:
@@ -335,16 +326,33 @@ def extract(args):
     for subset, wav_dir in folders:
         if (subset, wav_dir) not in present:
             print(f"note: {wav_dir} not found: no {subset} embeddings")
+    return args.embd_dir, [(subset, wav_dir, None, False, embedding_path(args, subset)) for subset, wav_dir in present]
+
+
+def extract(args):
+    """TTA embeddings of -DB's dev_wav/ and eval_wav/ (or of -wav_dir / -wav_list), resumable: the
+    output folder is locked while it runs, and finished embeddings are logged in a .partial folder."""
+    import utils
+
+    folder, jobs = extraction_jobs(args)
     model = load_model(args)
-    partial = os.path.join(args.embd_dir, ".partial")
-    open_partial(partial, {"model_sha256": file_sha256(args.onnx or args.model_dir), "nb_samp": model.nb_samp,
-                           "window_size": args.window_size, "bf16": args.bf16})
-    for subset, wav_dir in present:
-        embeddings = extract_subset(model, args, partial, wav_dir, subset)
-        path = embedding_path(args, subset)
-        scoring.save_embeddings(embeddings, path)
-        print(f"{len(embeddings)} embeddings of {wav_dir} written to {path}")
-    shutil.rmtree(partial)
+    source = args.wav_dir or args.wav_list
+    fingerprint = {"model_sha256": file_sha256(args.onnx or args.model_dir), "nb_samp": model.nb_samp,
+                   "window_size": args.window_size, "bf16": args.bf16,
+                   **({"source": os.path.abspath(source)} if source else {})}
+    partial = os.path.join(folder, ".partial-" + os.path.basename(args.embd) if source else ".partial")
+    with utils.folder_lock(folder, "wait for it to end, or write the embeddings elsewhere"):
+        if not source:  # -embd_dir holds only our outputs: temporaries of a killed run are removed
+            utils.remove_temporaries(folder)
+        if os.path.isdir(partial + ".done"):  # a finished extraction killed while deleting its logs
+            shutil.rmtree(partial + ".done")
+        open_partial(partial, fingerprint)
+        for subset, base, keys, convert, path in jobs:
+            embeddings = extract_subset(model, args, partial, base, subset, keys, convert)
+            scoring.save_embeddings(embeddings, path)
+            print(f"{len(embeddings)} embeddings of {source or base} written to {path}")
+        os.replace(partial, partial + ".done")  # one step: never a half-deleted .partial to resume from
+        shutil.rmtree(partial + ".done")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,8 +409,11 @@ def metrics(labels, scores):
 
 def report(line, result, eer_file):
     print(line)
-    with open(eer_file, "a") as f:  # appended, as the original does
-        f.write(line + "\n")
+    try:
+        with open(eer_file, "a") as f:  # appended, as the original does
+            f.write(line + "\n")
+    except OSError as e:
+        raise common.output_error(eer_file, e, "the EER above was printed only") from None
     print("  " + ", ".join(f"minDCF(p_target={p}) {result[f'min_dcf_{p}']:.4f}" for p in P_TARGETS)
           + f", EER threshold {result['eer_threshold']:.4f}")
 
@@ -444,9 +455,22 @@ def plot_det(path, title, curves):
 
 def scorable_lists(args):
     """(name, path, embedding sets) of each list to score whose file and embeddings are present; a
-    note for each other."""
+    note for each other. A missing -embd_dir, or no trial list at all, is one line (after -extract
+    only a note: the embeddings are its result)."""
+    if not args.embd and not os.path.isdir(args.embd_dir):
+        raise DataError(f"{args.embd_dir}: folder not found (-embd_dir: the folder of "
+                        f"{os.path.basename(embedding_path(args, 'dev'))} and "
+                        f"{os.path.basename(embedding_path(args, 'eval'))})")
+    candidates = trial_lists(args)
+    if not any(os.path.isfile(path) for _, path, _ in candidates):
+        where = (" ".join(args.trials) if args.trials
+                 else f"{args.trial_dir} ({', '.join(file for _, file, _ in LISTS)})")
+        if args.extract:
+            print(f"note: no trial list found in {where}: embeddings written, nothing scored")
+            return []
+        raise DataError(f"nothing was scored: no trial list found in {where} (-trial_dir or -trials)")
     lists = []
-    for name, path, subsets in trial_lists(args):
+    for name, path, subsets in candidates:
         if not os.path.isfile(path):
             print(f"note: {path} not found: {name} skipped")
             continue
@@ -491,8 +515,8 @@ def score(args):
             tables[subsets] = scoring.EmbeddingTable.read([embedding_path(args, s) for s in subsets])
         return tables[subsets]
 
-    cohort = load_cohort(args) if args.asnorm else None
     lists = scorable_lists(args)
+    cohort = load_cohort(args) if args.asnorm and lists else None
     results = {}
     # The lists are parsed in a second thread while the embeddings load (NumPy's parsing steps run
     # without the GIL, unpickling holds it).
@@ -501,7 +525,7 @@ def score(args):
         for (name, path, subsets), trials in zip(lists, parsed):
             table = table_of(subsets)
             results[name] = score_list(args, name, path, trials.result(), table, cohort)
-    if not results:
+    if not results and not args.extract:
         raise DataError("nothing was scored: no trial list together with its embeddings was found")
     return results
 
@@ -523,7 +547,21 @@ def verify(args):
     return value
 
 
+def check_flags(args):
+    """One line naming the flag for a value no run can use; called before anything is read or written."""
+    checks = (("window_size", args.window_size >= 0, "must not be negative"),
+              ("bs", args.bs is None or args.bs >= 1, "must be at least 1"),
+              ("nb_worker", args.nb_worker >= 0, "must not be negative"),
+              ("asnorm_top_n", args.asnorm_top_n >= 1, "must be at least 1"),
+              ("threshold", args.threshold is None or math.isfinite(args.threshold),
+               "must be a finite number"))
+    for flag, ok, why in checks:
+        if not ok:
+            raise DataError(f"-{flag} {getattr(args, flag)}: {why}")
+
+
 def main(args):
+    check_flags(args)
     if args.asnorm and not args.cohort:
         raise DataError("-asnorm needs -cohort FILE (embeddings of speakers outside the trials)")
     if args.plot is not None:
@@ -538,6 +576,8 @@ def main(args):
     if args.extract and args.embd and not (args.wav_dir or args.wav_list):
         raise DataError("-extract -embd FILE needs -wav_dir or -wav_list (the VoxCeleb extraction writes "
                         "<embd_dir>/TTA_vox1_{dev,eval})")
+    if (args.wav_dir or args.wav_list) and not args.embd:
+        args = argparse.Namespace(**{**vars(args), "embd": os.path.join(args.embd_dir, f"embeddings.{args.format}")})
     if args.verify:
         return verify(with_device(args))
     if args.extract:
@@ -547,12 +587,20 @@ def main(args):
     return score(args)
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """Command-line entry: bad input or a refused write ends in one line on stderr, exit 1; a run that
+    extracted embeddings but found no trial list to score them with exits 0."""
     try:
-        main(parse_args())
+        main(parse_args(argv))
     except (DataError, ValueError) as e:
         # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
         sys.exit(common.error_line(e))
+    except OSError as e:  # an input or output the system refused (permissions, disk, a folder as a file)
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else common.error_line(e))
     except KeyboardInterrupt:
         sys.exit("interrupted (an -extract run keeps finished embeddings in <embd_dir>/.partial/: "
                  "the same command resumes it)")
+
+
+if __name__ == "__main__":
+    cli()

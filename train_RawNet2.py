@@ -13,11 +13,14 @@ Added, none of which changes the recipe: ``last.pt`` (model, optimiser, schedule
 RNG states) and ``args.json`` written atomically every epoch, so ``-resume`` continues an interrupted
 run; ``-val_trial`` to select the best model on a validation list instead of the test list; ``-demo``;
 crops and shuffling drawn from ``-seed`` and the epoch, so a run does not depend on the worker count;
-no ``val_trial.txt`` or ``dev_wav/`` required unless asked for; bad data stops with one clear line.
+no ``val_trial.txt`` or ``dev_wav/`` required unless asked for; bad data and bad flags stop with one
+clear line; a lock (``.lock``) keeps a second run out of the same folder.
 """
 
 import argparse
 import ast
+import contextlib
+import dataclasses
 import datetime
 import math
 import os
@@ -151,8 +154,7 @@ def model_args(args, nb_classes):
             "nb_gru_layer": args.m_nb_gru_layer, "nb_samp": args.m_nb_samp, "nb_classes": nb_classes}
 
 
-def bare(model):
-    return model.module if isinstance(model, (nn.DataParallel, DistributedDataParallel)) else model
+bare = utils.unwrap_model  # the network inside DataParallel / DistributedDataParallel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +242,216 @@ def eers_before(path, epoch):
     epochs that its last.pt does not cover, so no epoch is listed twice)."""
     if not os.path.exists(path):
         return []
-    return [line for line in open(path).read().splitlines()
-            if re.match(r"epoch:(\d+),", line) and int(line.split(",")[0][6:]) < epoch]
+    with open(path) as f:
+        lines = f.read().splitlines()
+    return [line for line in lines if re.match(r"epoch:(\d+),", line) and int(line.split(",")[0][6:]) < epoch]
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps of main: check the flags, set up, resume, one epoch, save
+
+MAX_NB_SAMP = 600 * utils.SAMPLE_RATE  # ten minutes of audio per crop is a typo, not a setting
+
+
+def min_nb_samp(first_conv):
+    """Shortest input the network takes: the sinc filter (odd length, as SincConv makes it) and seven
+    max-pools of 3 (the front end's and the six blocks') must leave at least one GRU step."""
+    return (first_conv | 1) - 1 + 3 ** 7
+
+
+def check_filts(filts):
+    """-m_filts must be [sinc, [in, out], [in, out], [in, out]] of positive integers whose channels chain."""
+    pairs_ok = all(isinstance(f, list) and len(f) == 2 and all(isinstance(c, int) for c in f)
+                   for f in filts[1:])
+    shape_ok = isinstance(filts, list) and len(filts) == 4 and isinstance(filts[0], int) and pairs_ok
+    if not shape_ok or filts[0] < 1 or min(c for f in filts[1:] for c in f) < 1:
+        return "must be [sinc, [in, out], [in, out], [in, out]] of positive integers"
+    if filts[1] != [filts[0], filts[0]] or filts[2][0] != filts[1][1]:
+        return "channels must chain: blocks 0-1 take and give filts[0] channels, block 2 takes them"
+    return None
+
+
+def validate_args(args):
+    """One line naming the flag for any value a run cannot use; called before anything is written."""
+    def bad(flag, why):
+        raise DataError(f"-{flag} {getattr(args, flag)}: {why}")
+
+    for flag in ("nb_samp", "m_nb_samp", "bs", "epoch", "m_first_conv", "m_nb_fc_node", "m_gru_node",
+                 "m_nb_gru_layer", "dist_timeout"):
+        if getattr(args, flag) < 1:
+            bad(flag, "must be at least 1")
+    for flag in ("nb_worker", "window_size"):
+        if getattr(args, flag) < 0:
+            bad(flag, "must not be negative")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        bad("lr", "must be a positive number")
+    if not (math.isfinite(args.wd) and args.wd >= 0):
+        bad("wd", "must be a number >= 0")
+    if args.m_in_channels != 1:
+        bad("m_in_channels", "the sinc front end takes one channel")
+    if args.make_val_trial and args.nb_val_trial < 2:
+        bad("nb_val_trial", "must be at least 2 (one target, one non-target trial)")
+    why = check_filts(args.m_filts)
+    if why:
+        raise DataError(f"-m_filts {args.m_filts}: {why}")
+    if not min_nb_samp(args.m_first_conv) <= args.nb_samp <= MAX_NB_SAMP:
+        bad("nb_samp", f"must be from {min_nb_samp(args.m_first_conv)} (the network's shortest input with "
+                       f"-m_first_conv {args.m_first_conv}) to {MAX_NB_SAMP} (ten minutes)")
+    if args.m_nb_samp != args.nb_samp:
+        raise DataError(f"-m_nb_samp ({args.m_nb_samp}) must equal -nb_samp ({args.nb_samp})")
+    if args.nb_samp <= args.window_size:
+        raise DataError(f"-window_size ({args.window_size}) must be smaller than -nb_samp ({args.nb_samp})")
+    if args.amp == "fp16" and not torch.cuda.is_available():
+        raise DataError("-amp fp16 needs a GPU (its gradient scaler is CUDA-only); use -amp bf16 on CPU")
+    if args.load_model and not args.load_model_dir:
+        raise DataError("-load_model needs -load_model_dir (the state_dict to start from)")
+    for flag in ("save_dir", "DB", "DB_vox2"):
+        if os.path.exists(getattr(args, flag)) and not os.path.isdir(getattr(args, flag)):
+            bad(flag, "is a file, not a folder")
+    run_dir = os.path.join(args.save_dir, args.name)
+    if not args.name.strip() or (os.path.exists(run_dir) and not os.path.isdir(run_dir)):
+        bad("name", f"{run_dir} must be a folder name")
+
+
+def decide_resume(args, run_dir):
+    """Whether this run continues ``run_dir`` from its last.pt. A group restarted by torchrun
+    --max-restarts, or a Slurm job requeued, continues by itself; a finished or started run is never
+    silently started over."""
+    last_path = os.path.join(run_dir, "last.pt")
+    restarted = any(int(os.environ.get(v, "0")) > 0
+                    for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+    if os.path.exists(last_path):
+        if not (args.resume or restarted):
+            raise DataError(f"{run_dir} already holds a run: pass -resume to continue it, "
+                            f"or choose another -name")
+        return True
+    listed = [int(line.split(",")[0][6:]) for line in eers_before(os.path.join(run_dir, "eers.txt"), math.inf)]
+    if max(listed, default=0) > 0:  # epoch 0 may be listed by a run killed before committing it
+        raise DataError(f"{last_path} not found, but {run_dir}/eers.txt lists epochs up to {max(listed)}: "
+                        f"restore last.pt to continue, or choose another -name")
+    if args.resume:
+        if not any(os.path.exists(os.path.join(run_dir, f)) for f in ("args.json", "f_params.txt")):
+            raise DataError(f"-resume: {last_path} not found (no completed epoch to continue from)")
+        if utils.is_main_process():
+            print(f"note: {run_dir} has no completed epoch (no last.pt) to continue: starting at epoch 0")
+    return False
+
+
+def load_data(args, main_process):
+    """Training keys and labels; test keys and trials; validation keys and trials with -val_trial."""
+    data = argparse.Namespace(train_dir=os.path.join(args.DB_vox2, args.dev_wav),
+                              eval_dir=os.path.join(args.DB, args.eval_wav),
+                              val_dir=os.path.join(args.DB, args.val_wav), val_keys=None, val_trials=None)
+    data.train_keys = utils.list_utterances(data.train_dir)
+    if len(data.train_keys) < args.bs:
+        raise DataError(f"-bs {args.bs}: larger than the {len(data.train_keys)} training utterances of "
+                        f"{data.train_dir} (incomplete batches are dropped)")
+    data.labels = utils.speaker_labels(data.train_keys)
+    data.eval_keys = utils.list_utterances(data.eval_dir)
+    data.eval_trials = load_trials(os.path.join(args.DB, "veri_test.txt"), data.eval_keys)
+    if args.make_val_trial and main_process:
+        rng = np.random.default_rng(args.seed)
+        lines = utils.make_validation_trials(utils.list_utterances(data.val_dir), args.nb_val_trial, rng)
+        write_lines(os.path.join(args.DB, "val_trial.txt"), lines)
+    utils.barrier()
+    if args.val_trial:
+        data.val_keys = utils.list_utterances(data.val_dir)
+        data.val_trials = load_trials(args.val_trial, data.val_keys)
+    return data
+
+
+def load_into(module, state, path, what):
+    """``module.load_state_dict(state)``; a state of another layout is one line naming ``path``."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        reason = " ".join(str(e).split())  # load_state_dict lists every mismatch on lines of its own
+        reason = reason if len(reason) <= 200 else reason[:200] + " ..."
+        raise DataError(f"{path}: the {what} does not fit these flags ({reason}); "
+                        f"use the model flags it was trained with (its run's args.json)") from None
+
+
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_eer", "rng",
+                   "args", "d_args", "world_size"}
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a run continues from: the network (unwrapped, on its device), its optimiser, the
+    learning-rate schedule, fp16's gradient scaler, and progress. ``save``/``load`` are last.pt."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object = None
+    scaler: object = None
+    epoch: int = -1  # last completed epoch
+    step: int = 0
+    best_eer: float = math.inf
+
+    def save(self, path, args, d_args, world):
+        """last.pt, atomically; every value loads with ``torch.load(weights_only=True)``."""
+        utils.save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                           "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                           "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                           "epoch": self.epoch, "step": self.step, "best_eer": self.best_eer,
+                           "rng": utils.rng_states(), "args": vars(args), "d_args": d_args,
+                           "world_size": world}, path)
+
+    def load(self, path):
+        """Continue from ``path`` (a last.pt of ``save``), RNG states included. The optimiser's
+        state lands on its parameters' device (``Optimizer.load_state_dict`` casts it there)."""
+        state = utils.load_torch_file(path, "checkpoint to resume from")
+        missing = sorted(CHECKPOINT_KEYS - set(state if isinstance(state, dict) else ()))
+        if missing:
+            raise DataError(f"{path}: not a last.pt of train_RawNet2.py (it lacks {', '.join(missing)})")
+        load_into(self.model, state["model"], path, "model")
+        load_into(self.optimizer, state["optimizer"], path, "optimiser state")
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.best_eer = state["epoch"], state["step"], state["best_eer"]
+        utils.set_rng_states(state["rng"])
+
+
+def build_training(args, d_args, device):
+    """Network (original initialisation, or -load_model), moved to ``device`` before the optimiser
+    is built and -load_model_opt_dir loaded, so that the optimiser's state sits beside its parameters."""
+    model = RawNet2(d_args, fast=args.fast)
+    if args.load_model:
+        weights = utils.load_torch_file(args.load_model_dir, "-load_model_dir state_dict")
+        load_into(model, strip_module_prefix(weights), args.load_model_dir, "state_dict")
+    else:
+        model.apply(utils.init_weights)
+    model.to(device)
+    groups = utils.param_groups(model, args.wd)
+    if args.optimizer == "Adam":
+        optimizer = torch.optim.Adam(groups, lr=args.lr, weight_decay=args.wd, amsgrad=args.amsgrad)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=args.lr, weight_decay=args.wd, momentum=0.9)
+    if args.load_model and args.load_model_opt_dir:
+        opt_state = utils.load_torch_file(args.load_model_opt_dir, "-load_model_opt_dir optimiser state")
+        load_into(optimizer, opt_state, args.load_model_opt_dir, "optimiser state")
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=utils.keras_lr_decay)
+                 if args.do_lr_decay else None)
+    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+    return TrainState(model, optimizer, scheduler, scaler)
+
+
+def write_run_files(args, run_dir, d_args, nb_params, resume, start_epoch, world):
+    """Folders, f_params.txt (a new run only), eers.txt cut to the epochs last.pt covers, args.json."""
+    for sub in ("models", "results"):
+        try:
+            os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
+        except OSError as e:
+            raise utils.output_error(os.path.join(run_dir, sub), e, "nothing was written") from None
+    if not resume:
+        params = [f"{k}:\t{v}" for k, v in sorted(vars(args).items())]
+        params += [f"{k}:\t{v}" for k, v in sorted(d_args.items())] + [f"nb_params:\t{nb_params}"]
+        write_lines(os.path.join(run_dir, "f_params.txt"), params)
+    eers_path = os.path.join(run_dir, "eers.txt")
+    write_lines(eers_path, eers_before(eers_path, start_epoch))
+    utils.write_json_atomic({"args": vars(args), "d_args": d_args, "nb_params": nb_params,
+                             "world_size": world}, os.path.join(run_dir, "args.json"))
 
 
 def setup_device(args):
@@ -284,27 +494,75 @@ def wrap_model(model, args, device):
     return model
 
 
+def make_loader(args, data, device, main_process):
+    """Shuffling and crops depend only on (seed, epoch): a resumed run sees the same data. Each process
+    takes its own disjoint share of every epoch (DistributedSampler; one share when not distributed)."""
+    rank, world = utils.rank_and_world()
+    index = None
+    if args.wav_index:  # rank 0 builds (or completes) the cached index; the others then read it
+        if main_process:
+            index = utils.wav_index(data.train_keys, data.train_dir, nb_worker=max(1, args.nb_worker))
+        utils.barrier()
+        if not main_process:
+            index = utils.wav_index(data.train_keys, data.train_dir, progress=False)
+    train_set = utils.TrainSet(data.train_keys, data.train_dir, data.labels, args.nb_samp, seed=args.seed,
+                               index=index)
+    sampler = utils.EpochSampler(
+        DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed))
+    loader = DataLoader(train_set, batch_size=args.bs // world, sampler=sampler, drop_last=True,
+                        num_workers=args.nb_worker, persistent_workers=args.nb_worker > 0,
+                        pin_memory=device.type == "cuda")
+    return loader, sampler
+
+
+def run_epoch(model, state, loader, data, args, device, epoch):
+    """Train one epoch, then the TTA evaluation. Returns (loss, eer, selection EER, scores, labels)."""
+    loss, state.step = train_epoch(model, loader, state.optimizer, state.scheduler, device, epoch, state.step,
+                                   args.amp, state.scaler, progress=utils.is_main_process())
+    eer, scores, trial_labels = evaluate(model, data.eval_keys, data.eval_dir, data.eval_trials, args, device,
+                                         "TTA eval")
+    selection_eer = eer
+    if args.val_trial:
+        selection_eer, _, _ = evaluate(model, data.val_keys, data.val_dir, data.val_trials, args, device,
+                                       "TTA val")
+    return loss, eer, selection_eer, scores, trial_labels
+
+
+def save_epoch(run_dir, state, line, scores, trial_labels, is_best, args, d_args, world):
+    """The epoch's outputs, last.pt last: until it is renamed into place, a resumed run redoes the epoch
+    and writes the same files again."""
+    epoch = state.epoch
+    write_lines(os.path.join(run_dir, "results", f"eval_epoch{epoch}.txt"),
+                [f"{s} {t}" for s, t in zip(scores, trial_labels)])
+    eers_path = os.path.join(run_dir, "eers.txt")
+    write_lines(eers_path, eers_before(eers_path, epoch) + [line])
+    if is_best:
+        utils.save_atomic(state.model.state_dict(),
+                          os.path.join(run_dir, "models", f"TA_{epoch}_{state.best_eer:.4f}.pt"))
+        utils.save_atomic(state.optimizer.state_dict(), os.path.join(run_dir, "models", "best_opt_eval.pt"))
+    state.save(os.path.join(run_dir, "last.pt"), args, d_args, world)
+
+
 def main(args):
-    if args.m_nb_samp != args.nb_samp:
-        raise DataError(f"-m_nb_samp ({args.m_nb_samp}) must equal -nb_samp ({args.nb_samp})")
-    if args.nb_samp <= args.window_size:
-        raise DataError(f"-window_size ({args.window_size}) must be smaller than -nb_samp ({args.nb_samp})")
-    if args.amp == "fp16" and not torch.cuda.is_available():
-        raise DataError("-amp fp16 needs a GPU (its gradient scaler is CUDA-only); use -amp bf16 on CPU")
+    validate_args(args)
+    main_process = utils.is_main_process()
+    run_dir = os.path.join(args.save_dir, args.name)
+    device = setup_device(args)
+    # Only rank 0 writes, so only rank 0 holds the run folder's lock.
+    lock = (utils.folder_lock(run_dir, "wait for it to end, or choose another -name") if main_process
+            else contextlib.nullcontext())
+    with lock:
+        resume = decide_resume(args, run_dir)  # every process: all of them stop alike, or none
+        if main_process:
+            utils.remove_temporaries(run_dir)  # of a killed process: never read, now removed
+        return train(args, run_dir, device, resume)
+
+
+def train(args, run_dir, device, resume):
+    """Set up, resume, then per epoch: train, evaluate, save. Returns the best selection EER."""
     rank, world = utils.rank_and_world()
     main_process = rank == 0
     log = print if main_process else (lambda *a, **k: None)
-    save_dir = os.path.join(args.save_dir, args.name)
-    last_path = os.path.join(save_dir, "last.pt")
-    # A group restarted by torchrun --max-restarts, or a Slurm job requeued, continues from last.pt.
-    restarted = any(int(os.environ.get(v, "0")) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
-    resume = args.resume or (restarted and os.path.exists(last_path))
-    if args.resume and not os.path.exists(last_path):
-        raise DataError(f"-resume: {last_path} not found (no completed epoch to continue from)")
-    if not resume and not restarted and os.path.exists(last_path):
-        raise DataError(f"{save_dir} already holds a run: pass -resume to continue it, or choose another -name")
-    device = setup_device(args)
-
     baseline_eer = None
     if args.demo:
         import demo_corpus
@@ -314,129 +572,48 @@ def main(args):
             baseline_eer = demo_corpus.naive_baseline_eer(root)
             log(f"demo corpus: {root}; naive baseline (cosine of mean log-spectra) EER {100 * baseline_eer:.2f} %")
         utils.barrier()
-
     if args.reproducible:
         utils.seed_everything(args.seed)
 
-    # Data: training list and labels, test list and trials (and validation trials if asked for).
-    train_dir = os.path.join(args.DB_vox2, args.dev_wav)
-    eval_dir = os.path.join(args.DB, args.eval_wav)
-    train_keys = utils.list_utterances(train_dir)
-    labels = utils.speaker_labels(train_keys)
-    eval_keys = utils.list_utterances(eval_dir)
-    eval_trials = load_trials(os.path.join(args.DB, "veri_test.txt"), eval_keys)
-    val_dir = os.path.join(args.DB, args.val_wav)
-    if args.make_val_trial and main_process:
-        rng = np.random.default_rng(args.seed)
-        lines = utils.make_validation_trials(utils.list_utterances(val_dir), args.nb_val_trial, rng)
-        write_lines(os.path.join(args.DB, "val_trial.txt"), lines)
-    utils.barrier()
-    if args.val_trial:
-        val_keys = utils.list_utterances(val_dir)
-        val_trials = load_trials(args.val_trial, val_keys)
-
-    # Model, optimiser, learning-rate schedule.
-    d_args = model_args(args, len(labels))
-    model = RawNet2(d_args, fast=args.fast)
-    if args.load_model:
-        model.load_state_dict(strip_module_prefix(torch.load(args.load_model_dir, map_location="cpu", weights_only=True)))
-    else:
-        model.apply(utils.init_weights)
-    nb_params = sum(p.numel() for p in model.parameters())
-    groups = utils.param_groups(model, args.wd)
-    if args.optimizer == "Adam":
-        optimizer = torch.optim.Adam(groups, lr=args.lr, weight_decay=args.wd, amsgrad=args.amsgrad)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=args.lr, weight_decay=args.wd, momentum=0.9)
-    if args.load_model and args.load_model_opt_dir:
-        optimizer.load_state_dict(torch.load(args.load_model_opt_dir, map_location="cpu", weights_only=True))
-    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=utils.keras_lr_decay)
-                 if args.do_lr_decay else None)
-
-    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
-
-    start_epoch, step, best_eer = 0, 0, math.inf
+    data = load_data(args, main_process)
+    d_args = model_args(args, len(data.labels))
+    state = build_training(args, d_args, device)
     if resume:
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state["scheduler"] is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, step, best_eer = state["epoch"] + 1, state["step"], state["best_eer"]
-        utils.set_rng_states(state["rng"])
-        log(f"resuming {save_dir} after epoch {state['epoch']} (best EER {100 * best_eer:.2f} %)")
-    model = wrap_model(model.to(device), args, device)  # after loading: the optimiser keeps its tensors
-
-    # Outputs (rank 0 only).
-    eers_path = os.path.join(save_dir, "eers.txt")
+        state.load(os.path.join(run_dir, "last.pt"))
+        log(f"resuming {run_dir} after epoch {state.epoch} (best EER {100 * state.best_eer:.2f} %)")
+    model = wrap_model(state.model, args, device)
+    nb_params = sum(p.numel() for p in state.model.parameters())
     if main_process:
-        os.makedirs(os.path.join(save_dir, "models"), exist_ok=True)
-        os.makedirs(os.path.join(save_dir, "results"), exist_ok=True)
-        if not resume:
-            params = [f"{k}:\t{v}" for k, v in sorted(vars(args).items())]
-            params += [f"{k}:\t{v}" for k, v in sorted(d_args.items())] + [f"nb_params:\t{nb_params}"]
-            write_lines(os.path.join(save_dir, "f_params.txt"), params)
-        write_lines(eers_path, eers_before(eers_path, start_epoch))
-        utils.write_json_atomic({"args": vars(args), "d_args": d_args, "nb_params": nb_params,
-                                 "world_size": world}, os.path.join(save_dir, "args.json"))
+        write_run_files(args, run_dir, d_args, nb_params, resume, state.epoch + 1, world)
     parallel = {DistributedDataParallel: f", {world} processes (DistributedDataParallel)",
                 nn.DataParallel: f" x{torch.cuda.device_count()} (DataParallel)"}.get(type(model), "")
-    log(f"{len(train_keys)} training utterances, {len(labels)} speakers; {len(eval_keys)} test "
-        f"utterances, {len(eval_trials[0])} trials; {nb_params:,} parameters; device {device}{parallel}")
+    log(f"{len(data.train_keys)} training utterances, {len(data.labels)} speakers; "
+        f"{len(data.eval_keys)} test utterances, {len(data.eval_trials[0])} trials; {nb_params:,} parameters; "
+        f"device {device}{parallel}")
 
-    # Shuffling and crops depend only on (seed, epoch): a resumed run sees the same data. Each process
-    # takes its own disjoint share of every epoch (DistributedSampler; one share when not distributed).
-    index = None
-    if args.wav_index:  # rank 0 builds (or completes) the cached index; the others then read it
-        if main_process:
-            index = utils.wav_index(train_keys, train_dir, nb_worker=max(1, args.nb_worker))
-        utils.barrier()
-        if not main_process:
-            index = utils.wav_index(train_keys, train_dir, progress=False)
-    train_set = utils.TrainSet(train_keys, train_dir, labels, args.nb_samp, seed=args.seed, index=index)
-    sampler = utils.EpochSampler(
-        DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed))
-    loader = DataLoader(train_set, batch_size=args.bs // world, sampler=sampler, drop_last=True,
-                        num_workers=args.nb_worker, persistent_workers=args.nb_worker > 0,
-                        pin_memory=device.type == "cuda")
-    for epoch in range(start_epoch, args.epoch):
+    loader, sampler = make_loader(args, data, device, main_process)
+    for epoch in range(state.epoch + 1, args.epoch):
         sampler.set_epoch(epoch)
-        loss, step = train_epoch(model, loader, optimizer, scheduler, device, epoch, step, args.amp, scaler,
-                                 progress=main_process)
-
-        eer, scores, trial_labels = evaluate(model, eval_keys, eval_dir, eval_trials, args, device, "TTA eval")
-        selection_eer = eer
+        loss, eer, selection_eer, scores, trial_labels = run_epoch(model, state, loader, data, args, device,
+                                                                   epoch)
         line = f"epoch:{epoch}, TA_eval_eer:{eer:.4f}"
         if args.val_trial:
-            selection_eer, _, _ = evaluate(model, val_keys, val_dir, val_trials, args, device, "TTA val")
             line += f", TA_val_eer:{selection_eer:.4f}"
-        is_best = selection_eer < best_eer
-        best_eer = min(best_eer, selection_eer)
+        is_best = selection_eer < state.best_eer
+        state.epoch, state.best_eer = epoch, min(state.best_eer, selection_eer)
         if main_process:
-            write_lines(os.path.join(save_dir, "results", f"eval_epoch{epoch}.txt"),
-                        [f"{s} {t}" for s, t in zip(scores, trial_labels)])
-            write_lines(eers_path, eers_before(eers_path, epoch) + [line])
-            if is_best:
-                utils.save_atomic(bare(model).state_dict(),
-                                  os.path.join(save_dir, "models", f"TA_{epoch}_{selection_eer:.4f}.pt"))
-                utils.save_atomic(optimizer.state_dict(), os.path.join(save_dir, "models", "best_opt_eval.pt"))
-            utils.save_atomic({"model": bare(model).state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                               "scaler": scaler.state_dict() if scaler is not None else None,
-                               "epoch": epoch, "step": step, "best_eer": best_eer, "rng": utils.rng_states(),
-                               "args": vars(args), "d_args": d_args, "world_size": world}, last_path)
+            save_epoch(run_dir, state, line, scores, trial_labels, is_best, args, d_args, world)
             tqdm.write(f"epoch {epoch}: loss {loss:.3f}, TTA eval EER {100 * eer:.2f} %"
                        + (f", val EER {100 * selection_eer:.2f} %" if args.val_trial else "")
                        + (" (best)" if is_best else ""))
         utils.barrier()  # every process starts the next epoch only once last.pt is complete
 
     if baseline_eer is not None:
-        log(f"demo: naive baseline EER {100 * baseline_eer:.2f} %, RawNet2 best TTA EER {100 * best_eer:.2f} %")
+        log(f"demo: naive baseline EER {100 * baseline_eer:.2f} %, "
+            f"RawNet2 best TTA EER {100 * state.best_eer:.2f} %")
     if dist.is_initialized():
         dist.destroy_process_group()
-    return best_eer
+    return state.best_eer
 
 
 def cli(argv=None):
@@ -447,6 +624,11 @@ def cli(argv=None):
         # Under torchrun every process fails alike; only rank 0 says so.
         if utils.rank_and_world()[0] == 0:
             print(utils.error_line(e), file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # an input or output the system refused (permissions, disk, a folder as a file)
+        if utils.rank_and_world()[0] == 0:
+            line = f"error: {e.filename}: {e.strerror}" if e.filename else utils.error_line(e)
+            print(line, file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit("interrupted: the last completed epoch is in last.pt; continue with -resume")

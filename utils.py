@@ -19,12 +19,21 @@ here as ``utils.X`` too.
 """
 
 import contextlib
+import fcntl
+import io
+import json
 import math
 import multiprocessing
 import os
+import pickle
 import random
+import signal
+import socket
+import stat
 import sys
+import time
 import warnings
+import zipfile
 
 import numpy as np
 import soundfile as sf
@@ -37,18 +46,27 @@ from tqdm import tqdm
 # torch-free basics; the scripts reach them as utils.X
 from common import (  # noqa: F401
     BOOL_FLAG,
+    FAULT_ENV,
+    TMP_PREFIX,
+    TRACE_ENV,
     DataError,
+    OutputError,
     arg_group,
     error_line,
+    output_error,
+    planned_fault,
     speaker_of,
     str2bool,
+    trace,
     utt_id,
     write_atomic,
+    write_faulty,
     write_json_atomic,
     write_npy_atomic,
     write_pickle_atomic,
     write_text_atomic,
 )
+from scoring import RestrictedUnpickler
 
 SAMPLE_RATE = 16000
 
@@ -60,15 +78,36 @@ class SilentAudioError(DataError):
 # ---------------------------------------------------------------------------------------------
 # Utterance lists, labels, audio
 
+def check_regular_file(path):
+    """DataError naming ``path`` unless it is a regular file (or a link to one): a broken link, a
+    link loop, a folder or a FIFO (whose read would wait forever) stops with one line."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DataError(f"{path}: cannot read audio ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a file"
+        raise DataError(f"{path}: cannot read audio ({kind}, not a regular file)")
+
+
 def list_utterances(wav_dir):
     """Sorted keys ``<spk>/<video>/<NNNNN>.wav`` of every wav under ``wav_dir`` (original key rule:
-    the last two folder names plus the file name)."""
+    the last two folder names plus the file name). Linked folders are followed, each folder once (a
+    link loop ends there); a ``.wav`` that is not a readable regular file stops with one line."""
     if not os.path.isdir(wav_dir):
         raise DataError(f"{wav_dir}: folder not found (it should hold <speaker>/<video>/<NNNNN>.wav files)")
-    keys = []
-    for path, _, files in os.walk(wav_dir, followlinks=True):
+    keys, seen = [], set()
+    for path, dirs, files in os.walk(wav_dir, followlinks=True):
+        real = os.path.realpath(path)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
         base = "/".join(os.path.normpath(path).split(os.sep)[-2:])
-        keys.extend(f"{base}/{f}" for f in files if f.endswith(".wav"))
+        wavs = [f for f in files if f.endswith(".wav")]
+        for f in wavs:
+            check_regular_file(os.path.join(path, f))
+        keys.extend(f"{base}/{f}" for f in wavs)
     if not keys:
         raise DataError(f"{wav_dir}: no .wav files found (expected <speaker>/<video>/<NNNNN>.wav)")
     return sorted(keys)
@@ -89,7 +128,9 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".
 
 
 def _read_checked(path, **kwargs):
-    """float64 samples of a 16 kHz mono wav (``kwargs``: soundfile's start/frames); DataError else."""
+    """float64 samples of a 16 kHz mono wav (``kwargs``: soundfile's start/frames); DataError else,
+    also for NaN or infinite samples (a float wav can hold them; they would poison every number)."""
+    check_regular_file(path)
     try:
         x, sr = sf.read(path, dtype="float64", **kwargs)
     except (RuntimeError, sf.LibsndfileError) as e:
@@ -98,6 +139,8 @@ def _read_checked(path, **kwargs):
         raise DataError(f"{path}: {x.shape[1]} channels, expected mono{PREPARE_HINT}")
     if sr != SAMPLE_RATE:
         raise DataError(f"{path}: sample rate {sr} Hz, expected {SAMPLE_RATE} Hz{PREPARE_HINT}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: NaN or infinite samples")
     return x
 
 
@@ -304,6 +347,12 @@ class TTASet(Dataset):
         return torch.from_numpy(tta_segments(x, self.nb_samp, self.window_size)), key
 
 
+def unwrap_model(model):
+    """The network inside nn.DataParallel or DistributedDataParallel; any other model itself."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
 def _first(batch):
     return batch[0]
 
@@ -328,7 +377,7 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     embedding is independent of its batch-mates, so packing changes no number. ``convert``: files
     of any format, rate and channel count are converted to 16 kHz mono as they are read.
     """
-    net = model.module if isinstance(model, nn.DataParallel) else model
+    net = unwrap_model(model)
     was_training = net.training
     net.eval()
     loader = DataLoader(TTASet(keys, base_dir, nb_samp, window_size, convert), batch_size=1,
@@ -384,7 +433,7 @@ def embed_utterance(model, wav, window_size=11810, device="cpu", segments_per_ba
     A long recording is fed ``segments_per_batch`` segments at a time, so memory stays bounded. A
     file of another rate or channel count is converted (``read_audio``) with a note on stderr.
     """
-    net = model.module if isinstance(model, nn.DataParallel) else model
+    net = unwrap_model(model)
     if isinstance(wav, (str, os.PathLike)):
         x, note = read_audio(wav)
         if note:
@@ -484,9 +533,158 @@ def set_rng_states(states):
 # ---------------------------------------------------------------------------------------------
 # Atomic writes (the torch-free ones are in common.py)
 
+def remove_temporaries(folder):
+    """Delete the atomic writer's temporary files left under ``folder`` by a killed process (call
+    only while holding the folder's ``folder_lock``). Returns how many were removed."""
+    removed = 0
+    for path, _, files in os.walk(folder):
+        for name in files:
+            if name.startswith(TMP_PREFIX):
+                os.remove(os.path.join(path, name))
+                removed += 1
+    return removed
+
+
 def save_atomic(obj, path):
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
     write_atomic(path, lambda f: torch.save(obj, f))
+
+
+# ---------------------------------------------------------------------------------------------
+# Record logs (per-utterance extraction progress)
+
+def append_record(f, obj, path):
+    """Append ``obj`` to the record log ``f`` (a binary file opened for appending on ``path``): one
+    length-prefixed pickle, flushed to the operating system, so a killed process loses at most the
+    record it was writing (``read_records`` leaves a torn last record out)."""
+    data = pickle.dumps(obj, protocol=4)
+    record = len(data).to_bytes(8, "little") + data
+    fault = planned_fault(path)
+    try:
+        if fault is None:
+            f.write(record)
+        else:
+            write_faulty(f, record, fault, path)
+        f.flush()
+        if fault == "kill":  # test hook: killed right after a complete record
+            os.kill(os.getpid(), signal.SIGKILL)
+    except OSError as e:
+        raise output_error(path, e, "the records before this one are kept") from None
+
+
+def read_records(path):
+    """The complete records of a log written by ``append_record``, each unpickled with
+    ``RestrictedUnpickler``; a torn last record (its writer was killed) is left out."""
+    with open(path, "rb") as f:
+        data = f.read()
+    records, pos = [], 0
+    while pos + 8 <= len(data):
+        end = pos + 8 + int.from_bytes(data[pos:pos + 8], "little")
+        if end > len(data):
+            break
+        try:
+            records.append(RestrictedUnpickler(io.BytesIO(data[pos + 8:end])).load())
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+                IndexError, KeyError) as e:
+            raise DataError(f"{path}: record {len(records) + 1} is corrupt "
+                            f"({type(e).__name__}: {e})") from None
+        pos = end
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and locks
+
+def load_torch_file(path, what):
+    """``torch.load(path, weights_only=True)`` onto the CPU. A missing, truncated or corrupt file, or
+    one holding objects other than tensors and plain containers, is a DataError naming the file and
+    ``what`` it was read for."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if zipfile.is_zipfile(path):  # a complete torch.save archive, of other objects
+            raise DataError(f"{path}: {what} holds objects other than tensors and plain containers "
+                            f"(torch.load with weights_only=True refused it)") from None
+        raise DataError(f"{path}: {what} is truncated or corrupt (not a PyTorch archive)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: {what} is truncated or corrupt ({reason})") from None
+
+
+LOCK_NAME = ".lock"
+LOCK_WAIT_S = 30  # how long a lock whose holder has died may still be held by its exiting children
+
+
+def _lock_holder(fd):
+    """The holder recorded in an open lock file (dict pid, host, since), or None if it names none."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        holder = json.loads(os.read(fd, 4096).decode())
+    except ValueError:
+        return None
+    return holder if isinstance(holder, dict) and {"pid", "host", "since"} <= set(holder) else None
+
+
+def _holder_gone(holder):
+    """Whether the recorded holder is known to be dead (a pid of this host that no longer runs)."""
+    if holder is None or holder["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def folder_lock(folder, hint):
+    """Hold ``<folder>/.lock`` while the block runs, so that a second process refuses to write into
+    the same folder. The lock is an advisory ``flock``: the kernel releases it when its holder dies,
+    so a lock file left by a killed process (or by the dead attempt of a restarted torchrun job) is
+    stale and taken over with a note. The file names its holder (pid, host, start time) for the
+    refusal, which ends with ``hint``. A folder made for the lock and left empty is removed again."""
+    path = os.path.join(folder, LOCK_NAME)
+    created = not os.path.isdir(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise output_error(path, e, "nothing was written") from None
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            if _holder_gone(holder) and time.monotonic() < deadline:
+                time.sleep(0.2)  # the holder is dead; its child processes are still exiting
+                continue
+            who = (f"pid {holder['pid']} on {holder['host']} (since {holder['since']})" if holder
+                   else "another process")
+            raise DataError(f"{folder} is in use by {who}, lock {path}: {hint}") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the previous holder removed the file as we opened it: lock the new one
+    previous = _lock_holder(fd)
+    if previous is not None:
+        print(f"note: {path}: stale lock of pid {previous['pid']} on {previous['host']} (no longer "
+              f"running) taken over")
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(me).encode())
+    try:
+        yield
+    finally:
+        os.remove(path)  # removed while still held: a waiting process then opens a new file
+        os.close(fd)
+        if created and not os.listdir(folder):
+            os.rmdir(folder)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,229 @@
+"""Tools of tests/test_reliability.py: scripts run as real processes (killed with SIGKILL at chosen
+moments), faults injected through utils' RAWNET_FAULT hook, and comparisons of run folders."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+
+import torch
+import torch._dynamo  # (torch.optim imports it on first use: once here, not in every forked run)
+from conftest import ROOT
+
+import utils
+
+TRAIN = os.path.join(ROOT, "train_RawNet2.py")
+EVALUATE = os.path.join(ROOT, "evaluate_pretrained_RawNet2.py")
+
+
+def script_env(fault=None, trace=None):
+    """One thread (the same float reductions in every process), and the test hooks."""
+    env = {k: v for k, v in os.environ.items() if k not in (utils.FAULT_ENV, utils.TRACE_ENV)}
+    env["OMP_NUM_THREADS"] = "1"
+    if fault:
+        env[utils.FAULT_ENV] = fault
+    if trace:
+        env[utils.TRACE_ENV] = str(trace)
+    return env
+
+
+def run_script(script, flags, fault=None, trace=None, kill_after=None, timeout=240):
+    """Run ``script`` with ``flags``; SIGKILL it after ``kill_after`` seconds if still running.
+    Returns (returncode, stdout, stderr); -9 when it was killed (by the timer or by the hook)."""
+    with subprocess.Popen(
+        [sys.executable, script, *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=script_env(fault, trace),
+        cwd=ROOT,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=kill_after if kill_after is not None else timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            out, err = proc.communicate()
+    return proc.returncode, out, err
+
+
+def run_forked(cli, argv, fault=None, trace=None, kill_when=None, timeout=240):
+    """Run a script's command-line entry ``cli(argv)`` in a forked child of this process: the script's
+    code in a process of its own, without the seconds a fresh interpreter spends importing torch.
+    The child is SIGKILLed as soon as ``kill_when(stderr so far, seconds since start)`` is true.
+    Returns (exit code, -9 when killed; stdout; stderr)."""
+    with tempfile.TemporaryDirectory() as folder:
+        out_path, err_path = os.path.join(folder, "out"), os.path.join(folder, "err")
+        for path in (out_path, err_path):
+            open(path, "w").close()
+        sys.stdout.flush(), sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the test
+            code = 70
+            try:
+                for name, value in ((utils.FAULT_ENV, fault), (utils.TRACE_ENV, trace)):
+                    os.environ.pop(name, None)
+                    if value:
+                        os.environ[name] = str(value)
+                utils._fault_counts.clear()
+                torch.set_num_threads(1)
+                warnings.resetwarnings()  # as a fresh interpreter: printed to stderr, not recorded by pytest
+                warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: (
+                    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+                )
+                sys.stdout = open(out_path, "a", buffering=1)  # noqa: SIM115 (the child's, until os._exit)
+                sys.stderr = open(err_path, "a", buffering=1)  # noqa: SIM115
+                os.dup2(sys.stdout.fileno(), 1), os.dup2(sys.stderr.fileno(), 2)
+                try:
+                    cli(argv)
+                    code = 0
+                except SystemExit as e:
+                    if isinstance(e.code, str):
+                        print(e.code, file=sys.stderr)
+                    code = e.code if isinstance(e.code, int) else int(e.code is not None)
+                except BaseException:  # noqa: BLE001 (the child reports anything, then exits)
+                    traceback.print_exc()
+                sys.stdout.flush(), sys.stderr.flush()
+            finally:
+                os._exit(code)
+        start = time.monotonic()
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            elapsed = time.monotonic() - start
+            if elapsed > timeout or (kill_when is not None and kill_when(text(err_path), elapsed)):
+                os.kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
+                break
+            time.sleep(0.005)
+        return os.waitstatus_to_exitcode(status), text(out_path), text(err_path)
+
+
+def when_seen(pattern, count=1, delay=0.0):
+    """A ``kill_when`` of ``run_forked``: ``delay`` seconds after ``pattern`` (a regular expression)
+    has appeared ``count`` times in the child's stderr (e.g. the progress bar of a training epoch)."""
+    seen_at = []
+
+    def kill_when(err, elapsed):
+        if not seen_at and len(re.findall(pattern, err)) >= count:
+            seen_at.append(elapsed)
+        return bool(seen_at) and elapsed >= seen_at[0] + delay
+
+    return kill_when
+
+
+def text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def files_under(folder):
+    """Relative paths of every file under ``folder``, sorted."""
+    return sorted(
+        os.path.relpath(os.path.join(path, name), folder)
+        for path, _, names in os.walk(folder)
+        for name in names
+    )
+
+
+def temporaries(folder):
+    return [f for f in files_under(folder) if os.path.basename(f).startswith(utils.TMP_PREFIX)]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same(a, b, where):
+    """Equal nested containers with bit-identical tensors."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def best_epochs(eers_lines):
+    """Epochs that set a new best EER (each wrote models/TA_{E}_{eer}.pt)."""
+    best, epochs = float("inf"), []
+    for line in eers_lines:
+        epoch, eer = int(line.split(",")[0][6:]), float(line.split(":")[-1])
+        if eer < best:
+            best, epochs = eer, [*epochs, epoch]
+    return epochs
+
+
+def without_save_dir(text):
+    """f_params.txt without the lines that differ between runs of one recipe (folder, -resume)."""
+    return [line for line in text.splitlines() if not line.startswith(("save_dir:", "resume:"))]
+
+
+def check_run_folder(run, ref):
+    """Every file of the run folder ``run`` (a run of the same flags as ``ref``, interrupted) is a
+    complete version of what the uninterrupted ``ref`` wrote at some epoch; temporary files and a
+    dead process's lock are allowed. Returns the last completed epoch (-1 for none)."""
+    ref_eers = text(os.path.join(ref, "eers.txt")).splitlines()
+    completed = -1
+    for rel in files_under(run):
+        path, name = os.path.join(run, rel), os.path.basename(rel)
+        if name.startswith(utils.TMP_PREFIX) or rel == utils.LOCK_NAME:
+            continue
+        if rel == "eers.txt":
+            lines = text(path).splitlines()
+            assert lines == ref_eers[: len(lines)], rel
+        elif rel.startswith(("results" + os.sep, os.path.join("models", "TA_"))):
+            assert os.path.exists(os.path.join(ref, rel)), f"{rel}: a file the uninterrupted run never wrote"
+            if rel.endswith(".txt"):
+                assert text(path) == text(os.path.join(ref, rel)), rel
+            else:
+                assert_same(load(path), load(os.path.join(ref, rel)), rel)
+        elif rel == os.path.join("models", "best_opt_eval.pt"):
+            assert set(load(path)) == {"state", "param_groups"}, rel
+        elif rel == "last.pt":
+            state = load(path)
+            completed = state["epoch"]
+            ta = [f for f in os.listdir(os.path.join(ref, "models")) if f.startswith(f"TA_{completed}_")]
+            if ta:  # that epoch's weights are known from the uninterrupted run
+                assert_same(state["model"], load(os.path.join(ref, "models", ta[0])), rel)
+        elif rel == "args.json":
+            assert json.loads(text(path))["d_args"], rel
+        elif rel == "f_params.txt":
+            assert without_save_dir(text(path)) == without_save_dir(text(os.path.join(ref, rel)))
+        else:
+            raise AssertionError(f"{rel}: unexpected file in the run folder")
+    return completed
+
+
+def assert_same_run(run, ref):
+    """The finished run equals the uninterrupted one: same files, bit-identical weights and optimiser
+    state, no temporary file, no lock."""
+    assert files_under(run) == files_under(ref)
+    for rel in files_under(ref):
+        if rel.endswith(".txt"):
+            a, b = (text(os.path.join(folder, rel)) for folder in (run, ref))
+            assert (without_save_dir(a) == without_save_dir(b)) if rel == "f_params.txt" else a == b, rel
+    for rel in [f for f in files_under(ref) if f.endswith(".pt")]:
+        a, b = load(os.path.join(run, rel)), load(os.path.join(ref, rel))
+        if rel == "last.pt":
+            a, b = (
+                {
+                    k: v
+                    for k, v in s.items()
+                    if k in ("model", "optimizer", "scheduler", "epoch", "step", "best_eer", "rng")
+                }
+                for s in (a, b)
+            )
+        assert_same(a, b, rel)
