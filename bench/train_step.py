@@ -38,7 +38,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import utils  # noqa: E402
 from model_RawNet2 import RawNet2, default_d_args  # noqa: E402
-from train_RawNet2 import amp_autocast, backward_step  # noqa: E402
 
 VARIANTS = {"reference": (False, "none"), "fast": (True, "none"), "fast+bf16": (True, "bf16"),
             "fast+fp16": (True, "fp16")}
@@ -88,9 +87,9 @@ def run_variant(args, variant):
     y = torch.randint(0, args.nb_classes, (bs // world,), device=device)
 
     def step():  # train_RawNet2.train_epoch's step
-        with amp_autocast(device, amp):
+        with utils.amp_autocast(device, amp):
             loss = F.cross_entropy(model(x), y)
-        backward_step(loss, opt, scaler)
+        utils.backward_step(loss, opt, scaler)
 
     for _ in range(args.warmup):
         step()
