@@ -398,6 +398,7 @@ MARGIN = 0.03        # a fast candidate must beat the reference by this fraction
 PLAN_FORMAT = 1      # version of the cache file's layout
 CACHE_ENV = "RAWNET2_CACHE_DIR"
 _plans = {}          # this process's plans: identity key -> plan
+_bad_caches = set()  # cache files found unreadable (said once)
 
 
 def fast_front_end(model, x):
@@ -565,7 +566,9 @@ def load_cache():
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        _note(f"note: ignoring the plan cache {path} ({type(e).__name__}: {e}); plans are measured again")
+        if path not in _bad_caches:
+            _bad_caches.add(path)
+            _note(f"note: ignoring the plan cache {path} ({type(e).__name__}: {e}); plans are measured again")
         return {}
 
 
@@ -702,15 +705,16 @@ def planned(model, x, candidates):
 
 # -- segments per forward in TTA extraction ---------------------------------------------------------
 
-CPU_SEGMENT_CANDIDATES = (1, 2, 4)
+CPU_SEGMENT_CANDIDATES = (1, 4, 16, 64)
 GPU_SEGMENT_CANDIDATES = (64, 128, 256, 512)
 GPU_BYTES_PER_SEGMENT = 64 * 2 ** 20  # the reference front end's full-rate maps, the largest need
+SEGMENT_GIVE_UP = 1.2  # larger sizes are not tried once one is this much slower per segment than the best
 
 
 def segment_candidates(device):
-    """Segments-per-forward sizes worth timing on ``device``: on CPU one segment's activations
-    already about fill the cache, so small sizes; on GPU large ones, within a quarter of the free
-    memory."""
+    """Segments-per-forward sizes worth timing on ``device``, smallest first: on CPU from 1 (the
+    paper model's activations for one segment about fill a CPU's cache) to 64 (small models gain
+    from large batches); on GPU large ones, within a quarter of the free memory."""
     device = torch.device(device)
     if device.type != "cuda":
         return CPU_SEGMENT_CANDIDATES
@@ -721,10 +725,11 @@ def segment_candidates(device):
 
 class SegmentPlan:
     """Segments per forward of a TTA extraction (``size``), measured on its own first forwards:
-    each candidate size in turn serves ``PLAN_PASSES`` + 1 real forwards (the first of each size
-    warms up, untimed), then the size with the least time per segment stays, and is cached like the
-    stage plans. No work is thrown away: every timed forward's embeddings are kept. A given
-    ``forced`` size (the scripts' ``-bs``) is used as is."""
+    each candidate size in turn, smallest first, serves ``PLAN_PASSES`` + 1 real forwards (the
+    first of each size warms up, untimed); once a size is ``SEGMENT_GIVE_UP`` times slower per
+    segment than the best so far, or all are timed, the best stays, and is cached like the stage
+    plans. No work is thrown away: every timed forward's embeddings are kept. A given ``forced``
+    size (the scripts' ``-bs``) is used as is."""
 
     def __init__(self, model, device, amp, forced=None, candidates=None):
         self.size, self.done = forced, forced is not None
@@ -757,11 +762,11 @@ class SegmentPlan:
             self.times[size].append(seconds / size)
         if len(self.times[size]) < PLAN_PASSES:
             return
-        todo = [n for n in self.candidates if len(self.times[n]) < PLAN_PASSES]
-        if todo:
+        per_segment = {n: min(t) for n, t in self.times.items() if len(t) >= PLAN_PASSES}
+        todo = [n for n in self.candidates if n not in per_segment]
+        if todo and per_segment[size] <= SEGMENT_GIVE_UP * min(per_segment.values()):
             self.size = todo[0]
             return
-        per_segment = {n: min(t) for n, t in self.times.items()}
         self.size, self.done = min(per_segment, key=per_segment.get), True
         plan = {"segments_per_forward": self.size}
         _plans[self.key] = plan
