@@ -29,6 +29,7 @@ the scripts' default); bench/README.md has the figures and the plans chosen on t
 """
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -480,7 +481,9 @@ def stages_for(model, x):
 
 # -- identity of a plan -------------------------------------------------------------------------
 
-def _cpu_identity():
+@functools.lru_cache(maxsize=1)
+def _cpuinfo():
+    """The CPU's model name and the instruction-set flags that change which kernels run."""
     model_name, flags = "unknown", ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -493,8 +496,12 @@ def _cpu_identity():
     except OSError:
         pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "fma")
-    have = set(flags.split())
-    return {"cpu": model_name, "cpu_flags": [f for f in wanted if f in have],
+    return model_name, [f for f in wanted if f in set(flags.split())]
+
+
+def _cpu_identity():
+    model_name, flags = _cpuinfo()
+    return {"cpu": model_name, "cpu_flags": flags,
             "capability": torch.backends.cpu.get_cpu_capability(),
             "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", ""),
             "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
