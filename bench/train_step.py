@@ -49,7 +49,8 @@ VARIANTS = {"reference": (False, "none"), "fast": (True, "none"), "auto": ("auto
 
 # (crop samples, d_args changes, default batch on CPU)
 CONFIGS = {"paper": (59049, {}, 4),
-           "small": (24000, {"filts": [32, [32, 32], [32, 64], [64, 64]], "gru_node": 256, "nb_fc_node": 256}, 32)}
+           "small": (24000, {"filts": [32, [32, 32], [32, 64], [64, 64]], "gru_node": 256, "nb_fc_node": 256}, 32),
+           "demo": (16000, {"filts": [32, [32, 32], [32, 64], [64, 64]], "gru_node": 128, "nb_fc_node": 128}, 32)}
 
 
 def parse_args(argv=None):
@@ -69,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--label", default="", help="name of this run in the JSON line")
     p.add_argument("--config", default="paper", choices=list(CONFIGS),
                    help="paper: the paper's model and 59,049-sample crops; small: 24,000-sample crops, "
-                        "filters 32/64, GRU 256 (default batch 32)")
+                        "filters 32/64, GRU 256 (default batch 32); demo: train_RawNet2.py -demo's model")
     return p.parse_args(argv)
 
 

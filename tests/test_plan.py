@@ -14,6 +14,16 @@ from test_fast import rel_err, small_model
 import fast_RawNet2 as fr
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small networks gain nothing from threads, and on a busy machine spinning OpenMP threads make
+    each small op wait for a descheduled peer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """An empty plan cache of this test's own, and no plan remembered by this process."""
