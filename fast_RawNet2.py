@@ -28,6 +28,7 @@ cache sizes, GPU), so the last section measures it on first use and caches the p
 the scripts' default); bench/README.md has the figures and the plans chosen on the machines measured.
 """
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -688,6 +689,21 @@ def measure_stages(model, x, candidates, passes=PLAN_PASSES):
     return timings
 
 
+_measuring = threading.local()
+
+
+@contextlib.contextmanager
+def measuring(enabled):
+    """Within ``with measuring(False)``, a plan not yet known is not measured: the reference runs
+    (for a job too short to pay for the measurement)."""
+    before = getattr(_measuring, "enabled", True)
+    _measuring.enabled = enabled
+    try:
+        yield
+    finally:
+        _measuring.enabled = before
+
+
 def planned(model, x, candidates):
     """The plan for this call: this process's, the cache's, or measured now (and stored)."""
     identity = {**device_identity(x.device), "model": model_identity(model),
@@ -698,7 +714,9 @@ def planned(model, x, candidates):
         return plan
     plan = lookup(key, identity)
     source = f"cached in {cache_path()}"
-    if plan is None:
+    if plan is None and not getattr(_measuring, "enabled", True):
+        plan, source = REFERENCE_PLAN, "not measured for a short job: the reference"
+    elif plan is None:
         start = time.perf_counter()
         timings = measure_stages(model, x, candidates) if candidates else {}
         plan = choose(timings)
@@ -713,6 +731,7 @@ def planned(model, x, candidates):
 # -- segments per forward in TTA extraction ---------------------------------------------------------
 
 CPU_SEGMENT_CANDIDATES = (1, 4, 16, 64)
+PLAN_MIN_UTTERANCES = 200  # shorter extractions do not measure plans (they use cached ones, or the reference)
 GPU_SEGMENT_CANDIDATES = (64, 128, 256, 512)
 GPU_BYTES_PER_SEGMENT = 64 * 2 ** 20  # the reference front end's full-rate maps, the largest need
 SEGMENT_GIVE_UP = 1.2  # larger sizes are not tried once one is this much slower per segment than the best
@@ -736,9 +755,10 @@ class SegmentPlan:
     first of each size warms up, untimed); once a size is ``SEGMENT_GIVE_UP`` times slower per
     segment than the best so far, or all are timed, the best stays, and is cached like the stage
     plans. No work is thrown away: every timed forward's embeddings are kept. A given ``forced``
-    size (the scripts' ``-bs``) is used as is."""
+    size (the scripts' ``-bs``) is used as is; with ``measure`` False (a short job) an unknown
+    plan is not measured and the smallest size runs."""
 
-    def __init__(self, model, device, amp, forced=None, candidates=None):
+    def __init__(self, model, device, amp, forced=None, candidates=None, measure=True):
         self.size, self.done = forced, forced is not None
         if self.done:
             return
@@ -754,6 +774,9 @@ class SegmentPlan:
             if self.key not in _plans:
                 _plans[self.key] = plan
                 _note(f"TTA extraction plan: {self.size} segments per forward (cached in {cache_path()})")
+            return
+        if not measure:  # a short job: the smallest size, as the one-segment loop on CPU
+            self.size, self.done = self.candidates[0], True
             return
         self.times = {n: [] for n in self.candidates}
         self.seen = dict.fromkeys(self.candidates, 0)

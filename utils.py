@@ -344,14 +344,17 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     The embedding is the TTA embedding (mean over segments of ``model.embed``) as a float32 numpy
     vector, or None for a silent/empty file. Segments of several utterances are packed into forwards
     of ``segments_per_batch`` windows (a long utterance is split over several); None measures the
-    fastest size on the first forwards and caches it (``fast_RawNet2.SegmentPlan``). Each file is
+    fastest size on the first forwards and caches it (``fast_RawNet2.SegmentPlan``; fewer than
+    ``fast_RawNet2.PLAN_MIN_UTTERANCES`` keys measure nothing). Each file is
     read once, in ``nb_worker`` DataLoader workers while the model runs. In eval mode every
     segment's embedding is independent of its batch-mates, so packing changes no number.
     """
     net = model.module if isinstance(model, nn.DataParallel) else model
     was_training = net.training
     net.eval()
-    plan = fast_RawNet2.SegmentPlan(net, device, bf16, segments_per_batch)
+    # A short job does not pay for measuring plans: cached ones, else the one-segment reference.
+    measure = len(keys) >= fast_RawNet2.PLAN_MIN_UTTERANCES
+    plan = fast_RawNet2.SegmentPlan(net, device, bf16, segments_per_batch, measure=measure)
     loader = DataLoader(TTASet(keys, base_dir, nb_samp, window_size), batch_size=1,
                         num_workers=nb_worker, collate_fn=_first)
     pending, pending_keys, pending_counts = [], [], []
@@ -363,7 +366,7 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
         return code
 
     def flush():
-        with amp_autocast(device, bf16):
+        with amp_autocast(device, bf16), fast_RawNet2.measuring(measure):
             codes = torch.cat([forward(batch) for batch in torch.split(torch.cat(pending), plan.size)])
         done = [(key, part.mean(0).numpy()) for key, part in
                 zip(pending_keys, torch.split(codes, pending_counts))]

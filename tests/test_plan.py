@@ -223,3 +223,14 @@ def test_segment_plan_picks_the_least_time_per_segment_and_caches_it(cache, caps
     other = copy.deepcopy(model)
     other.fast = True  # another path: planned on its own
     assert not fr.SegmentPlan(other, "cpu", False, candidates=(1, 2, 4)).done
+
+
+def test_a_short_job_measures_nothing_and_runs_the_reference(cache, monkeypatch, capsys):
+    monkeypatch.setattr(fr, "measure_stages", lambda *a, **k: pytest.fail("measured"))
+    model = small_model(False).eval()
+    model.fast = "auto"
+    with fr.measuring(False):
+        assert plan_of(model, torch.randn(1, model.nb_samp)) == fr.REFERENCE_PLAN
+    assert "not measured for a short job" in capsys.readouterr().err and not cache.exists()
+    short = fr.SegmentPlan(model, "cpu", False, candidates=(1, 4), measure=False)
+    assert short.done and short.size == 1
