@@ -531,7 +531,8 @@ def device_identity(device):
 def model_identity(model):
     """The configuration of the network below its classifier (shapes and layout)."""
     shapes = [(name, list(p.shape)) for name, p in model.named_parameters() if not name.startswith("fc2_gru")]
-    digest = hashlib.sha1(json.dumps([shapes, model.first_conv.kernel_size, model.legacy]).encode()).hexdigest()
+    layout = json.dumps([shapes, model.first_conv.kernel_size, model.legacy])
+    digest = hashlib.sha1(layout.encode()).hexdigest()
     return {"nb_samp": model.nb_samp, "legacy": model.legacy, "shapes": digest[:16]}
 
 
@@ -568,7 +569,8 @@ def load_cache():
     try:
         with open(path) as f:
             data = json.load(f)
-        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or not isinstance(data.get("plans"), dict):
+        if not (isinstance(data, dict) and data.get("format") == PLAN_FORMAT
+                and isinstance(data.get("plans"), dict)):
             raise ValueError("not a plan file of this version")
         return data["plans"]
     except FileNotFoundError:

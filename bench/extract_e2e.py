@@ -74,8 +74,9 @@ def loop(folder, checkpoint, out):
             codes = [model.embed(torch.from_numpy(s[None].copy())) for s in segments]
             embeddings[utils.utt_id(key)] = torch.cat(codes).mean(0).numpy()
     labels, keys_a, keys_b = utils.read_trials(os.path.join(folder, "trials.txt"))
-    scores = [float(np.dot(embeddings[a], embeddings[b]) /
-                    (np.linalg.norm(embeddings[a]) * np.linalg.norm(embeddings[b]))) for a, b in zip(keys_a, keys_b)]
+    scores = [float(np.dot(embeddings[a], embeddings[b])
+                    / (np.linalg.norm(embeddings[a]) * np.linalg.norm(embeddings[b])))
+              for a, b in zip(keys_a, keys_b)]
     print(f"Vox original evaluation EER: {utils.compute_eer(labels, scores)[0]}")
     with open(out, "wb") as f:
         pickle.dump(embeddings, f)
@@ -104,7 +105,8 @@ def run_set(tmp, nb_utt, rounds, checkpoint):
     def ours(name):
         return [sys.executable, "evaluate_pretrained_RawNet2.py", "-extract", "-DB", folder, "-model_dir",
                 checkpoint, "-embd_dir", os.path.join(folder, "embd_" + name), "-trials",
-                os.path.join(folder, "trials.txt"), "-eer_file", os.path.join(folder, "eers.txt"), "-device", "cpu"]
+                os.path.join(folder, "trials.txt"), "-eer_file", os.path.join(folder, "eers.txt"),
+                "-device", "cpu"]
 
     best, notes = {}, []
     for r in range(rounds):

@@ -19,11 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fast_RawNet2  # noqa: E402
 import utils  # noqa: E402
 from model_RawNet2 import RawNet2, default_d_args  # noqa: E402
-
-CONFIGS = {"paper": (59049, {}),
-           "small": (24000, {"filts": [32, [32, 32], [32, 64], [64, 64]], "gru_node": 256, "nb_fc_node": 256}),
-           "demo": (16000, {"filts": [32, [32, 32], [32, 64], [64, 64]], "gru_node": 128, "nb_fc_node": 128})}
-
+from train_step import CONFIGS  # noqa: E402  (bench/: the configurations of the training-step benchmark)
 
 def report(model, x, title, passes):
     timings = fast_RawNet2.measure_stages(model, x, fast_RawNet2.applicable(model, x), passes=passes)
@@ -47,7 +43,7 @@ def main():
     p.add_argument("--passes", type=int, default=3, help="timed passes per candidate (the minimum is kept)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    nb_samp, changes = CONFIGS[args.config]
+    nb_samp, changes, _ = CONFIGS[args.config]
     torch.manual_seed(0)
     model = RawNet2({**default_d_args(5994, nb_samp), **changes}).to(device)
     model.apply(utils.init_weights)

@@ -48,9 +48,10 @@ VARIANTS = {"reference": (False, "none"), "fast": (True, "none"), "auto": ("auto
 
 
 # (crop samples, d_args changes, default batch on CPU)
+SMALL_FILTERS = [32, [32, 32], [32, 64], [64, 64]]
 CONFIGS = {"paper": (59049, {}, 4),
-           "small": (24000, {"filts": [32, [32, 32], [32, 64], [64, 64]], "gru_node": 256, "nb_fc_node": 256}, 32),
-           "demo": (16000, {"filts": [32, [32, 32], [32, 64], [64, 64]], "gru_node": 128, "nb_fc_node": 128}, 32)}
+           "small": (24000, {"filts": SMALL_FILTERS, "gru_node": 256, "nb_fc_node": 256}, 32),
+           "demo": (16000, {"filts": SMALL_FILTERS, "gru_node": 128, "nb_fc_node": 128}, 32)}
 
 
 def parse_args(argv=None):

@@ -37,9 +37,8 @@ def training_step(model, x, y, amp):
     with utils.amp_autocast(CUDA, amp):
         logits = model(x)
         loss = F.cross_entropy(logits, y)
-    utils.backward_step(loss, optimizer, scaler)
-    scale = scaler.get_scale() if scaler is not None else 1.0
-    return logits.float(), {n: p.grad / scale for n, p in model.named_parameters() if p.grad is not None}
+    utils.backward_step(loss, optimizer, scaler)  # (the scaler's step unscales the gradients in place)
+    return logits.float(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
 # (logits, gradients) relative tolerance per precision: fp32 as on CPU; under autocast both paths
@@ -95,7 +94,7 @@ def first_step_devices(monkeypatch):
     step = utils.backward_step
 
     def recording(loss, optimizer, scaler=None):
-        if not seen or seen[-1] is not None:
+        if not seen:
             seen.append(optimizer_state_devices(optimizer) if optimizer.state else None)
         return step(loss, optimizer, scaler)
 
@@ -103,7 +102,8 @@ def first_step_devices(monkeypatch):
     return seen
 
 
-def test_resume_and_load_model_opt_dir_put_the_optimiser_on_the_gpu(tiny_corpus, tmp_path, first_step_devices):
+def test_resume_and_load_model_opt_dir_put_the_optimiser_on_the_gpu(tiny_corpus, tmp_path,
+                                                                    first_step_devices):
     train.main(train.parse_args(tiny_run_flags(tiny_corpus, tmp_path, epochs=1)))
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["args"]["fast"] == "auto" and state["epoch"] == 0
