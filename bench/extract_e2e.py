@@ -35,7 +35,7 @@ def make_corpus(folder, nb_utt, rng):
     import soundfile as sf
     keys = []
     for i in range(nb_utt):
-        key = f"id{10270 + i // 3}/vid{i:08d}/00001.wav"
+        key = f"id{10270 + i // 2}/vid{i:08d}/00001.wav"
         os.makedirs(os.path.join(folder, "eval_wav", os.path.dirname(key)), exist_ok=True)
         n = int(rng.uniform(2, 11) * 16000)
         x = np.sin(2 * np.pi * rng.uniform(90, 250) * np.arange(n) / 16000) + 0.3 * rng.standard_normal(n)
