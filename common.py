@@ -43,6 +43,25 @@ def str2bool(v):
 BOOL_FLAG = {"type": str2bool, "nargs": "?", "const": True}  # add(name, default=..., **BOOL_FLAG)
 
 
+def parse_fast(value):
+    """The ``-fast`` flag: "auto" (measured plan), True (every fast stage that applies) or False
+    (the plain reference network)."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("true", "yes", "1", "t", "y", "on"):
+        return True
+    if text in ("false", "no", "0", "f", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected auto, True or False, got {value!r}")
+
+
+# add("fast", default="auto", **FAST_FLAG): a bare -fast means True, as it always did
+FAST_FLAG = {"type": parse_fast, "nargs": "?", "const": True}
+
+
 def arg_group(parser, title):
     """``add(name, **kw)`` for an argparse group: each flag as ``-name`` (the original's single dash)
     and ``--name``."""

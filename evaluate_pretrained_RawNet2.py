@@ -56,11 +56,6 @@ LISTS = [("Vox original", "vox_original.txt", ("eval",)),
          ("Vox1_E_cleaned", "list_test_all_cleaned.txt", ("dev", "eval")),
          ("Vox1_H_cleaned", "list_test_hard_cleaned.txt", ("dev", "eval"))]
 P_TARGETS = (0.01, 0.05)
-# Segments per forward (set by -bs). On CPU the size measured fastest in bench/extract.py: one, as
-# larger batches' activations outgrow the cache. On GPU large batches, bounded by the reference
-# front end's full-rate map (~2 x 30 MB per segment).
-CPU_SEGMENTS_PER_BATCH = 1
-GPU_SEGMENTS_PER_BATCH = {True: 512, False: 64}  # -fast: the fused front end keeps no full-rate map
 PARTIAL_SAVE_S = 60  # an extraction's log of finished embeddings is synced to disk at least this often
 
 
@@ -115,13 +110,13 @@ def build_parser():
              "-model_dir (CPU; bench/onnx_extract.py; needs requirements-optional.txt)")
     add("window_size", type=int, default=11810, help="overlap in samples between consecutive TTA segments")
     add("bs", type=int, default=None,
-        help=f"TTA segments per forward, packed across utterances "
-             f"(default on GPU {GPU_SEGMENTS_PER_BATCH[True]} with -fast, else {GPU_SEGMENTS_PER_BATCH[False]}; "
-             f"{CPU_SEGMENTS_PER_BATCH} on CPU)")
+        help="TTA segments per forward, packed across utterances (default: the fastest of a few sizes, "
+             "timed on the first forwards and cached per machine)")
     add("nb_worker", type=int, default=4, help="DataLoader worker processes reading audio")
-    add("fast", default=True, **common.BOOL_FLAG,
+    add("fast", default="auto", **common.FAST_FLAG,
         help="fast path of fast_RawNet2.py (fused sinc front end; on CPU also channels-last blocks "
-             "and GRU): same math; False runs the plain reference path")
+             "and GRU), the same math: auto keeps the parts timed faster on this machine (cached plan); "
+             "True takes every fast part; False the plain reference path")
     add("bf16", action="store_true",
         help="bfloat16 autocast in the network (faster on CPUs with bf16 support; changes scores slightly)")
     add("device", type=str, default=None, help="device of the network (default: cuda if available, else cpu)")
@@ -236,9 +231,8 @@ def extract_subset(model, args, folder, wav_dir, subset, keys=None, convert=Fals
     todo = [k for k in keys if utils.utt_id(k) not in embeddings and k not in skipped]
     if len(todo) < len(keys):
         print(f"resuming {wav_dir}: {len(keys) - len(todo)} of {len(keys)} utterances already done")
-    bs = args.bs or (GPU_SEGMENTS_PER_BATCH[args.fast] if args.device.startswith("cuda") else CPU_SEGMENTS_PER_BATCH)
     stream = utils.iter_embeddings(model, todo, wav_dir, model.nb_samp, args.window_size, args.device,
-                                   args.nb_worker, bs, args.bf16, convert)
+                                   args.nb_worker, args.bs, args.bf16, convert)
     # A log of this run's own: every finished embedding is appended (and flushed) as it comes, so a
     # run killed at any moment loses at most the utterance in flight.
     log_path = os.path.join(folder, f"{subset}_{len(os.listdir(folder)):05d}.log")

@@ -1,8 +1,9 @@
-"""Fast path of RawNet2 (``model.fast = True``, the scripts' ``-fast`` flag, on by default).
+"""Fast path of RawNet2, and the plan that decides per machine which of its parts run.
 
-The reference is the plain PyTorch of model_RawNet2.py; this module replaces three of its parts with
-the same math evaluated in another order (outputs and gradients equal the reference's to float32
-rounding: tests/test_fast.py holds them to 1e-4 relative, and they agree to ~1e-5 or better):
+The reference is the plain PyTorch of model_RawNet2.py; this module holds a second implementation
+of three of its stages with the same math evaluated in another order (outputs and gradients equal
+the reference's to float32 rounding: tests/test_fast.py holds them to 1e-4 relative, and they agree
+to ~1e-5 or better):
 
 1. ``sinc_abs_maxpool`` (any device) replaces the front end's
        y = F.conv1d(x, filters)           # (B, C, T - K + 1): the full-rate map
@@ -16,21 +17,33 @@ rounding: tests/test_fast.py holds them to 1e-4 relative, and they agree to ~1e-
    full-rate float map. Backward rebuilds each chunk's sparse full-rate gradient from those codes and
    calls the convolution's own backward on it, so nothing is recomputed and the full map never exists.
 2. ``residual_blocks`` (CPU, float32) runs block0..5 in channels-last layout, where mkldnn's
-   convolutions are faster, with a GEMM weight gradient and a batch norm whose sums are as accurate
-   as the reference kernel's (see the section below).
+   convolutions can be faster, with a GEMM weight gradient and a batch norm whose sums are as
+   accurate as the reference kernel's (see the section below).
 3. ``gru_forward`` (CPU, float32) is the GRU with all weight gradients in one GEMM each instead of
    an outer product per time step.
-On GPU (and under autocast) parts 2 and 3 stay the reference modules: cuDNN already fuses them.
+On GPU (and under autocast) parts 2 and 3 are not candidates: cuDNN already fuses them.
 
-Measured by bench/train_step.py on the 2-core CPU (paper model, batch 4): 1.49x the reference's
-training step in float32, 2.07x with -amp bf16 (figures and device in bench/README.md).
+Whether each part is faster than the reference depends on the machine (AVX-512 or AVX2 kernels,
+cache sizes, GPU), so the last section measures it on first use and caches the plan (``-fast auto``,
+the scripts' default); bench/README.md has the figures and the plans chosen on the machines measured.
 """
 
+import contextlib
+import copy
+import functools
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from tqdm import tqdm
 
 # Full-rate values (batch x channels x time) per chunk: ~2 MB of float32 on CPU, to stay in cache
 # (measured best in bench/train_step.py); on GPU chunks only bound the temporary memory.
@@ -218,45 +231,51 @@ def gru_forward(gru, x):
 #
 # mkldnn's convolutions run ~1.8x faster forward on channels-last (B, C, 1, T) tensors than on
 # PyTorch's default (B, C, T) layout, and batch norm, LeakyReLU, max-pool and FMS run as fast there.
-# Its convolution backward is not faster, so Conv3 computes the weight gradient itself: one batched
-# matrix product per tap over each item's time steps. The block function mirrors model_RawNet2.ResidualBlock.forward line by line
-# (including the legacy conv1 quirk); tests/test_fast.py ties the two together.
+# Its convolution backward is not faster, so ConvCL computes the weight gradient itself: one batched
+# matrix product per tap over each item's time steps. The block function mirrors
+# model_RawNet2.ResidualBlock.forward line by line (including the legacy conv1 quirk); tests/test_fast.py
+# ties the two together.
 
 def _channels_last(x):  # (B, C, T) -> (B, C, 1, T) stored as (B, 1, T, C)
     return x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
 
 
-class Conv3(torch.autograd.Function):
-    """``conv1d(x, w, b, padding=1)`` with kernel 3 on channels-last (B, C, 1, T) tensors."""
+class ConvCL(torch.autograd.Function):
+    """``conv1d(x, w, b, padding=K // 2)`` with kernel K = 1 or 3 on channels-last (B, C, 1, T) tensors.
+
+    The weight gradient is computed here, contiguous like the weight (autograd's, through a 4-D view
+    of the weight, comes back in channels-last strides, which DistributedDataParallel's gradient
+    buckets do not expect and copy with a warning on every step)."""
 
     @staticmethod
-    def forward(ctx, x, w, b):  # (B, C, 1, T), (O, C, 3), (O,) -> (B, O, 1, T)
+    def forward(ctx, x, w, b):  # (B, C, 1, T), (O, C, K), (O,) -> (B, O, 1, T)
         ctx.save_for_backward(x, w)
-        return F.conv2d(x, w.unsqueeze(2), b, padding=(0, 1))
+        return F.conv2d(x, w.unsqueeze(2), b, padding=(0, w.shape[-1] // 2))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
+        taps = w.shape[-1]
         grad = grad.contiguous(memory_format=torch.channels_last)
         # input: the same convolution with the kernel transposed and flipped
-        grad_x = F.conv2d(grad, w.transpose(0, 1).flip(-1).unsqueeze(2), padding=(0, 1))
+        grad_x = F.conv2d(grad, w.transpose(0, 1).flip(-1).unsqueeze(2), padding=(0, taps // 2))
         batch, channels, _, steps = x.shape
         x_t = x.permute(0, 2, 3, 1).reshape(batch, steps, channels)      # views: (B, T, C)
         g_t = grad.permute(0, 2, 3, 1).reshape(batch, steps, -1)         # (B, T, O)
-        # weight: out[t] = w0 x[t-1] + w1 x[t] + w2 x[t+1] (zero padding at both ends), one
-        # batched matrix product per tap over each item's time steps
+        # weight: out[t] = sum_k w_k x[t + k - K // 2] (zero padding at both ends), one batched
+        # matrix product per tap over each item's time steps
         grad_w = w.new_empty(w.shape)
-        grad_w[:, :, 0] = torch.bmm(g_t[:, 1:].transpose(1, 2), x_t[:, :-1]).sum(0)
-        grad_w[:, :, 1] = torch.bmm(g_t.transpose(1, 2), x_t).sum(0)
-        grad_w[:, :, 2] = torch.bmm(g_t[:, :-1].transpose(1, 2), x_t[:, 1:]).sum(0)
+        for k in range(taps):
+            shift = k - taps // 2
+            g_k = g_t[:, max(0, -shift):steps - max(0, shift)]
+            x_k = x_t[:, max(0, shift):steps - max(0, -shift)]
+            grad_w[:, :, k] = torch.bmm(g_k.transpose(1, 2), x_k).sum(0)
         return grad_x, grad_w, g_t.sum((0, 1))
 
 
 def _conv(conv, x):  # nn.Conv1d (kernel 3, padding 1; or kernel 1) on a channels-last tensor
-    if conv.kernel_size == (3,):
-        return Conv3.apply(x, conv.weight, conv.bias)
-    return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias)
+    return ConvCL.apply(x, conv.weight, conv.bias)
 
 
 _scratch = threading.local()
@@ -358,3 +377,413 @@ def residual_blocks(model, x, slope):
         if model.legacy:
             x = _fms(x, getattr(model, f"fc_attention{i}")[0])
     return x.squeeze(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: which implementation runs each stage of RawNet2.embed
+#
+# RawNet2.embed runs three stages through callables that ``stages_for`` picks: the front end
+# (sinc conv -> |.| -> max-pool 3), the residual blocks and the GRU. Each has the reference
+# implementation (a RawNet2 method) and the fast one above; both give the same numbers to float32
+# rounding. Which one is faster depends on the machine (AVX-512 or AVX2, bf16 support, GPU), the
+# batch and the model's size, so with ``model.fast = "auto"`` it is measured, as cuDNN's benchmark
+# mode and FFTW's wisdom do: on first use at a new shape, each candidate of each stage runs a few
+# times on a copy of the model at the real shapes (forward, and backward when gradients are on); the
+# fastest is kept, unless it is not faster than the reference by MARGIN. The plan is cached in a
+# small JSON file per machine (CPU model and flags, ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, threads),
+# torch version, device and model configuration, and printed once per process in one line.
+
+STAGES = ("front_end", "blocks", "gru")
+REFERENCE_METHODS = {"front_end": "sinc_front_end", "blocks": "residual_stack", "gru": "gru_outputs"}
+PLAN_PASSES = 2      # timed passes per candidate (after one untimed warm-up pass); the minimum is kept
+MARGIN = 0.03        # a fast candidate must beat the reference by this fraction to be chosen
+PLAN_FORMAT = 1      # version of the cache file's layout
+CACHE_ENV = "RAWNET2_CACHE_DIR"
+_plans = {}          # this process's plans: identity key -> plan
+_bad_caches = set()  # cache files found unreadable (said once)
+
+
+def fast_front_end(model, x):
+    return sinc_abs_maxpool(x, model.first_conv.filters())
+
+
+def fast_blocks(model, x):
+    return residual_blocks(model, x, model.LEAKY_SLOPE)
+
+
+def fast_gru(model, x):
+    return gru_forward(model.gru, x)
+
+
+FAST_STAGES = {"front_end": fast_front_end, "blocks": fast_blocks, "gru": fast_gru}
+
+
+class Stages:
+    """The three stage callables of one forward, each ``x -> y``, bound to ``model``."""
+
+    def __init__(self, model, plan):
+        self.plan = plan
+        for stage in STAGES:
+            if plan[stage] == "fast":
+                fn = FAST_STAGES[stage].__get__(model)  # bound like a method: fn(x)
+            else:
+                fn = getattr(model, REFERENCE_METHODS[stage])
+            setattr(self, stage, fn)
+
+
+REFERENCE_PLAN = dict.fromkeys(STAGES, "reference")
+
+
+
+
+def applicable(model, x):
+    """Stages whose fast implementation applies to this call: the front end everywhere; the
+    channels-last blocks and the GRU are float32 CPU code (on GPU cuDNN already does what they
+    save, and under autocast the reference modules handle the dtypes)."""
+    fp32_cpu = (x.device.type == "cpu" and model.ln.gamma.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu"))
+    return [s for s in STAGES if s == "front_end" or fp32_cpu]
+
+
+def stages_for(model, x):
+    """The one place that picks each stage's implementation, from ``model.fast``: False -> the
+    reference; True -> every fast stage that applies; "auto" -> the measured plan (planned on first
+    use at this shape, then cached); a dict -> that plan."""
+    mode = model.fast
+    if mode is False:
+        return Stages(model, REFERENCE_PLAN)
+    if isinstance(mode, dict):
+        return Stages(model, {s: mode.get(s, "reference") for s in STAGES})
+    fast = applicable(model, x)
+    if mode is True:
+        return Stages(model, {s: "fast" if s in fast else "reference" for s in STAGES})
+    if mode != "auto":
+        raise ValueError(f"model.fast must be False, True, 'auto' or a plan dict, got {mode!r}")
+    return Stages(model, planned(model, x, fast))
+
+
+# -- identity of a plan -------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo():
+    """The CPU's model name and the instruction-set flags that change which kernels run."""
+    model_name, flags = "unknown", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model_name == "unknown":
+                    model_name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "fma")
+    return model_name, [f for f in wanted if f in set(flags.split())]
+
+
+def _cpu_identity():
+    model_name, flags = _cpuinfo()
+    return {"cpu": model_name, "cpu_flags": flags,
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", ""),
+            "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+            "threads": torch.get_num_threads()}
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX); without it bf16 is
+    emulated, and bench/README.md measured bf16 autocast slower than float32."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(_cpu_identity()["cpu_flags"]))
+
+
+def device_identity(device):
+    """What a plan depends on beyond the model: the machine, torch and the device."""
+    ident = {"torch": torch.__version__, **_cpu_identity()}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        ident.update(gpu=torch.cuda.get_device_name(index),
+                     gpu_capability=list(torch.cuda.get_device_capability(index)),
+                     cudnn=torch.backends.cudnn.version(),
+                     cudnn_benchmark=torch.backends.cudnn.benchmark)
+    ident["device"] = device.type
+    return ident
+
+
+def model_identity(model):
+    """The configuration of the network below its classifier (shapes and layout)."""
+    shapes = [(name, list(p.shape)) for name, p in model.named_parameters() if not name.startswith("fc2_gru")]
+    layout = json.dumps([shapes, model.first_conv.kernel_size, model.legacy])
+    digest = hashlib.sha1(layout.encode()).hexdigest()
+    return {"nb_samp": model.nb_samp, "legacy": model.legacy, "shapes": digest[:16]}
+
+
+def call_context(model, x, candidates):
+    """The shape of this call: batch (rounded up to a power of 2), mode, dtype, candidates."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else model.ln.gamma.dtype
+    mode = ("train" if model.training else "eval") + ("" if torch.is_grad_enabled() else "-nograd")
+    return {"batch": 1 << (x.shape[0] - 1).bit_length(), "mode": mode, "dtype": str(dtype).split(".")[-1],
+            "candidates": list(candidates)}
+
+
+def plan_key(identity):
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+# -- the cache file -------------------------------------------------------------------------------
+
+def cache_path():
+    """``$RAWNET2_CACHE_DIR/plans.json``, else ``$XDG_CACHE_HOME/rawnet2/``, else ``~/.cache/rawnet2/``."""
+    folder = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rawnet2")
+    return os.path.join(folder, "plans.json")
+
+
+def _note(line):
+    if int(os.environ.get("RANK", "0")) == 0:
+        tqdm.write(line, file=sys.stderr)
+
+
+def load_cache():
+    """The cached plans ({key: entry}); an unreadable or foreign file is ignored with one line."""
+    path = cache_path()
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if not (isinstance(data, dict) and data.get("format") == PLAN_FORMAT
+                and isinstance(data.get("plans"), dict)):
+            raise ValueError("not a plan file of this version")
+        return data["plans"]
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        if path not in _bad_caches:
+            _bad_caches.add(path)
+            _note(f"note: ignoring the plan cache {path} ({type(e).__name__}: {e}); plans are measured again")
+        return {}
+
+
+def store(key, entry):
+    """Add one plan to the cache file (written atomically; a read-only cache is left alone)."""
+    path = cache_path()
+    plans = load_cache()
+    plans[key] = entry
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
+            json.dump({"format": PLAN_FORMAT, "plans": plans}, f, indent=1, sort_keys=True)
+        os.replace(f.name, path)
+    except OSError as e:
+        _note(f"note: could not write the plan cache {path} ({e}); the plan holds for this process")
+
+
+def lookup(key, identity):
+    """A plan from this process or the cache file whose identity matches exactly."""
+    if key in _plans:
+        return _plans[key]
+    entry = load_cache().get(key)
+    if isinstance(entry, dict) and entry.get("identity") == identity and isinstance(entry.get("plan"), dict):
+        return entry["plan"]
+    return None
+
+
+def describe(plan, context, source):
+    stages = ", ".join(f"{s.replace('_', ' ')} {plan[s]}" for s in STAGES)
+    extra = "".join(f", {k.replace('_', ' ')} {v}" for k, v in plan.items() if k not in STAGES)
+    return (f"RawNet2 plan ({context['mode']}, batch <= {context['batch']}, {context['dtype']}): "
+            f"{stages}{extra} ({source})")
+
+
+# -- measuring --------------------------------------------------------------------------------------
+
+def choose(timings, margin=MARGIN):
+    """The plan of measured ``timings`` ({stage: {"reference": s, "fast": s}}): per stage the fast
+    implementation when it beats the reference by ``margin``, else the reference."""
+    plan = {}
+    for stage in STAGES:
+        t = timings.get(stage, {})
+        fast = "fast" in t and "reference" in t and t["fast"] < (1 - margin) * t["reference"]
+        plan[stage] = "fast" if fast else "reference"
+    return plan
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast_state(device_type):
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _record_stage_inputs(probe, x):
+    """Each stage's input (and the autocast state it runs under) in one reference forward."""
+    inputs = {}
+
+    class Recorder:
+        def __init__(self):
+            for stage in STAGES:
+                setattr(self, stage, self._wrap(stage, getattr(probe, REFERENCE_METHODS[stage])))
+
+        @staticmethod
+        def _wrap(stage, fn):
+            def run(inp):
+                inputs[stage] = (inp.detach().clone(), _autocast_state(inp.device.type))
+                return fn(inp)
+            return run
+
+    with torch.no_grad():
+        probe.embed(x, stages=Recorder())
+    return inputs
+
+
+def measure_stages(model, x, candidates, passes=PLAN_PASSES):
+    """Seconds per call of each implementation of each stage in ``candidates``, at the shapes of
+    ``x``, on a copy of ``model`` (its parameters, gradients and statistics stay untouched):
+    {stage: {"reference": s, "fast": s}}. Forward, plus backward when gradients are enabled; the
+    candidates alternate and the minimum over ``passes`` timed passes is kept."""
+    backward = torch.is_grad_enabled()
+    with torch.inference_mode(False):
+        probe = copy.deepcopy(model)
+        probe.fast = False
+        x = x.detach().clone()
+        inputs = _record_stage_inputs(probe, x)
+        timings = {}
+        for stage in candidates:
+            inp, (autocast, dtype) = inputs[stage]
+            impls = {"reference": getattr(probe, REFERENCE_METHODS[stage]),
+                     "fast": FAST_STAGES[stage].__get__(probe)}
+            best = {}
+            for p in range(passes + 1):
+                for name, fn in impls.items():
+                    with torch.autocast(inp.device.type, dtype=dtype, enabled=autocast), \
+                            torch.set_grad_enabled(backward):
+                        _synchronize(inp.device)
+                        start = time.perf_counter()
+                        out = fn(inp.requires_grad_(backward) if backward else inp)
+                        if backward:
+                            out.backward(torch.ones_like(out))
+                        _synchronize(inp.device)
+                        seconds = time.perf_counter() - start
+                    inp.grad = None
+                    if p:  # the first pass warms up kernels and caches
+                        best[name] = min(best.get(name, math.inf), seconds)
+            timings[stage] = best
+    return timings
+
+
+_measuring = threading.local()
+
+
+@contextlib.contextmanager
+def measuring(enabled):
+    """Within ``with measuring(False)``, a plan not yet known is not measured: the reference runs
+    (for a job too short to pay for the measurement)."""
+    before = getattr(_measuring, "enabled", True)
+    _measuring.enabled = enabled
+    try:
+        yield
+    finally:
+        _measuring.enabled = before
+
+
+def planned(model, x, candidates):
+    """The plan for this call: this process's, the cache's, or measured now (and stored)."""
+    identity = {**device_identity(x.device), "model": model_identity(model),
+                "context": call_context(model, x, candidates)}
+    key = plan_key(identity)
+    plan = _plans.get(key)
+    if plan is not None:
+        return plan
+    plan = lookup(key, identity)
+    source = f"cached in {cache_path()}"
+    if plan is None and not getattr(_measuring, "enabled", True):
+        plan, source = REFERENCE_PLAN, "not measured for a short job: the reference"
+    elif plan is None:
+        start = time.perf_counter()
+        timings = measure_stages(model, x, candidates) if candidates else {}
+        plan = choose(timings)
+        seconds = time.perf_counter() - start
+        store(key, {"identity": identity, "plan": plan, "timings": timings})
+        source = f"measured in {seconds:.1f} s, cached in {cache_path()}"
+    _plans[key] = plan
+    _note(describe(plan, identity["context"], source))
+    return plan
+
+
+# -- segments per forward in TTA extraction ---------------------------------------------------------
+
+CPU_SEGMENT_CANDIDATES = (1, 4, 16, 64)
+PLAN_MIN_UTTERANCES = 200  # shorter extractions do not measure plans (they use cached ones, or the reference)
+GPU_SEGMENT_CANDIDATES = (64, 128, 256, 512)
+GPU_BYTES_PER_SEGMENT = 64 * 2 ** 20  # the reference front end's full-rate maps, the largest need
+SEGMENT_GIVE_UP = 1.2  # larger sizes are not tried once one is this much slower per segment than the best
+
+
+def segment_candidates(device):
+    """Segments-per-forward sizes worth timing on ``device``, smallest first: on CPU from 1 (the
+    paper model's activations for one segment about fill a CPU's cache) to 64 (small models gain
+    from large batches); on GPU large ones, within a quarter of the free memory."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_SEGMENT_CANDIDATES
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = [n for n in GPU_SEGMENT_CANDIDATES if n * GPU_BYTES_PER_SEGMENT <= free / 4]
+    return tuple(fits) or GPU_SEGMENT_CANDIDATES[:1]
+
+
+class SegmentPlan:
+    """Segments per forward of a TTA extraction (``size``), measured on its own first forwards:
+    each candidate size in turn, smallest first, serves ``PLAN_PASSES`` + 1 real forwards (the
+    first of each size warms up, untimed); once a size is ``SEGMENT_GIVE_UP`` times slower per
+    segment than the best so far, or all are timed, the best stays, and is cached like the stage
+    plans. No work is thrown away: every timed forward's embeddings are kept. A given ``forced``
+    size (the scripts' ``-bs``) is used as is; with ``measure`` False (a short job) an unknown
+    plan is not measured and the smallest size runs."""
+
+    def __init__(self, model, device, amp, forced=None, candidates=None, measure=True):
+        self.size, self.done = forced, forced is not None
+        if self.done:
+            return
+        device = torch.device(device)
+        self.candidates = list(candidates or segment_candidates(device))
+        self.identity = {**device_identity(device), "model": model_identity(model),
+                         "context": {"mode": "extract", "amp": str(amp), "fast": str(model.fast),
+                                     "candidates": self.candidates}}
+        self.key = plan_key(self.identity)
+        plan = lookup(self.key, self.identity)
+        if plan is not None:
+            self.size, self.done = plan["segments_per_forward"], True
+            if self.key not in _plans:
+                _plans[self.key] = plan
+                _note(f"TTA extraction plan: {self.size} segments per forward (cached in {cache_path()})")
+            return
+        if not measure:  # a short job: the smallest size, as the one-segment loop on CPU
+            self.size, self.done = self.candidates[0], True
+            return
+        self.times = {n: [] for n in self.candidates}
+        self.seen = dict.fromkeys(self.candidates, 0)
+        self.size = self.candidates[0]
+        self.start = time.perf_counter()
+
+    def observe(self, size, seconds):
+        """Account one forward of ``size`` segments that took ``seconds``."""
+        if self.done or size != self.size:  # (a short last forward tells nothing)
+            return
+        self.seen[size] += 1
+        if self.seen[size] > 1:
+            self.times[size].append(seconds / size)
+        if len(self.times[size]) < PLAN_PASSES:
+            return
+        per_segment = {n: min(t) for n, t in self.times.items() if len(t) >= PLAN_PASSES}
+        todo = [n for n in self.candidates if n not in per_segment]
+        if todo and per_segment[size] <= SEGMENT_GIVE_UP * min(per_segment.values()):
+            self.size = todo[0]
+            return
+        self.size, self.done = min(per_segment, key=per_segment.get), True
+        plan = {"segments_per_forward": self.size}
+        _plans[self.key] = plan
+        store(self.key, {"identity": self.identity, "plan": plan, "timings": per_segment})
+        _note(f"TTA extraction plan: {self.size} segments per forward (measured on the first forwards "
+              f"over {time.perf_counter() - self.start:.1f} s, cached in {cache_path()})")

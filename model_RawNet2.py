@@ -24,8 +24,9 @@ Deliberate differences from the original code (none changes a number):
   * In eval mode the legacy block skips computing ``bn1`` (its output is unused and eval-mode BN
     updates no statistics, so nothing observable changes).
   * Under autocast (bf16/fp16, opt-in) the sinc front end still runs in float32.
-  * ``fast=True`` (the scripts' default ``-fast``) evaluates the same math in another order, in
-    fast_RawNet2.py; outputs and gradients move by float32 rounding only (tests/test_fast.py).
+  * ``fast=True`` or ``"auto"`` (the scripts' ``-fast``; "auto", the default, measures per machine
+    which stages gain) evaluates the same math in another order, in fast_RawNet2.py; outputs and
+    gradients move by float32 rounding only (tests/test_fast.py, tests/test_plan.py).
 """
 
 import math
@@ -36,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fast_RawNet2 import gru_forward, residual_blocks, sinc_abs_maxpool
+import fast_RawNet2
 
 LEAKY_SLOPE = 0.3  # Keras' LeakyReLU default, kept by the authors ("lrelu_keras")
 
@@ -179,11 +180,14 @@ class RawNet2(nn.Module):
     """
 
     NB_BLOCKS = 6
+    LEAKY_SLOPE = LEAKY_SLOPE
 
     def __init__(self, d_args, legacy=False, fast=False):
         super().__init__()
         self.legacy = legacy
-        self.fast = fast  # the fast path of fast_RawNet2.py: same math; not in the state dict
+        # which stages take the fast path of fast_RawNet2.py (False, True, "auto" or a plan dict; see
+        # fast_RawNet2.stages_for): the same math either way; not in the state dict
+        self.fast = fast
         self.nb_samp = d_args["nb_samp"]
         filts = d_args["filts"]
         first_filts, block_filts = filts[0], self.block_filters(filts)
@@ -211,38 +215,39 @@ class RawNet2(nn.Module):
         last = filts[2][1]
         return [tuple(filts[1]), tuple(filts[1]), tuple(filts[2])] + [(last, last)] * 3
 
-    def embed(self, x):  # (B, nb_samp) -> (B, nb_fc_node)
+    def embed(self, x, stages=None):  # (B, nb_samp) -> (B, nb_fc_node)
+        """The speaker embedding. Each of the three marked stages runs the reference method below
+        or its fast twin, as ``fast_RawNet2.stages_for`` picks from ``self.fast`` (``stages``
+        overrides the pick); every choice computes the same numbers to float rounding."""
         if x.dim() != 2 or x.shape[-1] != self.nb_samp:
             raise ValueError(f"RawNet2 expects (batch, {self.nb_samp}) waveforms, got {tuple(x.shape)}")
+        stage = stages or fast_RawNet2.stages_for(self, x)
         x = self.ln(x).unsqueeze(1)                                   # (B, 1, T)
         # The sinc front end stays float32 under autocast: bf16 rounds its filters (computed by a
         # matmul) and its output by ~1-2 %, which first_bn (large mean, small spread) amplifies.
         with torch.autocast(x.device.type, enabled=False):
-            x = x.to(self.ln.gamma.dtype)                             # float32 (or the model's)
-            if self.fast:  # fused conv -> |.| -> max-pool 3 with the same math (fast_RawNet2.py)
-                x = sinc_abs_maxpool(x, self.first_conv.filters())
-            else:
-                x = torch.abs(self.first_conv(x))                     # (B, C, T - 250)
-                x = F.max_pool1d(x, 3)                                # (B, C, (T - 250) // 3)
+            x = stage.front_end(x.to(self.ln.gamma.dtype))            # sinc -> |.| -> max-pool 3
         x = F.leaky_relu(self.first_bn(x), LEAKY_SLOPE)
-        # The channels-last blocks and the GRU of the fast path are float32 CPU code: on GPU cuDNN
-        # already does what they save, and under autocast the reference modules handle the dtypes.
-        cpu_fast = self.fast and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-        if cpu_fast:  # the same blocks in channels-last layout (fast_RawNet2.py)
-            x = residual_blocks(self, x, LEAKY_SLOPE)
-        else:
-            for i in range(self.NB_BLOCKS):
-                x = getattr(self, f"block{i}")(x)                     # (B, C', T' // 3)
-                if self.legacy:
-                    x = feature_map_scaling(x, getattr(self, f"fc_attention{i}"))
+        x = stage.blocks(x)                                           # block0..5
         x = F.leaky_relu(self.bn_before_gru(x), LEAKY_SLOPE)
-        x = x.transpose(1, 2)                                         # (B, T_gru, C)
-        if cpu_fast:  # one-GEMM weight gradients (fast_RawNet2.py)
-            x = gru_forward(self.gru, x)                              # (B, T_gru, gru_node)
-        else:
-            self.gru.flatten_parameters()
-            x, _ = self.gru(x)                                        # (B, T_gru, gru_node)
+        x = stage.gru(x.transpose(1, 2))                              # (B, T_gru, gru_node)
         return self.fc1_gru(x[:, -1, :])                              # last time step
+
+    # The reference implementation of each stage of embed (fast_RawNet2.py has the fast ones).
+
+    def sinc_front_end(self, x):  # (B, 1, T) -> (B, C, (T - K + 1) // 3)
+        return F.max_pool1d(torch.abs(self.first_conv(x)), 3)
+
+    def residual_stack(self, x):  # (B, C, T) -> (B, C', T // 3 ** 6)
+        for i in range(self.NB_BLOCKS):
+            x = getattr(self, f"block{i}")(x)
+            if self.legacy:
+                x = feature_map_scaling(x, getattr(self, f"fc_attention{i}"))
+        return x
+
+    def gru_outputs(self, x):  # (B, T, C) -> (B, T, gru_node)
+        self.gru.flatten_parameters()
+        return self.gru(x)[0]
 
     def forward(self, x, is_test=False):
         """Training-head logits, or the un-normalised embedding when ``is_test`` (original API)."""

@@ -86,8 +86,10 @@ def build_parser():
         help="seconds a torchrun process waits for the others (joining, collectives) before it fails; "
              "with torchrun --max-restarts the group then restarts from last.pt")
     add("sync_bn", default=False, help="synchronise batch-norm statistics across processes (torchrun on GPUs)", **flag)
-    add("fast", default=True, help="fast path of fast_RawNet2.py (fused sinc front end; on CPU also "
-        "channels-last blocks and GRU): same math, faster and smaller; False runs the plain reference path", **flag)
+    add("fast", default="auto", **utils.FAST_FLAG,
+        help="fast path of fast_RawNet2.py (fused sinc front end; on CPU also channels-last blocks and GRU), "
+             "the same math: auto times each part against the reference on first use and keeps what is "
+             "faster on this machine (cached plan); True takes every fast part; False the plain reference path")
     add("amp", type=str, default="none", choices=["none", "bf16", "fp16"],
         help="mixed precision of the training steps: bf16 autocast, or fp16 autocast with a gradient "
              "scaler (GPU only); the sinc front end and the per-epoch TTA evaluation stay float32")
@@ -159,27 +161,6 @@ bare = utils.unwrap_model  # the network inside DataParallel / DistributedDataPa
 
 # ---------------------------------------------------------------------------------------------
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def amp_autocast(device, amp):
-    """The autocast context of ``-amp`` (a no-op for "none")."""
-    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp != "none")
-
-
-def backward_step(loss, optimizer, scaler=None):
-    """Gradients of ``loss`` and one optimiser step; with fp16's scaler, the loss is scaled so that
-    small gradients do not flush to zero (and a step with inf/NaN gradients is skipped)."""
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-
-
 def train_epoch(model, loader, optimizer, scheduler, device, epoch, step, amp="none", scaler=None,
                 progress=True):
     """One pass over the training list. Returns (mean loss, global step)."""
@@ -189,12 +170,12 @@ def train_epoch(model, loader, optimizer, scheduler, device, epoch, step, amp="n
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     for x, y, keys in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with amp_autocast(device, amp):
+        with utils.amp_autocast(device, amp):
             loss = criterion(model(x), y)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss {loss.item()} at step {step} (epoch {epoch}); "
                                 f"batch utterances: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
-        backward_step(loss, optimizer, scaler)
+        utils.backward_step(loss, optimizer, scaler)
         if scheduler is not None:
             scheduler.step()
         step += 1

@@ -43,9 +43,12 @@ from scipy.signal import resample_poly
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+import fast_RawNet2
+
 # torch-free basics; the scripts reach them as utils.X
 from common import (  # noqa: F401
     BOOL_FLAG,
+    FAST_FLAG,
     FAULT_ENV,
     TMP_PREFIX,
     TRACE_ENV,
@@ -357,37 +360,72 @@ def _first(batch):
     return batch[0]
 
 
-@contextlib.contextmanager
-def bf16_autocast(device, enabled=True):
-    """bfloat16 autocast on ``device``; RawNet2 keeps its sinc front end in float32 inside (see
-    ``RawNet2.embed``). Opt-in (``-bf16``): it changes the numbers slightly."""
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled):
-        yield
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_amp_warned = set()
+
+
+def amp_autocast(device, amp="bf16"):
+    """The autocast context of ``-amp`` (training) and ``-bf16`` (extraction): "none" or False is a
+    no-op, "bf16" or True bfloat16 autocast, "fp16" float16 autocast. RawNet2 keeps its sinc front
+    end in float32 inside (see ``RawNet2.embed``). Opt-in: it changes the numbers slightly. On a CPU
+    without native bfloat16 (no AVX-512 BF16 or AMX) bf16 is emulated and measured slower than
+    float32 (bench/README.md): one line says so, once per process."""
+    amp = {True: "bf16", False: "none"}.get(amp, amp)
+    device_type = torch.device(device).type
+    if amp == "bf16" and device_type == "cpu" and not fast_RawNet2.cpu_has_native_bf16() and not _amp_warned:
+        _amp_warned.add(amp)
+        if is_main_process():
+            tqdm.write("warning: this CPU has no native bfloat16 (no avx512_bf16/amx_bf16 flag): bf16 runs "
+                       "emulated and slower than float32 here; leave -amp/-bf16 off for speed", file=sys.stderr)
+    return torch.autocast(device_type, dtype=AMP_DTYPES.get(amp), enabled=amp != "none")
+
+
+def backward_step(loss, optimizer, scaler=None):
+    """Gradients of ``loss`` and one optimiser step; with fp16's scaler, the loss is scaled so that
+    small gradients do not flush to zero (and a step with inf/NaN gradients is skipped)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
 
 
 @torch.no_grad()
 def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", nb_worker=0,
-                    segments_per_batch=32, bf16=False, convert=False):
+                    segments_per_batch=None, bf16=False, convert=False):
     """Yield ``(key, embedding)`` for each of ``keys`` read from ``base_dir``, as soon as it is done.
 
     The embedding is the TTA embedding (mean over segments of ``model.embed``) as a float32 numpy
     vector, or None for a silent/empty file. Segments of several utterances are packed into forwards
-    of ``segments_per_batch`` windows (a long utterance is split over several); each file is read
-    once, in ``nb_worker`` DataLoader workers while the model runs. In eval mode every segment's
-    embedding is independent of its batch-mates, so packing changes no number. ``convert``: files
-    of any format, rate and channel count are converted to 16 kHz mono as they are read.
+    of ``segments_per_batch`` windows (a long utterance is split over several); None measures the
+    fastest size on the first forwards and caches it (``fast_RawNet2.SegmentPlan``; fewer than
+    ``fast_RawNet2.PLAN_MIN_UTTERANCES`` keys measure nothing). Each file is
+    read once, in ``nb_worker`` DataLoader workers while the model runs. In eval mode every
+    segment's embedding is independent of its batch-mates, so packing changes no number. ``convert``:
+    files of any format, rate and channel count are converted to 16 kHz mono as they are read.
     """
     net = unwrap_model(model)
     was_training = net.training
     net.eval()
+    # A short job does not pay for measuring plans: cached ones, else the one-segment reference.
+    measure = len(keys) >= fast_RawNet2.PLAN_MIN_UTTERANCES
+    plan = fast_RawNet2.SegmentPlan(net, device, bf16, segments_per_batch, measure=measure)
     loader = DataLoader(TTASet(keys, base_dir, nb_samp, window_size, convert), batch_size=1,
                         num_workers=nb_worker, collate_fn=_first)
     pending, pending_keys, pending_counts = [], [], []
 
+    def forward(batch):
+        start = time.perf_counter()
+        code = net.embed(batch.to(device)).float().cpu()  # (.cpu() waits for the device)
+        plan.observe(len(batch), time.perf_counter() - start)
+        return code
+
     def flush():
-        with bf16_autocast(device, bf16):
-            codes = torch.cat([net.embed(batch.to(device)).float().cpu()
-                               for batch in torch.split(torch.cat(pending), segments_per_batch)])
+        with amp_autocast(device, bf16), fast_RawNet2.measuring(measure):
+            codes = torch.cat([forward(batch) for batch in torch.split(torch.cat(pending), plan.size)])
         done = [(key, part.mean(0).numpy()) for key, part in
                 zip(pending_keys, torch.split(codes, pending_counts))]
         pending.clear(), pending_keys.clear(), pending_counts.clear()
@@ -398,7 +436,7 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
             if len(segments) == 0:
                 yield key, None
                 continue
-            if pending and sum(pending_counts) + len(segments) > segments_per_batch:
+            if pending and sum(pending_counts) + len(segments) > plan.size:
                 yield from flush()
             pending.append(segments), pending_keys.append(key), pending_counts.append(len(segments))
         if pending:
@@ -408,7 +446,7 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
 
 
 def embed_utterances(model, keys, base_dir, nb_samp, window_size, device="cpu", nb_worker=0,
-                     segments_per_batch=32, progress=True, desc="TTA embeddings", bf16=False):
+                     segments_per_batch=None, progress=True, desc="TTA embeddings", bf16=False):
     """TTA embeddings of ``keys`` read from ``base_dir`` (see ``iter_embeddings``). Returns
     ``(embeddings, skipped)``: a dict utterance id (no ``.wav``) -> float32 numpy vector, and the
     keys of silent files."""
@@ -445,7 +483,7 @@ def embed_utterance(model, wav, window_size=11810, device="cpu", segments_per_ba
     was_training = net.training
     net.eval()
     try:
-        with bf16_autocast(device, bf16):
+        with amp_autocast(device, bf16):
             codes = [net.embed(batch.to(device)).float().cpu()
                      for batch in torch.split(segments, segments_per_batch)]
     finally:

@@ -9,8 +9,9 @@ segments) to a temporary folder and embeds them with the paper-size network (ran
 ``-model_dir`` is given; speed does not depend on the weights), in the same run:
   * reference: the original evaluation loop, one segment per forward pass, audio read in the loop;
   * ours: segments of many utterances packed into forwards of ``-bs`` segments, audio read once
-    per file in DataLoader workers, with the fast path (``-fast``, the default) for each of several
-    batch sizes, and at the largest one also with the reference network and with ``-bf16``.
+    per file in DataLoader workers, with the fast path (``-fast True``) for each of several batch
+    sizes, and at the largest one also with the reference network and with ``-bf16``;
+  * planned: what ``-extract`` runs by default (``-fast auto``, segments per forward measured).
 Configurations are interleaved over ``-rounds`` rounds and the best time of each is kept, so a
 busy machine disturbs every configuration alike. Prints segments/s, the ratio to the reference
 and the largest difference to the reference embeddings (fp32 must stay within 1e-5).
@@ -82,7 +83,8 @@ def main():
     parser.add_argument("-bs", type=int, nargs="+", default=None,
                         help="segments per forward to try (default 64 256 512 on GPU, 1 4 16 on CPU)")
     parser.add_argument("-nb_worker", type=int, default=2, help="DataLoader workers for the batched path")
-    parser.add_argument("-rounds", type=int, default=2, help="interleaved repetitions; the best is kept")
+    parser.add_argument("-rounds", type=int, default=2,
+                        help="interleaved repetitions; the best is kept (the planned row's first one measures its plans)")
     parser.add_argument("-model_dir", default="", help="checkpoint to use instead of random paper-size weights")
     args = parser.parse_args()
     gpu = args.device.startswith("cuda")
@@ -108,6 +110,10 @@ def main():
         for bs in sizes:
             configs[f"batched -bs {bs}"] = \
                 lambda bs=bs: batched(fast_model, keys, folder, args.device, bs, args.nb_worker, False)
+        auto_model = copy.deepcopy(model)
+        auto_model.fast = "auto"
+        configs["planned (-extract default)"] = \
+            lambda: batched(auto_model, keys, folder, args.device, None, args.nb_worker, False)
         top = sizes[-1]
         configs[f"batched -bs {top} -fast False"] = \
             lambda: batched(model, keys, folder, args.device, top, args.nb_worker, False)
@@ -115,6 +121,7 @@ def main():
             lambda: batched(fast_model, keys, folder, args.device, top, args.nb_worker, True)
         for net in (model, fast_model):  # warm-up (kernels, allocator)
             batched(net, keys[:2], folder, args.device, sizes[0], 0, False)
+        # the planned configuration measures its plans in its first round (then they are cached)
         best, outputs = {}, {}
         for _ in range(args.rounds):
             for label, fn in configs.items():

@@ -9,8 +9,11 @@
 Variants (the training script's flags in brackets):
   reference   the plain PyTorch network of model_RawNet2.py              [-fast False]
   fast        fused sinc front end, and on CPU the channels-last blocks
-              and GRU of fast_RawNet2.py: same math                      [-fast, the default]
-  fast+bf16   the same under bfloat16 autocast                           [-amp bf16]
+              and GRU of fast_RawNet2.py: same math                      [-fast True]
+  auto        the plan measured on first use (cached per machine): each
+              part fast or reference, whichever is faster here            [-fast auto, the default]
+  fast+bf16   the same under bfloat16 autocast                           [-fast True -amp bf16]
+  reference+bf16  the reference network under bfloat16 autocast          [-fast False -amp bf16]
   fast+fp16   float16 autocast with a gradient scaler (GPU only)         [-amp fp16]
 The sinc front end stays float32 under autocast (see model_RawNet2.embed).
 
@@ -36,12 +39,19 @@ from torch.nn.parallel import DistributedDataParallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import fast_RawNet2  # noqa: E402
 import utils  # noqa: E402
 from model_RawNet2 import RawNet2, default_d_args  # noqa: E402
-from train_RawNet2 import amp_autocast, backward_step  # noqa: E402
 
-VARIANTS = {"reference": (False, "none"), "fast": (True, "none"), "fast+bf16": (True, "bf16"),
-            "fast+fp16": (True, "fp16")}
+VARIANTS = {"reference": (False, "none"), "fast": (True, "none"), "auto": ("auto", "none"),
+            "fast+bf16": (True, "bf16"), "reference+bf16": (False, "bf16"), "fast+fp16": (True, "fp16")}
+
+
+# (crop samples, d_args changes, default batch on CPU)
+SMALL_FILTERS = [32, [32, 32], [32, 64], [64, 64]]
+CONFIGS = {"paper": (59049, {}, 4),
+           "small": (24000, {"filts": SMALL_FILTERS, "gru_node": 256, "nb_fc_node": 256}, 32),
+           "demo": (16000, {"filts": SMALL_FILTERS, "gru_node": 128, "nb_fc_node": 128}, 32)}
 
 
 def parse_args(argv=None):
@@ -59,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--benchmark", action="store_true",
                    help="cudnn.benchmark (the original, like -reproducible here, runs cuDNN deterministic)")
     p.add_argument("--label", default="", help="name of this run in the JSON line")
+    p.add_argument("--config", default="paper", choices=list(CONFIGS),
+                   help="paper: the paper's model and 59,049-sample crops; small: 24,000-sample crops, "
+                        "filters 32/64, GRU 256 (default batch 32); demo: train_RawNet2.py -demo's model")
     return p.parse_args(argv)
 
 
@@ -73,27 +86,30 @@ def run_variant(args, variant):
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     torch.backends.cudnn.deterministic = not args.benchmark
     torch.backends.cudnn.benchmark = args.benchmark
-    bs = args.bs or (100 if cuda else 4)
+    nb_samp, changes, cpu_bs = CONFIGS[args.config]
+    bs = args.bs or (100 if cuda else cpu_bs)
     if bs % world:
         sys.exit(f"error: --bs {bs} is not divisible by the world size {world}")
     fast, amp = VARIANTS[variant]
     torch.manual_seed(0)
-    model = RawNet2(default_d_args(args.nb_classes), fast=fast).to(device)
+    model = RawNet2({**default_d_args(args.nb_classes, nb_samp), **changes}, fast=fast).to(device)
     model.apply(utils.init_weights)
     if dist.is_initialized():
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     opt = torch.optim.Adam(utils.param_groups(model, 1e-4), lr=1e-3, weight_decay=1e-4, amsgrad=True)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    x = torch.randn(bs // world, 59049, device=device)
+    x = torch.randn(bs // world, nb_samp, device=device)
     y = torch.randint(0, args.nb_classes, (bs // world,), device=device)
 
     def step():  # train_RawNet2.train_epoch's step
-        with amp_autocast(device, amp):
+        with utils.amp_autocast(device, amp):
             loss = F.cross_entropy(model(x), y)
-        backward_step(loss, opt, scaler)
+        utils.backward_step(loss, opt, scaler)
 
-    for _ in range(args.warmup):
+    for _ in range(args.warmup):  # (with -fast auto the first step measures the plan)
         step()
+    with utils.amp_autocast(device, amp):
+        plan = fast_RawNet2.stages_for(model.module if dist.is_initialized() else model, x).plan
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -110,7 +126,7 @@ def run_variant(args, variant):
     return {"label": args.label, "variant": variant, "device": device_name(), "world_size": world,
             "global_batch": bs, "s_per_step": round(seconds, 4), "crops_per_s": round(bs / seconds, 1),
             "peak_mem_GiB_per_process": round(peak / 2 ** 30, 2),
-            "peak_mem_kind": "CUDA allocator" if cuda else "process RSS"}
+            "peak_mem_kind": "CUDA allocator" if cuda else "process RSS", "plan": plan, "config": args.config}
 
 
 def device_name():
@@ -129,7 +145,7 @@ def cpu_model():
 
 def child_argv(args, variant):
     argv = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--nb_classes", str(args.nb_classes)]
+            "--warmup", str(args.warmup), "--nb_classes", str(args.nb_classes), "--config", args.config]
     if args.bs:
         argv += ["--bs", str(args.bs)]
     if args.benchmark:
@@ -140,7 +156,7 @@ def child_argv(args, variant):
 def compare(args):
     """Run every variant ``args.rounds`` times, interleaved, each in its own process; print a table."""
     cuda = torch.cuda.is_available()
-    variants = args.variants or [v for v in VARIANTS if cuda or v != "fast+fp16"]
+    variants = args.variants or [v for v in VARIANTS if v != "reference+bf16" and (cuda or v != "fast+fp16")]
     if "reference" not in variants:
         variants = ["reference"] + variants
     runs = {v: [] for v in variants}
@@ -150,14 +166,19 @@ def compare(args):
             runs[v].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {r + 1}/{args.rounds} {v}: {runs[v][-1]['s_per_step']:.3f} s/step", file=sys.stderr)
     first = runs[variants[0]][0]
-    print(f"device: {first['device']}; batch {first['global_batch']} x 59,049 samples; "
-          f"median of {args.rounds} rounds x {args.steps} steps; cudnn.benchmark={args.benchmark}")
-    print(f"{'variant':<12} {'s/step':>8} {'crops/s':>9} {'vs reference':>13} {'peak GiB':>9}")
+    kernels = ", ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+                        if k in os.environ) or "default kernels"
+    print(f"device: {first['device']} ({kernels}); config {args.config}, batch {first['global_batch']} x "
+          f"{CONFIGS[args.config][0]:,} samples; median of {args.rounds} rounds x {args.steps} steps; "
+          f"cudnn.benchmark={args.benchmark}")
+    print(f"{'variant':<15} {'s/step':>8} {'crops/s':>9} {'vs reference':>13} {'peak GiB':>9}  "
+          f"plan (front end / blocks / GRU)")
     ref = statistics.median(r["s_per_step"] for r in runs["reference"])
     for v in variants:
         s = statistics.median(r["s_per_step"] for r in runs[v])
         peak = max(r["peak_mem_GiB_per_process"] for r in runs[v])
-        print(f"{v:<12} {s:8.3f} {first['global_batch'] / s:9.1f} {ref / s:12.2f}x {peak:9.2f}")
+        plan = " / ".join(runs[v][-1]["plan"][stage] for stage in fast_RawNet2.STAGES)
+        print(f"{v:<15} {s:8.3f} {first['global_batch'] / s:9.1f} {ref / s:12.2f}x {peak:9.2f}  {plan}")
     print(f"(peak memory: {first['peak_mem_kind']})")
 
 

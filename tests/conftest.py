@@ -53,3 +53,10 @@ def tiny_corpus(tmp_path_factory):
 def tiny_run_flags(corpus, save_dir, name="run", epochs=1):
     return ["-name", name, "-save_dir", str(save_dir), "-DB", os.path.join(corpus, "VoxCeleb1") + "/",
             "-DB_vox2", os.path.join(corpus, "VoxCeleb2") + "/", "-epoch", str(epochs)] + TINY_FLAGS
+
+
+@pytest.fixture(autouse=True)
+def plan_cache_dir(tmp_path_factory, monkeypatch):
+    """The fast path's measured plans (fast_RawNet2) are cached in a temporary folder, never the
+    user's cache; tests/test_plan.py points single tests at folders of their own."""
+    monkeypatch.setenv("RAWNET2_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "plans"))

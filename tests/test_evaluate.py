@@ -420,7 +420,7 @@ def test_bf16_keeps_the_sinc_front_end_in_float32(tiny_checkpoint):
         return hook
 
     hooks = [model.get_submodule(name).register_forward_hook(record(name)) for name in ("first_conv", "block1.0.conv1")]
-    with torch.no_grad(), utils.bf16_autocast("cpu"):
+    with torch.no_grad(), utils.amp_autocast("cpu", "bf16"):
         model.embed(torch.randn(2, 4000))
     for hook in hooks:
         hook.remove()

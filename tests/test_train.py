@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-import model_RawNet2
+import fast_RawNet2
 import train_RawNet2 as train
 from conftest import ROOT, tiny_run_flags
 from model_RawNet2 import load_pretrained
@@ -123,13 +123,13 @@ def test_val_trial_selects_on_validation_list(tiny_corpus, tmp_path):
     assert re.fullmatch(r"epoch:0, TA_eval_eer:\d\.\d{4}, TA_val_eer:\d\.\d{4}", line)
 
 
-@pytest.mark.parametrize("flag,fast", [([], True), (["-fast", "False"], False)])
+@pytest.mark.parametrize("flag,fast", [(["-fast"], True), (["-fast", "False"], False)])
 def test_fast_flag_selects_the_path(tiny_corpus, tmp_path, monkeypatch, flag, fast):
     # (outputs and gradients of the two paths are tied together in tests/test_fast.py; over several
     # training steps float32 rounding alone moves either path's parameters by percents)
     calls = []
-    fused = model_RawNet2.sinc_abs_maxpool
-    monkeypatch.setattr(model_RawNet2, "sinc_abs_maxpool", lambda *a: calls.append(1) or fused(*a))
+    fused = fast_RawNet2.sinc_abs_maxpool
+    monkeypatch.setattr(fast_RawNet2, "sinc_abs_maxpool", lambda *a: calls.append(1) or fused(*a))
     run(tiny_run_flags(tiny_corpus, tmp_path, epochs=1) + flag)
     assert bool(calls) is fast
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["args"]["fast"] is fast
@@ -182,7 +182,7 @@ def test_defaults_are_the_papers():
     assert (a.m_first_conv, a.m_in_channels, a.m_nb_fc_node, a.m_gru_node, a.m_nb_gru_layer, a.m_nb_samp) == (
         251, 1, 1024, 1024, 1, 59049)
     assert a.m_filts == [128, [128, 128], [128, 256], [256, 256]]
-    assert (a.fast, a.amp) == (True, "none")  # the fast path is the same math; mixed precision is opt-in
+    assert (a.fast, a.amp) == ("auto", "none")  # the measured plan is the same math; mixed precision is opt-in
 
 
 def test_list_and_double_dash_flags_parse():

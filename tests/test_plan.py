@@ -1,0 +1,237 @@
+"""The measured plan of the fast path (fast_RawNet2.stages_for, -fast auto): choice from timings,
+the cache file, and parity of every plan with the reference. No test depends on real timings:
+the measurements are replaced by fixed numbers."""
+
+import copy
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_fast import rel_err, small_model
+
+import common
+import fast_RawNet2 as fr
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small networks gain nothing from threads, and on a busy machine spinning OpenMP threads make
+    each small op wait for a descheduled peer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty plan cache of this test's own, and no plan remembered by this process."""
+    monkeypatch.setenv(fr.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(fr, "_plans", {})
+    monkeypatch.setattr(fr, "_bad_caches", set())
+    return tmp_path / "plans.json"
+
+
+def fake_timings(fast_wins):
+    """measure_stages replaced: the stages in ``fast_wins`` time 1 s fast vs 2 s reference, the
+    others the other way round. Records each call."""
+    calls = []
+
+    def measure(model, x, candidates, passes=fr.PLAN_PASSES):
+        calls.append(tuple(candidates))
+        return {s: {"reference": 2.0, "fast": 1.0} if s in fast_wins else {"reference": 1.0, "fast": 2.0}
+                for s in candidates}
+    return measure, calls
+
+
+def test_choose_keeps_fast_only_where_it_beats_the_reference_by_the_margin():
+    timings = {"front_end": {"reference": 1.0, "fast": 0.5},
+               "blocks": {"reference": 1.0, "fast": 1.0 - fr.MARGIN / 2},   # within the margin
+               "gru": {"reference": 1.0, "fast": 1.5}}
+    assert fr.choose(timings) == {"front_end": "fast", "blocks": "reference", "gru": "reference"}
+    assert fr.choose({}) == fr.REFERENCE_PLAN  # nothing measured: the reference runs
+    assert fr.choose(timings) == fr.choose(copy.deepcopy(timings))
+
+
+@pytest.mark.parametrize("fast_wins", [(), ("front_end",), ("blocks", "gru"), fr.STAGES])
+def test_auto_plan_follows_the_timings_and_is_cached(cache, monkeypatch, capsys, fast_wins):
+    measure, calls = fake_timings(fast_wins)
+    monkeypatch.setattr(fr, "measure_stages", measure)
+    model = small_model(False).eval()
+    model.fast = "auto"
+    x = torch.randn(2, model.nb_samp)
+    with torch.no_grad():
+        stages = fr.stages_for(model, x)
+        fr.stages_for(model, x)
+    assert stages.plan == {s: "fast" if s in fast_wins else "reference" for s in fr.STAGES}
+    assert calls == [fr.STAGES]  # measured once: the second call reuses the plan
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("RawNet2 plan (eval-nograd, batch <= 2, float32)")
+    entry, = json.loads(cache.read_text())["plans"].values()
+    assert entry["plan"] == stages.plan and entry["timings"]["front_end"]["reference"] in (1.0, 2.0)
+
+    monkeypatch.setattr(fr, "_plans", {})  # a new process: the plan comes from the file
+    with torch.no_grad():
+        assert fr.stages_for(model, x).plan == stages.plan
+    assert len(calls) == 1 and "cached in" in capsys.readouterr().err
+
+
+def plan_of(model, x):
+    with torch.no_grad():
+        return fr.stages_for(model, x).plan
+
+
+def test_cached_plan_is_invalidated_by_torch_device_config_and_shape(cache, monkeypatch):
+    measure, calls = fake_timings(("front_end",))
+    monkeypatch.setattr(fr, "measure_stages", measure)
+    model = small_model(False).eval()
+    model.fast = "auto"
+    x = torch.randn(2, model.nb_samp)
+
+    def measured_again(change):
+        monkeypatch.setattr(fr, "_plans", {})
+        before = len(calls)
+        change()
+        plan_of(model, x)
+        return len(calls) > before
+
+    assert measured_again(lambda: None)  # the first call measures
+    assert not measured_again(lambda: None)  # then the file holds it
+    assert measured_again(lambda: monkeypatch.setattr(torch, "__version__", "9.9.9"))
+    identity = fr.device_identity
+    assert measured_again(lambda: monkeypatch.setattr(
+        fr, "device_identity", lambda device: {**identity(device), "device": "cuda", "gpu": "another"}))
+    assert measured_again(lambda: monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default"))
+    wider = small_model(False).eval()  # another configuration: a GRU of another size
+    wider.gru = torch.nn.GRU(24, 20, batch_first=True)
+    wider.fc1_gru = torch.nn.Linear(20, 12)
+    wider.fast = "auto"
+    model = wider
+    assert measured_again(lambda: None)
+    x = torch.randn(5, model.nb_samp)  # batch 5: the next power of 2, 8, is another shape
+    assert measured_again(lambda: None)
+    x = torch.randn(7, model.nb_samp)  # 7 rounds up to 8 too
+    assert not measured_again(lambda: None)
+    model.train()  # training (forward and backward) is another context
+    assert measured_again(lambda: None)
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 0, "plans": {}}), json.dumps([1, 2])])
+def test_corrupt_plan_file_is_ignored_with_one_line(cache, monkeypatch, capsys, content):
+    cache.write_text(content)
+    measure, calls = fake_timings(("gru",))
+    monkeypatch.setattr(fr, "measure_stages", measure)
+    model = small_model(False).eval()
+    model.fast = "auto"
+    assert plan_of(model, torch.randn(1, model.nb_samp))["gru"] == "fast"
+    err = capsys.readouterr().err.splitlines()
+    notes = [line for line in err if line.startswith("note: ignoring the plan cache")]
+    assert len(notes) == 1 and str(cache) in notes[0]
+    assert len(calls) == 1
+    assert json.loads(cache.read_text())["format"] == fr.PLAN_FORMAT  # rewritten whole
+
+
+def test_forced_modes_do_not_measure(cache, monkeypatch):
+    monkeypatch.setattr(fr, "measure_stages", lambda *a, **k: pytest.fail("measured"))
+    model = small_model(False).eval()
+    x = torch.randn(1, model.nb_samp)
+    for mode, plan in ((False, fr.REFERENCE_PLAN), (True, dict.fromkeys(fr.STAGES, "fast")),
+                       ({"blocks": "fast"}, {**fr.REFERENCE_PLAN, "blocks": "fast"})):
+        model.fast = mode
+        assert plan_of(model, x) == plan
+    model.fast = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 CPU code only: the blocks and GRU
+        assert plan_of(model, x) == {**fr.REFERENCE_PLAN, "front_end": "fast"}
+    assert not cache.exists()
+
+
+def test_fast_flag_values():
+    assert [common.parse_fast(v) for v in ("auto", "AUTO", "True", "yes", "1", "False", "no", "0", True)] == \
+        ["auto", "auto", True, True, True, False, False, False, True]
+    with pytest.raises(Exception, match="auto, True or False"):
+        common.parse_fast("sometimes")
+
+
+ALL_PLANS = [dict(zip(fr.STAGES, impls)) for impls in itertools.product(("reference", "fast"), repeat=3)]
+
+
+# every plan in the FMS layout; mixed plans in the legacy layout (test_fast.py has it all-fast)
+PLAN_CASES = [(False, plan) for plan in ALL_PLANS] + [
+    (True, {"front_end": "fast", "blocks": "reference", "gru": "fast"}),
+    (True, {"front_end": "reference", "blocks": "fast", "gru": "reference"})]
+
+
+@pytest.mark.parametrize("legacy,plan", PLAN_CASES,
+                         ids=lambda p: "-".join(v[0] for v in p.values()) if isinstance(p, dict) else str(p))
+def test_every_plan_gives_the_reference_outputs_and_gradients(legacy, plan):
+    ref = small_model(legacy, nb_samp=8000).train()  # the GRU sees 3 steps
+    other = copy.deepcopy(ref)
+    other.fast = plan
+    torch.manual_seed(1)
+    x = torch.randn(3, ref.nb_samp)
+    y = torch.randint(0, 7, (3,))
+    logits = {}
+    for name, model in (("ref", ref), ("plan", other)):
+        logits[name] = model(x)
+        F.cross_entropy(logits[name], y).backward()
+    assert rel_err(logits["plan"], logits["ref"]) < 1e-4
+    grads = dict(ref.named_parameters())
+    for name, p in other.named_parameters():
+        if p.grad is None or name.endswith("conv1.bias"):  # (see test_fast.py: 0 up to rounding)
+            continue
+        assert rel_err(p.grad, grads[name].grad) < 1e-4, name
+        assert p.grad.stride() == p.stride(), name  # the layout DDP's gradient buckets expect
+    with torch.no_grad():
+        assert rel_err(other.eval().embed(x), ref.eval().embed(x)) < 1e-5
+
+
+def test_measuring_leaves_the_model_untouched(cache):
+    model = small_model(False, nb_samp=8000).train()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, model.nb_samp)
+    timings = fr.measure_stages(model, x, fr.STAGES, passes=1)
+    assert set(timings) == set(fr.STAGES) and all(set(t) == {"reference", "fast"} for t in timings.values())
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_segment_plan_picks_the_least_time_per_segment_and_caches_it(cache, capsys):
+    model = small_model(False).eval()
+    plan = fr.SegmentPlan(model, "cpu", False, candidates=(1, 2, 4))
+    per_segment = {1: 0.30, 2: 0.20, 4: 0.25}
+    sizes = []
+    while not plan.done:
+        sizes.append(plan.size)
+        plan.observe(plan.size, (5.0 if sizes.count(plan.size) == 1 else per_segment[plan.size]) * plan.size)
+    assert plan.size == 2
+    assert sizes == [1] * 3 + [2] * 3 + [4] * 3  # per size: one warm-up forward, then the timed ones
+    assert "2 segments per forward" in capsys.readouterr().err
+    fr._plans.clear()
+    gives_up = fr.SegmentPlan(model, "cpu", False, candidates=(1, 3, 5, 7))  # 5 is 1.5x slower than 3
+    per_segment = {1: 0.30, 3: 0.20, 5: 0.30, 7: 0.01}
+    sizes = []
+    while not gives_up.done:
+        sizes.append(gives_up.size)
+        gives_up.observe(gives_up.size, per_segment[gives_up.size] * gives_up.size)
+    assert gives_up.size == 3 and 7 not in sizes
+    fr._plans.clear()
+    again = fr.SegmentPlan(model, "cpu", False, candidates=(1, 2, 4))
+    assert again.done and again.size == 2
+    assert fr.SegmentPlan(model, "cpu", False, forced=7).size == 7
+    other = copy.deepcopy(model)
+    other.fast = True  # another path: planned on its own
+    assert not fr.SegmentPlan(other, "cpu", False, candidates=(1, 2, 4)).done
+
+
+def test_a_short_job_measures_nothing_and_runs_the_reference(cache, monkeypatch, capsys):
+    monkeypatch.setattr(fr, "measure_stages", lambda *a, **k: pytest.fail("measured"))
+    model = small_model(False).eval()
+    model.fast = "auto"
+    with fr.measuring(False):
+        assert plan_of(model, torch.randn(1, model.nb_samp)) == fr.REFERENCE_PLAN
+    assert "not measured for a short job" in capsys.readouterr().err and not cache.exists()
+    short = fr.SegmentPlan(model, "cpu", False, candidates=(1, 4), measure=False)
+    assert short.done and short.size == 1
