@@ -166,9 +166,6 @@ def load_model(args):
     except (RuntimeError, EOFError, OSError) as e:  # e.g. a truncated file
         raise DataError(f"{args.model_dir}: not a loadable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
     model.fast = args.fast
-    if args.window_size >= model.nb_samp:  # TTA segments would never advance
-        raise DataError(f"-window_size {args.window_size}: must be smaller than the segment length "
-                        f"{model.nb_samp} of {args.model_dir}")
     return model.to(args.device)
 
 

@@ -891,15 +891,6 @@ def test_bad_evaluation_flags_are_one_line(tmp_path, argv, message):
         ev.main(ev.parse_args(["-embd_dir", str(tmp_path), *argv]))
 
 
-def test_window_size_beyond_the_model_input_is_one_line(extraction, tmp_path):
-    code, _, err = run_forked(ev.cli, extraction["flags"](tmp_path / "embd", "-window_size", "4000"))
-    assert code == 1
-    one_error_line(
-        err, "-window_size 4000: must be smaller than the segment length 4000 of", extraction["checkpoint"]
-    )
-    assert not (tmp_path / "embd").exists()
-
-
 def test_missing_embedding_folder_is_named(tmp_path):
     code, _, err = run_forked(ev.cli, ["-embd_dir", str(tmp_path / "DIR_THAT_DOES_NOT_EXIST") + "/"])
     assert code == 1
