@@ -8,30 +8,12 @@ Reproduces evaluate_pretrained_RawNet2.py of github.com/Jungjee/RawNet (python/R
 TTA embeddings ``-embd_dir/TTA_vox1_{dev,eval}.pk`` are scored with cosine similarity on Vox1-O
 (``vox_original.txt``, eval embeddings) and on Vox1-E and Vox1-H (``list_test_all_cleaned.txt``,
 ``list_test_hard_cleaned.txt``, dev + eval embeddings); each EER is printed as the original prints it
-(``Vox original evaluation EER: <fraction>``) and appended to ``eers.txt``. The facts are in
-../shared/SPEC.md.
+(``Vox original evaluation EER: <fraction>``) and appended to ``eers.txt``. docs/FIDELITY.md lists
+what it keeps from the original and where it differs.
 
-Added, none of which changes a number the original prints:
-  * On its own line under each EER: minDCF at p_target 0.01 and 0.05 (C_miss = C_fa = 1) and the EER
-    threshold. A list that is absent is skipped with a note; ``-trials`` scores other lists.
-  * ``-extract`` makes the pickles the original only ships: TTA embeddings of ``-DB``'s dev_wav/ and
-    eval_wav/ from any checkpoint (released legacy weights or ours), segments of many utterances per
-    forward, audio read in DataLoader workers, written atomically; an interrupted run resumes from
-    ``-embd_dir/.partial/``. ``-format npy`` writes/reads a matrix plus key list instead.
-  * Pickles are untrusted input: they are read with a restricted unpickler
-    (``scoring.RestrictedUnpickler``) that refuses anything but containers, strings, numbers and
-    numpy arrays.
-  * Scoring imports no PyTorch (only -extract and -verify do) and is vectorised and chunked
-    (``scoring.EmbeddingTable``), accumulated in float64: the EERs of the original's per-trial loop
-    (bench/score.py measures both).
-  * Any audio: ``-extract -wav_dir DIR`` (every audio file under DIR, keys relative to it) or
-    ``-wav_list FILE`` embeds files of any format libsndfile reads, rate and channel count (converted
-    to 16 kHz mono as they are read) into one file, ``-embd``; ``-trials FILE -embd FILE`` scores any
-    trial list against one embedding file. ``-verify`` converts its two files the same way.
-  * ``-asnorm`` (adaptive symmetric score normalisation), ``-score_dir``, ``-plot`` (DET curves),
-    ``-verify`` (one pair of wav files), ``-bf16`` (opt-in bfloat16 autocast for extraction).
-  * Bad input stops with one line naming the file, key or line: missing keys, NaN/zero embeddings,
-    unparsable trial lines, single-class lists, checkpoints of the wrong layout.
+Added: minDCF and the EER threshold under each EER line; ``-extract`` (the pickles from any
+checkpoint, resumable), ``-wav_dir``/``-wav_list`` (any audio), ``-onnx``, ``-verify``, ``-asnorm``,
+``-score_dir``, ``-plot``, ``-bf16``. Scoring imports no PyTorch: only extraction and verification do.
 """
 
 import argparse

@@ -2,7 +2,8 @@
 
 Reproduces Jung et al., "Improved RawNet with Feature Map Scaling for Text-independent Speaker
 Verification using Raw Waveforms" (Interspeech 2020), after the authors' PyTorch code
-(github.com/Jungjee/RawNet, folder python/RawNet2). The facts followed here are in ../shared/SPEC.md.
+(github.com/Jungjee/RawNet, folder python/RawNet2). docs/FIDELITY.md lists what it keeps from
+that code, its quirks, and where it knowingly differs; each quirk is also commented where it lives.
 
 The network, bottom-up:
     LayerNorm(nb_samp) -> SincConv(128, 251) -> |.| -> max-pool 3 -> BN -> LeakyReLU(0.3)
@@ -15,18 +16,9 @@ Two state-dict layouts, both loading with strict key matching:
   * Legacy layout (``legacy=True``): the released ``rawnet2_best_weights.pt``; FMS is applied by the
     top-level ``fc_attention0..5``, and each block feeds ``conv1`` its raw input (see ResidualBlock).
 
-Deliberate differences from the original code (none changes a number):
-  * The constructor never mutates ``d_args`` (the original rewrites ``d_args['filts'][2][0]``).
-  * ``embed(x)`` is the plain embedding entry point; ``forward(x, is_test=True)`` stays for
-    compatibility with the original scripts.
-  * Sinc filters' time axis and window are non-persistent buffers (they move with ``.to(device)``
-    and are not in the state dict, exactly like the original's plain tensor attributes).
-  * In eval mode the legacy block skips computing ``bn1`` (its output is unused and eval-mode BN
-    updates no statistics, so nothing observable changes).
-  * Under autocast (bf16/fp16, opt-in) the sinc front end still runs in float32.
-  * ``fast=True`` or ``"auto"`` (the scripts' ``-fast``; "auto", the default, measures per machine
-    which stages gain) evaluates the same math in another order, in fast_RawNet2.py; outputs and
-    gradients move by float32 rounding only (tests/test_fast.py, tests/test_plan.py).
+``embed(x)`` is the plain embedding entry point (``forward(x, is_test=True)`` stays for the original
+scripts). ``fast`` (the scripts' ``-fast``) lets fast_RawNet2.py evaluate three stages in another
+order with the same math; ``embed`` asks it once per call which implementation each stage uses.
 """
 
 import math

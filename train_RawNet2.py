@@ -9,12 +9,9 @@ dash; a double dash works too), same defaults, same outputs under ``<save_dir>/<
 target`` per trial), and on a new best EER ``models/TA_{E}_{eer:.4f}.pt`` (state_dict) and
 ``models/best_opt_eval.pt`` (optimiser).
 
-Added, none of which changes the recipe: ``last.pt`` (model, optimiser, scheduler, epoch, best EER,
-RNG states) and ``args.json`` written atomically every epoch, so ``-resume`` continues an interrupted
-run; ``-val_trial`` to select the best model on a validation list instead of the test list; ``-demo``;
-crops and shuffling drawn from ``-seed`` and the epoch, so a run does not depend on the worker count;
-no ``val_trial.txt`` or ``dev_wav/`` required unless asked for; bad data and bad flags stop with one
-clear line; a lock (``.lock``) keeps a second run out of the same folder.
+Added: ``last.pt`` and ``args.json`` every epoch (``-resume``), ``-val_trial``, ``-demo``, ``-fast``,
+``-amp``, torchrun/DDP and a run-folder lock. docs/FIDELITY.md lists what is kept from the original
+script, its quirks, and each deliberate difference with its reason.
 """
 
 import argparse

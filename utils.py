@@ -1,17 +1,13 @@
 """Shared pieces of the RawNet2 reproduction: data, segmentation, TTA embeddings, training helpers.
 
-Follows the authors' ``utils.py`` / ``trainer`` of github.com/Jungjee/RawNet (python/RawNet2); the
-facts are in ../shared/SPEC.md. Everything numeric here is checked by tests against an independent
-computation.
+Follows the authors' ``utils.py`` / ``trainer`` (github.com/Jungjee/RawNet, python/RawNet2); what
+it keeps from them and where it differs is listed once, in docs/FIDELITY.md. Everything numeric here
+is checked by tests against an independent computation.
 
-Deliberate differences from the original code:
-  * Utterance lists are sorted, so class labels do not depend on the file system's walk order.
-  * Bad audio is reported instead of silently poisoning numbers: a wav that is not 16 kHz mono raises
-    ``DataError`` naming the file; an empty or all-zero wav (the original divides by zero and gets
-    NaN) is skipped with a warning.
-  * TTA evaluation feeds all segments of many utterances through the network in one batch (the
-    original feeds one segment at a time); in eval mode this is the same math.
-  * Checkpoints and text outputs are written atomically (temporary file, then rename).
+Sections: listing and reading audio (keys, labels, checked reads, conversion, the wav index, crops,
+TTA segments); data sets and samplers; autocast and TTA embeddings; validation trials; training
+helpers (init, LR decay, weight-decay groups, seeds and RNG states); checkpoints (torch.save
+atomically, record logs, checked torch.load, folder locks); distributed helpers.
 
 Trial lists, embedding files, scores and metrics are in scoring.py, which needs no PyTorch; the
 torch-free basics (``DataError``, flags, key forms, atomic writes) are in common.py and are used

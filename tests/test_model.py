@@ -17,12 +17,12 @@ def small_args(nb_classes=5, nb_samp=4000):
 
 @pytest.mark.parametrize("nb_classes,expected", [(6112, 13_379_378), (5994, 13_258_428)])
 @pytest.mark.parametrize("legacy", [False, True])
-def test_parameter_counts_match_spec(nb_classes, expected, legacy):
+def test_parameter_counts_match_the_original(nb_classes, expected, legacy):
     model = RawNet2(default_d_args(nb_classes), legacy=legacy)
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
-def test_time_lengths_match_spec():
+def test_time_lengths_match_the_original():
     model = RawNet2(default_d_args(10)).eval()
     lengths = []
     hook = lambda module, inp, out: lengths.append(out.shape[-1])
@@ -47,7 +47,7 @@ def test_constructor_does_not_mutate_d_args():
 
 
 def reference_sinc_filters(low_hz_, band_hz_, kernel=251, sr=16000):
-    """SPEC.md's formula in float64 numpy, written out independently of the module."""
+    """The original code's sinc filter formula in float64 numpy, written out independently of the module."""
     low = 50 + np.abs(low_hz_)
     high = np.clip(low + 50 + np.abs(band_hz_), 50, sr / 2)
     band = high - low
@@ -125,7 +125,7 @@ def test_feature_map_scaling_is_x_times_s_plus_s():
 
 
 def expected_keys(legacy, nb_blocks=6):
-    """The key set of SPEC.md, written out by hand."""
+    """The key set of the original checkpoints (both layouts), written out by hand."""
     bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
     keys = {"ln.gamma", "ln.beta", "first_conv.low_hz_", "first_conv.band_hz_",
             "gru.weight_ih_l0", "gru.weight_hh_l0", "gru.bias_ih_l0", "gru.bias_hh_l0",
@@ -146,7 +146,7 @@ def expected_keys(legacy, nb_blocks=6):
 
 
 @pytest.mark.parametrize("legacy", [False, True])
-def test_state_dict_keys_match_spec(legacy):
+def test_state_dict_keys_match_the_original(legacy):
     assert set(RawNet2(default_d_args(10), legacy=legacy).state_dict()) == expected_keys(legacy)
 
 
