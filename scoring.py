@@ -75,7 +75,8 @@ def read_trials(path):
 
 def _parse_lines(path):
     labels, keys_a, keys_b = [], [], []
-    with open(path) as f:
+    # utf-8-sig: a leading byte-order mark is no part of line 1; undecodable bytes show up in the error
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
