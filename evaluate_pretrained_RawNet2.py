@@ -27,6 +27,7 @@ Added, none of which changes a number the original prints:
     ``-wav_list FILE`` embeds files of any format libsndfile reads, rate and channel count (converted
     to 16 kHz mono as they are read) into one file, ``-embd``; ``-trials FILE -embd FILE`` scores any
     trial list against one embedding file. ``-verify`` converts its two files the same way.
+    ``-onnx FILE`` runs the network exported by export_RawNet2.py with onnxruntime instead.
   * ``-asnorm`` (adaptive symmetric score normalisation), ``-score_dir``, ``-plot`` (DET curves),
     ``-verify`` (one pair of wav files), ``-bf16`` (opt-in bfloat16 autocast for extraction).
   * Bad input stops with one line naming the file, key or line: missing keys, NaN/zero embeddings,
@@ -298,8 +299,8 @@ def extract_files(args):
     args.embd = args.embd or os.path.join(args.embd_dir, f"embeddings.{args.format}")
     folder, name = os.path.split(os.path.abspath(args.embd))
     partial = os.path.join(folder, ".partial-" + name)
-    open_partial(partial, {"model_sha256": file_sha256(args.onnx or args.model_dir), "nb_samp": model.nb_samp,
-                           "window_size": args.window_size, "bf16": args.bf16,
+    open_partial(partial, {"model_sha256": file_sha256(args.onnx or args.model_dir),
+                           "nb_samp": model.nb_samp, "window_size": args.window_size, "bf16": args.bf16,
                            "source": os.path.abspath(args.wav_dir or args.wav_list)})
     embeddings = extract_subset(model, args, partial, base, "files", keys, convert=True)
     utils.save_embeddings(embeddings, args.embd)
@@ -319,8 +320,8 @@ def extract(args):
             print(f"note: {wav_dir} not found: no {subset} embeddings")
     model = load_model(args)
     partial = os.path.join(args.embd_dir, ".partial")
-    open_partial(partial, {"model_sha256": file_sha256(args.onnx or args.model_dir), "nb_samp": model.nb_samp,
-                           "window_size": args.window_size, "bf16": args.bf16})
+    open_partial(partial, {"model_sha256": file_sha256(args.onnx or args.model_dir),
+                           "nb_samp": model.nb_samp, "window_size": args.window_size, "bf16": args.bf16})
     for subset, wav_dir in present:
         embeddings = extract_subset(model, args, partial, wav_dir, subset)
         path = embedding_path(args, subset)
