@@ -126,20 +126,27 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".
                     ".w64", ".rf64")
 
 
-def _read_checked(path, **kwargs):
-    """float64 samples of a 16 kHz mono wav (``kwargs``: soundfile's start/frames); DataError else,
-    also for NaN or infinite samples (a float wav can hold them; they would poison every number)."""
+def _read_samples(path, **kwargs):
+    """``(float64 samples, rate)`` of an audio file (``kwargs``: soundfile's start/frames/always_2d);
+    DataError naming the file when it is not a readable regular file, or holds NaN or infinite
+    samples (a float wav can hold them; they would poison every number)."""
     check_regular_file(path)
     try:
         x, sr = sf.read(path, dtype="float64", **kwargs)
     except (RuntimeError, sf.LibsndfileError) as e:
         raise DataError(f"{path}: cannot read audio ({e})") from None
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: NaN or infinite samples")
+    return x, sr
+
+
+def _read_checked(path, **kwargs):
+    """float64 samples of a 16 kHz mono wav (``kwargs``: soundfile's start/frames); DataError else."""
+    x, sr = _read_samples(path, **kwargs)
     if x.ndim != 1:
         raise DataError(f"{path}: {x.shape[1]} channels, expected mono{PREPARE_HINT}")
     if sr != SAMPLE_RATE:
         raise DataError(f"{path}: sample rate {sr} Hz, expected {SAMPLE_RATE} Hz{PREPARE_HINT}")
-    if not np.isfinite(x).all():
-        raise DataError(f"{path}: NaN or infinite samples")
     return x
 
 
@@ -164,11 +171,7 @@ def to_mono_16k(x, sr):
 def read_audio(path):
     """``(samples, note)``: any file libsndfile reads (wav, flac, ogg, mp3, ...), at any rate and
     channel count, as float64 16 kHz mono (``to_mono_16k``); DataError naming the file else."""
-    try:
-        x, sr = sf.read(path, dtype="float64", always_2d=True)
-    except (RuntimeError, sf.LibsndfileError) as e:
-        raise DataError(f"{path}: cannot read audio ({e})") from None
-    return to_mono_16k(x, sr)
+    return to_mono_16k(*_read_samples(path, always_2d=True))
 
 
 def peak_normalise(x, path):

@@ -16,6 +16,7 @@ import torch
 import torch._dynamo  # (torch.optim imports it on first use: once here, not in every forked run)
 from conftest import ROOT
 
+import common
 import utils
 
 TRAIN = os.path.join(ROOT, "train_RawNet2.py")
@@ -70,7 +71,7 @@ def run_forked(cli, argv, fault=None, trace=None, kill_when=None, timeout=240):
                     os.environ.pop(name, None)
                     if value:
                         os.environ[name] = str(value)
-                utils._fault_counts.clear()
+                common._fault_counts.clear()
                 torch.set_num_threads(1)
                 warnings.resetwarnings()  # as a fresh interpreter: printed to stderr, not recorded by pytest
                 warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: (
