@@ -72,7 +72,8 @@ def build_parser():
 
     add = common.arg_group(parser, "extraction")
     add("extract", action="store_true",
-        help="compute TTA embeddings of -DB's -dev_wav and -eval_wav with -model_dir into -embd_dir, then score")
+        help="compute TTA embeddings of -DB's -dev_wav and -eval_wav with -model_dir into -embd_dir, "
+             "then score")
     add("model_dir", type=str, default="Pre-trained_model/rawnet2_best_weights.pt",
         help="checkpoint: the released weights, a TA_*.pt state_dict or a last.pt of train_RawNet2.py")
     add("DB", type=str, default="DB/VoxCeleb1/", help="VoxCeleb1 folder holding -dev_wav and -eval_wav")
@@ -146,7 +147,8 @@ def load_model(args):
         raise DataError(f"{args.model_dir}: not a PyTorch checkpoint of tensors (torch.load with "
                         f"weights_only=True refused it)") from None
     except (RuntimeError, EOFError, OSError) as e:  # e.g. a truncated file
-        raise DataError(f"{args.model_dir}: not a loadable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+        raise DataError(f"{args.model_dir}: not a loadable PyTorch checkpoint "
+                        f"({str(e).splitlines()[0]})") from None
     model.fast = args.fast
     return model.to(args.device)
 
@@ -292,14 +294,16 @@ def extraction_jobs(args):
         keys, base = audio_files(args)
         conversion_note(keys, base)
         return os.path.dirname(os.path.abspath(args.embd)), [("files", base, keys, True, args.embd)]
-    folders = [(subset, os.path.join(args.DB, wav)) for subset, wav in (("dev", args.dev_wav), ("eval", args.eval_wav))]
+    folders = [(subset, os.path.join(args.DB, wav))
+               for subset, wav in (("dev", args.dev_wav), ("eval", args.eval_wav))]
     present = [(subset, wav_dir) for subset, wav_dir in folders if os.path.isdir(wav_dir)]
     if not present:
         raise DataError(f"-extract: neither {folders[0][1]} nor {folders[1][1]} exists")
     for subset, wav_dir in folders:
         if (subset, wav_dir) not in present:
             print(f"note: {wav_dir} not found: no {subset} embeddings")
-    return args.embd_dir, [(subset, wav_dir, None, False, embedding_path(args, subset)) for subset, wav_dir in present]
+    return args.embd_dir, [(subset, wav_dir, None, False, embedding_path(args, subset))
+                           for subset, wav_dir in present]
 
 
 def extract(args):
@@ -541,7 +545,8 @@ def main(args):
         try:
             import matplotlib  # noqa: F401  (optional dependency, checked before any long work)
         except ImportError:
-            raise DataError("-plot needs matplotlib, which is not installed: pip install matplotlib") from None
+            raise DataError("-plot needs matplotlib, which is not installed: "
+                            "pip install matplotlib") from None
     if (args.wav_dir or args.wav_list) and not args.extract:
         raise DataError("-wav_dir and -wav_list name what -extract embeds: add -extract")
     if args.wav_dir and args.wav_list:
@@ -550,7 +555,8 @@ def main(args):
         raise DataError("-extract -embd FILE needs -wav_dir or -wav_list (the VoxCeleb extraction writes "
                         "<embd_dir>/TTA_vox1_{dev,eval})")
     if (args.wav_dir or args.wav_list) and not args.embd:
-        args = argparse.Namespace(**{**vars(args), "embd": os.path.join(args.embd_dir, f"embeddings.{args.format}")})
+        args = argparse.Namespace(**{**vars(args),
+                                     "embd": os.path.join(args.embd_dir, f"embeddings.{args.format}")})
     if args.verify:
         return verify(with_device(args))
     if args.extract:

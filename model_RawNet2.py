@@ -55,8 +55,10 @@ class LayerNorm(nn.Module):
 
 def mel_spaced_band_edges(nb_filters, sample_rate=16000, min_low_hz=50, min_band_hz=50):
     """``nb_filters + 1`` edges equally spaced on the mel scale from 30 Hz to sr/2 - 100 Hz."""
-    to_mel = lambda hz: 2595 * np.log10(1 + hz / 700)
-    to_hz = lambda mel: 700 * (10 ** (mel / 2595) - 1)
+    def to_mel(hz):
+        return 2595 * np.log10(1 + hz / 700)
+    def to_hz(mel):
+        return 700 * (10 ** (mel / 2595) - 1)
     low_hz = 30  # the original's value (SincNet uses 30 too), not min_low_hz
     high_hz = sample_rate / 2 - (min_low_hz + min_band_hz)
     return to_hz(np.linspace(to_mel(low_hz), to_mel(high_hz), nb_filters + 1))

@@ -198,7 +198,8 @@ def check_embeddings(obj, path):
     """Validate a loaded embedding dict (keys -> 1-D real vectors of one size) and return it with
     canonical keys (no ``.wav``) and float32 values."""
     if not isinstance(obj, dict) or not obj:
-        raise DataError(f"{path}: expected a non-empty dict of utterance keys to embeddings, got {type(obj).__name__}")
+        raise DataError(f"{path}: expected a non-empty dict of utterance keys to embeddings, "
+                        f"got {type(obj).__name__}")
     values = list(obj.values())
     if (set(map(type, obj)) == {str} and set(map(type, values)) == {np.ndarray} and values[0].ndim == 1
             and {(v.dtype, v.shape) for v in values} == {(_FLOAT32, values[0].shape)}):
@@ -237,7 +238,8 @@ def load_embeddings(path):
     with open(keys_path) as f:
         keys = f.read().split()
     if matrix.ndim != 2 or len(keys) != len(matrix):
-        raise DataError(f"{path}: matrix of shape {matrix.shape} does not match {len(keys)} keys in {keys_path}")
+        raise DataError(f"{path}: matrix of shape {matrix.shape} does not match {len(keys)} keys "
+                        f"in {keys_path}")
     return check_embeddings(dict(zip(keys, matrix)), path)
 
 
@@ -294,7 +296,8 @@ class EmbeddingTable:
         try:  # itemgetter does every lookup in C: ~2x faster than a map over dict.get
             return np.atleast_1d(np.array(operator.itemgetter(*keys)(self.index), dtype=np.int64))
         except KeyError:
-            return np.fromiter(map(self.index.get, keys, itertools.repeat(-1)), dtype=np.int64, count=len(keys))
+            return np.fromiter(map(self.index.get, keys, itertools.repeat(-1)), dtype=np.int64,
+                               count=len(keys))
 
     def check_finite(self, rows):
         """DataError naming the keys of any non-finite (NaN/inf) or zero-norm embedding in ``rows``."""

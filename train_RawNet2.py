@@ -78,15 +78,18 @@ def build_parser():
     add("seed", type=int, default=1234, help="seed for initialisation, shuffling and crops")
     add("nb_worker", type=int, default=8, help="DataLoader worker processes reading audio")
     add("mg", default=True, help="nn.DataParallel over all visible GPUs when more than one is visible "
-                                 "(single process; under torchrun DistributedDataParallel is used instead)", **flag)
+                                 "(single process; under torchrun DistributedDataParallel is used instead)",
+        **flag)
     add("dist_timeout", type=int, default=1800,
         help="seconds a torchrun process waits for the others (joining, collectives) before it fails; "
              "with torchrun --max-restarts the group then restarts from last.pt")
-    add("sync_bn", default=False, help="synchronise batch-norm statistics across processes (torchrun on GPUs)", **flag)
+    add("sync_bn", default=False,
+        help="synchronise batch-norm statistics across processes (torchrun on GPUs)", **flag)
     add("fast", default="auto", **utils.FAST_FLAG,
         help="fast path of fast_RawNet2.py (fused sinc front end; on CPU also channels-last blocks and GRU), "
              "the same math: auto times each part against the reference on first use and keeps what is "
-             "faster on this machine (cached plan); True takes every fast part; False the plain reference path")
+             "faster on this machine (cached plan); True takes every fast part; "
+             "False the plain reference path")
     add("amp", type=str, default="none", choices=["none", "bf16", "fp16"],
         help="mixed precision of the training steps: bf16 autocast, or fp16 autocast with a gradient "
              "scaler (GPU only); the sinc front end and the per-epoch TTA evaluation stay float32")
@@ -102,7 +105,8 @@ def build_parser():
     add("DB", type=str, default="DB/VoxCeleb1/", help="VoxCeleb1 folder: eval_wav/, veri_test.txt, ...")
     add("DB_vox2", type=str, default="DB/VoxCeleb2/", help="VoxCeleb2 folder holding -dev_wav")
     add("dev_wav", type=str, default="wav/", help="training wavs, inside -DB_vox2")
-    add("val_wav", type=str, default="dev_wav/", help="validation wavs, inside -DB (only with -make_val_trial/-val_trial)")
+    add("val_wav", type=str, default="dev_wav/",
+        help="validation wavs, inside -DB (only with -make_val_trial/-val_trial)")
     add("eval_wav", type=str, default="eval_wav/", help="test wavs, inside -DB")
     add("nb_samp", type=int, default=59049, help="samples per training crop and TTA segment")
     add("wav_index", default=True,
@@ -116,7 +120,8 @@ def build_parser():
         help="select the best model on this trial list (keys in <DB>/<val_wav>) instead of veri_test.txt")
 
     add = utils.arg_group(parser, "optimisation")
-    add("bs", type=int, default=100, help="global batch size (split over GPUs by DataParallel, or over torchrun processes)")
+    add("bs", type=int, default=100,
+        help="global batch size (split over GPUs by DataParallel, or over torchrun processes)")
     add("lr", type=float, default=0.001, help="initial learning rate")
     add("wd", type=float, default=0.0001, help="weight decay (0 for parameters whose name has 'bn')")
     add("epoch", type=int, default=80, help="number of epochs")
@@ -303,7 +308,8 @@ def decide_resume(args, run_dir):
             raise DataError(f"{run_dir} already holds a run: pass -resume to continue it, "
                             f"or choose another -name")
         return True
-    listed = [int(line.split(",")[0][6:]) for line in eers_before(os.path.join(run_dir, "eers.txt"), math.inf)]
+    listed = [int(line.split(",")[0][6:])
+              for line in eers_before(os.path.join(run_dir, "eers.txt"), math.inf)]
     if max(listed, default=0) > 0:  # epoch 0 may be listed by a run killed before committing it
         raise DataError(f"{last_path} not found, but {run_dir}/eers.txt lists epochs up to {max(listed)}: "
                         f"restore last.pt to continue, or choose another -name")
@@ -437,7 +443,8 @@ def setup_device(args):
     one GPU per process, or gloo on CPU."""
     rank, world = utils.rank_and_world()
     if args.bs % world:
-        raise DataError(f"-bs {args.bs} is not divisible by the world size {world} (the global batch is split evenly over processes)")
+        raise DataError(f"-bs {args.bs} is not divisible by the world size {world} "
+                        f"(the global batch is split evenly over processes)")
     if args.sync_bn and (world == 1 or not torch.cuda.is_available()):
         raise DataError("-sync_bn needs a distributed run on GPUs (torchrun --nproc_per_node=N)")
     if world == 1:
@@ -548,7 +555,8 @@ def train(args, run_dir, device, resume):
         if main_process:
             demo_corpus.make_demo_corpus(root)
             baseline_eer = demo_corpus.naive_baseline_eer(root)
-            log(f"demo corpus: {root}; naive baseline (cosine of mean log-spectra) EER {100 * baseline_eer:.2f} %")
+            log(f"demo corpus: {root}; naive baseline (cosine of mean log-spectra) "
+                f"EER {100 * baseline_eer:.2f} %")
         utils.barrier()
     if args.reproducible:
         utils.seed_everything(args.seed)
@@ -566,7 +574,8 @@ def train(args, run_dir, device, resume):
     parallel = {DistributedDataParallel: f", {world} processes (DistributedDataParallel)",
                 nn.DataParallel: f" x{torch.cuda.device_count()} (DataParallel)"}.get(type(model), "")
     log(f"{len(data.train_keys)} training utterances, {len(data.labels)} speakers; "
-        f"{len(data.eval_keys)} test utterances, {len(data.eval_trials[0])} trials; {nb_params:,} parameters; "
+        f"{len(data.eval_keys)} test utterances, {len(data.eval_trials[0])} trials; "
+        f"{nb_params:,} parameters; "
         f"device {device}{parallel}")
 
     loader, sampler = make_loader(args, data, device, main_process)

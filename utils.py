@@ -227,7 +227,8 @@ def wav_index(keys, base_dir, nb_worker=2, progress=True):
         try:
             write_atomic(cache, lambda f: np.savez(f, **columns))
         except OSError as e:
-            warnings.warn(f"{cache}: cannot cache the wav index ({e}); it will be rebuilt next time")
+            warnings.warn(f"{cache}: cannot cache the wav index ({e}); it will be rebuilt next time",
+                          stacklevel=2)
     return {k: index[k][:2] for k in keys}
 
 
@@ -304,7 +305,7 @@ class TrainSet(Dataset):
                 else:
                     x = read_crop(path, *self.index[key], self.nb_samp, rng)
             except SilentAudioError as e:
-                warnings.warn(f"skipping {e}")
+                warnings.warn(f"skipping {e}", stacklevel=2)
                 continue
             return x, self.labels[speaker_of(key)], key
         raise DataError(f"{self.base_dir}: every training file is empty or silent")
@@ -375,7 +376,8 @@ def amp_autocast(device, amp="bf16"):
         _amp_warned.add(amp)
         if is_main_process():
             tqdm.write("warning: this CPU has no native bfloat16 (no avx512_bf16/amx_bf16 flag): bf16 runs "
-                       "emulated and slower than float32 here; leave -amp/-bf16 off for speed", file=sys.stderr)
+                       "emulated and slower than float32 here; leave -amp/-bf16 off for speed",
+                       file=sys.stderr)
     return torch.autocast(device_type, dtype=AMP_DTYPES.get(amp), enabled=amp != "none")
 
 

@@ -229,7 +229,7 @@ def usable_trials(trials, available, skipped, what):
     keep = np.array([a not in bad and b not in bad for a, b in zip(keys_a, keys_b)])
     if not keep.all():
         warnings.warn(f"{what}: {int((~keep).sum())} trials dropped, they use files skipped as silent "
-                      f"({', '.join(sorted(bad)[:5])})")
+                      f"({', '.join(sorted(bad)[:5])})", stacklevel=2)
         labels = labels[keep]
         keys_a = [k for k, m in zip(keys_a, keep) if m]
         keys_b = [k for k, m in zip(keys_b, keep) if m]

@@ -22,10 +22,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [p for p in (HERE, os.path.dirname(HERE)) if p not in sys.path]  # RawNet1/, repo root
 
 import numpy as np  # noqa: E402
-from data_RawNet import INDEX, PRE_EMPHASIS, npy_path, pre_emphasis, read_int16  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import utils  # noqa: E402
+from data_RawNet import INDEX, PRE_EMPHASIS, npy_path, pre_emphasis, read_int16  # noqa: E402
 from utils import DataError, SilentAudioError  # noqa: E402
 
 

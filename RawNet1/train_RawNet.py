@@ -38,6 +38,11 @@ sys.path[:0] = [p for p in (HERE, os.path.dirname(HERE)) if p not in sys.path]  
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import scoring  # noqa: E402
+import utils  # noqa: E402
 from data_RawNet import (  # noqa: E402
     CropSet,
     embed_utterances,
@@ -59,11 +64,6 @@ from model_RawNet import (  # noqa: E402
     keras_init,
     keras_l2_groups,
 )
-from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import scoring  # noqa: E402
-import utils  # noqa: E402
 from utils import DataError  # noqa: E402
 
 # Defaults that differ for the PyTorch VoxCeleb2 baseline (its train_RawNet.yaml): every VoxCeleb2 dev
@@ -447,9 +447,8 @@ def main(args):
 def prepare_demo(args):
     """Synthesise the demo corpus (cached) and pre-process its two sets (resumable); returns the naive
     baseline EER of the corpus."""
-    import pre_process_waveforms
-
     import demo_corpus
+    import pre_process_waveforms
     demo_corpus.make_demo_corpus(DEMO_ROOT)
     for wav_dir, out_dir in ((f"{DEMO_ROOT}/VoxCeleb2/wav/", args.dev_dir),
                              (f"{DEMO_ROOT}/VoxCeleb1/eval_wav/", args.eval_dir)):

@@ -32,12 +32,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from data_RawNet import generate_validation_lines, read_trial_lines, trial_arrays  # noqa: E402
-from model_RawNet import LEAKY_SLOPE, keras_decay_scheduler, keras_l2_groups  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import scoring  # noqa: E402
 import utils  # noqa: E402
+from data_RawNet import generate_validation_lines, read_trial_lines, trial_arrays  # noqa: E402
+from model_RawNet import LEAKY_SLOPE, keras_decay_scheduler, keras_l2_groups  # noqa: E402
 from utils import DataError  # noqa: E402
 
 

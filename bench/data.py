@@ -58,7 +58,8 @@ def main(argv=None):
                 else:
                     assert all(np.array_equal(a, b) for a, b in zip(crops, expected)), "crops differ"
         ref, fst = (args.files / min(times[n]) for n in ("reference", "fast"))
-        print(f"device: cpu ({os.cpu_count()} cores), {args.files} files of {args.seconds:g} s, crops of {args.nb_samp}")
+        print(f"device: cpu ({os.cpu_count()} cores), {args.files} files of {args.seconds:g} s, "
+              f"crops of {args.nb_samp}")
         print(f"index build (once): {index_s:.2f} s")
         print(f"original read-normalise-crop: {ref:.0f} crops/s")
         print(f"indexed partial read:         {fst:.0f} crops/s  ({fst / ref:.2f}x, identical arrays)")

@@ -84,8 +84,10 @@ def main():
                         help="segments per forward to try (default 64 256 512 on GPU, 1 4 16 on CPU)")
     parser.add_argument("-nb_worker", type=int, default=2, help="DataLoader workers for the batched path")
     parser.add_argument("-rounds", type=int, default=2,
-                        help="interleaved repetitions; the best is kept (the planned row's first one measures its plans)")
-    parser.add_argument("-model_dir", default="", help="checkpoint to use instead of random paper-size weights")
+                        help="interleaved repetitions; the best is kept "
+                             "(the planned row's first one measures its plans)")
+    parser.add_argument("-model_dir", default="",
+                        help="checkpoint to use instead of random paper-size weights")
     args = parser.parse_args()
     gpu = args.device.startswith("cuda")
     nb_utt = args.nb_utt or (200 if gpu else 16)
@@ -102,7 +104,8 @@ def main():
 
     with tempfile.TemporaryDirectory() as folder:
         keys = make_utterances(folder, nb_utt, np.random.default_rng(0))
-        nb_seg = sum(len(utils.tta_segments(np.zeros(sf.info(os.path.join(folder, k)).frames), model.nb_samp, WINDOW))
+        nb_seg = sum(len(utils.tta_segments(np.zeros(sf.info(os.path.join(folder, k)).frames),
+                                            model.nb_samp, WINDOW))
                      for k in keys)
         which = args.model_dir or "paper-size RawNet2, random weights"
         print(f"{nb_utt} utterances, {nb_seg} TTA segments of {model.nb_samp} samples; model: {which}")
@@ -132,7 +135,8 @@ def main():
     for label, seconds in best.items():
         diff = max(np.abs(outputs[label][k] - reference[k]).max() for k in reference)
         cos = min(float(np.dot(outputs[label][k], reference[k]) /
-                        (np.linalg.norm(outputs[label][k]) * np.linalg.norm(reference[k]))) for k in reference)
+                        (np.linalg.norm(outputs[label][k]) * np.linalg.norm(reference[k])))
+                  for k in reference)
         print(f"{label:32s} {nb_seg / seconds:7.2f} segments/s  {ref_time / seconds:5.2f}x  "
               f"max |diff| {diff:.1e}  min cosine to reference {cos:.6f}")
 

@@ -31,7 +31,8 @@ from model_RawNet2 import RawNet2, default_d_args, load_pretrained  # noqa: E402
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-model_dir", "--model_dir", default="", help="checkpoint (default: random weights)")
-    parser.add_argument("-segments", "--segments", type=int, default=8, help="TTA segments embedded per round")
+    parser.add_argument("-segments", "--segments", type=int, default=8,
+                        help="TTA segments embedded per round")
     parser.add_argument("-bs", "--bs", type=int, default=4, help="segments per onnxruntime run (batched row)")
     parser.add_argument("-rounds", "--rounds", type=int, default=3, help="interleaved rounds (best kept)")
     return parser.parse_args(argv)

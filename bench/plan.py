@@ -21,6 +21,7 @@ import utils  # noqa: E402
 from model_RawNet2 import RawNet2, default_d_args  # noqa: E402
 from train_step import CONFIGS  # noqa: E402  (bench/: the configurations of the training-step benchmark)
 
+
 def report(model, x, title, passes):
     timings = fast_RawNet2.measure_stages(model, x, fast_RawNet2.applicable(model, x), passes=passes)
     plan = fast_RawNet2.choose(timings)

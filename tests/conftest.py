@@ -26,7 +26,8 @@ def write_speakers(root, speakers, videos, utts, rng):
                 key = f"{spk}/vid{v:08d}/{u + 1:05d}.wav"
                 n = int(rng.uniform(0.2, 0.6) * 16000)
                 t = np.arange(n) / 16000
-                x = np.sin(2 * np.pi * f0 * t) + 0.5 * np.sin(4 * np.pi * f0 * t) + 0.3 * rng.standard_normal(n)
+                x = (np.sin(2 * np.pi * f0 * t) + 0.5 * np.sin(4 * np.pi * f0 * t)
+                     + 0.3 * rng.standard_normal(n))
                 os.makedirs(os.path.join(root, os.path.dirname(key)), exist_ok=True)
                 sf.write(os.path.join(root, key), 0.3 * x, 16000, subtype="PCM_16")
                 keys.append(key)
@@ -36,7 +37,8 @@ def write_speakers(root, speakers, videos, utts, rng):
 def make_tiny_corpus(root, seed=0):
     rng = np.random.default_rng(seed)
     write_speakers(os.path.join(root, "VoxCeleb2", "wav"), [f"id0{i:04d}" for i in range(6)], 2, 2, rng)
-    eval_keys = write_speakers(os.path.join(root, "VoxCeleb1", "eval_wav"), [f"id1{i:04d}" for i in range(3)], 2, 2, rng)
+    eval_keys = write_speakers(os.path.join(root, "VoxCeleb1", "eval_wav"), [f"id1{i:04d}" for i in range(3)],
+                               2, 2, rng)
     with open(os.path.join(root, "VoxCeleb1", "veri_test.txt"), "w") as f:
         for i, a in enumerate(eval_keys):
             for b in eval_keys[i + 1:]:

@@ -14,10 +14,10 @@ import warnings
 
 import torch
 import torch._dynamo  # (torch.optim imports it on first use: once here, not in every forked run)
-from conftest import ROOT
 
 import common
 import utils
+from conftest import ROOT
 
 TRAIN = os.path.join(ROOT, "train_RawNet2.py")
 EVALUATE = os.path.join(ROOT, "evaluate_pretrained_RawNet2.py")

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, tiny_run_flags
-from test_fast import rel_err, small_model
 
 import evaluate_pretrained_RawNet2 as evaluate
 import fast_RawNet2
 import train_RawNet2 as train
 import utils
+from conftest import ROOT, tiny_run_flags
+from test_fast import rel_err, small_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-import train_RawNet2 as train
 import scoring
+import train_RawNet2 as train
 import utils
 from conftest import ROOT, tiny_run_flags
 from model_RawNet2 import RawNet2, load_pretrained
@@ -24,7 +24,8 @@ def torchrun(flags, nproc=2, max_restarts=0, env=None, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={max_restarts}", ENTRY] + flags
     # Own process group, so that a run that hangs is killed with all its workers.
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
@@ -76,7 +77,8 @@ def test_ddp_matches_split_batch_reference_and_only_rank0_writes(tiny_corpus, tm
     # turns the ~0 gradients of conv biases followed by batch norm into +-lr steps of random sign).
     # 3 steps of 4 crops per process: the tiny model's last batch norm sees one time step per crop,
     # so much smaller chunks or many more steps make training chaotic (rounding grows visibly).
-    flags = tiny_run_flags(tiny_corpus, tmp_path, epochs=1) + ["-optimizer", "SGD", "-lr", "0.0005", "-bs", "8"]
+    flags = (tiny_run_flags(tiny_corpus, tmp_path, epochs=1)
+             + ["-optimizer", "SGD", "-lr", "0.0005", "-bs", "8"])
     log = tmp_path / "log"
     log.mkdir()
     proc = torchrun(flags, env={"ENTRY_SAVE_LOG": str(log)})

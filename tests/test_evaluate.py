@@ -96,7 +96,8 @@ def speaker_embeddings(rng, speakers, per_speaker, dim=32, noise=1.5, prefix="id
     for s in range(speakers):
         mean = rng.standard_normal(dim)
         for u in range(per_speaker):
-            out[f"{prefix}{s:04d}/vid/{u + 1:05d}"] = (mean + noise * rng.standard_normal(dim)).astype(np.float32)
+            embedding = mean + noise * rng.standard_normal(dim)
+            out[f"{prefix}{s:04d}/vid/{u + 1:05d}"] = embedding.astype(np.float32)
     return out
 
 
@@ -163,9 +164,11 @@ def test_vectorised_eer_equals_per_trial_loop(tmp_path):
     write_list(tmp_path / "vox_original.txt", rng, sorted(evl), 5000)
     write_list(tmp_path / "list_test_all_cleaned.txt", rng, sorted(dev) + sorted(evl), 30000)
     results = run(score_flags(tmp_path))
-    assert results["Vox original"]["eer"] == pytest.approx(loop_eer(tmp_path / "vox_original.txt", evl), abs=1e-9)
+    assert results["Vox original"]["eer"] == pytest.approx(loop_eer(tmp_path / "vox_original.txt", evl),
+                                                           abs=1e-9)
     both = {**dev, **evl}
-    assert results["Vox1_E_cleaned"]["eer"] == pytest.approx(loop_eer(tmp_path / "list_test_all_cleaned.txt", both), abs=1e-9)
+    assert results["Vox1_E_cleaned"]["eer"] == pytest.approx(
+        loop_eer(tmp_path / "list_test_all_cleaned.txt", both), abs=1e-9)
     assert 0.01 < results["Vox1_E_cleaned"]["eer"] < 0.4  # a non-trivial operating point
 
 
@@ -174,12 +177,14 @@ def test_absent_list_is_skipped_with_a_note(scored_dir, capsys):
     os.remove(folder / "list_test_hard_cleaned.txt")
     results = run(score_flags(folder))
     assert set(results) == {"Vox original", "Vox1_E_cleaned"}
-    assert f"note: {folder / 'list_test_hard_cleaned.txt'} not found: Vox1_H_cleaned skipped" in capsys.readouterr().out
+    assert (f"note: {folder / 'list_test_hard_cleaned.txt'} not found: Vox1_H_cleaned skipped"
+            in capsys.readouterr().out)
 
 
 def test_score_dir_writes_score_target_keys(scored_dir):
     folder, embeddings = scored_dir
-    run(score_flags(folder) + ["-trials", str(folder / "vox_original.txt"), "-score_dir", str(folder / "scores")])
+    run(score_flags(folder) + ["-trials", str(folder / "vox_original.txt"),
+                               "-score_dir", str(folder / "scores")])
     trials = open(folder / "vox_original.txt").read().splitlines()
     lines = (folder / "scores" / "vox_original.txt").read_text().splitlines()
     assert len(lines) == len(trials)
@@ -214,7 +219,8 @@ def test_unparsable_line_and_single_class_list(scored_dir):
     (folder / "bad.txt").write_text("1 id10000/vid/00001 id10000/vid/00002\n\n1 id10000/vid/00001\n")
     with pytest.raises(DataError, match=r"bad.txt:3: expected"):
         run(score_flags(folder) + ["-trials", str(folder / "bad.txt")])
-    (folder / "one.txt").write_text("1 id10000/vid/00001 id10000/vid/00002\n1 id10001/vid/00001 id10001/vid/00003\n")
+    (folder / "one.txt").write_text("1 id10000/vid/00001 id10000/vid/00002\n"
+                                    "1 id10001/vid/00001 id10001/vid/00003\n")
     with pytest.raises(DataError, match="EER is undefined: the trials hold only targets"):
         run(score_flags(folder) + ["-trials", str(folder / "one.txt")])
 
@@ -297,7 +303,8 @@ def tiny_checkpoint(tmp_path_factory, tiny_corpus, one_thread):
     model = RawNet2(TINY)
     model.apply(utils.init_weights)
     folder = os.path.join(tiny_corpus, "VoxCeleb1", "eval_wav")
-    segments = np.concatenate([utils.tta_segments(utils.read_wav(os.path.join(folder, key)), TINY["nb_samp"], 1000)
+    segments = np.concatenate([utils.tta_segments(utils.read_wav(os.path.join(folder, key)),
+                                                  TINY["nb_samp"], 1000)
                                for key in utils.list_utterances(folder)])
     with torch.no_grad():
         for batch in torch.split(torch.from_numpy(segments), 8):
@@ -323,7 +330,8 @@ def one_segment_at_a_time(model, path, window_size=1000, fast=True):
         return np.mean([model.embed(torch.from_numpy(s[None].copy()))[0].numpy() for s in segments], axis=0)
 
 
-def test_extract_batched_equals_one_at_a_time_and_pickle_format(tiny_corpus, tiny_checkpoint, tmp_path, capsys):
+def test_extract_batched_equals_one_at_a_time_and_pickle_format(tiny_corpus, tiny_checkpoint, tmp_path,
+                                                                capsys):
     checkpoint, model = tiny_checkpoint
     results = run(extract_flags(tiny_corpus, tmp_path, checkpoint, "-bs", "16"))
     out = capsys.readouterr().out
@@ -357,7 +365,8 @@ def test_extract_npy_matches_pickle(tiny_corpus, tiny_checkpoint, tmp_path):
         np.testing.assert_array_equal(from_npy[k], from_pk[k])
 
 
-def test_interrupted_extraction_resumes_without_recomputing(tiny_corpus, tiny_checkpoint, tmp_path, monkeypatch):
+def test_interrupted_extraction_resumes_without_recomputing(tiny_corpus, tiny_checkpoint, tmp_path,
+                                                            monkeypatch):
     checkpoint, _ = tiny_checkpoint
     run(extract_flags(tiny_corpus, tmp_path / "full", checkpoint))
     computed, original = [], utils.iter_embeddings
@@ -394,7 +403,8 @@ def test_embed_utterance_long_recording_in_batches(tiny_checkpoint):
     _, model = tiny_checkpoint
     wav = np.random.default_rng(0).standard_normal(30000).astype(np.float32)  # 10 segments
     whole = utils.embed_utterance(model, wav, window_size=1000, segments_per_batch=32)
-    np.testing.assert_allclose(utils.embed_utterance(model, wav, window_size=1000, segments_per_batch=3), whole, atol=1e-5)
+    np.testing.assert_allclose(utils.embed_utterance(model, wav, window_size=1000, segments_per_batch=3),
+                               whole, atol=1e-5)
     with torch.no_grad():
         segments = torch.from_numpy(utils.tta_segments(wav, 4000, 1000).copy())
         np.testing.assert_allclose(whole, model.embed(segments).mean(0).numpy(), atol=1e-5)
@@ -419,7 +429,8 @@ def test_bf16_keeps_the_sinc_front_end_in_float32(tiny_checkpoint):
             seen[name] = output.dtype
         return hook
 
-    hooks = [model.get_submodule(name).register_forward_hook(record(name)) for name in ("first_conv", "block1.0.conv1")]
+    hooks = [model.get_submodule(name).register_forward_hook(record(name))
+             for name in ("first_conv", "block1.0.conv1")]
     with torch.no_grad(), utils.amp_autocast("cpu", "bf16"):
         model.embed(torch.randn(2, 4000))
     for hook in hooks:

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from model_RawNet2 import (FMS, LayerNorm, RawNet2, SincConv, default_d_args, feature_map_scaling,
-                           load_pretrained)
+from model_RawNet2 import (
+    FMS,
+    LayerNorm,
+    RawNet2,
+    SincConv,
+    default_d_args,
+    feature_map_scaling,
+    load_pretrained,
+)
 
 
 def small_args(nb_classes=5, nb_samp=4000):
@@ -25,7 +32,8 @@ def test_parameter_counts_match_the_original(nb_classes, expected, legacy):
 def test_time_lengths_match_the_original():
     model = RawNet2(default_d_args(10)).eval()
     lengths = []
-    hook = lambda module, inp, out: lengths.append(out.shape[-1])
+    def hook(module, inp, out):
+        lengths.append(out.shape[-1])
     model.first_conv.register_forward_hook(hook)
     model.first_bn.register_forward_hook(hook)  # after |.| and max-pool 3
     for i in range(6):
@@ -65,7 +73,8 @@ def reference_sinc_filters(low_hz_, band_hz_, kernel=251, sr=16000):
 
 def test_sinc_init_is_mel_spaced_from_30_to_7900_hz():
     conv = SincConv(128, 251)
-    mel = lambda hz: 2595 * np.log10(1 + hz / 700)
+    def mel(hz):
+        return 2595 * np.log10(1 + hz / 700)
     edges = np.concatenate([conv.low_hz_.detach().numpy()[:, 0],
                             [conv.low_hz_[-1, 0].item() + conv.band_hz_[-1, 0].item()]])
     assert edges[0] == pytest.approx(30, abs=1e-4)
@@ -105,7 +114,8 @@ def test_layer_norm_uses_unbiased_std_plus_eps():
         ln.beta.uniform_(-1, 1)
     xn = x.numpy()
     std = np.std(xn, axis=1, ddof=1, keepdims=True)  # N - 1
-    expected = ln.gamma.detach().numpy() * (xn - xn.mean(1, keepdims=True)) / (std + 1e-6) + ln.beta.detach().numpy()
+    expected = (ln.gamma.detach().numpy() * (xn - xn.mean(1, keepdims=True)) / (std + 1e-6)
+                + ln.beta.detach().numpy())
     np.testing.assert_allclose(ln(x).detach().numpy(), expected, rtol=1e-12)
     # eps is added to the std, not the variance: a constant input maps to beta exactly
     const = torch.full((1, 50), 3.0, dtype=torch.float64)
@@ -121,7 +131,8 @@ def test_feature_map_scaling_is_x_times_s_plus_s():
     s = 1 / (1 + np.exp(-(xn.mean(-1) @ w.T + b)))
     expected = xn * s[:, :, None] + s[:, :, None]
     np.testing.assert_allclose(fms(x).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(feature_map_scaling(x, fms.fc).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(feature_map_scaling(x, fms.fc).detach().numpy(), expected,
+                               rtol=1e-5, atol=1e-6)
 
 
 def expected_keys(legacy, nb_blocks=6):

@@ -16,8 +16,8 @@ from conftest import ROOT, TINY_FLAGS
 sys.path.insert(0, os.path.join(ROOT, "DB"))
 import evaluate_pretrained_RawNet2 as evaluate  # noqa: E402
 import prepare_dataset  # noqa: E402
-import train_RawNet2  # noqa: E402
 import scoring  # noqa: E402
+import train_RawNet2  # noqa: E402
 import utils  # noqa: E402
 from utils import DataError  # noqa: E402
 
@@ -202,7 +202,8 @@ def test_trials_are_half_targets_cross_session_where_sessions_exist():
         assert a.split("/")[0] == b.split("/")[0] and a != b
         assert a.split("/")[0] == "t" or a.split("/")[1] != b.split("/")[1]  # cross-session
     assert all(a.split("/")[0] != b.split("/")[0] for label, a, b in trials if label == "0")
-    every = [line.split() for line in prepare_dataset.make_trials(keys, sessions, None, np.random.default_rng(0))]
+    every = [line.split()
+             for line in prepare_dataset.make_trials(keys, sessions, None, np.random.default_rng(0))]
     assert sum(t[0] == "1" for t in every) == 3 * 9 + 1 and sum(t[0] == "0" for t in every) == 28
 
 

@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fast import rel_err, small_model
 
 import common
 import fast_RawNet2 as fr
+from test_fast import rel_err, small_model
 
 
 @pytest.fixture(autouse=True, scope="module")

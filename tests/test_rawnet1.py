@@ -12,10 +12,11 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn as nn
-from conftest import ROOT
 from scipy.interpolate import interp1d
 from scipy.optimize import brentq
 from sklearn.metrics import roc_curve
+
+from conftest import ROOT
 
 sys.path.append(os.path.join(ROOT, "RawNet1"))
 
@@ -34,7 +35,6 @@ from model_RawNet import (  # noqa: E402
     init_from_pretrained,
     keras_init,
 )
-
 from utils import DataError  # noqa: E402
 
 PAPER = {"filts": [128, 128, 256], "nb_blocks": [2, 4], "gru_node": 1024, "nb_code": 128,

@@ -20,6 +20,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+
+import evaluate_pretrained_RawNet2 as ev
+import scoring
+import train_RawNet2 as train
+import utils
 from conftest import tiny_run_flags
 from reliability_tools import (
     EVALUATE,
@@ -36,11 +41,6 @@ from reliability_tools import (
     text,
     when_seen,
 )
-
-import evaluate_pretrained_RawNet2 as ev
-import train_RawNet2 as train
-import scoring
-import utils
 from utils import DataError
 
 EPOCHS = 3

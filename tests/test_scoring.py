@@ -6,13 +6,13 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
 from scipy.interpolate import interp1d
 from scipy.optimize import brentq
 from sklearn.metrics import roc_curve
 
 import scoring
 from common import DataError, write_pickle_atomic
+from conftest import ROOT
 
 
 def original_eer(labels, scores):
@@ -60,7 +60,8 @@ def test_eer_is_the_original_methods_float_and_printed_line():
 
 def test_one_sort_for_eer_and_min_dcf_gives_both_functions_results():
     for labels, scores in list(score_sets())[:30]:
-        expected = (scoring.compute_eer(labels, scores), scoring.compute_min_dcf(labels, scores, [0.01, 0.05]))
+        expected = (scoring.compute_eer(labels, scores),
+                    scoring.compute_min_dcf(labels, scores, [0.01, 0.05]))
         assert scoring.eer_and_min_dcf(labels, scores, (0.01, 0.05)) == expected
 
 

@@ -80,7 +80,8 @@ def test_non_finite_loss_stops_with_step_and_keys(tiny_corpus, tmp_path, monkeyp
             return loss * float("nan") if NanAfterTwo.calls > 2 else loss
 
     monkeypatch.setattr(train.nn, "CrossEntropyLoss", NanAfterTwo)
-    with pytest.raises(train.TrainingError, match=r"non-finite loss nan at step 8 \(epoch 1\); batch utterances: id0"):
+    with pytest.raises(train.TrainingError,
+                       match=r"non-finite loss nan at step 8 \(epoch 1\); batch utterances: id0"):
         run(tiny_run_flags(tiny_corpus, tmp_path, epochs=2) + ["-resume"])
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
 
@@ -176,13 +177,15 @@ def test_defaults_are_the_papers():
     a = train.parse_args(["-name", "x"])
     assert (a.bs, a.lr, a.wd, a.epoch, a.optimizer, a.amsgrad) == (100, 0.001, 0.0001, 80, "Adam", True)
     assert (a.nb_samp, a.window_size, a.nb_worker, a.seed, a.nb_val_trial) == (59049, 11810, 8, 1234, 40000)
-    assert (a.lr_decay, a.mg, a.reproducible, a.make_val_trial, a.load_model) == ("keras", True, True, False, False)
+    assert (a.lr_decay, a.mg, a.reproducible, a.make_val_trial, a.load_model) == (
+        "keras", True, True, False, False)
     assert (a.save_dir, a.DB, a.DB_vox2, a.dev_wav, a.val_wav, a.eval_wav) == (
         "DNNs/", "DB/VoxCeleb1/", "DB/VoxCeleb2/", "wav/", "dev_wav/", "eval_wav/")
     assert (a.m_first_conv, a.m_in_channels, a.m_nb_fc_node, a.m_gru_node, a.m_nb_gru_layer, a.m_nb_samp) == (
         251, 1, 1024, 1024, 1, 59049)
     assert a.m_filts == [128, [128, 128], [128, 256], [256, 256]]
-    assert (a.fast, a.amp) == ("auto", "none")  # the measured plan is the same math; mixed precision is opt-in
+    # The measured plan is the same math; mixed precision is opt-in.
+    assert (a.fast, a.amp) == ("auto", "none")
 
 
 def test_list_and_double_dash_flags_parse():
@@ -208,7 +211,8 @@ def test_cli_missing_db_is_one_line_without_traceback(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"error: {tmp_path}/novox2/wav/: folder not found (it should hold <speaker>/<video>/<NNNNN>.wav files)"]
+        f"error: {tmp_path}/novox2/wav/: folder not found "
+        f"(it should hold <speaker>/<video>/<NNNNN>.wav files)"]
 
 
 def test_cli_bad_sample_rate_in_worker_is_one_line(tiny_corpus, tmp_path):
@@ -219,5 +223,6 @@ def test_cli_bad_sample_rate_in_worker_is_one_line(tiny_corpus, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_RawNet2.py")] + flags,
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert re.search(r"^error: .*id00001/vid00000000/00001.wav: sample rate 8000 Hz, expected 16000 Hz \(DB/prepare_dataset.py converts audio to 16 kHz mono\)$",
+    assert re.search(r"^error: .*id00001/vid00000000/00001.wav: sample rate 8000 Hz, expected 16000 Hz "
+                     r"\(DB/prepare_dataset.py converts audio to 16 kHz mono\)$",
                      proc.stderr.strip(), re.M)

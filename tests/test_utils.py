@@ -11,7 +11,6 @@ import scoring
 import utils
 from utils import DataError, SilentAudioError
 
-
 # --- listing, labels, audio ------------------------------------------------------------------
 
 def test_list_utterances_keys_and_labels(tmp_path):
@@ -216,7 +215,7 @@ def test_keras_decay_through_the_scheduler():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.Adam([p], lr=0.001)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=utils.keras_lr_decay)
-    for step in range(1, 2501):
+    for _step in range(1, 2501):
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.001 / (1 + 1e-4 * 2500))
@@ -249,7 +248,8 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
 
 def test_partial_read_crop_equals_full_read_crop(tmp_path):
     rng = np.random.default_rng(3)
-    lengths = {"a/v/00001.wav": 50_000, "a/v/00002.wav": 9_000, "b/v/00001.wav": 10_000, "b/v/00002.wav": 10_001}
+    lengths = {"a/v/00001.wav": 50_000, "a/v/00002.wav": 9_000,
+               "b/v/00001.wav": 10_000, "b/v/00002.wav": 10_001}
     for key, n in lengths.items():
         os.makedirs(tmp_path / os.path.dirname(key), exist_ok=True)
         sf.write(tmp_path / key, rng.uniform(-0.7, 0.7, n), 16000, subtype="PCM_16")
@@ -259,7 +259,8 @@ def test_partial_read_crop_equals_full_read_crop(tmp_path):
     assert os.path.exists(str(tmp_path) + "_index.npz")
     for key in keys:
         for seed in range(5):
-            full = utils.crop_or_tile(utils.read_wav(str(tmp_path / key)), 10_000, np.random.default_rng(seed))
+            full = utils.crop_or_tile(utils.read_wav(str(tmp_path / key)), 10_000,
+                                      np.random.default_rng(seed))
             part = utils.read_crop(str(tmp_path / key), *index[key], 10_000, np.random.default_rng(seed))
             assert part.dtype == np.float32
             np.testing.assert_array_equal(part, full)
@@ -267,7 +268,8 @@ def test_partial_read_crop_equals_full_read_crop(tmp_path):
     sf.write(tmp_path / "b/v/00002.wav", rng.uniform(-0.1, 0.1, 12_345), 16000, subtype="PCM_16")
     again = utils.wav_index(keys, str(tmp_path), progress=False)
     assert again["b/v/00002.wav"][0] == 12_345
-    assert {k: v for k, v in again.items() if k != "b/v/00002.wav"} == {k: v for k, v in index.items() if k != "b/v/00002.wav"}
+    assert ({k: v for k, v in again.items() if k != "b/v/00002.wav"}
+            == {k: v for k, v in index.items() if k != "b/v/00002.wav"})
 
 
 def test_train_set_with_index_yields_the_same_crops(tmp_path):
