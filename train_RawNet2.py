@@ -158,9 +158,6 @@ def model_args(args, nb_classes):
             "nb_gru_layer": args.m_nb_gru_layer, "nb_samp": args.m_nb_samp, "nb_classes": nb_classes}
 
 
-bare = utils.unwrap_model  # the network inside DataParallel / DistributedDataParallel
-
-
 # ---------------------------------------------------------------------------------------------
 
 def train_epoch(model, loader, optimizer, scheduler, device, epoch, step, amp="none", scaler=None,
@@ -190,9 +187,10 @@ def evaluate(model, keys, base_dir, trials, args, device, desc):
     """TTA embeddings of ``keys`` (sharded over ranks when distributed), cosine score per trial, EER.
     Trials touching a silent file are dropped with a warning. Returns (eer, scores, labels)."""
     rank, world = utils.rank_and_world()
-    utils.broadcast_buffers(bare(model))  # DDP keeps batch-norm statistics per process: use rank 0's
+    net = utils.unwrap_model(model)
+    utils.broadcast_buffers(net)  # DDP keeps batch-norm statistics per process: use rank 0's
     embeddings, skipped = utils.embed_utterances(
-        bare(model), keys[rank::world], base_dir, args.nb_samp, args.window_size, device=device,
+        net, keys[rank::world], base_dir, args.nb_samp, args.window_size, device=device,
         nb_worker=min(args.nb_worker, 4), desc=desc, progress=rank == 0)
     embeddings, skipped = utils.all_gather_embeddings(embeddings, skipped)
     labels, keys_a, keys_b = trials
