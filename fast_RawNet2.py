@@ -16,6 +16,13 @@ to ~1e-5 or better):
    per pooled value (which of the 3 samples won, and its sign) is kept for backward: 1/12 of one
    full-rate float map. Backward rebuilds each chunk's sparse full-rate gradient from those codes and
    calls the convolution's own backward on it, so nothing is recomputed and the full map never exists.
+   ``sinc_abs_maxpool_fft`` is a second candidate for the front end. In training its forward is the
+   reference's direct convolution (so its outputs, and where they are exactly 0, are the
+   reference's), kept as the same 1-byte codes; the backward, which PyTorch's CPU kernels run far
+   below the forward's speed for a 1-channel input, is done with FFTs (both gradients are a
+   correlation or convolution with the full-rate gradient; summed over channels or batch in the
+   frequency domain, so only B + C inverse transforms are needed). Without gradients the forward
+   is an FFT convolution (for few filters and short inputs, as in -demo, about twice as fast).
 2. ``residual_blocks`` (CPU, float32) runs block0..5 in channels-last layout, where mkldnn's
    convolutions can be faster, with a GEMM weight gradient and a batch norm whose sums are as
    accurate as the reference kernel's (see the section below).
@@ -157,6 +164,119 @@ class SincAbsMaxPool(torch.autograd.Function):
 def sinc_abs_maxpool(x, filters):
     """Fused ``F.max_pool1d(torch.abs(F.conv1d(x, filters)), 3)``: x (B, 1, T), filters (C, 1, K)."""
     return SincAbsMaxPool.apply(x, filters)
+
+
+# Per batch chunk of the FFT-backward front end: channels x transform length values (~16 MB of
+# float32 on CPU, a chunk's spectra then stay within a few tens of MB; on GPU they only bound memory).
+FFT_CHUNK_ELEMS = {"cpu": 2 ** 22}
+DEFAULT_GPU_FFT_CHUNK_ELEMS = 2 ** 27
+
+
+def fft_length(n):
+    """The smallest 2^a 3^b 5^c >= n: a length every FFT library transforms fast."""
+    best, p5 = None, 1
+    while p5 < 2 * n:
+        p3 = p5
+        while p3 < 2 * n:
+            p2 = p3
+            while p2 < n:
+                p2 *= 2
+            best = p2 if best is None else min(best, p2)
+            p3 *= 3
+        p5 *= 5
+    return best
+
+
+def _fft_batch_step(x, channels, n):  # utterances per batch chunk of the FFT front end
+    elems = FFT_CHUNK_ELEMS.get(x.device.type, DEFAULT_GPU_FFT_CHUNK_ELEMS)
+    return max(1, min(x.shape[0], elems // (channels * n)))
+
+
+def _pool_codes(y):  # (b, C, 3P) -> max over each 3 of |y|, and its 1-byte code (see SincAbsMaxPool)
+    y = y.reshape(*y.shape[:2], -1, 3)
+    value, offset = y.abs().max(dim=3)                                 # first maximum, as max_pool1d
+    sign = torch.gather(y, 3, offset.unsqueeze(3)).squeeze(3).sign()
+    return value, ((offset + 1) * sign).to(torch.int8)
+
+
+def _full_rate_gradient(grad_out, code):  # (b, C, P) pooled gradient -> (b, C, 3P), sparse
+    c = code.unsqueeze(3)
+    offset = (c.abs().long() - 1).clamp_(min=0)
+    g = grad_out.unsqueeze(3) * c.sign()                                # d|y|/dy = sign(y)
+    full = torch.zeros(*code.shape, 3, dtype=grad_out.dtype, device=grad_out.device)
+    return full.scatter_(3, offset, g).view(*code.shape[:2], -1)
+
+
+class SincAbsMaxPoolFFT(torch.autograd.Function):
+    """``max_pool1d(|conv1d(x, w)|, 3)`` for one input channel: direct forward, FFT backward.
+
+    With y = conv1d(x, w) (a correlation, y[t] = sum_k w[k] x[t + k]) and g its full-rate gradient,
+        dx = sum_c g_c * w_c  (convolution),   dw_c = sum_b corr(x_b, g_bc),
+    so with spectra X, G, W of length n >= T (no wrap-around reaches the kept samples):
+        dx = irfft(sum_c G_c W_c),   dw_c = irfft(sum_b conj(G_bc) X_b)[:K].
+    Batch chunks bound the spectra's memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w):  # x (B, 1, T), w (C, 1, K) -> (B, C, P), P = (T - K + 1) // 3
+        batch, _, length = x.shape
+        channels, _, taps = w.shape
+        pooled_len = (length - taps + 1) // 3
+        n = fft_length(length)
+        step = _fft_batch_step(x, channels, n)
+        out = x.new_empty(batch, channels, pooled_len)
+        code = torch.empty(batch, channels, pooled_len, dtype=torch.int8, device=x.device)
+        for b0 in range(0, batch, step):
+            y = F.conv1d(x[b0:b0 + step], w)[:, :, :3 * pooled_len]
+            out[b0:b0 + step], code[b0:b0 + step] = _pool_codes(y)
+        ctx.save_for_backward(x, w, code)
+        ctx.shapes = (n, step)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # (B, C, P) -> grads of x (B, 1, T) and w (C, 1, K)
+        x, w, code = ctx.saved_tensors
+        n, step = ctx.shapes
+        batch, channels, _ = code.shape
+        length, taps = x.shape[-1], w.shape[-1]
+        need_x, need_w = ctx.needs_input_grad
+        spectrum = torch.fft.rfft(w[:, 0], n)                              # (C, n/2 + 1)
+        grad_x = x.new_empty(batch, 1, length) if need_x else None
+        grad_w_spectrum = torch.zeros_like(spectrum) if need_w else None
+        grad_out = grad_out.contiguous()
+        for b0 in range(0, batch, step):
+            b1 = min(b0 + step, batch)
+            g = torch.fft.rfft(_full_rate_gradient(grad_out[b0:b1], code[b0:b1]), n)  # (b, C, n/2 + 1)
+            if need_x:
+                grad_x[b0:b1, 0] = torch.fft.irfft(torch.einsum("bcf,cf->bf", g, spectrum), n)[:, :length]
+            if need_w:
+                grad_w_spectrum += torch.einsum("bcf,bf->cf", g.conj(), torch.fft.rfft(x[b0:b1, 0], n))
+        grad_w = torch.fft.irfft(grad_w_spectrum, n)[:, :taps].unsqueeze(1) if need_w else None
+        return grad_x, grad_w
+
+
+def _fft_abs_maxpool(x, w):
+    """The forward alone, by FFT: y = irfft(X conj(W)) in batch chunks, then |.| and max-pool 3."""
+    batch, length, (channels, _, taps) = x.shape[0], x.shape[-1], w.shape
+    n = fft_length(length)
+    step = _fft_batch_step(x, channels, n)
+    spectrum = torch.fft.rfft(w[:, 0], n).conj()
+    out = x.new_empty(batch, channels, (length - taps + 1) // 3)
+    for b0 in range(0, batch, step):
+        y = torch.fft.irfft(torch.fft.rfft(x[b0:b0 + step, 0], n)[:, None] * spectrum, n)
+        out[b0:b0 + step] = F.max_pool1d(y[:, :, :length - taps + 1].abs(), 3)
+    return out
+
+
+def sinc_abs_maxpool_fft(x, filters):
+    """``F.max_pool1d(torch.abs(F.conv1d(x, filters)), 3)`` with FFTs (same shapes): with gradients,
+    the direct forward and an FFT backward (SincAbsMaxPoolFFT); without, an FFT forward (its
+    outputs equal the direct one's to rounding; where the direct one is exactly 0, they are
+    rounding noise, which only a gradient could tell apart)."""
+    if torch.is_grad_enabled() and (x.requires_grad or filters.requires_grad):
+        return SincAbsMaxPoolFFT.apply(x, filters)
+    return _fft_abs_maxpool(x, filters)
 
 
 class GRUSequence(torch.autograd.Function):
@@ -407,6 +527,10 @@ def fast_front_end(model, x):
     return sinc_abs_maxpool(x, model.first_conv.filters())
 
 
+def fft_front_end(model, x):
+    return sinc_abs_maxpool_fft(x, model.first_conv.filters())
+
+
 def fast_blocks(model, x):
     return residual_blocks(model, x, model.LEAKY_SLOPE)
 
@@ -415,7 +539,9 @@ def fast_gru(model, x):
     return gru_forward(model.gru, x)
 
 
-FAST_STAGES = {"front_end": fast_front_end, "blocks": fast_blocks, "gru": fast_gru}
+# Each stage's implementations besides the reference, by the name a plan gives them.
+IMPLEMENTATIONS = {"front_end": {"fast": fast_front_end, "fft": fft_front_end},
+                   "blocks": {"fast": fast_blocks}, "gru": {"fast": fast_gru}}
 
 
 class Stages:
@@ -424,8 +550,8 @@ class Stages:
     def __init__(self, model, plan):
         self.plan = plan
         for stage in STAGES:
-            if plan[stage] == "fast":
-                fn = FAST_STAGES[stage].__get__(model)  # bound like a method: fn(x)
+            if plan[stage] in IMPLEMENTATIONS[stage]:
+                fn = IMPLEMENTATIONS[stage][plan[stage]].__get__(model)  # bound like a method: fn(x)
             else:
                 fn = getattr(model, REFERENCE_METHODS[stage])
             setattr(self, stage, fn)
@@ -437,18 +563,22 @@ REFERENCE_PLAN = dict.fromkeys(STAGES, "reference")
 
 
 def applicable(model, x):
-    """Stages whose fast implementation applies to this call: the front end everywhere; the
+    """{stage: implementations besides the reference that apply to this call}. The front end's
+    apply everywhere; the
     channels-last blocks and the GRU are float32 CPU code (on GPU cuDNN already does what they
     save, and under autocast the reference modules handle the dtypes)."""
     fp32_cpu = (x.device.type == "cpu" and model.ln.gamma.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu"))
-    return [s for s in STAGES if s == "front_end" or fp32_cpu]
+    impls = {"front_end": ["fast", "fft"]}
+    if fp32_cpu:
+        impls.update(blocks=["fast"], gru=["fast"])
+    return impls
 
 
 def stages_for(model, x):
     """The one place that picks each stage's implementation, from ``model.fast``: False -> the
-    reference; True -> every fast stage that applies; "auto" -> the measured plan (planned on first
-    use at this shape, then cached); a dict -> that plan."""
+    reference; True -> the "fast" implementation of every stage it applies to; "auto" -> the
+    measured plan (planned on first use at this shape, then cached); a dict -> that plan."""
     mode = model.fast
     if mode is False:
         return Stages(model, REFERENCE_PLAN)
@@ -456,7 +586,7 @@ def stages_for(model, x):
         return Stages(model, {s: mode.get(s, "reference") for s in STAGES})
     fast = applicable(model, x)
     if mode is True:
-        return Stages(model, {s: "fast" if s in fast else "reference" for s in STAGES})
+        return Stages(model, {s: "fast" if "fast" in fast.get(s, ()) else "reference" for s in STAGES})
     if mode != "auto":
         raise ValueError(f"model.fast must be False, True, 'auto' or a plan dict, got {mode!r}")
     return Stages(model, planned(model, x, fast))
@@ -519,12 +649,13 @@ def model_identity(model):
 
 
 def call_context(model, x, candidates):
-    """The shape of this call: batch (rounded up to a power of 2), mode, dtype, candidates."""
+    """The shape of this call: batch (rounded up to a power of 2), mode, dtype, candidates
+    ({stage: implementation names})."""
     autocast = torch.is_autocast_enabled(x.device.type)
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else model.ln.gamma.dtype
     mode = ("train" if model.training else "eval") + ("" if torch.is_grad_enabled() else "-nograd")
     return {"batch": 1 << (x.shape[0] - 1).bit_length(), "mode": mode, "dtype": str(dtype).split(".")[-1],
-            "candidates": list(candidates)}
+            "candidates": {s: list(v) for s, v in candidates.items()}}
 
 
 def plan_key(identity):
@@ -598,13 +729,14 @@ def describe(plan, context, source):
 # -- measuring --------------------------------------------------------------------------------------
 
 def choose(timings, margin=MARGIN):
-    """The plan of measured ``timings`` ({stage: {"reference": s, "fast": s}}): per stage the fast
-    implementation when it beats the reference by ``margin``, else the reference."""
-    plan = {}
-    for stage in STAGES:
-        t = timings.get(stage, {})
-        fast = "fast" in t and "reference" in t and t["fast"] < (1 - margin) * t["reference"]
-        plan[stage] = "fast" if fast else "reference"
+    """The plan of measured ``timings`` ({stage: {"reference": s, name: s, ...}}): per stage the
+    fastest implementation when it beats the reference by ``margin``, else the reference (ties go
+    to the name first in sorted order, so the plan depends on the timings alone)."""
+    plan = dict(REFERENCE_PLAN)
+    for stage, t in timings.items():
+        others = sorted((seconds, name) for name, seconds in t.items() if name != "reference")
+        if "reference" in t and others and others[0][0] < (1 - margin) * t["reference"]:
+            plan[stage] = others[0][1]
     return plan
 
 
@@ -639,10 +771,11 @@ def _record_stage_inputs(probe, x):
 
 
 def measure_stages(model, x, candidates, passes=PLAN_PASSES):
-    """Seconds per call of each implementation of each stage in ``candidates``, at the shapes of
-    ``x``, on a copy of ``model`` (its parameters, gradients and statistics stay untouched):
-    {stage: {"reference": s, "fast": s}}. Forward, plus backward when gradients are enabled; the
-    candidates alternate and the minimum over ``passes`` timed passes is kept."""
+    """Seconds per call of the reference and of each implementation in ``candidates`` ({stage:
+    [names]}), at the shapes of ``x``, on a copy of ``model`` (its parameters, gradients and
+    statistics stay untouched): {stage: {"reference": s, name: s, ...}}. Forward, plus backward
+    when gradients are enabled; the candidates alternate and the minimum over ``passes`` timed
+    passes is kept."""
     backward = torch.is_grad_enabled()
     with torch.inference_mode(False):
         probe = copy.deepcopy(model)
@@ -650,10 +783,10 @@ def measure_stages(model, x, candidates, passes=PLAN_PASSES):
         x = x.detach().clone()
         inputs = _record_stage_inputs(probe, x)
         timings = {}
-        for stage in candidates:
+        for stage, names in candidates.items():
             inp, (autocast, dtype) = inputs[stage]
             impls = {"reference": getattr(probe, REFERENCE_METHODS[stage]),
-                     "fast": FAST_STAGES[stage].__get__(probe)}
+                     **{name: IMPLEMENTATIONS[stage][name].__get__(probe) for name in names}}
             best = {}
             for p in range(passes + 1):
                 for name, fn in impls.items():

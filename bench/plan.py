@@ -1,4 +1,4 @@
-"""The plan of the fast path on this machine: each stage's reference vs fast time, and the choice.
+"""The plan of the fast path on this machine: each stage's implementations timed, and the choice.
 
     python bench/plan.py                                   # paper model: training at batch 4, extraction at 1
     ATEN_CPU_CAPABILITY=default python bench/plan.py       # another kernel setting
@@ -29,10 +29,11 @@ def report(model, x, title, passes):
     for stage in fast_RawNet2.STAGES:
         t = timings.get(stage)
         if t is None:
-            print(f"  {stage:<10} (no fast candidate here)      -> reference")
-        else:
-            print(f"  {stage:<10} reference {t['reference']:8.4f} s  fast {t['fast']:8.4f} s  "
-                  f"{t['reference'] / t['fast']:5.2f}x  -> {plan[stage]}")
+            print(f"  {stage:<10} (no other candidate here)  -> reference")
+            continue
+        others = "  ".join(f"{name} {seconds:8.4f} s ({t['reference'] / seconds:4.2f}x)"
+                           for name, seconds in t.items() if name != "reference")
+        print(f"  {stage:<10} reference {t['reference']:8.4f} s  {others}  -> {plan[stage]}")
     return plan
 
 

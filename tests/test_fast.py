@@ -35,26 +35,57 @@ def front_end_grads(fn, x, w, grad_out):
     return out, x.grad, w.grad
 
 
+FRONT_ENDS = [fast_RawNet2.sinc_abs_maxpool, fast_RawNet2.sinc_abs_maxpool_fft]
+FRONT_END_IDS = ["polyphase", "fft"]
+
+
+@pytest.fixture
+def small_fft_chunks(monkeypatch):
+    """FFT batch chunks of one utterance, so that the tests cross chunk boundaries."""
+    monkeypatch.setitem(fast_RawNet2.FFT_CHUNK_ELEMS, "cpu", 1)
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS, ids=FRONT_END_IDS)
 @pytest.mark.parametrize("taps", [51, 50])  # odd like sinc filters, and even
-@pytest.mark.parametrize("length", [300, 301, 302, 4000])  # (T - K + 1) % 3 = 0, 1, 2, and longer
-def test_front_end_equals_reference_in_float64(small_chunks, length, taps):
+@pytest.mark.parametrize("length", [300, 301, 302, 4000, 4373])  # (T - K + 1) % 3 = 0, 1, 2; longer; prime
+def test_front_end_equals_reference_in_float64(small_chunks, small_fft_chunks, front_end, length, taps):
     torch.manual_seed(length)
     x = torch.randn(2, 1, length, dtype=torch.float64)
     w = torch.randn(4, 1, taps, dtype=torch.float64)
     grad_out = torch.randn(2, 4, (length - taps + 1) // 3, dtype=torch.float64)
-    for fast, ref in zip(front_end_grads(fast_RawNet2.sinc_abs_maxpool, x, w, grad_out),
+    for fast, ref in zip(front_end_grads(front_end, x, w, grad_out),
                          front_end_grads(reference_front_end, x, w, grad_out)):
-        assert fast.shape == ref.shape
+        assert fast.shape == ref.shape and fast.dtype == ref.dtype
         assert rel_err(fast, ref) < 1e-12
 
 
-def test_front_end_gradient_is_zero_where_the_conv_output_is_zero(small_chunks):
+@pytest.mark.parametrize("length", [300, 302, 4373])
+def test_fft_forward_without_gradients_equals_reference_in_float64(small_fft_chunks, length):
+    torch.manual_seed(length)
+    x = torch.randn(3, 1, length, dtype=torch.float64)
+    w = torch.randn(4, 1, 51, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(fast_RawNet2.sinc_abs_maxpool_fft(x, w), reference_front_end(x, w)) < 1e-12
+
+
+def test_fft_length_is_the_next_5_smooth_number():
+    def smooth(n):
+        for p in (2, 3, 5):
+            while n % p == 0:
+                n //= p
+        return n == 1
+    for n in [1, 2, 7, 251, 4373, 16000, 59049, 59050, 100003]:
+        assert fast_RawNet2.fft_length(n) == next(m for m in range(n, 3 * n) if smooth(m)), n
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS, ids=FRONT_END_IDS)
+def test_front_end_gradient_is_zero_where_the_conv_output_is_zero(small_chunks, front_end):
     # |y| has gradient sign(y) = 0 at y = 0 in torch.abs; a silent stretch of input gives y = 0.
     x = torch.randn(1, 1, 400)
     x[..., 100:300] = 0
     w = torch.randn(3, 1, 11)
     grad_out = torch.ones(1, 3, (400 - 10) // 3)
-    fast = front_end_grads(fast_RawNet2.sinc_abs_maxpool, x, w, grad_out)
+    fast = front_end_grads(front_end, x, w, grad_out)
     ref = front_end_grads(reference_front_end, x, w, grad_out)
     for a, b in zip(fast, ref):
         assert rel_err(a, b) < 1e-5

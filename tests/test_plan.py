@@ -41,8 +41,8 @@ def fake_timings(fast_wins):
 
     def measure(model, x, candidates, passes=fr.PLAN_PASSES):
         calls.append(tuple(candidates))
-        return {s: {"reference": 2.0, "fast": 1.0} if s in fast_wins else {"reference": 1.0, "fast": 2.0}
-                for s in candidates}
+        return {s: {"reference": 2.0, **dict.fromkeys(names, 1.0)} if s in fast_wins
+                else {"reference": 1.0, **dict.fromkeys(names, 2.0)} for s, names in candidates.items()}
     return measure, calls
 
 
@@ -53,6 +53,10 @@ def test_choose_keeps_fast_only_where_it_beats_the_reference_by_the_margin():
     assert fr.choose(timings) == {"front_end": "fast", "blocks": "reference", "gru": "reference"}
     assert fr.choose({}) == fr.REFERENCE_PLAN  # nothing measured: the reference runs
     assert fr.choose(timings) == fr.choose(copy.deepcopy(timings))
+    # several candidates: the fastest wins, a tie goes to the first name
+    assert fr.choose({"front_end": {"reference": 1.0, "fast": 0.8, "fft": 0.5}})["front_end"] == "fft"
+    assert fr.choose({"front_end": {"reference": 1.0, "fft": 0.5, "fast": 0.5}})["front_end"] == "fast"
+    assert fr.choose({"front_end": {"reference": 1.0, "fast": 1.2, "fft": 0.99}})["front_end"] == "reference"
 
 
 @pytest.mark.parametrize("fast_wins", [(), ("front_end",), ("blocks", "gru"), fr.STAGES])
@@ -154,7 +158,8 @@ def test_fast_flag_values():
         common.parse_fast("sometimes")
 
 
-ALL_PLANS = [dict(zip(fr.STAGES, impls)) for impls in itertools.product(("reference", "fast"), repeat=3)]
+ALL_PLANS = [dict(zip(fr.STAGES, impls))
+             for impls in itertools.product(("reference", "fast", "fft"), *[("reference", "fast")] * 2)]
 
 
 # every plan in the FMS layout; mixed plans in the legacy layout (test_fast.py has it all-fast)
@@ -164,7 +169,7 @@ PLAN_CASES = [(False, plan) for plan in ALL_PLANS] + [
 
 
 @pytest.mark.parametrize("legacy,plan", PLAN_CASES,
-                         ids=lambda p: "-".join(v[0] for v in p.values()) if isinstance(p, dict) else str(p))
+                         ids=lambda p: "-".join(v[:3] for v in p.values()) if isinstance(p, dict) else str(p))
 def test_every_plan_gives_the_reference_outputs_and_gradients(legacy, plan):
     ref = small_model(legacy, nb_samp=8000).train()  # the GRU sees 3 steps
     other = copy.deepcopy(ref)
@@ -191,8 +196,11 @@ def test_measuring_leaves_the_model_untouched(cache):
     model = small_model(False, nb_samp=8000).train()
     before = copy.deepcopy(model.state_dict())
     x = torch.randn(2, model.nb_samp)
-    timings = fr.measure_stages(model, x, fr.STAGES, passes=1)
-    assert set(timings) == set(fr.STAGES) and all(set(t) == {"reference", "fast"} for t in timings.values())
+    candidates = fr.applicable(model, x)
+    assert candidates == {"front_end": ["fast", "fft"], "blocks": ["fast"], "gru": ["fast"]}
+    timings = fr.measure_stages(model, x, candidates, passes=1)
+    assert {s: sorted(t) for s, t in timings.items()} == \
+        {s: sorted(["reference", *v]) for s, v in candidates.items()}
     assert all(p.grad is None for p in model.parameters())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
