@@ -69,6 +69,17 @@ def arg_group(parser, title):
     return lambda name, **kw: group.add_argument(f"-{name}", f"--{name}", **kw)
 
 
+def idle_cores():
+    """Cores this process may use that nothing else is busy on now: the usable cores minus the
+    1-minute load average (rounded down), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this system: assume an idle machine
+        load = 0.0
+    return max(1, cores - int(load))
+
+
 def speaker_of(key):
     return key.split("/")[0]
 

@@ -16,13 +16,14 @@ to ~1e-5 or better):
    per pooled value (which of the 3 samples won, and its sign) is kept for backward: 1/12 of one
    full-rate float map. Backward rebuilds each chunk's sparse full-rate gradient from those codes and
    calls the convolution's own backward on it, so nothing is recomputed and the full map never exists.
-   ``sinc_abs_maxpool_fft`` is a second candidate for the front end. In training its forward is the
-   reference's direct convolution (so its outputs, and where they are exactly 0, are the
-   reference's), kept as the same 1-byte codes; the backward, which PyTorch's CPU kernels run far
-   below the forward's speed for a 1-channel input, is done with FFTs (both gradients are a
-   correlation or convolution with the full-rate gradient; summed over channels or batch in the
-   frequency domain, so only B + C inverse transforms are needed). Without gradients the forward
-   is an FFT convolution (for few filters and short inputs, as in -demo, about twice as fast).
+   ``sinc_abs_maxpool_fft`` is a second candidate for the front end: the convolution by FFTs, kept
+   as the same 1-byte codes. It pays most in the backward, which PyTorch's CPU kernels run far
+   below the forward's speed for a 1-channel input: both gradients are a correlation or
+   convolution with the full-rate gradient, summed over channels or batch in the frequency domain,
+   so only B + C inverse transforms are needed. Where a whole input window is 0 its output is set
+   to exactly 0, as the direct convolution's. For few filters and short inputs (as in -demo) it
+   runs the training front end about 2.5x as fast as the reference; for the paper's 128 filters
+   over 59,049 samples the transforms cost more than they save (bench/README.md).
 2. ``residual_blocks`` (CPU, float32) runs block0..5 in channels-last layout, where mkldnn's
    convolutions can be faster, with a GEMM weight gradient and a batch norm whose sums are as
    accurate as the reference kernel's (see the section below).
@@ -207,14 +208,28 @@ def _full_rate_gradient(grad_out, code):  # (b, C, P) pooled gradient -> (b, C, 
     return full.scatter_(3, offset, g).view(*code.shape[:2], -1)
 
 
-class SincAbsMaxPoolFFT(torch.autograd.Function):
-    """``max_pool1d(|conv1d(x, w)|, 3)`` for one input channel: direct forward, FFT backward.
+def _fft_conv(x, spectrum, n, taps):
+    """conv1d(x, w) for x (b, T), w's ``spectrum`` = conj(rfft(w, n)): (b, C, T - K + 1). Where the
+    whole input window is 0 the output is set to exactly 0, as the direct convolution gives (the
+    FFT leaves rounding noise there, whose sign |.|'s gradient would follow)."""
+    length = x.shape[-1]
+    y = torch.fft.irfft(torch.fft.rfft(x, n)[:, None] * spectrum, n)[:, :, :length - taps + 1]
+    nonzero = F.pad((x != 0).to(torch.int32).cumsum(-1), (1, 0))
+    silent = (nonzero[:, taps:] - nonzero[:, :-taps]) == 0                # (b, T - K + 1)
+    if silent.any():
+        y = y.masked_fill(silent[:, None], 0.0)
+    return y
 
-    With y = conv1d(x, w) (a correlation, y[t] = sum_k w[k] x[t + k]) and g its full-rate gradient,
+
+class SincAbsMaxPoolFFT(torch.autograd.Function):
+    """``max_pool1d(|conv1d(x, w)|, 3)`` for one input channel, by FFTs, in batch chunks.
+
+    Forward: y = irfft(rfft(x) conj(W)) (a correlation, y[t] = sum_k w[k] x[t + k]), rectified and
+    pooled; only the pooled output and the 1-byte codes are kept. Backward, with g the full-rate
+    gradient rebuilt from the codes:
         dx = sum_c g_c * w_c  (convolution),   dw_c = sum_b corr(x_b, g_bc),
     so with spectra X, G, W of length n >= T (no wrap-around reaches the kept samples):
         dx = irfft(sum_c G_c W_c),   dw_c = irfft(sum_b conj(G_bc) X_b)[:K].
-    Batch chunks bound the spectra's memory.
     """
 
     @staticmethod
@@ -224,24 +239,23 @@ class SincAbsMaxPoolFFT(torch.autograd.Function):
         pooled_len = (length - taps + 1) // 3
         n = fft_length(length)
         step = _fft_batch_step(x, channels, n)
+        spectrum = torch.fft.rfft(w[:, 0], n).conj()
         out = x.new_empty(batch, channels, pooled_len)
         code = torch.empty(batch, channels, pooled_len, dtype=torch.int8, device=x.device)
         for b0 in range(0, batch, step):
-            y = F.conv1d(x[b0:b0 + step], w)[:, :, :3 * pooled_len]
+            y = _fft_conv(x[b0:b0 + step, 0], spectrum, n, taps)[:, :, :3 * pooled_len]
             out[b0:b0 + step], code[b0:b0 + step] = _pool_codes(y)
-        ctx.save_for_backward(x, w, code)
-        ctx.shapes = (n, step)
+        ctx.save_for_backward(x, spectrum, code)
+        ctx.shapes = (n, taps, step)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # (B, C, P) -> grads of x (B, 1, T) and w (C, 1, K)
-        x, w, code = ctx.saved_tensors
-        n, step = ctx.shapes
-        batch, channels, _ = code.shape
-        length, taps = x.shape[-1], w.shape[-1]
+        x, spectrum, code = ctx.saved_tensors
+        n, taps, step = ctx.shapes
+        batch, length = x.shape[0], x.shape[-1]
         need_x, need_w = ctx.needs_input_grad
-        spectrum = torch.fft.rfft(w[:, 0], n)                              # (C, n/2 + 1)
         grad_x = x.new_empty(batch, 1, length) if need_x else None
         grad_w_spectrum = torch.zeros_like(spectrum) if need_w else None
         grad_out = grad_out.contiguous()
@@ -249,7 +263,7 @@ class SincAbsMaxPoolFFT(torch.autograd.Function):
             b1 = min(b0 + step, batch)
             g = torch.fft.rfft(_full_rate_gradient(grad_out[b0:b1], code[b0:b1]), n)  # (b, C, n/2 + 1)
             if need_x:
-                grad_x[b0:b1, 0] = torch.fft.irfft(torch.einsum("bcf,cf->bf", g, spectrum), n)[:, :length]
+                grad_x[b0:b1, 0] = torch.fft.irfft((g * spectrum.conj()).sum(1), n)[:, :length]
             if need_w:
                 grad_w_spectrum += torch.einsum("bcf,bf->cf", g.conj(), torch.fft.rfft(x[b0:b1, 0], n))
         grad_w = torch.fft.irfft(grad_w_spectrum, n)[:, :taps].unsqueeze(1) if need_w else None
@@ -257,23 +271,20 @@ class SincAbsMaxPoolFFT(torch.autograd.Function):
 
 
 def _fft_abs_maxpool(x, w):
-    """The forward alone, by FFT: y = irfft(X conj(W)) in batch chunks, then |.| and max-pool 3."""
+    """The forward alone (no codes kept), in batch chunks."""
     batch, length, (channels, _, taps) = x.shape[0], x.shape[-1], w.shape
     n = fft_length(length)
     step = _fft_batch_step(x, channels, n)
     spectrum = torch.fft.rfft(w[:, 0], n).conj()
     out = x.new_empty(batch, channels, (length - taps + 1) // 3)
     for b0 in range(0, batch, step):
-        y = torch.fft.irfft(torch.fft.rfft(x[b0:b0 + step, 0], n)[:, None] * spectrum, n)
-        out[b0:b0 + step] = F.max_pool1d(y[:, :, :length - taps + 1].abs(), 3)
+        out[b0:b0 + step] = F.max_pool1d(_fft_conv(x[b0:b0 + step, 0], spectrum, n, taps).abs(), 3)
     return out
 
 
 def sinc_abs_maxpool_fft(x, filters):
-    """``F.max_pool1d(torch.abs(F.conv1d(x, filters)), 3)`` with FFTs (same shapes): with gradients,
-    the direct forward and an FFT backward (SincAbsMaxPoolFFT); without, an FFT forward (its
-    outputs equal the direct one's to rounding; where the direct one is exactly 0, they are
-    rounding noise, which only a gradient could tell apart)."""
+    """``F.max_pool1d(torch.abs(F.conv1d(x, filters)), 3)`` by FFTs (same shapes); without gradients
+    the forward keeps no codes."""
     if torch.is_grad_enabled() and (x.requires_grad or filters.requires_grad):
         return SincAbsMaxPoolFFT.apply(x, filters)
     return _fft_abs_maxpool(x, filters)

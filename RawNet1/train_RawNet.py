@@ -41,6 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import common  # noqa: E402
 import scoring  # noqa: E402
 import utils  # noqa: E402
 from data_RawNet import (  # noqa: E402
@@ -81,7 +82,7 @@ DEMO_DEFAULTS = {
     "dev_dir": f"{DEMO_ROOT}/RawNet1/dev_npy/", "eval_dir": f"{DEMO_ROOT}/RawNet1/eval_npy/",
     "trials": f"{DEMO_ROOT}/VoxCeleb1/veri_test.txt", "nb_samp": 19683, "nb_val_spk": 10,
     "m_filts": [32, 32, 64], "m_gru_node": 128, "m_nb_code": 128,
-    "bs": 32, "epoch_pre": 4, "epoch": 8, "nb_worker": 0, "nb_thread": 1,
+    "bs": 32, "epoch_pre": 4, "epoch": 8, "nb_worker": 0, "nb_thread": -1,
 }
 DEMO_BVEC_FLAGS = ["-epoch", "5", "-nb_batch_per_epoch", "100"]
 
@@ -126,8 +127,9 @@ def build_parser():
         help="seed for initialisation, validation speakers and trials, shuffling and crops")
     add("nb_worker", type=int, default=8, help="DataLoader worker processes")
     add("nb_thread", type=int, default=0,
-        help="CPU threads per operation (0: PyTorch's default, one per core); -demo uses 1, which does "
-             "not stall when other programs share the cores")
+        help="CPU threads per operation (0: PyTorch's default, one per core; -1, the default of -demo: "
+             "one per core that is idle at start, from the load average, so that threads do not stall "
+             "on cores other programs keep busy)")
     add("reproducible", default=True, help="seed torch/numpy/random, cuDNN deterministic", **flag)
     add("resume", action="store_true",
         help="continue <save_dir>/<name>/ from its last completed epoch (last.pt)")
@@ -300,7 +302,7 @@ def main(args):
         raise DataError("every phase needs at least one epoch (-epoch_pre, -epoch)")
 
     if args.nb_thread:
-        torch.set_num_threads(args.nb_thread)
+        torch.set_num_threads(common.idle_cores() if args.nb_thread < 0 else args.nb_thread)
     baseline_eer = None
     if args.demo:
         baseline_eer = prepare_demo(args)

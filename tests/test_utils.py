@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import common
 import scoring
 import utils
 from utils import DataError, SilentAudioError
@@ -286,3 +287,15 @@ def test_train_set_with_index_yields_the_same_crops(tmp_path):
         plain.epoch = fast.epoch = epoch
         for i in range(2):
             np.testing.assert_array_equal(plain[i][0], fast[i][0])
+
+
+@pytest.mark.parametrize("load,expected", [(0.0, 4), (0.9, 4), (1.7, 3), (3.99, 1), (9.0, 1), (None, 4)])
+def test_idle_cores_is_the_usable_cores_minus_the_load(monkeypatch, load, expected):
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+
+    def loadavg():
+        if load is None:
+            raise OSError("no load average here")
+        return (load, 0.0, 0.0)
+    monkeypatch.setattr(common.os, "getloadavg", loadavg)
+    assert common.idle_cores() == expected
