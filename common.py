@@ -15,6 +15,7 @@ import pickle
 import re
 import signal
 import tempfile
+import time
 
 import numpy as np
 
@@ -69,15 +70,30 @@ def arg_group(parser, title):
     return lambda name, **kw: group.add_argument(f"-{name}", f"--{name}", **kw)
 
 
-def idle_cores():
-    """Cores this process may use that nothing else is busy on now: the usable cores minus the
-    1-minute load average (rounded down), at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _busy_cores(seconds):
+    """How many of the machine's cores were busy over the next ``seconds`` (Linux /proc/stat), or
+    the 1-minute load average where that cannot be read."""
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # all, idle + iowait
     try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this system: assume an idle machine
-        load = 0.0
-    return max(1, cores - int(load))
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+        return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(1, total1 - total0))
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:  # neither is available: assume an idle machine
+            return 0.0
+
+
+def idle_cores(seconds=0.3):
+    """Cores this process may use that nothing else keeps busy now: the usable cores minus the busy
+    ones (measured over ``seconds``, rounded to the nearest core), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - round(_busy_cores(seconds)))
 
 
 def speaker_of(key):

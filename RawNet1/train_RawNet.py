@@ -128,8 +128,8 @@ def build_parser():
     add("nb_worker", type=int, default=8, help="DataLoader worker processes")
     add("nb_thread", type=int, default=0,
         help="CPU threads per operation (0: PyTorch's default, one per core; -1, the default of -demo: "
-             "one per core that is idle at start, from the load average, so that threads do not stall "
-             "on cores other programs keep busy)")
+             "one per core not busy with other programs at start, measured over 0.3 s, so that threads "
+             "do not stall on cores others keep busy)")
     add("reproducible", default=True, help="seed torch/numpy/random, cuDNN deterministic", **flag)
     add("resume", action="store_true",
         help="continue <save_dir>/<name>/ from its last completed epoch (last.pt)")

@@ -289,13 +289,22 @@ def test_train_set_with_index_yields_the_same_crops(tmp_path):
             np.testing.assert_array_equal(plain[i][0], fast[i][0])
 
 
-@pytest.mark.parametrize("load,expected", [(0.0, 4), (0.9, 4), (1.7, 3), (3.99, 1), (9.0, 1), (None, 4)])
-def test_idle_cores_is_the_usable_cores_minus_the_load(monkeypatch, load, expected):
+@pytest.mark.parametrize("busy,expected", [(0.0, 4), (0.4, 4), (0.6, 3), (1.7, 2), (3.6, 1), (9.0, 1)])
+def test_idle_cores_is_the_usable_cores_minus_the_busy_ones(monkeypatch, busy, expected):
     monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-
-    def loadavg():
-        if load is None:
-            raise OSError("no load average here")
-        return (load, 0.0, 0.0)
-    monkeypatch.setattr(common.os, "getloadavg", loadavg)
+    monkeypatch.setattr(common, "_busy_cores", lambda seconds: busy)
     assert common.idle_cores() == expected
+
+
+def test_busy_cores_reads_the_cpu_time_or_falls_back_to_the_load_average(monkeypatch):
+    busy = common._busy_cores(0.05)
+    assert 0.0 <= busy <= (os.cpu_count() or 1)
+    real_open = open
+
+    def no_proc_stat(path, *a, **k):
+        if path == "/proc/stat":
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **k)
+    monkeypatch.setattr("builtins.open", no_proc_stat)
+    monkeypatch.setattr(common.os, "getloadavg", lambda: (2.5, 0.0, 0.0))
+    assert common._busy_cores(0.0) == 2.5
