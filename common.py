@@ -71,17 +71,21 @@ def arg_group(parser, title):
 
 
 def _busy_cores(seconds):
-    """How many of the machine's cores were busy over the next ``seconds`` (Linux /proc/stat), or
-    the 1-minute load average where that cannot be read."""
+    """How many of the machine's cores other work keeps busy: the least busy of 3 windows over
+    ``seconds`` (Linux /proc/stat; a job that just ended shows in one window, a running one in all),
+    or the 1-minute load average where that cannot be read."""
     def sample():
         with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        return sum(ticks), ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # all, idle + iowait
+            ticks = [int(v) for v in f.readline().split()[1:8]]  # user .. steal (guest is in user)
+        return sum(ticks), ticks[3] + ticks[4]                     # all, idle + iowait
     try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-        return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(1, total1 - total0))
+        busy, (total, idle) = [], sample()
+        for _ in range(3):
+            time.sleep(seconds / 3)
+            (total1, idle1) = sample()
+            busy.append(1 - (idle1 - idle) / max(1, total1 - total))
+            total, idle = total1, idle1
+        return (os.cpu_count() or 1) * min(busy)
     except (OSError, ValueError, IndexError):
         try:
             return os.getloadavg()[0]
