@@ -12,6 +12,7 @@ resumes exactly; silent or empty files are skipped and listed.
 
 import json
 import os
+import time
 import warnings
 
 import numpy as np
@@ -199,18 +200,60 @@ class UtteranceSet(Dataset):
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), self.keys[i]
 
 
+class ThreadChoice:
+    """CPU threads for a run of one-utterance forwards, measured on its first ones: a forward of one
+    small utterance can run slower on all cores (each operation waits for its threads) than on one.
+    The first ``2 * per_choice`` forwards alternate the current thread count and 1 thread; then the
+    faster per input sample is kept. The count in force before is restored on exit. On GPU, or with
+    one thread already, it does nothing."""
+
+    def __init__(self, device, per_choice=3):
+        self.before = torch.get_num_threads()
+        on = torch.device(device).type == "cpu" and self.before > 1
+        self.choices = [self.before, 1] if on else []
+        self.per_choice = per_choice
+        self.seconds = {n: 0.0 for n in self.choices}
+        self.samples = dict.fromkeys(self.choices, 0)
+        self.count = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+    def run(self, fn, x):
+        """``fn(x)`` under the thread count of this forward."""
+        measuring = self.count < len(self.choices) * self.per_choice
+        if not measuring:
+            return fn(x)
+        threads = self.choices[self.count % len(self.choices)]
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        out = fn(x)
+        self.seconds[threads] += time.perf_counter() - start
+        self.samples[threads] += x.numel()
+        self.count += 1
+        if self.count == len(self.choices) * self.per_choice:
+            torch.set_num_threads(min(self.choices, key=lambda n: self.seconds[n] / self.samples[n]))
+        return out
+
+
 @torch.no_grad()
 def embed_utterances(model, keys, folder, device="cpu", nb_worker=0, progress=True, desc="embeddings",
                      crop=None):
     """Embedding of each utterance (one forward each, eval mode): dict id (no .wav) -> float32.
-    Whole utterances, or random crops with ``crop = (nb_samp, seed)`` (see ``UtteranceSet``)."""
+    Whole utterances, or random crops with ``crop = (nb_samp, seed)`` (see ``UtteranceSet``). On
+    CPU the thread count is measured on the first forwards (``ThreadChoice``)."""
     was_training = model.training
     model.eval()
     dataset = UtteranceSet(keys, folder, model.min_samples, crop)
     loader = DataLoader(dataset, batch_size=None, num_workers=nb_worker)
     embeddings = {}
-    for x, key in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        embeddings[utils.utt_id(key)] = model.embed(x[None].to(device))[0].float().cpu().numpy()
+    with ThreadChoice(device) as threads:
+        for x, key in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            code = threads.run(model.embed, x[None].to(device))
+            embeddings[utils.utt_id(key)] = code[0].float().cpu().numpy()
     model.train(was_training)
     return embeddings
 

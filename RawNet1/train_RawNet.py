@@ -301,8 +301,13 @@ def main(args):
     if any(p.epochs < 1 for p in phases):
         raise DataError("every phase needs at least one epoch (-epoch_pre, -epoch)")
 
-    if args.nb_thread:
-        torch.set_num_threads(common.idle_cores() if args.nb_thread < 0 else args.nb_thread)
+    if args.nb_thread > 0:
+        torch.set_num_threads(args.nb_thread)
+    elif args.nb_thread < 0:
+        threads = common.idle_cores()
+        torch.set_num_threads(threads)
+        # the thread count changes float summation order, hence the exact numbers of a run
+        print(f"{threads} CPU thread(s): the cores not busy at start (-nb_thread {threads} repeats this run)")
     baseline_eer = None
     if args.demo:
         baseline_eer = prepare_demo(args)

@@ -570,3 +570,27 @@ def test_keras_l2_equals_coupled_weight_decay_on_kernels():
             opt.step()
     for a, b in zip(model.parameters(), keras.parameters()):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("one_is_faster", [True, False])
+def test_thread_choice_keeps_the_faster_thread_count_and_restores_it(one_is_faster):
+    import time
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+
+        def forward(x):
+            seen.append(torch.get_num_threads())
+            time.sleep(0.001 if (torch.get_num_threads() == 1) == one_is_faster else 0.02)
+            return x
+        with data_RawNet.ThreadChoice("cpu", per_choice=2) as threads:
+            for _ in range(7):
+                threads.run(forward, torch.zeros(1, 10))
+        assert seen[:4] == [2, 1, 2, 1]                   # measuring: alternate
+        assert seen[4:] == [1 if one_is_faster else 2] * 3  # then the faster one
+        assert torch.get_num_threads() == 2                 # restored
+        with data_RawNet.ThreadChoice("cuda") as threads:   # off on GPU
+            assert threads.choices == []
+    finally:
+        torch.set_num_threads(before)
