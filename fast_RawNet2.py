@@ -97,6 +97,26 @@ def _polyphase_input(x, length):  # (B, 1, T) -> (B, 3, length): x_s[m] = x[3m +
     return x.view(x.shape[0], length, 3).transpose(1, 2).contiguous()
 
 
+def _pool_codes(y, dim):
+    """Max-pool 3 of |y| whose 3 samples run along ``dim`` of y (removed), and a 1-byte code per
+    pooled value for the backward: +-(1 + which of the 3 is the maximum), signed like y there; 0
+    where that y is exactly 0 (|.|'s gradient is 0 there, as torch.abs's is)."""
+    value, offset = y.abs().max(dim=dim)                              # first maximum, as max_pool1d
+    sign = torch.gather(y, dim, offset.unsqueeze(dim)).squeeze(dim).sign()
+    return value, ((offset + 1) * sign).to(torch.int8)
+
+
+def _full_rate_gradient(grad_out, code, dim):
+    """The gradient of the 3 samples behind each pooled value, along a new axis ``dim``: the pooled
+    gradient times sign(y) at the maximum, 0 at the other two."""
+    c = code.unsqueeze(dim)
+    offset = (c.abs().long() - 1).clamp_(min=0)
+    g = grad_out.unsqueeze(dim) * c.sign()                             # d|y|/dy = sign(y)
+    shape = list(code.shape)
+    shape.insert(dim, 3)
+    return torch.zeros(shape, dtype=grad_out.dtype, device=grad_out.device).scatter_(dim, offset, g)
+
+
 class SincAbsMaxPool(torch.autograd.Function):
     """``max_pool1d(|conv1d(x, w)|, 3)`` for one input channel, in polyphase form, chunked over time."""
 
@@ -110,16 +130,11 @@ class SincAbsMaxPool(torch.autograd.Function):
         w3 = _polyphase_filters(w, index, q_taps)
         step = _pooled_chunk(batch, channels, pooled_len, q_taps, x.device)
         out = x.new_empty(batch, channels, pooled_len)
-        # code = +-(1 + which of the 3 samples is the maximum), signed like the conv output there;
-        # 0 where that output is exactly 0 (|.|'s gradient is 0 there, as torch.abs's is).
         code = torch.empty(batch, channels, pooled_len, dtype=torch.int8, device=x.device)
         for p0 in range(0, pooled_len, step):
             p1 = min(p0 + step, pooled_len)
             y = F.conv1d(x3[:, :, p0:p1 + q_taps - 1], w3).view(batch, channels, 3, p1 - p0)
-            value, offset = y.abs().max(dim=2)                        # first maximum, as max_pool1d
-            sign = torch.gather(y, 2, offset.unsqueeze(2)).squeeze(2).sign()
-            out[:, :, p0:p1] = value
-            code[:, :, p0:p1] = ((offset + 1) * sign).to(torch.int8)
+            out[:, :, p0:p1], code[:, :, p0:p1] = _pool_codes(y, 2)
         ctx.save_for_backward(x3, w3, index, code)
         ctx.shapes = (length, taps, q_taps, step)
         return out
@@ -136,11 +151,8 @@ class SincAbsMaxPool(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         for p0 in range(0, pooled_len, step):
             p1 = min(p0 + step, pooled_len)
-            c = code[:, :, p0:p1].unsqueeze(2)
-            offset = (c.abs().long() - 1).clamp_(min=0)
-            g = grad_out[:, :, p0:p1].unsqueeze(2) * c.sign()           # d|y|/dy = sign(y)
-            g_full = torch.zeros(batch, channels, 3, p1 - p0, dtype=g.dtype, device=g.device)
-            g_full = g_full.scatter_(2, offset, g).view(batch, 3 * channels, p1 - p0)
+            g_full = _full_rate_gradient(grad_out[:, :, p0:p1], code[:, :, p0:p1], 2)
+            g_full = g_full.view(batch, 3 * channels, p1 - p0)
             gx, gw, _ = torch.ops.aten.convolution_backward(
                 g_full, x3[:, :, p0:p1 + q_taps - 1], w3, None, (1,), (0,), (1,), False, (0,), 1,
                 (need_x, need_w, False))
@@ -167,7 +179,7 @@ def sinc_abs_maxpool(x, filters):
     return SincAbsMaxPool.apply(x, filters)
 
 
-# Per batch chunk of the FFT-backward front end: channels x transform length values (~16 MB of
+# Per batch chunk of the FFT front end: channels x transform length values (~16 MB of
 # float32 on CPU, a chunk's spectra then stay within a few tens of MB; on GPU they only bound memory).
 FFT_CHUNK_ELEMS = {"cpu": 2 ** 22}
 DEFAULT_GPU_FFT_CHUNK_ELEMS = 2 ** 27
@@ -191,21 +203,6 @@ def fft_length(n):
 def _fft_batch_step(x, channels, n):  # utterances per batch chunk of the FFT front end
     elems = FFT_CHUNK_ELEMS.get(x.device.type, DEFAULT_GPU_FFT_CHUNK_ELEMS)
     return max(1, min(x.shape[0], elems // (channels * n)))
-
-
-def _pool_codes(y):  # (b, C, 3P) -> max over each 3 of |y|, and its 1-byte code (see SincAbsMaxPool)
-    y = y.reshape(*y.shape[:2], -1, 3)
-    value, offset = y.abs().max(dim=3)                                 # first maximum, as max_pool1d
-    sign = torch.gather(y, 3, offset.unsqueeze(3)).squeeze(3).sign()
-    return value, ((offset + 1) * sign).to(torch.int8)
-
-
-def _full_rate_gradient(grad_out, code):  # (b, C, P) pooled gradient -> (b, C, 3P), sparse
-    c = code.unsqueeze(3)
-    offset = (c.abs().long() - 1).clamp_(min=0)
-    g = grad_out.unsqueeze(3) * c.sign()                                # d|y|/dy = sign(y)
-    full = torch.zeros(*code.shape, 3, dtype=grad_out.dtype, device=grad_out.device)
-    return full.scatter_(3, offset, g).view(*code.shape[:2], -1)
 
 
 def _fft_conv(x, spectrum, n, taps):
@@ -244,7 +241,7 @@ class SincAbsMaxPoolFFT(torch.autograd.Function):
         code = torch.empty(batch, channels, pooled_len, dtype=torch.int8, device=x.device)
         for b0 in range(0, batch, step):
             y = _fft_conv(x[b0:b0 + step, 0], spectrum, n, taps)[:, :, :3 * pooled_len]
-            out[b0:b0 + step], code[b0:b0 + step] = _pool_codes(y)
+            out[b0:b0 + step], code[b0:b0 + step] = _pool_codes(y.unflatten(2, (pooled_len, 3)), 3)
         ctx.save_for_backward(x, spectrum, code)
         ctx.shapes = (n, taps, step)
         return out
@@ -261,7 +258,8 @@ class SincAbsMaxPoolFFT(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         for b0 in range(0, batch, step):
             b1 = min(b0 + step, batch)
-            g = torch.fft.rfft(_full_rate_gradient(grad_out[b0:b1], code[b0:b1]), n)  # (b, C, n/2 + 1)
+            g_full = _full_rate_gradient(grad_out[b0:b1], code[b0:b1], 3).flatten(2)  # (b, C, 3P)
+            g = torch.fft.rfft(g_full, n)                                                # (b, C, n/2 + 1)
             if need_x:
                 grad_x[b0:b1, 0] = torch.fft.irfft((g * spectrum.conj()).sum(1), n)[:, :length]
             if need_w:
@@ -575,9 +573,8 @@ REFERENCE_PLAN = dict.fromkeys(STAGES, "reference")
 
 def applicable(model, x):
     """{stage: implementations besides the reference that apply to this call}. The front end's
-    apply everywhere; the
-    channels-last blocks and the GRU are float32 CPU code (on GPU cuDNN already does what they
-    save, and under autocast the reference modules handle the dtypes)."""
+    apply everywhere; the channels-last blocks and the GRU are float32 CPU code (on GPU cuDNN
+    already does what they save, and under autocast the reference modules handle the dtypes)."""
     fp32_cpu = (x.device.type == "cpu" and model.ln.gamma.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu"))
     impls = {"front_end": ["fast", "fft"]}
