@@ -63,6 +63,7 @@ def loop(folder, checkpoint, out):
     """The original method in one process: read, segment, one forward per segment, mean; score."""
     import torch
     sys.path.insert(0, ROOT)
+    import scoring
     import utils
     from model_RawNet2 import load_pretrained
     model = load_pretrained(checkpoint)  # eval mode, reference network
@@ -73,11 +74,11 @@ def loop(folder, checkpoint, out):
             segments = utils.tta_segments(utils.read_wav(os.path.join(wav_dir, key)), model.nb_samp, WINDOW)
             codes = [model.embed(torch.from_numpy(s[None].copy())) for s in segments]
             embeddings[utils.utt_id(key)] = torch.cat(codes).mean(0).numpy()
-    labels, keys_a, keys_b = utils.read_trials(os.path.join(folder, "trials.txt"))
+    labels, keys_a, keys_b = scoring.read_trials(os.path.join(folder, "trials.txt"))
     scores = [float(np.dot(embeddings[a], embeddings[b])
                     / (np.linalg.norm(embeddings[a]) * np.linalg.norm(embeddings[b])))
               for a, b in zip(keys_a, keys_b)]
-    print(f"Vox original evaluation EER: {utils.compute_eer(labels, scores)[0]}")
+    print(f"Vox original evaluation EER: {scoring.compute_eer(labels, scores)[0]}")
     with open(out, "wb") as f:
         pickle.dump(embeddings, f)
 
