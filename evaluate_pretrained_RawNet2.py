@@ -97,9 +97,10 @@ def build_parser():
              "timed on the first forwards and cached per machine)")
     add("nb_worker", type=int, default=4, help="DataLoader worker processes reading audio")
     add("fast", default="auto", **common.FAST_FLAG,
-        help="fast path of fast_RawNet2.py (fused sinc front end; on CPU also channels-last blocks "
-             "and GRU), the same math: auto keeps the parts timed faster on this machine (cached plan); "
-             "True takes every fast part; False the plain reference path")
+        help="fast path of fast_RawNet2.py (a fused or an FFT sinc front end; on CPU also "
+             "channels-last blocks and GRU), the same math: auto keeps the implementations timed "
+             "fastest on this machine (cached plan); True takes the fused front end and every other "
+             "fast part; False the plain reference path")
     add("bf16", action="store_true",
         help="bfloat16 autocast in the network (faster on CPUs with bf16 support; changes scores slightly)")
     add("device", type=str, default=None, help="device of the network (default: cuda if available, else cpu)")

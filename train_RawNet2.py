@@ -86,10 +86,10 @@ def build_parser():
     add("sync_bn", default=False,
         help="synchronise batch-norm statistics across processes (torchrun on GPUs)", **flag)
     add("fast", default="auto", **utils.FAST_FLAG,
-        help="fast path of fast_RawNet2.py (fused sinc front end; on CPU also channels-last blocks and GRU), "
-             "the same math: auto times each part against the reference on first use and keeps what is "
-             "faster on this machine (cached plan); True takes every fast part; "
-             "False the plain reference path")
+        help="fast path of fast_RawNet2.py (a fused or an FFT sinc front end; on CPU also channels-last "
+             "blocks and GRU), the same math: auto times each part's implementations against the "
+             "reference on first use and keeps the fastest on this machine (cached plan); True takes "
+             "the fused front end and every other fast part; False the plain reference path")
     add("amp", type=str, default="none", choices=["none", "bf16", "fp16"],
         help="mixed precision of the training steps: bf16 autocast, or fp16 autocast with a gradient "
              "scaler (GPU only); the sinc front end and the per-epoch TTA evaluation stay float32")
