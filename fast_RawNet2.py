@@ -526,6 +526,9 @@ STAGES = ("front_end", "blocks", "gru")
 REFERENCE_METHODS = {"front_end": "sinc_front_end", "blocks": "residual_stack", "gru": "gru_outputs"}
 PLAN_PASSES = 2      # timed passes per candidate (after one untimed warm-up pass); the minimum is kept
 MARGIN = 0.03        # a fast candidate must beat the reference by this fraction to be chosen
+ELIMINATE_SECONDS = 0.25  # a warm-up pass of the reference this long lets clear losers be dropped ...
+ELIMINATE_FACTOR = 1.5    # ... those this many times slower than it
+LONG_PASS_SECONDS = 1.0   # a reference pass this long is timed once after the warm-up, not PLAN_PASSES
 PLAN_FORMAT = 1      # version of the cache file's layout
 CACHE_ENV = "RAWNET2_CACHE_DIR"
 _plans = {}          # this process's plans: identity key -> plan
@@ -778,12 +781,38 @@ def _record_stage_inputs(probe, x):
     return inputs
 
 
+def _seconds_of(fn, inp, autocast, dtype, backward):
+    """Seconds of one call of a stage implementation (and its backward, with ``backward``)."""
+    with torch.autocast(inp.device.type, dtype=dtype, enabled=autocast), torch.set_grad_enabled(backward):
+        _synchronize(inp.device)
+        start = time.perf_counter()
+        out = fn(inp.requires_grad_(backward) if backward else inp)
+        if backward:
+            out.backward(torch.ones_like(out))
+        _synchronize(inp.device)
+        seconds = time.perf_counter() - start
+    inp.grad = None
+    return seconds
+
+
+def survivors(warm_up):
+    """The implementations worth timing after the untimed warm-up pass (``warm_up``: name ->
+    seconds): all of them, unless that pass of the reference took ``ELIMINATE_SECONDS`` or more
+    (at such lengths one-time costs are small), when those ``ELIMINATE_FACTOR`` times slower than
+    the reference are dropped."""
+    ref = warm_up["reference"]
+    if ref < ELIMINATE_SECONDS:
+        return set(warm_up)
+    return {n for n, t in warm_up.items() if n == "reference" or t <= ELIMINATE_FACTOR * ref}
+
+
 def measure_stages(model, x, candidates, passes=PLAN_PASSES):
     """Seconds per call of the reference and of each implementation in ``candidates`` ({stage:
     [names]}), at the shapes of ``x``, on a copy of ``model`` (its parameters, gradients and
     statistics stay untouched): {stage: {"reference": s, name: s, ...}}. Forward, plus backward
-    when gradients are enabled; the candidates alternate and the minimum over ``passes`` timed
-    passes is kept."""
+    when gradients are enabled; after one untimed warm-up pass (which may drop clear losers,
+    ``survivors``) the candidates alternate and the minimum over ``passes`` timed passes is kept
+    (one, where a pass of the reference takes ``LONG_PASS_SECONDS`` or more)."""
     backward = torch.is_grad_enabled()
     with torch.inference_mode(False):
         probe = copy.deepcopy(model)
@@ -795,38 +824,32 @@ def measure_stages(model, x, candidates, passes=PLAN_PASSES):
             inp, (autocast, dtype) = inputs[stage]
             impls = {"reference": getattr(probe, REFERENCE_METHODS[stage]),
                      **{name: IMPLEMENTATIONS[stage][name].__get__(probe) for name in names}}
+            run = (inp, autocast, dtype, backward)
+            warm_up = {name: _seconds_of(fn, *run) for name, fn in impls.items()}  # untimed: kernels, caches
+            impls = {name: fn for name, fn in impls.items() if name in survivors(warm_up)}
             best = {}
-            for p in range(passes + 1):
+            for _ in range(1 if warm_up["reference"] >= LONG_PASS_SECONDS else passes):
                 for name, fn in impls.items():
-                    with torch.autocast(inp.device.type, dtype=dtype, enabled=autocast), \
-                            torch.set_grad_enabled(backward):
-                        _synchronize(inp.device)
-                        start = time.perf_counter()
-                        out = fn(inp.requires_grad_(backward) if backward else inp)
-                        if backward:
-                            out.backward(torch.ones_like(out))
-                        _synchronize(inp.device)
-                        seconds = time.perf_counter() - start
-                    inp.grad = None
-                    if p:  # the first pass warms up kernels and caches
-                        best[name] = min(best.get(name, math.inf), seconds)
+                    best[name] = min(best.get(name, math.inf), _seconds_of(fn, *run))
             timings[stage] = best
     return timings
 
 
 _measuring = threading.local()
+_unmeasured = set()  # (plan key, reason) of the reference runs already said
 
 
 @contextlib.contextmanager
-def measuring(enabled):
-    """Within ``with measuring(False)``, a plan not yet known is not measured: the reference runs
-    (for a job too short to pay for the measurement)."""
-    before = getattr(_measuring, "enabled", True)
-    _measuring.enabled = enabled
+def measuring(enabled, why="for a short job"):
+    """Within ``with measuring(False, why)``, a plan not yet known is not measured: the reference
+    runs (for a job too short to pay for the measurement, or while the segments per forward are
+    searched), said once per plan unless ``why`` is None; a later call may still measure it."""
+    before = getattr(_measuring, "state", (True, ""))
+    _measuring.state = (enabled, why)
     try:
         yield
     finally:
-        _measuring.enabled = before
+        _measuring.state = before
 
 
 def planned(model, x, candidates):
@@ -839,9 +862,13 @@ def planned(model, x, candidates):
         return plan
     plan = lookup(key, identity)
     source = f"cached in {cache_path()}"
-    if plan is None and not getattr(_measuring, "enabled", True):
-        plan, source = REFERENCE_PLAN, "not measured for a short job: the reference"
-    elif plan is None:
+    enabled, why = getattr(_measuring, "state", (True, ""))
+    if plan is None and not enabled:  # the reference, this time: not kept, so a later call may measure
+        if why is not None and (key, why) not in _unmeasured:
+            _unmeasured.add((key, why))
+            _note(describe(REFERENCE_PLAN, identity["context"], f"not measured {why}: the reference"))
+        return REFERENCE_PLAN
+    if plan is None:
         start = time.perf_counter()
         timings = measure_stages(model, x, candidates) if candidates else {}
         plan = choose(timings)

@@ -419,13 +419,19 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     pending, pending_keys, pending_counts = [], [], []
 
     def forward(batch):
+        # Stage plans are measured only at the chosen size: during the size search every size runs
+        # the reference (so the sizes compare alike and no plan is measured for a size not kept),
+        # and so does a shorter last batch.
+        chosen = plan.done and len(batch) == plan.size
+        why = "for a short job" if not measure else None  # (None: the reference runs unsaid)
         start = time.perf_counter()
-        code = net.embed(batch.to(device)).float().cpu()  # (.cpu() waits for the device)
+        with fast_RawNet2.measuring(measure and chosen, why):
+            code = net.embed(batch.to(device)).float().cpu()  # (.cpu() waits for the device)
         plan.observe(len(batch), time.perf_counter() - start)
         return code
 
     def flush():
-        with amp_autocast(device, bf16), fast_RawNet2.measuring(measure):
+        with amp_autocast(device, bf16):
             codes = torch.cat([forward(batch) for batch in torch.split(torch.cat(pending), plan.size)])
         done = [(key, part.mean(0).numpy()) for key, part in
                 zip(pending_keys, torch.split(codes, pending_counts))]

@@ -6,12 +6,15 @@ import copy
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import common
 import fast_RawNet2 as fr
+import utils
+from conftest import write_speakers
 from test_fast import rel_err, small_model
 
 
@@ -243,3 +246,42 @@ def test_a_short_job_measures_nothing_and_runs_the_reference(cache, monkeypatch,
     assert "not measured for a short job" in capsys.readouterr().err and not cache.exists()
     short = fr.SegmentPlan(model, "cpu", False, candidates=(1, 4), measure=False)
     assert short.done and short.size == 1
+
+
+def test_a_plan_not_measured_once_is_measured_by_a_later_call(cache, monkeypatch):
+    measure, calls = fake_timings(fr.STAGES)
+    monkeypatch.setattr(fr, "measure_stages", measure)
+    model = small_model(False).eval()
+    model.fast = "auto"
+    x = torch.randn(1, model.nb_samp)
+    with torch.no_grad():
+        with fr.measuring(False, None):
+            assert fr.stages_for(model, x).plan == fr.REFERENCE_PLAN
+        assert not calls
+        assert fr.stages_for(model, x).plan == dict.fromkeys(fr.STAGES, "fast")
+    assert len(calls) == 1
+
+
+def test_survivors_drop_clear_losers_of_long_passes_only():
+    long = {"reference": 1.0, "fast": 1.4, "fft": 1.6}
+    assert fr.survivors(long) == {"reference", "fast"}
+    short = {"reference": 0.01, "fast": 0.05, "fft": 0.1}  # one-time costs weigh more: keep all
+    assert fr.survivors(short) == set(short)
+
+
+def test_tta_extraction_measures_stage_plans_only_at_the_chosen_size(cache, monkeypatch, tmp_path):
+    contexts = []
+
+    def measure(model, x, candidates, passes=fr.PLAN_PASSES):
+        contexts.append(x.shape[0])
+        return {s: {"reference": 1.0, **dict.fromkeys(names, 2.0)} for s, names in candidates.items()}
+    monkeypatch.setattr(fr, "measure_stages", measure)
+    monkeypatch.setattr(fr, "PLAN_MIN_UTTERANCES", 2)
+    monkeypatch.setattr(fr, "CPU_SEGMENT_CANDIDATES", (1, 2))
+    keys = write_speakers(str(tmp_path), ["id1", "id2"], 2, 3, np.random.default_rng(0))
+    model = small_model(False, nb_samp=3200).eval()
+    model.fast = "auto"
+    out = dict(utils.iter_embeddings(model, keys, str(tmp_path), 3200, 800))
+    assert set(out) == set(keys)
+    chosen = fr._plans[fr.SegmentPlan(model, "cpu", False).key]["segments_per_forward"]
+    assert contexts == [chosen]  # one stage measurement, at the size the search kept
