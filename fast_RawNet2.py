@@ -836,20 +836,18 @@ def measure_stages(model, x, candidates, passes=PLAN_PASSES):
 
 
 _measuring = threading.local()
-_unmeasured = set()  # (plan key, reason) of the reference runs already said
 
 
 @contextlib.contextmanager
-def measuring(enabled, why="for a short job"):
-    """Within ``with measuring(False, why)``, a plan not yet known is not measured: the reference
-    runs (for a job too short to pay for the measurement, or while the segments per forward are
-    searched), said once per plan unless ``why`` is None; a later call may still measure it."""
-    before = getattr(_measuring, "state", (True, ""))
-    _measuring.state = (enabled, why)
+def measuring(enabled):
+    """Within ``with measuring(False)``, a plan not yet known is not measured: the reference runs
+    (for a job too short to pay for the measurement)."""
+    before = getattr(_measuring, "enabled", True)
+    _measuring.enabled = enabled
     try:
         yield
     finally:
-        _measuring.state = before
+        _measuring.enabled = before
 
 
 def planned(model, x, candidates):
@@ -862,13 +860,9 @@ def planned(model, x, candidates):
         return plan
     plan = lookup(key, identity)
     source = f"cached in {cache_path()}"
-    enabled, why = getattr(_measuring, "state", (True, ""))
-    if plan is None and not enabled:  # the reference, this time: not kept, so a later call may measure
-        if why is not None and (key, why) not in _unmeasured:
-            _unmeasured.add((key, why))
-            _note(describe(REFERENCE_PLAN, identity["context"], f"not measured {why}: the reference"))
-        return REFERENCE_PLAN
-    if plan is None:
+    if plan is None and not getattr(_measuring, "enabled", True):
+        plan, source = REFERENCE_PLAN, "not measured for a short job: the reference"
+    elif plan is None:
         start = time.perf_counter()
         timings = measure_stages(model, x, candidates) if candidates else {}
         plan = choose(timings)

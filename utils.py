@@ -418,15 +418,18 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
                         num_workers=nb_worker, collate_fn=_first)
     pending, pending_keys, pending_counts = [], [], []
 
+    stages = []  # the stage plan of this extraction, picked at its first forward
+
     def forward(batch):
-        # Stage plans are measured only at the chosen size: during the size search every size runs
-        # the reference (so the sizes compare alike and no plan is measured for a size not kept),
-        # and so does a shorter last batch.
-        chosen = plan.done and len(batch) == plan.size
-        why = "for a short job" if not measure else None  # (None: the reference runs unsaid)
+        batch = batch.to(device)
+        if not stages:
+            # One stage plan for every forward, whatever its size: measured (or read) at the first,
+            # the smallest and cheapest; so an utterance's numbers never depend on the batch it was
+            # packed into, nor on whether the segments per forward were still being searched.
+            with fast_RawNet2.measuring(measure):
+                stages.append(fast_RawNet2.stages_for(net, batch))
         start = time.perf_counter()
-        with fast_RawNet2.measuring(measure and chosen, why):
-            code = net.embed(batch.to(device)).float().cpu()  # (.cpu() waits for the device)
+        code = net.embed(batch, stages=stages[0]).float().cpu()  # (.cpu() waits for the device)
         plan.observe(len(batch), time.perf_counter() - start)
         return code
 
