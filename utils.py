@@ -418,18 +418,19 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
                         num_workers=nb_worker, collate_fn=_first)
     pending, pending_keys, pending_counts = [], [], []
 
-    stages = []  # the stage plan of this extraction, picked at its first forward
+    planned = hasattr(net, "fast")  # a RawNet2 (not, say, the onnxruntime network of -onnx)
+    stages = []  # its stage plan for this extraction, picked at the first forward
 
     def forward(batch):
         batch = batch.to(device)
-        if not stages:
+        if planned and not stages:
             # One stage plan for every forward, whatever its size: measured (or read) at the first,
             # the smallest and cheapest; so an utterance's numbers never depend on the batch it was
             # packed into, nor on whether the segments per forward were still being searched.
             with fast_RawNet2.measuring(measure):
                 stages.append(fast_RawNet2.stages_for(net, batch))
         start = time.perf_counter()
-        code = net.embed(batch, stages=stages[0]).float().cpu()  # (.cpu() waits for the device)
+        code = (net.embed(batch, stages=stages[0]) if planned else net.embed(batch)).float().cpu()
         plan.observe(len(batch), time.perf_counter() - start)
         return code
 

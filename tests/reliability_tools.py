@@ -1,6 +1,7 @@
 """Tools of tests/test_reliability.py: scripts run as real processes (killed with SIGKILL at chosen
 moments), faults injected through utils' RAWNET_FAULT hook, and comparisons of run folders."""
 
+import gc
 import json
 import os
 import re
@@ -63,8 +64,12 @@ def run_forked(cli, argv, fault=None, trace=None, kill_when=None, timeout=240):
         for path in (out_path, err_path):
             open(path, "w").close()
         sys.stdout.flush(), sys.stderr.flush()
+        # Garbage of earlier tests (an onnxruntime session, say) is destroyed here, where its threads
+        # exist; in the child, whose copy of it has no threads, its destructor would wait forever.
+        gc.collect()
         pid = os.fork()
         if pid == 0:  # the child: never returns into the test
+            gc.freeze()  # nor does the child's collector destroy anything it inherited
             code = 70
             try:
                 for name, value in ((utils.FAULT_ENV, fault), (utils.TRACE_ENV, trace)):
