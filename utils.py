@@ -424,9 +424,10 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     def forward(batch):
         batch = batch.to(device)
         if planned and not stages:
-            # One stage plan for every forward, whatever its size: measured (or read) at the first,
-            # the smallest and cheapest; so an utterance's numbers never depend on the batch it was
-            # packed into, nor on whether the segments per forward were still being searched.
+            # One stage plan for every forward, whatever its size: measured (or read) at the first
+            # (on CPU one segment, where the size search starts: the cheapest to measure); so an
+            # utterance's numbers never depend on the batch it was packed into, nor on whether the
+            # segments per forward were still being searched.
             with fast_RawNet2.measuring(measure):
                 stages.append(fast_RawNet2.stages_for(net, batch))
         start = time.perf_counter()
