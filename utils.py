@@ -424,12 +424,12 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     def forward(batch):
         batch = batch.to(device)
         if planned and not stages:
-            # One stage plan for every forward, whatever its size: measured (or read) at the first
-            # (on CPU one segment, where the size search starts: the cheapest to measure); so an
-            # utterance's numbers never depend on the batch it was packed into, nor on whether the
-            # segments per forward were still being searched.
+            # One stage plan for every forward, whatever its size: the plan of one segment (the
+            # cheapest to measure), so an utterance's numbers never depend on the batch it was
+            # packed into, on whether the segments per forward were still being searched, or on
+            # the run (a resumed one computes what an uninterrupted one does).
             with fast_RawNet2.measuring(measure):
-                stages.append(fast_RawNet2.stages_for(net, batch))
+                stages.append(fast_RawNet2.stages_for(net, batch[:1]))
         start = time.perf_counter()
         code = (net.embed(batch, stages=stages[0]) if planned else net.embed(batch)).float().cpu()
         plan.observe(len(batch), time.perf_counter() - start)
