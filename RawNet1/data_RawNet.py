@@ -248,7 +248,9 @@ def embed_utterances(model, keys, folder, device="cpu", nb_worker=0, progress=Tr
     was_training = model.training
     model.eval()
     dataset = UtteranceSet(keys, folder, model.min_samples, crop)
-    loader = DataLoader(dataset, batch_size=None, num_workers=nb_worker)
+    # A generator of its own: the loader's seed draw leaves torch's global random state (training's
+    # dropout) as it was, so that scoring an epoch or not never changes the training.
+    loader = DataLoader(dataset, batch_size=None, num_workers=nb_worker, generator=torch.Generator())
     embeddings = {}
     with ThreadChoice(device) as threads:
         for x, key in tqdm(loader, desc=desc, disable=not progress, leave=False):

@@ -12,13 +12,14 @@ Input: the output of ``pre_process_waveforms.py`` (int16-scale, pre-emphasised .
 
 Each phase: random ``nb_samp`` crops of every dev speaker; loss = softmax cross-entropy +
 ``bs_lambda`` x between-speaker loss + ``c_lambda`` x center loss (centers updated with rate 0.5);
-Adam (AMSGrad); after every epoch cosine EERs on the validation trials (model selection) and on
-Vox1-O (reported). Validation, as the Keras code: the trials of ``-val_trial`` (its
-``voxceleb1_val.txt`` layout), or 8 trials per utterance of ``-nb_val_spk`` dev speakers who stay in
-training, scored with whole-utterance embeddings; for vox2_baseline, as the PyTorch code: 40,000
-random VoxCeleb1-dev trials scored with embeddings of random crops. Outputs under
-``<save_dir>/<name>/``: ``f_params.txt``, ``args.json``, ``val_trial.txt``, ``eers.txt``
-(``phase:P, epoch:E, val_eer:X, eval_eer:Y``), ``results/<phase>_eval_epoch<E>.txt`` (``score target``),
+Adam (AMSGrad); after every epoch the cosine EER on the validation trials (model selection) and,
+every ``-eval_every`` epochs (1, as the original code), on Vox1-O (reported). Validation, as the
+Keras code: the trials of ``-val_trial`` (its ``voxceleb1_val.txt`` layout), or 8 trials per
+utterance of ``-nb_val_spk`` dev speakers who stay in training, scored with whole-utterance
+embeddings; for vox2_baseline, as the PyTorch code: 40,000 random VoxCeleb1-dev trials scored with
+embeddings of random crops. Outputs under ``<save_dir>/<name>/``: ``f_params.txt``, ``args.json``,
+``val_trial.txt``, ``eers.txt`` (``phase:P, epoch:E, val_eer:X, eval_eer:Y``; no ``eval_eer`` in an
+epoch that did not score Vox1-O), ``results/<phase>_eval_epoch<E>.txt`` (``score target``),
 ``models/<phase>_best.pt``, ``last.pt`` (resume with ``-resume``), and at the end ``embeddings.pk``:
 ``{'dev_dic_embeddings': {id: vector}, 'eval_dic_embeddings': {id: vector}}`` (ids without ``.wav``).
 
@@ -76,13 +77,14 @@ RECIPE_DEFAULTS = {
                       "bs_lambda": 0.0, "c_lambda": 0.0, "m_nb_code": 1024},
 }
 # -demo: the built-in synthetic corpus and a scaled-down configuration (shorter crops, 32/64 channels,
-# GRU 128, 4 + 8 epochs, 10 validation speakers); the rest of the pipeline is the recipe's.
+# GRU 128, 4 + 8 epochs, 10 validation speakers, Vox1-O scored once, on the final model); the rest
+# of the pipeline is the recipe's.
 DEMO_ROOT = "DB/demo"
 DEMO_DEFAULTS = {
     "dev_dir": f"{DEMO_ROOT}/RawNet1/dev_npy/", "eval_dir": f"{DEMO_ROOT}/RawNet1/eval_npy/",
     "trials": f"{DEMO_ROOT}/VoxCeleb1/veri_test.txt", "nb_samp": 19683, "nb_val_spk": 10,
     "m_filts": [32, 32, 64], "m_gru_node": 128, "m_nb_code": 128,
-    "bs": 32, "epoch_pre": 4, "epoch": 8, "nb_worker": 0, "nb_thread": -1,
+    "bs": 32, "epoch_pre": 4, "epoch": 8, "eval_every": 0, "nb_worker": 0, "nb_thread": -1,
 }
 DEMO_BVEC_FLAGS = ["-epoch", "5", "-nb_batch_per_epoch", "100"]
 
@@ -141,6 +143,10 @@ def build_parser():
     add("eval_dir", type=str, default="DB/VoxCeleb1/eval_npy/", help="pre-processed test set")
     add("trials", type=str, default="DB/VoxCeleb1/veri_test.txt",
         help="test trials (Vox1-O), keys in -eval_dir")
+    add("eval_every", type=int, default=1,
+        help="score the test trials after every N-th epoch of a phase, for the record only (models are "
+             "selected on the validation trials), as the original code does with 1; 0: only the final "
+             "model, from the embeddings pickle")
     add("nb_samp", type=int, default=59049, help="samples per training crop (3.69 s)")
     add("val_dir", type=str, default="",
         help="pre-processed folder of the validation utterances; empty: -dev_dir")
@@ -300,6 +306,9 @@ def main(args):
                         f"and {args.m_blocks}")
     if any(p.epochs < 1 for p in phases):
         raise DataError("every phase needs at least one epoch (-epoch_pre, -epoch)")
+    if args.eval_every < 0:
+        raise DataError(f"-eval_every must be 0 (final model only) or a positive number of epochs, got "
+                        f"{args.eval_every}")
 
     if args.nb_thread > 0:
         torch.set_num_threads(args.nb_thread)
@@ -397,13 +406,16 @@ def main(args):
             losses = train_epoch(model, center, loader, optimizer, scheduler, args, phase.c_lambda, device,
                                  f"{phase.name} epoch {epoch}")
 
-            eval_eer, scores = evaluate(model, eval_trials, args.eval_dir, args, device, "Vox1-O")
-            write_lines(os.path.join(save_dir, "results", f"{phase.name}_eval_epoch{epoch}.txt"),
-                        [f"{s} {t}" for s, t in zip(scores, eval_trials[0])])
+            eval_eer = None
+            if args.eval_every and (epoch + 1) % args.eval_every == 0:
+                eval_eer, scores = evaluate(model, eval_trials, args.eval_dir, args, device, "Vox1-O")
+                write_lines(os.path.join(save_dir, "results", f"{phase.name}_eval_epoch{epoch}.txt"),
+                            [f"{s} {t}" for s, t in zip(scores, eval_trials[0])])
             crop = (args.nb_samp, (args.seed, 7, p, epoch)) if args.val_crop else None
             val_eer = evaluate(model, val_trials, val_dir, args, device, "validation", crop)[0]
             append_line(os.path.join(save_dir, "eers.txt"),
-                        f"phase:{phase.name}, epoch:{epoch}, val_eer:{val_eer:.4f}, eval_eer:{eval_eer:.4f}")
+                        f"phase:{phase.name}, epoch:{epoch}, val_eer:{val_eer:.4f}"
+                        + (f", eval_eer:{eval_eer:.4f}" if eval_eer is not None else ""))
 
             is_best = val_eer < best_eer
             if is_best:
@@ -418,7 +430,8 @@ def main(args):
                                "args": vars(args), "d_args": d_args}, last_path)
             terms = ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
             tqdm.write(f"{phase.name} epoch {epoch}: loss {losses['loss']:.3f} ({terms}), val EER "
-                       f"{100 * val_eer:.2f} %, Vox1-O EER {100 * eval_eer:.2f} %"
+                       f"{100 * val_eer:.2f} %"
+                       + (f", Vox1-O EER {100 * eval_eer:.2f} %" if eval_eer is not None else "")
                        + (" (best)" if is_best else ""))
         start_epoch = 0
 

@@ -335,6 +335,7 @@ def test_epoch_defaults_are_the_yaml_values():
     assert (args.epoch_pre, args.epoch, args.lr_decay_pre, args.lr_decay) == (100, 100, 0.0, 1e-4)
     demo = train_RawNet.parse_args(["-name", "x", "-demo"])
     assert (demo.epoch_pre, demo.epoch) == (4, 8)                     # the demo's own scaled-down run
+    assert (args.eval_every, demo.eval_every) == (1, 0)             # Vox1-O every epoch; demo: the end
 
 
 def test_baseline_scheduler_steps_before_the_optimiser_as_the_pytorch_code():
@@ -504,6 +505,26 @@ def test_missing_preprocessed_folder_names_the_fix(npy_corpus, tmp_path):
     flags = run_flags(dict(npy_corpus, dev=str(tmp_path / "nowhere")), tmp_path)
     with pytest.raises(DataError, match="nowhere: no index.json; run RawNet1/pre_process_waveforms.py"):
         train_RawNet.main(train_RawNet.parse_args(flags))
+
+
+def test_eval_every_scores_vox1_o_in_those_epochs_only_and_changes_no_training(npy_corpus, tmp_path):
+    train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path, name="every")))
+    train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path, name="second")
+                                              + ["-eval_every", "2"]))
+    every = (tmp_path / "every" / "eers.txt").read_text().splitlines()
+    second = (tmp_path / "second" / "eers.txt").read_text().splitlines()
+    # pretrain epoch 0 and gru epoch 0 are not scored, gru epoch 1 is; the validation EERs are the same
+    assert second == [every[0].split(", eval_eer")[0], every[1].split(", eval_eer")[0], every[2]]
+    assert sorted(p.name for p in (tmp_path / "second" / "results").iterdir()) == ["gru_eval_epoch1.txt"]
+    for name in ("pretrain_best.pt", "gru_best.pt"):
+        a, b = (torch.load(tmp_path / run / "models" / name, weights_only=False)
+                for run in ("every", "second"))
+        assert a["epoch"] == b["epoch"] and a["val_eer"] == b["val_eer"]
+        for k, v in a["model"].items():
+            torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
+    with pytest.raises(DataError, match="-eval_every must be 0"):
+        train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path, name="bad")
+                                                  + ["-eval_every", "-1"]))
 
 
 @pytest.mark.parametrize("stop_at", ["gru epoch 0", "gru epoch 1"])  # at the phase boundary, mid-phase
