@@ -368,16 +368,16 @@ def amp_autocast(device, amp="bf16"):
     """The autocast context of ``-amp`` (training) and ``-bf16`` (extraction): "none" or False is a
     no-op, "bf16" or True bfloat16 autocast, "fp16" float16 autocast. RawNet2 keeps its sinc front
     end in float32 inside (see ``RawNet2.embed``). Opt-in: it changes the numbers slightly. On a CPU
-    without native bfloat16 (no AVX-512 BF16 or AMX) bf16 is emulated and measured slower than
-    float32 (bench/README.md): one line says so, once per process."""
+    without native bfloat16 (no AVX-512 BF16 or AMX, or oneDNN capped below them) bf16 is emulated
+    and measured slower than float32 (bench/README.md): one line says so, once per process."""
     amp = {True: "bf16", False: "none"}.get(amp, amp)
     device_type = torch.device(device).type
     if amp == "bf16" and device_type == "cpu" and not fast_RawNet2.cpu_has_native_bf16() and not _amp_warned:
         _amp_warned.add(amp)
         if is_main_process():
-            tqdm.write("warning: this CPU has no native bfloat16 (no avx512_bf16/amx_bf16 flag): bf16 runs "
-                       "emulated and slower than float32 here; leave -amp/-bf16 off for speed",
-                       file=sys.stderr)
+            tqdm.write("warning: no native bfloat16 here (no avx512_bf16/amx_bf16 CPU flag, or oneDNN capped "
+                       "below them by ONEDNN_MAX_CPU_ISA): bf16 runs emulated and slower than float32; leave "
+                       "-amp/-bf16 off for speed", file=sys.stderr)
     return torch.autocast(device_type, dtype=AMP_DTYPES.get(amp), enabled=amp != "none")
 
 

@@ -248,6 +248,24 @@ def test_a_short_job_measures_nothing_and_runs_the_reference(cache, monkeypatch,
     assert short.done and short.size == 1
 
 
+@pytest.mark.parametrize("flags, cap, native", [
+    (["avx2", "avx512f", "avx512_bf16"], "", True), (["avx2", "amx_bf16"], "AVX512_CORE_AMX", True),
+    (["avx2", "avx512f"], "", False),                               # no bf16 instructions at all
+    (["avx2", "avx512f", "avx512_bf16", "amx_bf16"], "AVX2", False),  # an AMX machine run as AVX2
+    (["avx2", "avx512f", "avx512_bf16"], "avx512_core", False)])
+def test_bf16_is_native_only_with_the_cpu_flag_and_uncapped_onednn(monkeypatch, capsys, flags, cap, native):
+    monkeypatch.setattr(fr, "_cpuinfo", lambda: ("some CPU", flags))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    monkeypatch.setattr(utils, "_amp_warned", set())
+    assert fr.cpu_has_native_bf16() is native
+    for _ in range(2):
+        with utils.amp_autocast("cpu", "bf16"):
+            pass
+    warned = capsys.readouterr().err
+    assert warned.count("warning: no native bfloat16 here") == (0 if native else 1)  # once per process
+
+
 def test_survivors_drop_clear_losers_of_long_passes_only():
     long = {"reference": 1.0, "fast": 1.4, "fft": 1.6}
     assert fr.survivors(long) == {"reference", "fast"}
