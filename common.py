@@ -93,11 +93,15 @@ def _busy_cores(seconds):
             return 0.0
 
 
+def usable_cores():
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def idle_cores(seconds=0.3):
     """Cores this process may use that nothing else keeps busy now: the usable cores minus the busy
     ones (measured over ``seconds``, rounded to the nearest core), at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - round(_busy_cores(seconds)))
+    return max(1, usable_cores() - round(_busy_cores(seconds)))
 
 
 def speaker_of(key):

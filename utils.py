@@ -57,6 +57,7 @@ from common import (  # noqa: F401
     speaker_of,
     str2bool,
     trace,
+    usable_cores,
     utt_id,
     write_atomic,
     write_faulty,
@@ -404,7 +405,8 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     of ``segments_per_batch`` windows (a long utterance is split over several); None measures the
     fastest size on the first forwards and caches it (``fast_RawNet2.SegmentPlan``; fewer than
     ``fast_RawNet2.PLAN_MIN_UTTERANCES`` keys measure nothing). Each file is
-    read once, in ``nb_worker`` DataLoader workers while the model runs. In eval mode every
+    read once, in ``nb_worker`` DataLoader workers (at most one per usable core: more would only
+    compete with the model for the cores) while the model runs. In eval mode every
     segment's embedding is independent of its batch-mates, so packing changes no number. ``convert``:
     files of any format, rate and channel count are converted to 16 kHz mono as they are read.
     """
@@ -415,7 +417,7 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     measure = len(keys) >= fast_RawNet2.PLAN_MIN_UTTERANCES
     plan = fast_RawNet2.SegmentPlan(net, device, bf16, segments_per_batch, measure=measure)
     loader = DataLoader(TTASet(keys, base_dir, nb_samp, window_size, convert), batch_size=1,
-                        num_workers=nb_worker, collate_fn=_first)
+                        num_workers=min(nb_worker, usable_cores()), collate_fn=_first)
     pending, pending_keys, pending_counts = [], [], []
 
     planned = hasattr(net, "fast")  # a RawNet2 (not, say, the onnxruntime network of -onnx)

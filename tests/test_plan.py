@@ -5,6 +5,7 @@ the measurements are replaced by fixed numbers."""
 import copy
 import itertools
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -288,3 +289,13 @@ def test_tta_extraction_measures_one_stage_plan_at_its_first_forward(cache, monk
     out = dict(utils.iter_embeddings(model, keys, str(tmp_path), 3200, 800))
     assert set(out) == set(keys)
     assert contexts == [1]  # one stage measurement, at the first (smallest) forward
+
+
+def test_tta_extraction_starts_no_more_readers_than_cores(tmp_path):
+    keys = write_speakers(str(tmp_path), ["id1", "id2"], 1, 2, np.random.default_rng(0))
+    model = small_model(False, nb_samp=3200).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # DataLoader warns of more workers than cores
+        out = dict(utils.iter_embeddings(model, keys, str(tmp_path), 3200, 800,
+                                         nb_worker=common.usable_cores() + 2))
+    assert set(out) == set(keys)
