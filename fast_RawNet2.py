@@ -640,7 +640,7 @@ def cpu_has_native_bf16():
     """Whether bfloat16 runs natively here: the CPU has AVX-512 BF16 or AMX, and oneDNN is not capped
     below them (``ONEDNN_MAX_CPU_ISA=AVX2``, or the older ``DNNL_MAX_CPU_ISA``, makes an AMX machine
     run as an AVX2 one, bf16 included). Without it bf16 is emulated, and bench/README.md measured bf16
-    autocast 7-11x slower than float32."""
+    autocast 7-9x slower than float32."""
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
     return bool({"avx512_bf16", "amx_bf16"} & set(_cpu_identity()["cpu_flags"])) and cap not in NO_BF16_ISAS
 
