@@ -27,6 +27,7 @@ import numpy as np
 
 from common import (
     DataError,
+    usable_cores,
     utt_id,
     write_npy_atomic,
     write_pickle_atomic,
@@ -34,8 +35,7 @@ from common import (
 )
 
 # Threads scoring trials: the gathers are bound by memory bandwidth, which a few cores fill.
-_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-SCORING_THREADS = min(4, _CPUS)
+SCORING_THREADS = min(4, usable_cores())
 TRIAL_LINE = "'<1|0> <spk>/<video>/<NNNNN>.wav <spk>/<video>/<NNNNN>.wav'"
 
 
