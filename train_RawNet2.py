@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import time
 
 import numpy as np
 import torch
@@ -601,20 +602,29 @@ def train(args, run_dir, device, resume):
     return state.best_eer
 
 
+# Under torchrun, how long a rank other than 0 waits before it reports an error itself.
+ERROR_GRACE_SECONDS = 5.0
+
+
+def fail(line):
+    """Exit 1 with ``line`` on stderr, said once under torchrun. Every process usually fails alike,
+    and torchrun stops all of them as soon as one exits: so rank 0 says it at once, and the others
+    wait ERROR_GRACE_SECONDS first (stopped during the wait once rank 0 has exited). An error of
+    another rank alone is still said, after the wait."""
+    if utils.rank_and_world()[0] != 0:
+        time.sleep(ERROR_GRACE_SECONDS)
+    print(line, file=sys.stderr)
+    sys.exit(1)
+
+
 def cli(argv=None):
-    """Command-line entry: bad input ends in one line on stderr (rank 0 only under torchrun), exit 1."""
+    """Command-line entry: bad input ends in one line on stderr (once under torchrun), exit 1."""
     try:
         main(parse_args(argv))
     except (DataError, TrainingError) as e:
-        # Under torchrun every process fails alike; only rank 0 says so.
-        if utils.rank_and_world()[0] == 0:
-            print(utils.error_line(e), file=sys.stderr)
-        sys.exit(1)
+        fail(utils.error_line(e))
     except OSError as e:  # an input or output the system refused (permissions, disk, a folder as a file)
-        if utils.rank_and_world()[0] == 0:
-            line = f"error: {e.filename}: {e.strerror}" if e.filename else utils.error_line(e)
-            print(line, file=sys.stderr)
-        sys.exit(1)
+        fail(f"error: {e.filename}: {e.strerror}" if e.filename else utils.error_line(e))
     except KeyboardInterrupt:
         sys.exit("interrupted: the last completed epoch is in last.pt; continue with -resume")
 
