@@ -31,6 +31,7 @@ from model_RawNet import (  # noqa: E402
     RawNet,
     RawNetBaseline,
     RawNetPretrain,
+    add_lrelu_max_pool3,
     between_speaker_loss,
     init_from_pretrained,
     keras_init,
@@ -181,6 +182,34 @@ def test_center_loss_and_center_update_by_hand():
     # class 0: sum(c - x) = (-4, 0), / (1 + 2), c -= 0.5 * that; class 1: (0, -1) / 2; class 2 absent.
     expected = torch.tensor([[2 / 3, 0.0], [1.0, 1.25], [5.0, 5.0]])
     torch.testing.assert_close(center.centers, expected)
+
+
+@pytest.mark.parametrize("length", [30, 31, 32])
+def test_fused_add_lrelu_max_pool_equals_pytorch_ops(length):
+    """The training form of a block's end gives max_pool1d(leaky_relu(a + b), 3)'s values and both
+    gradients exactly, trailing samples of an incomplete window included."""
+    torch.manual_seed(0)
+    a = torch.randn(3, 4, length, requires_grad=True)
+    b = torch.randn(3, 4, length, requires_grad=True)
+    out = add_lrelu_max_pool3(a, b)
+    expected = torch.nn.functional.max_pool1d(torch.nn.functional.leaky_relu(a + b, 0.3), 3)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (a, b), grad)
+    want = torch.autograd.grad(expected, (a, b), grad)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert not got[0][..., length // 3 * 3:].any()
+
+
+def test_fused_max_pool_by_hand_ties_zero_and_negative_windows():
+    """Hand-made windows: a tie goes to the first sample (as max-pool's), an all-negative window
+    passes the gradient times the slope 0.3, a maximum of exactly 0 too (LeakyReLU's gradient at 0)."""
+    s = torch.tensor([[[2.0, 2.0, 1.0, -3.0, -1.0, -2.0, 0.0, -1.0, 0.0]]], requires_grad=True)
+    out = add_lrelu_max_pool3(s, torch.zeros_like(s))
+    assert out.tolist() == [[[2.0, pytest.approx(-0.3), 0.0]]]
+    out.backward(torch.tensor([[[1.0, 10.0, 100.0]]]))
+    assert s.grad.tolist() == [[[1.0, 0.0, 0.0, 0.0, pytest.approx(3.0), 0.0, pytest.approx(30.0), 0.0, 0.0]]]
 
 
 def test_gru_unroll_equals_nn_gru_without_dropout():
