@@ -408,7 +408,7 @@ def build_training(args, d_args, device):
     model.to(device)
     groups = utils.param_groups(model, args.wd)
     if args.optimizer == "Adam":
-        optimizer = torch.optim.Adam(groups, lr=args.lr, weight_decay=args.wd, amsgrad=args.amsgrad)
+        optimizer = utils.adam(groups, lr=args.lr, weight_decay=args.wd, amsgrad=args.amsgrad)
     else:
         optimizer = torch.optim.SGD(groups, lr=args.lr, weight_decay=args.wd, momentum=0.9)
     if args.load_model and args.load_model_opt_dir:

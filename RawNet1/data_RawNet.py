@@ -200,19 +200,27 @@ class UtteranceSet(Dataset):
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), self.keys[i]
 
 
-class ThreadChoice:
-    """CPU threads for a run of one-utterance forwards, measured on its first ones: a forward of one
-    small utterance can run slower on all cores (each operation waits for its threads) than on one.
-    The first ``2 * per_choice`` forwards alternate the current thread count and 1 thread; then the
-    faster per input sample is kept. The count in force before is restored on exit. On GPU, or with
-    one thread already, it does nothing."""
+class ForwardChoice:
+    """CPU threads and front-end layout for a run of one-utterance forwards of ``model``, measured
+    on its first ones. A forward of one small utterance can run slower on all cores (each operation
+    waits for its threads) than on one, and the front end's channels-last form
+    (``FrontEnd.forward_channels_last``) is faster on some CPUs and shapes, not all. The first
+    ``len(choices) * per_choice`` forwards cycle through the choices (current thread count or 1,
+    each with the default or the channels-last layout); then the fastest per input sample is kept.
+    The thread count and layout in force before are restored on exit. On GPU it does nothing."""
 
-    def __init__(self, device, per_choice=3):
-        self.before = torch.get_num_threads()
-        on = torch.device(device).type == "cpu" and self.before > 1
-        self.choices = [self.before, 1] if on else []
-        self.per_choice = per_choice
-        self.seconds = {n: 0.0 for n in self.choices}
+    def __init__(self, model, device, per_choice=3):
+        self.model, self.per_choice = model, per_choice
+        self.frontend = getattr(model, "frontend", None)  # the vox2 baseline has no FrontEnd
+        self.before = (torch.get_num_threads(), self.frontend is not None and self.frontend.channels_last)
+        self.choices = []
+        if torch.device(device).type == "cpu":
+            threads = sorted({self.before[0], 1}, reverse=True)
+            layouts = [False, True] if self.frontend is not None else [False]
+            self.choices = [(n, layout) for n in threads for layout in layouts]
+            if len(self.choices) == 1:
+                self.choices = []
+        self.seconds = dict.fromkeys(self.choices, 0.0)
         self.samples = dict.fromkeys(self.choices, 0)
         self.count = 0
 
@@ -220,22 +228,28 @@ class ThreadChoice:
         return self
 
     def __exit__(self, *exc):
-        torch.set_num_threads(self.before)
+        self.apply(self.before)
 
-    def run(self, fn, x):
-        """``fn(x)`` under the thread count of this forward."""
+    def apply(self, choice):
+        threads, channels_last = choice
+        torch.set_num_threads(threads)
+        if self.frontend is not None:
+            self.frontend.channels_last = channels_last
+
+    def run(self, x):
+        """``model.embed(x)`` under the choice of this forward."""
         measuring = self.count < len(self.choices) * self.per_choice
         if not measuring:
-            return fn(x)
-        threads = self.choices[self.count % len(self.choices)]
-        torch.set_num_threads(threads)
+            return self.model.embed(x)
+        choice = self.choices[self.count % len(self.choices)]
+        self.apply(choice)
         start = time.perf_counter()
-        out = fn(x)
-        self.seconds[threads] += time.perf_counter() - start
-        self.samples[threads] += x.numel()
+        out = self.model.embed(x)
+        self.seconds[choice] += time.perf_counter() - start
+        self.samples[choice] += x.numel()
         self.count += 1
         if self.count == len(self.choices) * self.per_choice:
-            torch.set_num_threads(min(self.choices, key=lambda n: self.seconds[n] / self.samples[n]))
+            self.apply(min(self.choices, key=lambda c: self.seconds[c] / self.samples[c]))
         return out
 
 
@@ -244,7 +258,8 @@ def embed_utterances(model, keys, folder, device="cpu", nb_worker=0, progress=Tr
                      crop=None):
     """Embedding of each utterance (one forward each, eval mode): dict id (no .wav) -> float32.
     Whole utterances, or random crops with ``crop = (nb_samp, seed)`` (see ``UtteranceSet``). On
-    CPU the thread count is measured on the first forwards (``ThreadChoice``)."""
+    CPU the thread count and the front end's layout are measured on the first forwards
+    (``ForwardChoice``)."""
     was_training = model.training
     model.eval()
     dataset = UtteranceSet(keys, folder, model.min_samples, crop)
@@ -252,9 +267,9 @@ def embed_utterances(model, keys, folder, device="cpu", nb_worker=0, progress=Tr
     # dropout) as it was, so that scoring an epoch or not never changes the training.
     loader = DataLoader(dataset, batch_size=None, num_workers=nb_worker, generator=torch.Generator())
     embeddings = {}
-    with ThreadChoice(device) as threads:
+    with ForwardChoice(model, device) as choice:
         for x, key in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            code = threads.run(model.embed, x[None].to(device))
+            code = choice.run(x[None].to(device))
             embeddings[utils.utt_id(key)] = code[0].float().cpu().numpy()
     model.train(was_training)
     return embeddings

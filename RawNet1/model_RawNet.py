@@ -133,9 +133,42 @@ class FrontEnd(nn.Module):
         self.first_bn = keras_bn(filts[0])
         channels = [filts[0]] + [filts[1]] * nb_blocks[0] + [filts[2]] * nb_blocks[1]
         self.blocks = nn.Sequential(*[ResBlock(i, o) for i, o in zip(channels[:-1], channels[1:])])
+        # in eval mode, run forward_channels_last instead (data_RawNet.ForwardChoice measures which
+        # is faster); not in the state dict
+        self.channels_last = False
 
     def forward(self, x):  # (B, 1, T) -> (B, C, T')
+        if self.channels_last and not self.training:
+            return self.forward_channels_last(x)
         return self.blocks(lrelu(self.first_bn(self.first_conv(x))))
+
+    def forward_channels_last(self, x):
+        """``forward`` in eval mode with the feature maps in channels-last layout, (B, C, 1, T)
+        stored as (B, 1, T, C), where mkldnn's convolutions run faster (1.1-1.5x the front end's
+        forward on the CPUs measured): the strided conv as one matrix product over the input's
+        frames of 3 samples, the blocks as 2-D convolutions and pools of height 1. The same
+        arithmetic in another order (the outputs agree to about 1e-6 relative). Returns a
+        (B, C, T') view of channels-last memory."""
+        batch, _, length = x.shape
+        frames = x[:, 0, :length // 3 * 3].reshape(-1, 3)           # the conv's windows: stride 3, no overlap
+        conv = self.first_conv
+        y = torch.addmm(conv.bias, frames, conv.weight[:, 0].t())     # (B T', C)
+        y = lrelu(_eval_bn(self.first_bn, y.view(batch, 1, length // 3, -1).permute(0, 3, 1, 2)))
+        for block in self.blocks:
+            out = lrelu(_eval_bn(block.bn1, _conv2d(block.conv1, y)))
+            out = _eval_bn(block.bn2, _conv2d(block.conv2, out))
+            identity = (_eval_bn(block.bn_shortcut, _conv2d(block.conv_shortcut, y))
+                        if hasattr(block, "conv_shortcut") else y)
+            y = F.max_pool2d(lrelu(out + identity), (1, 3))
+        return y.squeeze(2)
+
+
+def _conv2d(conv, x):  # an nn.Conv1d with 'same' padding on (B, C, 1, T)
+    return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, padding=(0, conv.kernel_size[0] // 2))
+
+
+def _eval_bn(bn, x):  # an nn.BatchNorm1d in eval mode on (B, C, 1, T)
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
 def check_input(x, min_samples):

@@ -229,7 +229,7 @@ def make_optimizer(model, args):
         groups = utils.param_groups(model, args.wd)
     else:
         groups = keras_l2_groups(model, args.wd)
-    return torch.optim.Adam(groups, lr=args.lr, amsgrad=args.amsgrad)
+    return utils.adam(groups, lr=args.lr, amsgrad=args.amsgrad)
 
 
 def validation_lines(args, keys):

@@ -170,7 +170,7 @@ def make_training(dim, args):
     and the Keras decay stepped after every optimiser step."""
     model = BVectorDNN(dim, args.m_hidden, args.m_nb_layer, args.m_in_dropout, args.m_dropout)
     model.reset_parameters()
-    optimizer = torch.optim.Adam(keras_l2_groups(model, args.wd), lr=args.lr, amsgrad=args.amsgrad)
+    optimizer = utils.adam(keras_l2_groups(model, args.wd), lr=args.lr, amsgrad=args.amsgrad)
     scheduler = keras_decay_scheduler(optimizer, args.lr_decay)
     return model, optimizer, scheduler
 

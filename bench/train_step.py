@@ -96,7 +96,9 @@ def run_variant(args, variant):
     model.apply(utils.init_weights)
     if dist.is_initialized():
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    opt = torch.optim.Adam(utils.param_groups(model, 1e-4), lr=1e-3, weight_decay=1e-4, amsgrad=True)
+    # the original script's optimiser for the reference, the training script's (fused Adam) otherwise
+    adam = torch.optim.Adam if variant == "reference" else utils.adam
+    opt = adam(utils.param_groups(model, 1e-4), lr=1e-3, weight_decay=1e-4, amsgrad=True)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     x = torch.randn(bs // world, nb_samp, device=device)
     y = torch.randint(0, args.nb_classes, (bs // world,), device=device)

@@ -622,25 +622,63 @@ def test_keras_l2_equals_coupled_weight_decay_on_kernels():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("one_is_faster", [True, False])
-def test_thread_choice_keeps_the_faster_thread_count_and_restores_it(one_is_faster):
+@pytest.mark.parametrize("fastest", [(2, False), (2, True), (1, False), (1, True)])
+def test_forward_choice_keeps_the_fastest_threads_and_layout_and_restores_them(fastest):
     import time
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        seen = []
+    model = RawNet(SMALL).eval()
+    seen = []
 
-        def forward(x):
-            seen.append(torch.get_num_threads())
-            time.sleep(0.001 if (torch.get_num_threads() == 1) == one_is_faster else 0.02)
-            return x
-        with data_RawNet.ThreadChoice("cpu", per_choice=2) as threads:
-            for _ in range(7):
-                threads.run(forward, torch.zeros(1, 10))
-        assert seen[:4] == [2, 1, 2, 1]                   # measuring: alternate
-        assert seen[4:] == [1 if one_is_faster else 2] * 3  # then the faster one
-        assert torch.get_num_threads() == 2                 # restored
-        with data_RawNet.ThreadChoice("cuda") as threads:   # off on GPU
-            assert threads.choices == []
+    def embed(x):
+        setting = (torch.get_num_threads(), model.frontend.channels_last)
+        seen.append(setting)
+        time.sleep(0.001 if setting == fastest else 0.02)
+        return x
+    model.embed = embed
+    try:
+        with data_RawNet.ForwardChoice(model, "cpu", per_choice=2) as choice:
+            for _ in range(11):
+                choice.run(torch.zeros(1, 10))
+        candidates = [(2, False), (2, True), (1, False), (1, True)]
+        assert seen[:8] == candidates * 2         # measuring: every choice in turn
+        assert seen[8:] == [fastest] * 3          # then the fastest one
+        assert torch.get_num_threads() == 2 and not model.frontend.channels_last  # restored
+        with data_RawNet.ForwardChoice(model, "cuda") as choice:  # off on GPU
+            assert choice.choices == []
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cls", [RawNetPretrain, RawNet])
+@pytest.mark.parametrize("batch, length", [(1, 3 ** 6 * 4), (2, 3 ** 6 * 4 + 5)])
+def test_channels_last_front_end_equals_the_reference_in_eval(cls, batch, length):
+    """The eval-mode channels-last front end (chosen by ForwardChoice where faster) gives the
+    reference's embeddings to float rounding, trailing samples of an incomplete window included."""
+    torch.manual_seed(0)
+    model = cls(dict(SMALL, nb_blocks=[1, 3]))
+    model.apply(keras_init)
+    for m in model.modules():  # running statistics other than the initial 0 / 1
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    x = torch.randn(batch, length) * 1000
+    with torch.no_grad():
+        reference = model.embed(x)
+        model.frontend.channels_last = True
+        fast = model.embed(x)
+        frames = model.frontend(x.unsqueeze(1))
+    model.frontend.channels_last = False
+    assert frames.shape == (batch, 16, length // 3 ** 5) and frames.stride(1) == 1  # channels last
+    assert (fast - reference).abs().max() <= 1e-5 * reference.abs().max()
+    model.train()
+    x = torch.randn(2, length) * 1000  # (training's batch norm needs 2 items)
+    model.frontend.channels_last = True  # training ignores the flag: the reference runs
+    torch.manual_seed(1)
+    trained = model.embed(x)
+    model.frontend.channels_last = False
+    torch.manual_seed(1)
+    assert torch.equal(trained, model.embed(x))

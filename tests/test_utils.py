@@ -222,6 +222,38 @@ def test_keras_decay_through_the_scheduler():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.001 / (1 + 1e-4 * 2500))
 
 
+def test_fused_adam_is_amsgrad_adam_by_hand_and_keeps_adams_state_layout():
+    """utils.adam (the fused kernel) against Adam with AMSGrad and coupled weight decay written out
+    in float64, with the keras decay stepped after each update; its state loads into a default Adam."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    grads = [[torch.randn_like(p) * (k + 1) for p in params] for k in range(6)]
+    start = [p.detach().double().clone() for p in params]
+    groups = [{"params": [params[0]], "weight_decay": 1e-2}, {"params": [params[1]], "weight_decay": 0.0}]
+    opt = utils.adam(groups, lr=0.01, amsgrad=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=utils.keras_lr_decay)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        sched.step()
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for i, (w, wd) in enumerate(zip(start, (1e-2, 0.0))):
+        m = v = v_max = torch.zeros_like(w)
+        for t, step_grads in enumerate(grads, 1):
+            g = step_grads[i].double() + wd * w
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            v_max = torch.maximum(v_max, v)
+            lr = 0.01 / (1 + 1e-4 * (t - 1))
+            w = w - lr / (1 - b1 ** t) * m / (v_max.sqrt() / (1 - b2 ** t) ** 0.5 + eps)
+        torch.testing.assert_close(params[i].detach().double(), w, rtol=1e-5, atol=1e-7)
+    state = opt.state_dict()
+    assert set(state["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    plain = torch.optim.Adam(groups, lr=0.01, amsgrad=True)
+    plain.load_state_dict(state)
+    plain.step()  # the default kernel continues from the fused one's state
+
+
 def test_weight_decay_is_zero_for_bn_parameters():
     from model_RawNet2 import RawNet2, default_d_args
     model = RawNet2(default_d_args(10))
