@@ -330,6 +330,23 @@ def test_bvector_optimiser_is_keras_adam_amsgrad_decay_and_l2():
         torch.testing.assert_close(p, q)
 
 
+def test_bvector_dropout_thresholds_uniform_noise_as_keras():
+    """Keras' dropout: keep where u >= rate for u ~ U[0, 1), kept values times 1 / (1 - rate), the
+    gradient through the same mask; the identity in eval mode."""
+    drop = train_bvec.UniformDropout(0.25)
+    x = torch.randn(400, 300, requires_grad=True)
+    torch.manual_seed(3)
+    out = drop(x)
+    torch.manual_seed(3)
+    keep = torch.rand(400, 300) >= 0.25
+    torch.testing.assert_close(out, torch.where(keep, x / 0.75, torch.zeros(())))
+    assert keep.float().mean().item() == pytest.approx(0.75, abs=0.01)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, keep / 0.75)
+    assert drop.eval()(x) is x
+    assert all(not isinstance(m, nn.Dropout) for m in train_bvec.BVectorDNN(4).modules())
+
+
 def test_bvector_input_is_sum_difference_product():
     model = train_bvec.BVectorDNN(2, hidden=3, nb_layer=1).eval()
     seen = []
