@@ -144,11 +144,11 @@ class FrontEnd(nn.Module):
 
     def forward_channels_last(self, x):
         """``forward`` in eval mode with the feature maps in channels-last layout, (B, C, 1, T)
-        stored as (B, 1, T, C), where mkldnn's convolutions run faster (1.1-1.5x the front end's
-        forward on the CPUs measured): the strided conv as one matrix product over the input's
-        frames of 3 samples, the blocks as 2-D convolutions and pools of height 1. The same
-        arithmetic in another order (the outputs agree to about 1e-6 relative). Returns a
-        (B, C, T') view of channels-last memory."""
+        stored as (B, 1, T, C), where mkldnn's convolutions often run faster (0.99-1.8x the front
+        end's forward in bench/rawnet1_step.py, hence measured per run): the strided conv as one
+        matrix product over the input's frames of 3 samples, the blocks as 2-D convolutions and
+        pools of height 1. The same arithmetic in another order (the outputs agree to about 1e-6
+        relative). Returns a (B, C, T') view of channels-last memory."""
         batch, _, length = x.shape
         frames = x[:, 0, :length // 3 * 3].reshape(-1, 3)           # the conv's windows: stride 3, no overlap
         conv = self.first_conv
