@@ -130,6 +130,7 @@ def embedding_path(args, subset):
 def with_device(args):
     """``args`` with -device set: CUDA when available unless given."""
     import torch
+    common.keep_freed_memory()  # the network's large activations are allocated once per forward
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return argparse.Namespace(**{**vars(args), "device": device})
 

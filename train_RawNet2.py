@@ -529,6 +529,7 @@ def save_epoch(run_dir, state, line, scores, trial_labels, is_best, args, d_args
 
 def main(args):
     validate_args(args)
+    utils.keep_freed_memory()
     main_process = utils.is_main_process()
     run_dir = os.path.join(args.save_dir, args.name)
     device = setup_device(args)

@@ -52,6 +52,7 @@ from common import (  # noqa: F401
     OutputError,
     arg_group,
     error_line,
+    keep_freed_memory,
     output_error,
     planned_fault,
     speaker_of,

@@ -293,6 +293,7 @@ def evaluate(model, trials, folder, args, device, desc, crop=None):
 
 
 def main(args):
+    common.keep_freed_memory()
     phases = make_phases(args)
     save_dir = os.path.join(args.save_dir, args.name)
     last_path = os.path.join(save_dir, "last.pt")

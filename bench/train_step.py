@@ -7,7 +7,10 @@
                                                         # (batch = global batch, split over processes)
 
 Variants (the training script's flags in brackets):
-  reference   the plain PyTorch network of model_RawNet2.py              [-fast False]
+  reference   the original script's step: the plain PyTorch network of
+              model_RawNet2.py, torch.optim.Adam, glibc's malloc as is
+  plain       the same network as the training script runs it: fused
+              Adam, freed memory kept for reuse (common.keep_freed_memory) [-fast False]
   fast        fused sinc front end, and on CPU the channels-last blocks
               and GRU of fast_RawNet2.py: same math                      [-fast True]
   auto        the plan measured on first use (cached per machine): each
@@ -43,8 +46,9 @@ import fast_RawNet2  # noqa: E402
 import utils  # noqa: E402
 from model_RawNet2 import RawNet2, default_d_args  # noqa: E402
 
-VARIANTS = {"reference": (False, "none"), "fast": (True, "none"), "auto": ("auto", "none"),
-            "fast+bf16": (True, "bf16"), "reference+bf16": (False, "bf16"), "fast+fp16": (True, "fp16")}
+VARIANTS = {"reference": (False, "none"), "plain": (False, "none"), "fast": (True, "none"),
+            "auto": ("auto", "none"), "fast+bf16": (True, "bf16"),
+            "reference+bf16": (False, "bf16"), "fast+fp16": (True, "fp16")}
 
 
 # (crop samples, d_args changes, default batch on CPU)
@@ -91,6 +95,8 @@ def run_variant(args, variant):
     if bs % world:
         sys.exit(f"error: --bs {bs} is not divisible by the world size {world}")
     fast, amp = VARIANTS[variant]
+    if variant != "reference":
+        utils.keep_freed_memory()  # as train_RawNet2.py does
     torch.manual_seed(0)
     model = RawNet2({**default_d_args(args.nb_classes, nb_samp), **changes}, fast=fast).to(device)
     model.apply(utils.init_weights)
