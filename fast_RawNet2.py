@@ -887,7 +887,8 @@ CPU_SEGMENT_CANDIDATES = (1, 4, 16, 64)
 PLAN_MIN_UTTERANCES = 200  # shorter extractions do not measure plans (they use cached ones, or the reference)
 GPU_SEGMENT_CANDIDATES = (64, 128, 256, 512)
 GPU_BYTES_PER_SEGMENT = 64 * 2 ** 20  # the reference front end's full-rate maps, the largest need
-SEGMENT_GIVE_UP = 1.2  # larger sizes are not tried once one is this much slower per segment than the best
+SEGMENT_STEP_GAIN = 1.1  # the next size is tried only while each size is this much faster than the last
+SEGMENT_MIN_GAIN = 1.2  # packing is kept only where it is this much faster than the smallest size
 
 
 def segment_candidates(device):
@@ -902,14 +903,22 @@ def segment_candidates(device):
     return tuple(fits) or GPU_SEGMENT_CANDIDATES[:1]
 
 
+def segments(n):
+    return f"{n} segment" + ("s" if n != 1 else "")
+
+
 class SegmentPlan:
     """Segments per forward of a TTA extraction (``size``), measured on its own first forwards:
     each candidate size in turn, smallest first, serves ``PLAN_PASSES`` + 1 real forwards (the
-    first of each size warms up, untimed); once a size is ``SEGMENT_GIVE_UP`` times slower per
-    segment than the best so far, or all are timed, the best stays, and is cached like the stage
-    plans. No work is thrown away: every timed forward's embeddings are kept. A given ``forced``
-    size (the scripts' ``-bs``) is used as is; with ``measure`` False (a short job) an unknown
-    plan is not measured and the smallest size runs."""
+    first of each size warms up, untimed). The next size is tried only while each size is
+    ``SEGMENT_STEP_GAIN`` times faster per segment than the one before; then the fastest stays,
+    and is cached like the stage plans, except that a larger size than the smallest must be
+    ``SEGMENT_MIN_GAIN`` times faster than it: the kernels change with the batch size, and with
+    them the float rounding, so an embedding equals the one-segment loop's exactly unless packing
+    pays clearly (about 1.1x at most for the paper model on a 2-core CPU, 1.9x for the demo's).
+    No work is thrown away: every timed forward's embeddings are kept. A given ``forced`` size
+    (the scripts' ``-bs``) is used as is; with ``measure`` False (a short job) an unknown plan is
+    not measured and the smallest size runs."""
 
     def __init__(self, model, device, amp, forced=None, candidates=None, measure=True):
         self.size, self.done = forced, forced is not None
@@ -926,7 +935,7 @@ class SegmentPlan:
             self.size, self.done = plan["segments_per_forward"], True
             if self.key not in _plans:
                 _plans[self.key] = plan
-                _note(f"TTA extraction plan: {self.size} segments per forward (cached in {cache_path()})")
+                _note(f"TTA extraction plan: {segments(self.size)} per forward (cached in {cache_path()})")
             return
         if not measure:  # a short job: the smallest size, as the one-segment loop on CPU
             self.size, self.done = self.candidates[0], True
@@ -946,13 +955,16 @@ class SegmentPlan:
         if len(self.times[size]) < PLAN_PASSES:
             return
         per_segment = {n: min(t) for n, t in self.times.items() if len(t) >= PLAN_PASSES}
-        todo = [n for n in self.candidates if n not in per_segment]
-        if todo and per_segment[size] <= SEGMENT_GIVE_UP * min(per_segment.values()):
-            self.size = todo[0]
+        tried = [n for n in self.candidates if n in per_segment]
+        if (len(tried) < len(self.candidates)
+                and (len(tried) == 1 or per_segment[tried[-2]] >= SEGMENT_STEP_GAIN * per_segment[size])):
+            self.size = self.candidates[len(tried)]
             return
-        self.size, self.done = min(per_segment, key=per_segment.get), True
+        best, smallest = min(per_segment, key=per_segment.get), self.candidates[0]
+        self.size = best if per_segment[smallest] >= SEGMENT_MIN_GAIN * per_segment[best] else smallest
+        self.done = True
         plan = {"segments_per_forward": self.size}
         _plans[self.key] = plan
         store(self.key, {"identity": self.identity, "plan": plan, "timings": per_segment})
-        _note(f"TTA extraction plan: {self.size} segments per forward (measured on the first forwards "
+        _note(f"TTA extraction plan: {segments(self.size)} per forward (measured on the first forwards "
               f"over {time.perf_counter() - self.start:.1f} s, cached in {cache_path()})")

@@ -419,7 +419,8 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     plan = fast_RawNet2.SegmentPlan(net, device, bf16, segments_per_batch, measure=measure)
     loader = DataLoader(TTASet(keys, base_dir, nb_samp, window_size, convert), batch_size=1,
                         num_workers=min(nb_worker, usable_cores()), collate_fn=_first)
-    pending, pending_keys, pending_counts = [], [], []
+    pending, pending_keys, pending_counts = [], [], []  # segments not yet run; utterances not yet done
+    codes = []  # embedded segments of the utterances not yet done, in order
 
     planned = hasattr(net, "fast")  # a RawNet2 (not, say, the onnxruntime network of -onnx)
     stages = []  # its stage plan for this extraction, picked at the first forward
@@ -438,24 +439,30 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
         plan.observe(len(batch), time.perf_counter() - start)
         return code
 
-    def flush():
-        with amp_autocast(device, bf16):
-            codes = torch.cat([forward(batch) for batch in torch.split(torch.cat(pending), plan.size)])
-        done = [(key, part.mean(0).numpy()) for key, part in
-                zip(pending_keys, torch.split(codes, pending_counts))]
-        pending.clear(), pending_keys.clear(), pending_counts.clear()
-        return done
+    def run(last=False):
+        """Forwards of exactly ``plan.size`` segments while enough are pending (every pending one
+        when ``last``); yields the utterances whose segments are all embedded."""
+        while pending and (last or sum(len(s) for s in pending) >= plan.size):
+            segments = torch.cat(pending)
+            batch, rest = segments[:plan.size], segments[plan.size:]
+            pending[:] = [rest] if len(rest) else []
+            with amp_autocast(device, bf16):
+                codes.append(forward(batch))
+            embedded = torch.cat(codes)
+            while pending_counts and pending_counts[0] <= len(embedded):
+                n = pending_counts.pop(0)
+                yield pending_keys.pop(0), embedded[:n].mean(0).numpy()
+                embedded = embedded[n:]
+            codes[:] = [embedded] if len(embedded) else []
 
     try:
         for segments, key in loader:
             if len(segments) == 0:
                 yield key, None
                 continue
-            if pending and sum(pending_counts) + len(segments) > plan.size:
-                yield from flush()
             pending.append(segments), pending_keys.append(key), pending_counts.append(len(segments))
-        if pending:
-            yield from flush()
+            yield from run()
+        yield from run(last=True)
     finally:
         net.train(was_training)
 

@@ -5,6 +5,7 @@ the measurements are replaced by fixed numbers."""
 import copy
 import itertools
 import json
+import os
 import warnings
 
 import numpy as np
@@ -212,23 +213,34 @@ def test_measuring_leaves_the_model_untouched(cache):
 
 def test_segment_plan_picks_the_least_time_per_segment_and_caches_it(cache, capsys):
     model = small_model(False).eval()
-    plan = fr.SegmentPlan(model, "cpu", False, candidates=(1, 2, 4))
-    per_segment = {1: 0.30, 2: 0.20, 4: 0.25}
-    sizes = []
-    while not plan.done:
-        sizes.append(plan.size)
-        plan.observe(plan.size, (5.0 if sizes.count(plan.size) == 1 else per_segment[plan.size]) * plan.size)
-    assert plan.size == 2
+
+    def measured(candidates, per_segment, warm_up=None):
+        """The size kept, and the sizes of the forwards it was measured on (a cold cache)."""
+        fr._plans.clear()
+        cache.unlink(missing_ok=True)
+        plan, sizes = fr.SegmentPlan(model, "cpu", False, candidates=candidates), []
+        while not plan.done:
+            sizes.append(plan.size)
+            first = warm_up is not None and sizes.count(plan.size) == 1
+            plan.observe(plan.size, (warm_up if first else per_segment[plan.size]) * plan.size)
+        return plan.size, sizes
+
+    size, sizes = measured((1, 2, 4), {1: 0.30, 2: 0.20, 4: 0.25}, warm_up=5.0)
+    assert size == 2
     assert sizes == [1] * 3 + [2] * 3 + [4] * 3  # per size: one warm-up forward, then the timed ones
     assert "2 segments per forward" in capsys.readouterr().err
-    fr._plans.clear()
-    gives_up = fr.SegmentPlan(model, "cpu", False, candidates=(1, 3, 5, 7))  # 5 is 1.5x slower than 3
-    per_segment = {1: 0.30, 3: 0.20, 5: 0.30, 7: 0.01}
-    sizes = []
-    while not gives_up.done:
-        sizes.append(gives_up.size)
-        gives_up.observe(gives_up.size, per_segment[gives_up.size] * gives_up.size)
-    assert gives_up.size == 3 and 7 not in sizes
+    # 5 is 1.5x slower than 3: 7 is not tried
+    size, sizes = measured((1, 3, 5, 7), {1: 0.30, 3: 0.20, 5: 0.30, 7: 0.01})
+    assert size == 3 and 7 not in sizes
+    # 2 gains less than SEGMENT_STEP_GAIN over 1: 4 is not tried, and 1 stays (2 is not 1.2x faster)
+    size, sizes = measured((1, 2, 4), {1: 0.30, 2: 0.28, 4: 0.01})
+    assert size == 1 and 4 not in sizes
+    # each size 1.15x faster than the one before: all are tried, and 4 (1.32x faster than 1) is kept
+    assert measured((1, 2, 4), {1: 0.30, 2: 0.30 / 1.15, 4: 0.30 / 1.15 ** 2})[0] == 4
+    # the fastest gains less than SEGMENT_MIN_GAIN over 1: 1 stays
+    assert measured((1, 2, 4), {1: 0.30, 2: 0.27, 4: 0.26})[0] == 1
+
+    measured((1, 2, 4), {1: 0.30, 2: 0.20, 4: 0.25})
     fr._plans.clear()
     again = fr.SegmentPlan(model, "cpu", False, candidates=(1, 2, 4))
     assert again.done and again.size == 2
@@ -289,6 +301,28 @@ def test_tta_extraction_measures_one_stage_plan_at_its_first_forward(cache, monk
     out = dict(utils.iter_embeddings(model, keys, str(tmp_path), 3200, 800))
     assert set(out) == set(keys)
     assert contexts == [1]  # one stage measurement, at the first (smallest) forward
+
+
+def test_tta_extraction_runs_full_forwards_across_utterances(tmp_path):
+    """Forwards of exactly the planned size, an utterance's segments split over two where needed
+    (the last forward takes the rest), and each embedding the mean of its own segments."""
+    keys = write_speakers(str(tmp_path), ["id1", "id2", "id3"], 1, 3, np.random.default_rng(0))
+    model = small_model(False, nb_samp=3200).eval()
+    sizes, embed = [], model.embed
+
+    def counting(x, stages=None):
+        sizes.append(len(x))
+        return embed(x, stages=stages)
+    model.embed = counting
+    out = dict(utils.iter_embeddings(model, keys, str(tmp_path), 3200, 800, segments_per_batch=3))
+    total = sum(len(utils.tta_segments(utils.read_wav(os.path.join(tmp_path, k)), 3200, 800)) for k in keys)
+    assert sizes == [3] * (total // 3) + ([total % 3] if total % 3 else [])
+    assert total % 3 and len(set(sizes)) == 2  # the corpus does exercise a split utterance
+    for key in keys:
+        segments = utils.tta_segments(utils.read_wav(os.path.join(tmp_path, key)), 3200, 800)
+        with torch.no_grad():
+            expected = embed(torch.from_numpy(np.stack(segments))).mean(0).numpy()
+        np.testing.assert_allclose(out[key], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_tta_extraction_starts_no_more_readers_than_cores(tmp_path):
