@@ -420,40 +420,47 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     loader = DataLoader(TTASet(keys, base_dir, nb_samp, window_size, convert), batch_size=1,
                         num_workers=min(nb_worker, usable_cores()), collate_fn=_first)
     pending, pending_keys, pending_counts = [], [], []  # segments not yet run; utterances not yet done
-    codes = []  # embedded segments of the utterances not yet done, in order
+    codes = []  # embeddings of the segments of the utterances not yet done, in order
 
     planned = hasattr(net, "fast")  # a RawNet2 (not, say, the onnxruntime network of -onnx)
-    stages = []  # its stage plan for this extraction, picked at the first forward
+    stages = {}  # its stage plan: "size", the segments per forward it was picked at, and "plan"
 
     def forward(batch):
         batch = batch.to(device)
-        if planned and not stages:
-            # One stage plan for every forward, whatever its size: the plan of one segment (the
-            # cheapest to measure), so an utterance's numbers never depend on the batch it was
-            # packed into, on whether the segments per forward were still being searched, or on
-            # the run (a resumed one computes what an uninterrupted one does).
+        # While the segments per forward are being tried, every forward runs the stage plan of one
+        # segment (the cheapest to measure: measuring each size tried cost minutes at the paper
+        # model's larger ones); once the size is settled, the plan of that size, picked at its
+        # first full forward and kept for the rest (the last, shorter one included).
+        if planned and ("plan" not in stages or stages["size"] != plan.size == len(batch) and plan.done):
+            stages["size"] = len(batch) if plan.done else 1
             with fast_RawNet2.measuring(measure):
-                stages.append(fast_RawNet2.stages_for(net, batch[:1]))
+                stages["plan"] = fast_RawNet2.stages_for(net, batch[:stages["size"]])
         start = time.perf_counter()
-        code = (net.embed(batch, stages=stages[0]) if planned else net.embed(batch)).float().cpu()
+        code = (net.embed(batch, stages=stages["plan"]) if planned else net.embed(batch)).float().cpu()
         plan.observe(len(batch), time.perf_counter() - start)
         return code
+
+    def take(n):
+        """The first ``n`` pending segments (fewer if fewer are pending), removed from ``pending``."""
+        parts = []
+        while n and pending:
+            parts.append(pending[0][:n])
+            pending[0] = pending[0][n:]
+            if not len(pending[0]):
+                pending.pop(0)
+            n -= len(parts[-1])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def run(last=False):
         """Forwards of exactly ``plan.size`` segments while enough are pending (every pending one
         when ``last``); yields the utterances whose segments are all embedded."""
-        while pending and (last or sum(len(s) for s in pending) >= plan.size):
-            segments = torch.cat(pending)
-            batch, rest = segments[:plan.size], segments[plan.size:]
-            pending[:] = [rest] if len(rest) else []
+        while pending and (last or sum(map(len, pending)) >= plan.size):
             with amp_autocast(device, bf16):
-                codes.append(forward(batch))
-            embedded = torch.cat(codes)
-            while pending_counts and pending_counts[0] <= len(embedded):
-                n = pending_counts.pop(0)
+                codes.append(forward(take(plan.size)))
+            while pending_counts and pending_counts[0] <= sum(map(len, codes)):
+                embedded, n = torch.cat(codes), pending_counts.pop(0)
+                codes[:] = [embedded[n:]] if len(embedded) > n else []
                 yield pending_keys.pop(0), embedded[:n].mean(0).numpy()
-                embedded = embedded[n:]
-            codes[:] = [embedded] if len(embedded) else []
 
     try:
         for segments, key in loader:

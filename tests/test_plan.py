@@ -286,7 +286,9 @@ def test_survivors_drop_clear_losers_of_long_passes_only():
     assert fr.survivors(short) == set(short)
 
 
-def test_tta_extraction_measures_one_stage_plan_at_its_first_forward(cache, monkeypatch, tmp_path):
+@pytest.mark.parametrize("cached", [False, True])
+def test_tta_extraction_measures_the_stage_plan_of_one_segment_then_of_the_size_kept(
+        cached, cache, monkeypatch, tmp_path):
     contexts = []
 
     def measure(model, x, candidates, passes=fr.PLAN_PASSES):
@@ -298,9 +300,18 @@ def test_tta_extraction_measures_one_stage_plan_at_its_first_forward(cache, monk
     keys = write_speakers(str(tmp_path), ["id1", "id2"], 2, 3, np.random.default_rng(0))
     model = small_model(False, nb_samp=3200).eval()
     model.fast = "auto"
+    if cached:  # a cached size of 2: the first (full) forward measures the plan of 2 segments
+        sizes = fr.SegmentPlan(model, "cpu", False)
+        fr.store(sizes.key, {"identity": sizes.identity, "plan": {"segments_per_forward": 2}})
+    else:  # the sizes are tried (1 first), and 2 is kept whatever the times
+        def observe(self, size, seconds):
+            self.seen[size] += 1
+            if self.seen[size] == 3:
+                self.size, self.done = (2, size == 2)
+        monkeypatch.setattr(fr.SegmentPlan, "observe", observe)
     out = dict(utils.iter_embeddings(model, keys, str(tmp_path), 3200, 800))
     assert set(out) == set(keys)
-    assert contexts == [1]  # one stage measurement, at the first (smallest) forward
+    assert contexts == ([2] if cached else [1, 2])
 
 
 def test_tta_extraction_runs_full_forwards_across_utterances(tmp_path):
