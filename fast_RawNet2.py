@@ -889,6 +889,8 @@ GPU_SEGMENT_CANDIDATES = (64, 128, 256, 512)
 GPU_BYTES_PER_SEGMENT = 64 * 2 ** 20  # the reference front end's full-rate maps, the largest need
 SEGMENT_STEP_GAIN = 1.1  # the next size is tried only while each size is this much faster than the last
 SEGMENT_MIN_GAIN = 1.2  # packing is kept only where it is this much faster than the smallest size
+SEGMENT_MIN_SECONDS = 0.25  # each size is timed over at least this long (forwards of a few ms are noisy),
+SEGMENT_MAX_PASSES = 24     # or this many forwards
 
 
 def segment_candidates(device):
@@ -909,9 +911,12 @@ def segments(n):
 
 class SegmentPlan:
     """Segments per forward of a TTA extraction (``size``), measured on its own first forwards:
-    each candidate size in turn, smallest first, serves ``PLAN_PASSES`` + 1 real forwards (the
-    first of each size warms up, untimed). The next size is tried only while each size is
-    ``SEGMENT_STEP_GAIN`` times faster per segment than the one before; then the fastest stays,
+    each candidate size in turn, smallest first, serves one untimed warm-up forward, then timed
+    ones: ``PLAN_PASSES``, more where they took less than ``SEGMENT_MIN_SECONDS`` in all (up to
+    ``SEGMENT_MAX_PASSES``; a small model's forward takes a few ms, and the file readers working
+    beside it disturb single ones), of which the fastest counts. The next size is tried only
+    while each size is ``SEGMENT_STEP_GAIN`` times faster per segment than the one before; then
+    the fastest stays,
     and is cached like the stage plans, except that a larger size than the smallest must be
     ``SEGMENT_MIN_GAIN`` times faster than it: the kernels change with the batch size, and with
     them the float rounding, so an embedding equals the one-segment loop's exactly unless packing
@@ -952,7 +957,9 @@ class SegmentPlan:
         self.seen[size] += 1
         if self.seen[size] > 1:
             self.times[size].append(seconds / size)
-        if len(self.times[size]) < PLAN_PASSES:
+        timed = self.times[size]
+        if len(timed) < PLAN_PASSES or (sum(timed) * size < SEGMENT_MIN_SECONDS
+                                        and len(timed) < SEGMENT_MAX_PASSES):
             return
         per_segment = {n: min(t) for n, t in self.times.items() if len(t) >= PLAN_PASSES}
         tried = [n for n in self.candidates if n in per_segment]

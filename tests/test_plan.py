@@ -239,6 +239,9 @@ def test_segment_plan_picks_the_least_time_per_segment_and_caches_it(cache, caps
     assert measured((1, 2, 4), {1: 0.30, 2: 0.30 / 1.15, 4: 0.30 / 1.15 ** 2})[0] == 4
     # the fastest gains less than SEGMENT_MIN_GAIN over 1: 1 stays
     assert measured((1, 2, 4), {1: 0.30, 2: 0.27, 4: 0.26})[0] == 1
+    # short forwards are timed over SEGMENT_MIN_SECONDS (0.25 s: 5 of 0.06 s), at most SEGMENT_MAX_PASSES
+    sizes = measured((1, 2, 4), {1: 0.06, 2: 0.001, 4: 0.1})[1]
+    assert (sizes.count(1), sizes.count(2), sizes.count(4)) == (1 + 5, 1 + fr.SEGMENT_MAX_PASSES, 1 + 2)
 
     measured((1, 2, 4), {1: 0.30, 2: 0.20, 4: 0.25})
     fr._plans.clear()
