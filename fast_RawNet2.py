@@ -916,14 +916,13 @@ class SegmentPlan:
     ``SEGMENT_MAX_PASSES``; a small model's forward takes a few ms, and the file readers working
     beside it disturb single ones), of which the fastest counts. The next size is tried only
     while each size is ``SEGMENT_STEP_GAIN`` times faster per segment than the one before; then
-    the fastest stays,
-    and is cached like the stage plans, except that a larger size than the smallest must be
-    ``SEGMENT_MIN_GAIN`` times faster than it: the kernels change with the batch size, and with
-    them the float rounding, so an embedding equals the one-segment loop's exactly unless packing
-    pays clearly (about 1.1x at most for the paper model on a 2-core CPU, 1.9x for the demo's).
-    No work is thrown away: every timed forward's embeddings are kept. A given ``forced`` size
-    (the scripts' ``-bs``) is used as is; with ``measure`` False (a short job) an unknown plan is
-    not measured and the smallest size runs."""
+    the fastest stays, and is cached like the stage plans, except that a larger size than the
+    smallest must be ``SEGMENT_MIN_GAIN`` times faster than it: the kernels change with the batch
+    size, and with them the float rounding, so an embedding equals the one-segment loop's exactly
+    unless packing pays clearly (about 1.1x at most for the paper model on a 2-core CPU, 1.9x for
+    the demo's). No work is thrown away: every timed forward's embeddings are kept. A given
+    ``forced`` size (the scripts' ``-bs``) is used as is; with ``measure`` False (a short job) an
+    unknown plan is not measured and the smallest size runs."""
 
     def __init__(self, model, device, amp, forced=None, candidates=None, measure=True):
         self.size, self.done = forced, forced is not None
