@@ -367,11 +367,11 @@ def test_keep_freed_memory_lets_a_freed_block_be_reused_without_page_faults():
         out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_REUSED_BLOCK, ROOT], check=True,
                              capture_output=True, text=True, env={**os.environ, **env}).stdout.split()
         return out[0] == "True", int(out[1])
-    applied, faults = run({})
-    # once the heap has room for it (a few rounds: each aligned request is a little larger than the
-    # block freed before), the pages of the block freed before
-    assert applied and faults < 100
-    # glibc's defaults (kept with RAWNET2_MALLOC=default): a fresh mmap, one fault per page touched
-    # (fewer where the kernel maps huge pages)
-    applied, faults = run({"RAWNET2_MALLOC": "default"})
-    assert not applied and faults >= 32
+    # glibc's defaults (kept with RAWNET2_MALLOC=default): a fresh mmap each time, one fault per page
+    # touched (16,384; 32 where the kernel maps huge pages)
+    applied, faults_default = run({"RAWNET2_MALLOC": "default"})
+    assert not applied and faults_default >= 16
+    # kept: once the heap has room for it (a few rounds: each aligned request is a little larger
+    # than the block freed before), the pages of the block freed before, without faults
+    applied, faults = run({"RAWNET2_MALLOC": ""})
+    assert applied and faults <= faults_default // 4
