@@ -431,7 +431,8 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
         # segment (the cheapest to measure: measuring each size tried cost minutes at the paper
         # model's larger ones); once the size is settled, the plan of that size, picked at its
         # first full forward and kept for the rest (the last, shorter one included).
-        if planned and ("plan" not in stages or stages["size"] != plan.size == len(batch) and plan.done):
+        settled = plan.done and len(batch) == plan.size != stages.get("size")
+        if planned and ("plan" not in stages or settled):
             stages["size"] = len(batch) if plan.done else 1
             with fast_RawNet2.measuring(measure):
                 stages["plan"] = fast_RawNet2.stages_for(net, batch[:stages["size"]])
