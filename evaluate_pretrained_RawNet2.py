@@ -95,7 +95,8 @@ def build_parser():
     add("bs", type=int, default=None,
         help="TTA segments per forward, packed across utterances (default: the fastest of a few sizes, "
              "timed on the first forwards and cached per machine)")
-    add("nb_worker", type=int, default=4, help="DataLoader worker processes reading audio")
+    add("nb_worker", type=int, default=4, help="threads reading audio ahead of the model "
+                                               "(at most one per usable core; 0: read in turn)")
     add("fast", default="auto", **common.FAST_FLAG,
         help="fast path of fast_RawNet2.py (a fused or an FFT sinc front end; on CPU also "
              "channels-last blocks and GRU), the same math: auto keeps the implementations timed "

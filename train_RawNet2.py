@@ -77,7 +77,8 @@ def build_parser():
         help="synthesise the built-in demo corpus under DB/demo/ (once) and train a scaled-down "
              "RawNet2 on it; explicit flags still override the demo's defaults")
     add("seed", type=int, default=1234, help="seed for initialisation, shuffling and crops")
-    add("nb_worker", type=int, default=8, help="DataLoader worker processes reading audio")
+    add("nb_worker", type=int, default=8, help="DataLoader worker processes reading training audio; the "
+                                               "evaluation reads ahead in min(this, 4, cores) threads")
     add("mg", default=True, help="nn.DataParallel over all visible GPUs when more than one is visible "
                                  "(single process; under torchrun DistributedDataParallel is used instead)",
         **flag)

@@ -14,8 +14,10 @@ torch-free basics (``DataError``, flags, key forms, atomic writes) are in common
 here as ``utils.X`` too.
 """
 
+import collections
 import contextlib
 import fcntl
+import functools
 import io
 import json
 import math
@@ -30,13 +32,14 @@ import sys
 import time
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import soundfile as sf
 import torch
 import torch.nn as nn
 from scipy.signal import resample_poly
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 import fast_RawNet2
@@ -331,35 +334,42 @@ class EpochSampler(Sampler):
         return len(self.sampler)
 
 
-class TTASet(Dataset):
-    """All TTA segments of each utterance; yields (segments (n, nb_samp), key). A silent utterance
-    yields zero segments, so the consumer can skip and list it."""
+def read_tta_segments(key, base_dir, nb_samp, window_size, convert=False):
+    """All TTA segments of one utterance: (segments (n, nb_samp), key). A silent utterance gives
+    zero segments, so the consumer can skip and list it. ``convert``: ``read_wav(convert=True)``."""
+    try:
+        x = read_wav(os.path.join(base_dir, key), convert)
+    except SilentAudioError:
+        return torch.zeros(0, nb_samp), key
+    return torch.from_numpy(tta_segments(x, nb_samp, window_size)), key
 
-    def __init__(self, keys, base_dir, nb_samp, window_size, convert=False):
-        self.keys, self.base_dir = keys, base_dir
-        self.nb_samp, self.window_size = nb_samp, window_size
-        self.convert = convert  # read_wav(convert=True): any format, rate and channel count
 
-    def __len__(self):
-        return len(self.keys)
-
-    def __getitem__(self, index):
-        key = self.keys[index]
-        try:
-            x = read_wav(os.path.join(self.base_dir, key), self.convert)
-        except SilentAudioError:
-            return torch.zeros(0, self.nb_samp), key
-        return torch.from_numpy(tta_segments(x, self.nb_samp, self.window_size)), key
+def read_ahead(read, items, threads):
+    """``read(item)`` for each of ``items``, in order. With ``threads`` > 0, that many threads read up
+    to two items each ahead of the caller, so that files are read and cut while the model runs (file
+    reads and NumPy copies release the GIL); threads, not DataLoader processes, because the model
+    keeps the cores busy anyway, and worker processes cost a start-up and a shared-memory copy per
+    item (1.5 s of the demo's 5 s TTA evaluation, bench/README.md). An error raises here as it was."""
+    if threads <= 0:
+        yield from map(read, items)
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="read-ahead")
+    ahead = collections.deque()
+    try:
+        for item in items:
+            ahead.append(pool.submit(read, item))
+            if len(ahead) > 2 * threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def unwrap_model(model):
     """The network inside nn.DataParallel or DistributedDataParallel; any other model itself."""
     wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
     return model.module if isinstance(model, wrappers) else model
-
-
-def _first(batch):
-    return batch[0]
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -406,8 +416,8 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     of ``segments_per_batch`` windows (a long utterance is split over several); None measures the
     fastest size on the first forwards and caches it (``fast_RawNet2.SegmentPlan``; fewer than
     ``fast_RawNet2.PLAN_MIN_UTTERANCES`` keys measure nothing). Each file is
-    read once, in ``nb_worker`` DataLoader workers (at most one per usable core: more would only
-    compete with the model for the cores) while the model runs. In eval mode every
+    read once, ahead of the model by ``nb_worker`` threads (``read_ahead``; at most one per usable
+    core), or by the caller's thread with 0. In eval mode every
     segment's embedding is independent of its batch-mates, so packing changes no number. ``convert``:
     files of any format, rate and channel count are converted to 16 kHz mono as they are read.
     """
@@ -417,8 +427,9 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     # A short job does not pay for measuring plans: cached ones, else the one-segment reference.
     measure = len(keys) >= fast_RawNet2.PLAN_MIN_UTTERANCES
     plan = fast_RawNet2.SegmentPlan(net, device, bf16, segments_per_batch, measure=measure)
-    loader = DataLoader(TTASet(keys, base_dir, nb_samp, window_size, convert), batch_size=1,
-                        num_workers=min(nb_worker, usable_cores()), collate_fn=_first)
+    read = functools.partial(read_tta_segments, base_dir=base_dir, nb_samp=nb_samp,
+                             window_size=window_size, convert=convert)
+    utterances = read_ahead(read, keys, min(nb_worker, usable_cores()))
     pending, pending_keys, pending_counts = [], [], []  # segments not yet run; utterances not yet done
     codes = []  # embeddings of the segments of the utterances not yet done, in order
 
@@ -464,7 +475,7 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
                 yield pending_keys.pop(0), embedded[:n].mean(0).numpy()
 
     try:
-        for segments, key in loader:
+        for segments, key in utterances:
             if len(segments) == 0:
                 yield key, None
                 continue
@@ -472,6 +483,7 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
             yield from run()
         yield from run(last=True)
     finally:
+        utterances.close()
         net.train(was_training)
 
 

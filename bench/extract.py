@@ -82,7 +82,7 @@ def main():
     parser.add_argument("-nb_utt", type=int, default=None, help="utterances (default 200 on GPU, 16 on CPU)")
     parser.add_argument("-bs", type=int, nargs="+", default=None,
                         help="segments per forward to try (default 64 256 512 on GPU, 1 4 16 on CPU)")
-    parser.add_argument("-nb_worker", type=int, default=2, help="DataLoader workers for the batched path")
+    parser.add_argument("-nb_worker", type=int, default=2, help="threads reading ahead for the batched path")
     parser.add_argument("-rounds", type=int, default=2,
                         help="interleaved repetitions; the best is kept "
                              "(the planned row's first one measures its plans)")

@@ -4,6 +4,8 @@ import os
 import platform
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -115,6 +117,42 @@ def test_tta_paper_sizes():
 
 
 # --- trials, scores, EER ----------------------------------------------------------------------
+
+def test_read_ahead_keeps_order_reads_at_most_two_per_thread_ahead_and_raises_as_it_was():
+    started, lock = [], threading.Lock()
+
+    def read(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.002 * (4 - i % 4))  # later items finish first
+        if i == 9:
+            raise DataError("item 9 is bad")
+        return i * i, threading.current_thread()
+
+    items = utils.read_ahead(read, range(20), 2)
+    taken = [next(items) for _ in range(3)]
+    assert [value for value, _ in taken] == [0, 1, 4]
+    assert all(thread is not threading.current_thread() for _, thread in taken)
+    with lock:
+        assert max(started) < 3 + 2 * 2  # the three taken, and at most two per thread ahead
+    with pytest.raises(DataError, match="^item 9 is bad$"):
+        for value, _ in items:
+            assert value < 81
+    with pytest.raises(StopIteration):
+        next(items)
+
+    started.clear()
+    items = utils.read_ahead(read, range(100), 2)
+    next(items)
+    items.close()  # stops reading: nothing is started after the close
+    with lock:
+        count = len(started)
+    time.sleep(0.05)
+    assert len(started) == count < 10
+
+    in_turn = utils.read_ahead(read, range(3), 0)
+    assert [(v, t) for v, t in in_turn] == [(i * i, threading.current_thread()) for i in range(3)]
+
 
 def test_read_trials_accepts_keys_with_or_without_wav(tmp_path):
     path = tmp_path / "t.txt"
