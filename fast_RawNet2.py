@@ -179,9 +179,11 @@ def sinc_abs_maxpool(x, filters):
     return SincAbsMaxPool.apply(x, filters)
 
 
-# Per batch chunk of the FFT front end: channels x transform length values (~16 MB of
-# float32 on CPU, a chunk's spectra then stay within a few tens of MB; on GPU they only bound memory).
-FFT_CHUNK_ELEMS = {"cpu": 2 ** 22}
+# Per batch chunk of the FFT front end: channels x transform length values (~4 MB of float32 on
+# CPU, so that the elementwise passes over a chunk (|.|, pooling, codes) run from the caches: the
+# demo model's training front end took 0.11 s per step in chunks of 2 utterances against 0.13-0.15 s
+# in chunks of 8 (bench/README.md); on GPU chunks only bound memory).
+FFT_CHUNK_ELEMS = {"cpu": 2 ** 20}
 DEFAULT_GPU_FFT_CHUNK_ELEMS = 2 ** 27
 
 
@@ -236,7 +238,7 @@ class SincAbsMaxPoolFFT(torch.autograd.Function):
         pooled_len = (length - taps + 1) // 3
         n = fft_length(length)
         step = _fft_batch_step(x, channels, n)
-        spectrum = torch.fft.rfft(w[:, 0], n).conj()
+        spectrum = torch.fft.rfft(w[:, 0], n).conj().resolve_conj()
         out = x.new_empty(batch, channels, pooled_len)
         code = torch.empty(batch, channels, pooled_len, dtype=torch.int8, device=x.device)
         for b0 in range(0, batch, step):
@@ -254,17 +256,23 @@ class SincAbsMaxPoolFFT(torch.autograd.Function):
         batch, length = x.shape[0], x.shape[-1]
         need_x, need_w = ctx.needs_input_grad
         grad_x = x.new_empty(batch, 1, length) if need_x else None
-        grad_w_spectrum = torch.zeros_like(spectrum) if need_w else None
+        w_spectrum = spectrum.conj().resolve_conj() if need_x else None
+        conj_grad_w_spectrum = torch.zeros_like(spectrum) if need_w else None  # sum_b G_bc conj(X_b)
         grad_out = grad_out.contiguous()
         for b0 in range(0, batch, step):
             b1 = min(b0 + step, batch)
             g_full = _full_rate_gradient(grad_out[b0:b1], code[b0:b1], 3).flatten(2)  # (b, C, 3P)
             g = torch.fft.rfft(g_full, n)                                                # (b, C, n/2 + 1)
             if need_x:
-                grad_x[b0:b1, 0] = torch.fft.irfft((g * spectrum.conj()).sum(1), n)[:, :length]
+                grad_x[b0:b1, 0] = torch.fft.irfft((g * w_spectrum).sum(1), n)[:, :length]
             if need_w:
-                grad_w_spectrum += torch.einsum("bcf,bf->cf", g.conj(), torch.fft.rfft(x[b0:b1, 0], n))
-        grad_w = torch.fft.irfft(grad_w_spectrum, n)[:, :taps].unsqueeze(1) if need_w else None
+                # one utterance at a time, and conjugated at the end: an einsum here runs as n/2 + 1
+                # tiny matrix products, and a product with a conjugated view copies it first
+                x_spectrum = torch.fft.rfft(x[b0:b1, 0], n).conj()
+                for g_b, x_b in zip(g, x_spectrum.resolve_conj()):
+                    conj_grad_w_spectrum.addcmul_(g_b, x_b)
+        grad_w = (torch.fft.irfft(conj_grad_w_spectrum.conj(), n)[:, :taps].unsqueeze(1)
+                  if need_w else None)
         return grad_x, grad_w
 
 
@@ -273,7 +281,7 @@ def _fft_abs_maxpool(x, w):
     batch, length, (channels, _, taps) = x.shape[0], x.shape[-1], w.shape
     n = fft_length(length)
     step = _fft_batch_step(x, channels, n)
-    spectrum = torch.fft.rfft(w[:, 0], n).conj()
+    spectrum = torch.fft.rfft(w[:, 0], n).conj().resolve_conj()
     out = x.new_empty(batch, channels, (length - taps + 1) // 3)
     for b0 in range(0, batch, step):
         out[b0:b0 + step] = F.max_pool1d(_fft_conv(x[b0:b0 + step, 0], spectrum, n, taps).abs(), 3)
