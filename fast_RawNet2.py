@@ -296,6 +296,43 @@ def sinc_abs_maxpool_fft(x, filters):
     return _fft_abs_maxpool(x, filters)
 
 
+# Output samples (x utterances) per chunk of the folded front end: its folded input, 126 values per
+# sample for the paper's 251 taps, then takes ~1.5 MB and stays in cache for the product.
+FOLD_CHUNK_ROWS = 3072
+
+
+def symmetric(filters):
+    """Whether every filter reads the same backwards (SincConv's band-pass filters do)."""
+    return filters.shape[-1] % 2 == 1 and torch.equal(filters, filters.flip(-1))
+
+
+def sinc_abs_maxpool_folded(x, filters):
+    """``F.max_pool1d(torch.abs(F.conv1d(x, filters)), 3)`` for symmetric filters, without gradients.
+
+    With w[k] = w[K - 1 - k] and h = K // 2, each output is sum_{k <= h} w'[k] (x[t + k] + x[t + K - 1 - k]),
+    w' = w with its centre tap halved (so x[t + h] + x[t + h] = 2 x[t + h] counts once, exactly): half
+    the multiplies of the direct convolution, as one matrix product per chunk of output samples,
+    rectified and pooled while the chunk is in cache.
+    """
+    batch, _, length = x.shape
+    channels, _, taps = filters.shape
+    half = taps // 2
+    pooled_len = (length - taps + 1) // 3
+    w_half = filters[:, 0, :half + 1].t().contiguous()                    # (h + 1, C)
+    w_half[half] /= 2
+    out = x.new_empty(batch, channels, pooled_len)
+    step = max(1, FOLD_CHUNK_ROWS // (3 * batch))                          # pooled positions per chunk
+    for p0 in range(0, pooled_len, step):
+        p1 = min(p0 + step, pooled_len)
+        n = 3 * (p1 - p0)
+        window = x[:, 0, 3 * p0:3 * p0 + n + taps - 1]
+        head = window[:, :n + half].unfold(1, half + 1, 1)                  # x[t + k], k = 0..h
+        tail = window[:, half:].unfold(1, half + 1, 1).flip(-1)             # x[t + K - 1 - k]
+        y = torch.matmul(head + tail, w_half).abs_()                        # (B, n, C)
+        out[:, :, p0:p1] = y.view(batch, p1 - p0, 3, channels).amax(2).transpose(1, 2)
+    return out
+
+
 class GRUSequence(torch.autograd.Function):
     """One GRU layer over a whole sequence (PyTorch's equations, gate order r, z, n; h0 = 0) with a
     hand-written backward that computes the weight gradients in one matrix product over all time
@@ -527,7 +564,7 @@ def residual_blocks(model, x, slope):
 # mode and FFTW's wisdom do: on first use at a new shape, each candidate of each stage runs a few
 # times on a copy of the model at the real shapes (forward, and backward when gradients are on); the
 # fastest is kept, unless it is not faster than the reference by MARGIN. The plan is cached in a
-# small JSON file per machine (CPU model and flags, ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, threads),
+# small JSON file per machine (CPU model and flags, the KERNEL_ENV settings, threads),
 # torch version, device and model configuration, and printed once per process in one line.
 
 STAGES = ("front_end", "blocks", "gru")
@@ -551,6 +588,13 @@ def fft_front_end(model, x):
     return sinc_abs_maxpool_fft(x, model.first_conv.filters())
 
 
+def fold_front_end(model, x):
+    filters = model.first_conv.filters()
+    if not symmetric(filters):  # (SincConv's always are; anything else gets the direct convolution)
+        return model.sinc_front_end(x)
+    return sinc_abs_maxpool_folded(x, filters)
+
+
 def fast_blocks(model, x):
     return residual_blocks(model, x, model.LEAKY_SLOPE)
 
@@ -560,7 +604,7 @@ def fast_gru(model, x):
 
 
 # Each stage's implementations besides the reference, by the name a plan gives them.
-IMPLEMENTATIONS = {"front_end": {"fast": fast_front_end, "fft": fft_front_end},
+IMPLEMENTATIONS = {"front_end": {"fast": fast_front_end, "fft": fft_front_end, "fold": fold_front_end},
                    "blocks": {"fast": fast_blocks}, "gru": {"fast": fast_gru}}
 
 
@@ -584,11 +628,12 @@ REFERENCE_PLAN = dict.fromkeys(STAGES, "reference")
 
 def applicable(model, x):
     """{stage: implementations besides the reference that apply to this call}. The front end's
-    apply everywhere; the channels-last blocks and the GRU are float32 CPU code (on GPU cuDNN
-    already does what they save, and under autocast the reference modules handle the dtypes)."""
+    apply everywhere (``fold`` without gradients only); the channels-last blocks and the GRU are
+    float32 CPU code (on GPU cuDNN already does what they save, and under autocast the reference
+    modules handle the dtypes)."""
     fp32_cpu = (x.device.type == "cpu" and model.ln.gamma.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu"))
-    impls = {"front_end": ["fast", "fft"]}
+    impls = {"front_end": ["fast", "fft"] + ([] if torch.is_grad_enabled() else ["fold"])}
     if fp32_cpu:
         impls.update(blocks=["fast"], gru=["fast"])
     return impls
@@ -631,12 +676,22 @@ def _cpuinfo():
     return model_name, [f for f in wanted if f in set(flags.split())]
 
 
+# The variables that cap the instruction sets of the CPU kernels: PyTorch's own (ATen), oneDNN's
+# (convolutions) and MKL's (matrix products: the GRU and the linear layers). All three at AVX2 make
+# an AVX-512 machine run the kernels an AVX2 one runs.
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def kernel_settings():
+    """The KERNEL_ENV variables set in this process, as one line ("default" if none is)."""
+    return ", ".join(f"{k}={os.environ[k]}" for k in KERNEL_ENV if k in os.environ) or "default"
+
+
 def _cpu_identity():
     model_name, flags = _cpuinfo()
     return {"cpu": model_name, "cpu_flags": flags,
             "capability": torch.backends.cpu.get_cpu_capability(),
-            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", ""),
-            "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+            **{k: os.environ.get(k, "") for k in KERNEL_ENV},
             "threads": torch.get_num_threads()}
 
 

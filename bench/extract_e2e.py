@@ -147,8 +147,9 @@ def main():
         make_checkpoint(checkpoint)
         small = run_set(tmp, args.small, args.rounds, checkpoint)[0]
         best, notes, (diff, scale), nb_seg = run_set(tmp, args.nb_utt, args.rounds, checkpoint)
-    kernels = ", ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
-                        if k in os.environ) or "default"
+    sys.path.insert(0, ROOT)
+    import fast_RawNet2  # (here: the children time their own imports, this process none)
+    kernels = fast_RawNet2.kernel_settings()
     print(f"{args.nb_utt} utterances of 2-11 s ({nb_seg} TTA segments), paper-size RawNet2, CPU, "
           f"{os.cpu_count()} cores, kernels: {kernels}; best of {args.rounds} interleaved rounds")
     extra = args.extrapolate

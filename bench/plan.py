@@ -50,8 +50,7 @@ def main():
     model = RawNet2({**default_d_args(5994, nb_samp), **changes}).to(device)
     model.apply(utils.init_weights)
     ident = fast_RawNet2.device_identity(device)
-    kernels = ", ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
-                        if k in os.environ) or "default settings"
+    kernels = fast_RawNet2.kernel_settings()
     print(f"device: {ident.get('gpu', ident['cpu'])} ({device.type}), kernels {ident['capability']} "
           f"({kernels}), {ident['threads']} threads, torch {ident['torch']}; config {args.config}")
     report(model.train(), torch.randn(args.bs, nb_samp, device=device), f"training step, batch {args.bs}",

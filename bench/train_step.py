@@ -174,8 +174,7 @@ def compare(args):
             runs[v].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {r + 1}/{args.rounds} {v}: {runs[v][-1]['s_per_step']:.3f} s/step", file=sys.stderr)
     first = runs[variants[0]][0]
-    kernels = ", ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
-                        if k in os.environ) or "default kernels"
+    kernels = fast_RawNet2.kernel_settings()
     print(f"device: {first['device']} ({kernels}); config {args.config}, batch {first['global_batch']} x "
           f"{CONFIGS[args.config][0]:,} samples; median of {args.rounds} rounds x {args.steps} steps; "
           f"cudnn.benchmark={args.benchmark}")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fast_RawNet2
 import utils
 from conftest import tiny_run_flags, write_speakers
-from model_RawNet2 import RawNet2
+from model_RawNet2 import RawNet2, SincConv
 
 
 def rel_err(a, b):
@@ -57,6 +57,26 @@ def test_front_end_equals_reference_in_float64(small_chunks, small_fft_chunks, f
                          front_end_grads(reference_front_end, x, w, grad_out)):
         assert fast.shape == ref.shape and fast.dtype == ref.dtype
         assert rel_err(fast, ref) < 1e-12
+
+
+@pytest.mark.parametrize("rows", [3, 12, 3072])  # chunks of 1 and 2 pooled positions per utterance; one chunk
+@pytest.mark.parametrize("length", [300, 301, 302, 4373])
+def test_folded_front_end_equals_reference_for_symmetric_filters(monkeypatch, rows, length):
+    monkeypatch.setattr(fast_RawNet2, "FOLD_CHUNK_ROWS", rows)
+    torch.manual_seed(length)
+    x = torch.randn(2, 1, length, dtype=torch.float64)
+    half = torch.randn(4, 1, 25, dtype=torch.float64)
+    w = torch.cat([half, torch.randn(4, 1, 1, dtype=torch.float64), half.flip(-1)], -1)  # 51 taps
+    assert fast_RawNet2.symmetric(w) and not fast_RawNet2.symmetric(torch.randn(4, 1, 51))
+    with torch.no_grad():
+        folded = fast_RawNet2.sinc_abs_maxpool_folded(x, w)
+        assert folded.shape == reference_front_end(x, w).shape
+        assert rel_err(folded, reference_front_end(x, w)) < 1e-12
+    sinc = SincConv(8, 251).filters().detach()  # the real filters: symmetric to the bit
+    x = torch.randn(3, 1, 6000)
+    with torch.no_grad():
+        assert fast_RawNet2.symmetric(sinc)
+        assert rel_err(fast_RawNet2.sinc_abs_maxpool_folded(x, sinc), reference_front_end(x, sinc)) < 1e-6
 
 
 @pytest.mark.parametrize("length", [300, 302, 4373])

@@ -3,6 +3,7 @@ the cache file, and parity of every plan with the reference. No test depends on 
 the measurements are replaced by fixed numbers."""
 
 import copy
+import functools
 import itertools
 import json
 import os
@@ -112,7 +113,8 @@ def test_cached_plan_is_invalidated_by_torch_device_config_and_shape(cache, monk
     identity = fr.device_identity
     assert measured_again(lambda: monkeypatch.setattr(
         fr, "device_identity", lambda device: {**identity(device), "device": "cuda", "gpu": "another"}))
-    assert measured_again(lambda: monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default"))
+    for variable, setting in zip(fr.KERNEL_ENV, ("default", "AVX2", "AVX2")):
+        assert measured_again(functools.partial(monkeypatch.setenv, variable, setting)), variable
     wider = small_model(False).eval()  # another configuration: a GRU of another size
     wider.gru = torch.nn.GRU(24, 20, batch_first=True)
     wider.fc1_gru = torch.nn.Linear(20, 12)
@@ -195,6 +197,19 @@ def test_every_plan_gives_the_reference_outputs_and_gradients(legacy, plan):
         assert p.grad.stride() == p.stride(), name  # the layout DDP's gradient buckets expect
     with torch.no_grad():
         assert rel_err(other.eval().embed(x), ref.eval().embed(x)) < 1e-5
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_the_folded_front_end_runs_without_gradients_only_and_gives_the_reference_embeddings(legacy):
+    ref = small_model(legacy, nb_samp=8000).eval()
+    other = copy.deepcopy(ref)
+    x = torch.randn(3, ref.nb_samp)
+    assert "fold" not in fr.applicable(ref, x)["front_end"]  # gradients on: a training-time choice
+    with torch.no_grad():
+        assert "fold" in fr.applicable(ref, x)["front_end"]
+        for blocks, gru in itertools.product(("reference", "fast"), repeat=2):
+            other.fast = {"front_end": "fold", "blocks": blocks, "gru": gru}
+            assert rel_err(other.embed(x), ref.embed(x)) < 1e-5, (blocks, gru)
 
 
 def test_measuring_leaves_the_model_untouched(cache):
