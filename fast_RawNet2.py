@@ -24,6 +24,10 @@ to ~1e-5 or better):
    to exactly 0, as the direct convolution's. For few filters and short inputs (as in -demo) it
    runs the training front end about 2.5x as fast as the reference; for the paper's 128 filters
    over 59,049 samples the transforms cost more than they save (bench/README.md).
+   ``sinc_abs_maxpool_folded``, the third, serves extraction (no gradients): SincConv's filters are
+   symmetric, so each output needs only half the multiplies, x[t + k] + x[t + K - 1 - k] times the
+   first half of the taps, as one matrix product per chunk of output samples, rectified and pooled
+   in cache (1.4-1.9x the reference's front end for the paper model at one segment).
 2. ``residual_blocks`` (CPU, float32) runs block0..5 in channels-last layout, where mkldnn's
    convolutions can be faster, with a GEMM weight gradient and a batch norm whose sums are as
    accurate as the reference kernel's (see the section below).
@@ -296,9 +300,11 @@ def sinc_abs_maxpool_fft(x, filters):
     return _fft_abs_maxpool(x, filters)
 
 
-# Output samples (x utterances) per chunk of the folded front end: its folded input, 126 values per
-# sample for the paper's 251 taps, then takes ~1.5 MB and stays in cache for the product.
-FOLD_CHUNK_ROWS = 3072
+# Output samples (x utterances) per chunk of the folded front end: on CPU its folded input, 126
+# values per sample for the paper's 251 taps, then takes ~1.5 MB and stays in cache for the product;
+# on GPU chunks only bound the temporary memory (~130 MB).
+FOLD_CHUNK_ROWS = {"cpu": 3072}
+DEFAULT_GPU_FOLD_CHUNK_ROWS = 2 ** 18
 
 
 def symmetric(filters):
@@ -321,7 +327,8 @@ def sinc_abs_maxpool_folded(x, filters):
     w_half = filters[:, 0, :half + 1].t().contiguous()                    # (h + 1, C)
     w_half[half] /= 2
     out = x.new_empty(batch, channels, pooled_len)
-    step = max(1, FOLD_CHUNK_ROWS // (3 * batch))                          # pooled positions per chunk
+    rows = FOLD_CHUNK_ROWS.get(x.device.type, DEFAULT_GPU_FOLD_CHUNK_ROWS)
+    step = max(1, rows // (3 * batch))                                     # pooled positions per chunk
     for p0 in range(0, pooled_len, step):
         p1 = min(p0 + step, pooled_len)
         n = 3 * (p1 - p0)
@@ -981,9 +988,9 @@ class SegmentPlan:
     while each size is ``SEGMENT_STEP_GAIN`` times faster per segment than the one before; then
     the fastest stays, and is cached like the stage plans, except that a larger size than the
     smallest must be ``SEGMENT_MIN_GAIN`` times faster than it: the kernels change with the batch
-    size, and with them the float rounding, so an embedding equals the one-segment loop's exactly
-    unless packing pays clearly (about 1.1x at most for the paper model on a 2-core CPU, 1.9x for
-    the demo's). No work is thrown away: every timed forward's embeddings are kept. A given
+    size, and with them the float rounding, so the embeddings move away from the one-segment
+    loop's only where packing pays clearly (about 1.1x at most for the paper model on a 2-core
+    CPU, 1.9x for the demo's). No work is thrown away: every timed forward's embeddings are kept. A given
     ``forced`` size (the scripts' ``-bs``) is used as is; with ``measure`` False (a short job) an
     unknown plan is not measured and the smallest size runs."""
 
