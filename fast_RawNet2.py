@@ -990,8 +990,8 @@ class SegmentPlan:
     smallest must be ``SEGMENT_MIN_GAIN`` times faster than it: the kernels change with the batch
     size, and with them the float rounding, so the embeddings move away from the one-segment
     loop's only where packing pays clearly (about 1.1x at most for the paper model on a 2-core
-    CPU, 1.9x for the demo's). No work is thrown away: every timed forward's embeddings are kept. A given
-    ``forced`` size (the scripts' ``-bs``) is used as is; with ``measure`` False (a short job) an
+    CPU, 1.9x for the demo's). No work is thrown away: every timed forward's embeddings are kept.
+    A given ``forced`` size (the scripts' ``-bs``) is used as is; with ``measure`` False (a short job) an
     unknown plan is not measured and the smallest size runs."""
 
     def __init__(self, model, device, amp, forced=None, candidates=None, measure=True):
