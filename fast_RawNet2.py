@@ -272,8 +272,8 @@ class SincAbsMaxPoolFFT(torch.autograd.Function):
             if need_w:
                 # one utterance at a time, and conjugated at the end: an einsum here runs as n/2 + 1
                 # tiny matrix products, and a product with a conjugated view copies it first
-                x_spectrum = torch.fft.rfft(x[b0:b1, 0], n).conj()
-                for g_b, x_b in zip(g, x_spectrum.resolve_conj()):
+                x_spectrum = torch.fft.rfft(x[b0:b1, 0], n).conj().resolve_conj()
+                for g_b, x_b in zip(g, x_spectrum):
                     conj_grad_w_spectrum.addcmul_(g_b, x_b)
         grad_w = (torch.fft.irfft(conj_grad_w_spectrum.conj(), n)[:, :taps].unsqueeze(1)
                   if need_w else None)
@@ -991,8 +991,8 @@ class SegmentPlan:
     size, and with them the float rounding, so the embeddings move away from the one-segment
     loop's only where packing pays clearly (about 1.1x at most for the paper model on a 2-core
     CPU, 1.9x for the demo's). No work is thrown away: every timed forward's embeddings are kept.
-    A given ``forced`` size (the scripts' ``-bs``) is used as is; with ``measure`` False (a short job) an
-    unknown plan is not measured and the smallest size runs."""
+    A given ``forced`` size (the scripts' ``-bs``) is used as is; with ``measure`` False (a short
+    job) an unknown plan is not measured and the smallest size runs."""
 
     def __init__(self, model, device, amp, forced=None, candidates=None, measure=True):
         self.size, self.done = forced, forced is not None
