@@ -24,6 +24,7 @@ import os
 import pickle
 
 import numpy as np
+from numpy._core.multiarray import _reconstruct
 
 from common import (
     DataError,
@@ -179,16 +180,48 @@ def _gc_paused():
             gc.enable()
 
 
-def load_pickle(path):
-    """Unpickle ``path`` with ``RestrictedUnpickler``; DataError (one line) if it is refused or broken."""
+def load_pickle(path, unpickler=RestrictedUnpickler):
+    """Unpickle ``path`` with ``unpickler`` (a ``RestrictedUnpickler``); DataError (one line) if it
+    is refused or broken."""
     try:
         with open(path, "rb") as f, _gc_paused():
-            return RestrictedUnpickler(f).load()
+            return unpickler(f).load()
     except pickle.UnpicklingError as e:
         raise DataError(f"{path}: not loaded, {e}: embedding pickles may only hold a dict of "
                         f"utterance keys to numpy arrays") from None
     except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
         raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+
+
+class _PickledArray:
+    """A numpy array as ``_ArrayUnpickler`` leaves it: the arguments of numpy's rebuild
+    (``_reconstruct(ndarray, shape, typecode)``) and the state it would then be given,
+    ``(version, shape, dtype, fortran order, raw bytes)``. Nothing is allocated or copied yet."""
+
+    __slots__ = ("args", "state")
+
+    def __init__(self, *args):
+        self.args, self.state = args, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def array(self):
+        """The array numpy would have unpickled."""
+        array = _reconstruct(*self.args)
+        if self.state is not None:
+            array.__setstate__(self.state)
+        return array
+
+
+class _ArrayUnpickler(RestrictedUnpickler):
+    """``RestrictedUnpickler`` that leaves each array pickled by protocols 3 and 4 (~10^5 of them in an
+    embedding file) as a ``_PickledArray``: the raw bytes are then copied once, into one matrix,
+    instead of once into an array per vector and again into the matrix."""
+
+    def find_class(self, module, name):
+        found = super().find_class(module, name)
+        return _PickledArray if found is _reconstruct else found
 
 
 _FLOAT32 = np.dtype(np.float32)
@@ -221,13 +254,53 @@ def npy_keys_path(path):
     return path[:-len(".npy")] + "_keys.txt"
 
 
-def load_embeddings(path):
-    """Embeddings from a pickle (``.pk``, loaded with ``RestrictedUnpickler``) or from a ``.npy``
-    matrix plus its key list (``npy_keys_path``). Returns dict utterance id -> float32 vector."""
+def _vector_bytes(obj):
+    """The raw bytes of each vector of an unpickled embedding dict (``_ArrayUnpickler``) whose keys
+    are strings and whose values are all 1-D float32 arrays of one size, as numpy pickles them;
+    None for anything else."""
+    if not isinstance(obj, dict) or not obj or set(map(type, obj)) != {str}:
+        return None
+    arrays = list(obj.values())
+    if set(map(type, arrays)) != {_PickledArray}:
+        return None
+    try:  # one layout for all: (rebuilt class, state size, shape, dtype, raw type, raw size)
+        layouts = {(a.args[0], len(a.state), a.state[1], a.state[2], type(a.state[4]), len(a.state[4]))
+                   for a in arrays}
+    except (TypeError, IndexError):
+        return None
+    if len(layouts) != 1:
+        return None
+    cls, size, shape, dtype, raw_type, raw_size = layouts.pop()
+    if (cls is not np.ndarray or size != 5 or not isinstance(dtype, np.dtype) or dtype != _FLOAT32
+            or raw_type is not bytes or len(shape) != 1 or not shape[0] or raw_size != 4 * shape[0]):
+        return None
+    return [a.state[4] for a in arrays]
+
+
+def _embedding_rows(path):
+    """``(keys, dim, parts)`` of an embedding file: canonical keys, and float32 buffers (one per
+    vector, or the whole matrix) whose bytes joined are the rows of its matrix (``_join_rows``)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: embedding file not found")
-    if not path.endswith(".npy"):
-        return check_embeddings(load_pickle(path), path)
+    if path.endswith(".npy"):
+        keys, matrix = _read_npy(path)
+        return list(map(utt_id, keys)), matrix.shape[1], [np.ascontiguousarray(matrix, np.float32)]
+    obj = load_pickle(path, _ArrayUnpickler)
+    raw = _vector_bytes(obj)
+    if raw is not None:  # the usual case, checked as a whole
+        return list(map(utt_id, obj)), len(raw[0]) // 4, raw
+    if isinstance(obj, dict):
+        try:
+            obj = {k: v.array() if isinstance(v, _PickledArray) else v for k, v in obj.items()}
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+    embeddings = check_embeddings(obj, path)
+    vectors = list(embeddings.values())
+    return list(embeddings), len(vectors[0]), [np.ascontiguousarray(v) for v in vectors]
+
+
+def _read_npy(path):
+    """Keys and matrix of a ``.npy`` embedding matrix and its key list (``npy_keys_path``)."""
     try:
         matrix = np.load(path, allow_pickle=False)
     except ValueError as e:
@@ -240,7 +313,24 @@ def load_embeddings(path):
     if matrix.ndim != 2 or len(keys) != len(matrix):
         raise DataError(f"{path}: matrix of shape {matrix.shape} does not match {len(keys)} keys "
                         f"in {keys_path}")
-    return check_embeddings(dict(zip(keys, matrix)), path)
+    if matrix.dtype.kind not in "fiu" or not matrix.size:
+        raise DataError(f"{path}: a {matrix.dtype} matrix of shape {matrix.shape}, expected real "
+                        f"numbers")
+    return keys, matrix
+
+
+def _join_rows(parts, dim):
+    """One writable float32 matrix of ``dim`` columns from buffers holding its rows in order: a
+    single copy."""
+    return np.frombuffer(bytearray().join(parts), np.float32).reshape(-1, dim)
+
+
+def load_embeddings(path):
+    """Embeddings from a pickle (``.pk``, loaded with ``RestrictedUnpickler``'s restrictions) or
+    from a ``.npy`` matrix plus its key list (``npy_keys_path``). Returns dict utterance id ->
+    float32 vector (rows of one matrix); a key given twice takes its last vector."""
+    keys, dim, parts = _embedding_rows(path)
+    return dict(zip(keys, _join_rows(parts, dim)))
 
 
 def save_embeddings(embeddings, path):
@@ -266,9 +356,13 @@ class EmbeddingTable:
         self.keys, self.matrix = list(keys), np.ascontiguousarray(matrix, dtype=np.float32)
         self.index = dict(zip(self.keys, range(len(self.keys))))
         self.norms = np.empty(len(self.matrix))
-        for s in range(0, len(self.matrix), chunk):
-            block = self.matrix[s:s + chunk]
-            self.norms[s:s + chunk] = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+
+        def norms(start):
+            block = self.matrix[start:start + chunk]
+            self.norms[start:start + chunk] = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+
+        with concurrent.futures.ThreadPoolExecutor(SCORING_THREADS) as pool:
+            list(pool.map(norms, range(0, len(self.matrix), chunk)))
 
     @classmethod
     def from_dict(cls, embeddings):
@@ -277,17 +371,16 @@ class EmbeddingTable:
     @classmethod
     def read(cls, paths):
         """The embeddings of every file of ``paths`` (``load_embeddings``), later files winning."""
-        keys, vectors, dim = [], [], None
+        keys, parts, dim = [], [], None
         for path in paths:
-            embeddings = load_embeddings(path)
-            file_dim = len(next(iter(embeddings.values())))
+            file_keys, file_dim, file_parts = _embedding_rows(path)
             if dim is not None and file_dim != dim:
                 raise DataError(f"{path}: {file_dim}-dimensional embeddings, {paths[0]} holds "
                                 f"{dim}-dimensional ones")
             dim = file_dim
-            keys += embeddings
-            vectors += embeddings.values()
-        return cls(keys, np.array(vectors))  # one C loop over the vectors (np.stack is slower)
+            keys += file_keys
+            parts += file_parts
+        return cls(keys, _join_rows(parts, dim))
 
     def lookup(self, keys):
         """Row number of each key, -1 for a key without embedding."""

@@ -275,6 +275,53 @@ def test_real_pickle_is_accepted_including_numpy1_layout(tmp_path):
         np.testing.assert_array_equal(back["id1/v/00001"], np.arange(4))
 
 
+@pytest.mark.parametrize("protocol", [3, 4, 5])
+def test_embedding_pickles_give_what_pickle_load_gives(tmp_path, protocol):
+    """The loader leaves arrays as raw bytes and joins them into one matrix (float32 vectors, as
+    numpy pickles them) or rebuilds them as numpy would (any other layout): either way the vectors
+    are those of a plain pickle.load."""
+    rng = np.random.default_rng(protocol)
+    shared = rng.standard_normal(5).astype(np.float32)
+    cases = {
+        "float32": {f"s/v/{i:05d}.wav": rng.standard_normal(5).astype(np.float32) for i in range(7)},
+        "one array under two keys": {"s/v/00001": shared, "s/v/00002": shared},
+        "float64 and ints": {"s/v/00001": rng.standard_normal(5), "s/v/00002": np.arange(5)},
+        "big-endian": {"s/v/00001": np.arange(5, dtype=">f4"), "s/v/00002": np.ones(5, ">f4")},
+        "two sizes": {"s/v/00001": np.zeros(5, np.float32), "s/v/00002": np.zeros(4, np.float32)},
+    }
+    for name, emb in cases.items():
+        path = str(tmp_path / f"{protocol}.pk")
+        with open(path, "wb") as f:
+            pickle.dump(emb, f, protocol=protocol)
+        if name == "two sizes":
+            with pytest.raises(DataError, match="expected 1-D real vectors of one size"):
+                scoring.load_embeddings(path)
+            continue
+        with open(path, "rb") as f:
+            expected = {k.removesuffix(".wav"): v.astype(np.float32) for k, v in pickle.load(f).items()}
+        joined = scoring._vector_bytes(scoring.load_pickle(path, scoring._ArrayUnpickler)) is not None
+        # protocol 5 pickles arrays as buffers numpy wraps without a copy: nothing to join there
+        assert joined == (protocol < 5 and name in ("float32", "one array under two keys")), name
+        back = scoring.load_embeddings(path)
+        assert list(back) == list(expected), name
+        for key, vector in expected.items():
+            assert back[key].dtype == np.float32 and np.array_equal(back[key], vector), (name, key)
+        table = scoring.EmbeddingTable.read([path])
+        np.testing.assert_array_equal(table.matrix, np.stack(list(expected.values())))
+
+
+class CraftedArray:
+    def __reduce__(self):  # numpy's rebuild, with a shape numpy refuses
+        return np._core.multiarray._reconstruct, (np.ndarray, "x", b"b")
+
+
+def test_pickle_of_a_crafted_array_is_one_line(tmp_path):
+    """A pickle calling numpy's rebuild with arguments numpy refuses gives DataError, not a crash."""
+    (tmp_path / "x.pk").write_bytes(pickle.dumps({"s/v/00001": CraftedArray()}, protocol=4))
+    with pytest.raises(DataError, match="x.pk: not a readable pickle"):
+        scoring.load_embeddings(str(tmp_path / "x.pk"))
+
+
 def test_pickle_of_wrong_content_is_refused(tmp_path):
     utils.write_pickle_atomic({"k": np.zeros((2, 2))}, str(tmp_path / "m.pk"))
     with pytest.raises(DataError, match="expected 1-D real vectors"):
