@@ -9,7 +9,11 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible')"
 export RAWNET2_CACHE_DIR="${RAWNET2_CACHE_DIR:-$(mktemp -d)}"   # a fresh plan cache: plans are measured here
+# A failing test does not stop the benchmarks: both report, and the exit status is the first failure's.
+status=0
 echo "== tests/test_cuda.py"
-timeout 150 "$PY" -m pytest -q -rs tests/test_cuda.py tests/test_fast.py tests/test_plan.py
+timeout 150 "$PY" -m pytest -q -rs --durations=10 tests/test_cuda.py tests/test_fast.py tests/test_plan.py \
+  || status=$?
 echo "== bench/gpu_bench.sh"
-bash bench/gpu_bench.sh
+bash bench/gpu_bench.sh || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
+exit "$status"

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import evaluate_pretrained_RawNet2 as evaluate
 import fast_RawNet2
+import scoring
 import train_RawNet2 as train
 import utils
 from conftest import ROOT, tiny_run_flags
@@ -32,12 +33,16 @@ def exact_float32(monkeypatch):
 
 
 def training_step(model, x, y, amp):
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    # Scale 1: at the scaler's default 2^16 this small model's scaled gradients pass fp16's 65,504
+    # and the step would be skipped with inf in the gradients compared below.
+    scaler = torch.amp.GradScaler("cuda", init_scale=1.0) if amp == "fp16" else None
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves the weights
     with utils.amp_autocast(CUDA, amp):
         logits = model(x)
         loss = F.cross_entropy(logits, y)
     utils.backward_step(loss, optimizer, scaler)  # (the scaler's step unscales the gradients in place)
+    if scaler is not None:
+        assert scaler.get_scale() == 1.0, "fp16 gradients overflowed: the step was skipped"
     return logits.float(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -144,7 +149,7 @@ def test_extraction_on_gpu_equals_the_one_segment_loop(tiny_corpus, tmp_path):
              "-eer_file", str(tmp_path / "eers.txt"), "-device", "cuda",
              "-trials", os.path.join(tiny_corpus, "VoxCeleb1", "veri_test.txt")]
     evaluate.main(evaluate.parse_args(flags))
-    embeddings = utils.load_embeddings(str(tmp_path / "embd" / "TTA_vox1_eval.pk"))
+    embeddings = scoring.load_embeddings(str(tmp_path / "embd" / "TTA_vox1_eval.pk"))
     reference = model.eval().to(CUDA)
     for key in keys:
         segs = utils.tta_segments(utils.read_wav(os.path.join(folder, key)), 4000, 1000)
