@@ -314,7 +314,10 @@ def decide_resume(args, run_dir):
         raise DataError(f"{last_path} not found, but {run_dir}/eers.txt lists epochs up to {max(listed)}: "
                         f"restore last.pt to continue, or choose another -name")
     if args.resume:
-        if not any(os.path.exists(os.path.join(run_dir, f)) for f in ("args.json", "f_params.txt")):
+        # what a start leaves, from the first folders on: a folder holding none of it (its lock
+        # aside) is no run, e.g. a mistyped -name
+        if not any(os.path.exists(os.path.join(run_dir, f))
+                   for f in ("args.json", "f_params.txt", "models", "results")):
             raise DataError(f"-resume: {last_path} not found (no completed epoch to continue from)")
         if utils.is_main_process():
             print(f"note: {run_dir} has no completed epoch (no last.pt) to continue: starting at epoch 0")

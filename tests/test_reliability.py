@@ -417,6 +417,19 @@ def test_corrupt_last_pt_is_one_line_and_changes_nothing(reference, tmp_path, ho
     assert {f: (run / f).read_bytes() for f in files_under(run)} == before
 
 
+def test_resume_of_a_run_killed_at_its_first_write_starts_it(reference, tmp_path):
+    flags = [str(tmp_path) if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
+    code, _, _ = run_forked(train.cli, flags, fault="kill@f_params.txt")
+    assert code == -9 and not os.path.exists(tmp_path / "run" / "f_params.txt")
+    code, out, err = run_forked(train.cli, flags + ["-resume"])
+    assert code == 0, err[-2000:]
+    assert "has no completed epoch (no last.pt) to continue: starting at epoch 0" in out
+    assert_same_run(str(tmp_path / "run"), reference["run"])
+    code, _, err = run_forked(train.cli, ["other" if f == "run" else f for f in flags]
+                              + ["-resume"])  # a -name that never ran: one line, nothing started
+    assert code == 1 and "-resume: " in err and "no completed epoch to continue from" in err
+
+
 @pytest.mark.parametrize("resume", [[], ["-resume"]])
 def test_a_run_that_lost_its_last_pt_is_never_started_over(reference, tmp_path, resume):
     run = tmp_path / "run"
