@@ -723,17 +723,29 @@ def device_identity(device):
         ident.update(gpu=torch.cuda.get_device_name(index),
                      gpu_capability=list(torch.cuda.get_device_capability(index)),
                      cudnn=torch.backends.cudnn.version(),
-                     cudnn_benchmark=torch.backends.cudnn.benchmark)
+                     cudnn_benchmark=torch.backends.cudnn.benchmark,
+                     cudnn_deterministic=torch.backends.cudnn.deterministic,
+                     # TF32 changes both the speed and the rounding of convolutions and products
+                     tf32=[torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32])
     ident["device"] = device.type
     return ident
 
 
 def model_identity(model):
-    """The configuration of the network below its classifier (shapes and layout)."""
-    shapes = [(name, list(p.shape)) for name, p in model.named_parameters() if not name.startswith("fc2_gru")]
-    layout = json.dumps([shapes, model.first_conv.kernel_size, model.legacy])
-    digest = hashlib.sha1(layout.encode()).hexdigest()
-    return {"nb_samp": model.nb_samp, "legacy": model.legacy, "shapes": digest[:16]}
+    """The configuration of the network below its classifier (shapes and layout). An nn.DataParallel
+    replica holds its parameters as plain attributes: it takes the identity its network's last call
+    recorded on the network (a replica copies the network's attributes); None for a replica of a
+    network that was never identified."""
+    if getattr(model, "_is_replica", False):
+        digest = model.__dict__.get("_plan_shapes")
+        if digest is None:
+            return None
+    else:
+        shapes = [(name, list(p.shape)) for name, p in model.named_parameters()
+                  if not name.startswith("fc2_gru")]
+        layout = json.dumps([shapes, model.first_conv.kernel_size, model.legacy])
+        digest = model._plan_shapes = hashlib.sha1(layout.encode()).hexdigest()[:16]
+    return {"nb_samp": model.nb_samp, "legacy": model.legacy, "shapes": digest}
 
 
 def call_context(model, x, candidates):
@@ -928,16 +940,24 @@ def measuring(enabled):
 
 
 def planned(model, x, candidates):
-    """The plan for this call: this process's, the cache's, or measured now (and stored)."""
+    """The plan for this call: this process's, the cache's, or measured now (and stored).
+
+    An nn.DataParallel replica never measures one: its parameters (non-leaf copies) cannot be
+    deep-copied, and a backward through it would reach the network's gradients. train_RawNet2.py
+    plans the replicas' batch on the network before wrapping it; a plan not found runs the reference.
+    """
+    replica = getattr(model, "_is_replica", False)
     identity = {**device_identity(x.device), "model": model_identity(model),
                 "context": call_context(model, x, candidates)}
     key = plan_key(identity)
     plan = _plans.get(key)
     if plan is not None:
         return plan
-    plan = lookup(key, identity)
+    plan = lookup(key, identity) if identity["model"] is not None else None
     source = f"cached in {cache_path()}"
-    if plan is None and not getattr(_measuring, "enabled", True):
+    if plan is None and replica:
+        plan, source = REFERENCE_PLAN, "not planned for nn.DataParallel's replicas: the reference"
+    elif plan is None and not getattr(_measuring, "enabled", True):
         plan, source = REFERENCE_PLAN, "not measured for a short job: the reference"
     elif plan is None:
         start = time.perf_counter()

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import fast_RawNet2
 import scoring
 import utils
 from model_RawNet2 import RawNet2, strip_module_prefix
@@ -470,6 +471,34 @@ def setup_device(args):
     return device
 
 
+class DataParallel(nn.DataParallel):
+    """nn.DataParallel whose replicas run under the caller's autocast dtype. PyTorch runs each
+    replica in a thread of its own and re-enters autocast there with the on/off state only; the
+    dtype is per thread, so -amp bf16 would run every replica in float16."""
+
+    def parallel_apply(self, replicas, inputs, kwargs):
+        device_type = self.src_device_obj.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            replicas = [utils.under_autocast(r, device_type, dtype) for r in replicas]
+        return super().parallel_apply(replicas, inputs, kwargs)
+
+
+def plan_replicas(model, args, device, gpus):
+    """With -fast auto, the plan of each batch size that DataParallel's scatter gives the replicas,
+    measured (or read from the cache) on the network itself: a replica cannot measure one
+    (fast_RawNet2.planned), and finds these by the identity it copies from the network."""
+    if model.fast != "auto":
+        return
+    was_training = model.training
+    model.train()
+    for batch in sorted({len(chunk) for chunk in torch.arange(args.bs).chunk(gpus)}):
+        x = torch.randn(batch, model.nb_samp, device=device)
+        with utils.amp_autocast(device, args.amp):
+            fast_RawNet2.stages_for(model, x)  # plans only: nothing runs through the network
+    model.train(was_training)
+
+
 def wrap_model(model, args, device):
     """DistributedDataParallel under torchrun; else nn.DataParallel with -mg on several GPUs."""
     _, world = utils.rank_and_world()
@@ -478,7 +507,8 @@ def wrap_model(model, args, device):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.mg and torch.cuda.device_count() > 1:
-        return nn.DataParallel(model)
+        plan_replicas(model, args, device, torch.cuda.device_count())
+        return DataParallel(model)
     return model
 
 
@@ -576,7 +606,7 @@ def train(args, run_dir, device, resume):
     if main_process:
         write_run_files(args, run_dir, d_args, nb_params, resume, state.epoch + 1, world)
     parallel = {DistributedDataParallel: f", {world} processes (DistributedDataParallel)",
-                nn.DataParallel: f" x{torch.cuda.device_count()} (DataParallel)"}.get(type(model), "")
+                DataParallel: f" x{torch.cuda.device_count()} (DataParallel)"}.get(type(model), "")
     log(f"{len(data.train_keys)} training utterances, {len(data.labels)} speakers; "
         f"{len(data.eval_keys)} test utterances, {len(data.eval_trials[0])} trials; "
         f"{nb_params:,} parameters; "

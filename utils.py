@@ -376,6 +376,15 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _amp_warned = set()
 
 
+def under_autocast(module, device_type, dtype):
+    """``module`` called under autocast to ``dtype``: for a thread of its own, which starts with
+    autocast's default dtype (float16 on CUDA) whatever its parent thread set."""
+    def run(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return module(*args, **kwargs)
+    return run
+
+
 def amp_autocast(device, amp="bf16"):
     """The autocast context of ``-amp`` (training) and ``-bf16`` (extraction): "none" or False is a
     no-op, "bf16" or True bfloat16 autocast, "fp16" float16 autocast. RawNet2 keeps its sinc front

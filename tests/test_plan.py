@@ -2,11 +2,14 @@
 the cache file, and parity of every plan with the reference. No test depends on real timings:
 the measurements are replaced by fixed numbers."""
 
+import argparse
 import copy
 import functools
+import importlib
 import itertools
 import json
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 
 import common
 import fast_RawNet2 as fr
+import train_RawNet2 as train
 import utils
 from conftest import write_speakers
 from test_fast import rel_err, small_model
@@ -156,6 +160,79 @@ def test_forced_modes_do_not_measure(cache, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 CPU code only: the blocks and GRU
         assert plan_of(model, x) == {**fr.REFERENCE_PLAN, "front_end": "fast"}
     assert not cache.exists()
+
+
+def replica_of(module):
+    """What nn.DataParallel's replicate() makes of ``module``: a copy of its attributes holding its
+    parameters as plain, non-leaf tensors (here on the same CPU)."""
+    replica = module._replicate_for_data_parallel()
+    for name, p in module._parameters.items():
+        if p is not None:
+            setattr(replica, name, p.view_as(p))  # like a broadcast copy: autograd reaches p
+    for name, child in module._modules.items():
+        if child is not None:
+            replica._modules[name] = replica_of(child)
+    return replica
+
+
+def test_data_parallel_replicas_run_the_plan_made_before_wrapping(cache, monkeypatch, capsys):
+    measure, calls = fake_timings(("front_end", "blocks"))
+    monkeypatch.setattr(fr, "measure_stages", measure)
+    model = small_model(False).train()
+    model.fast = "auto"
+    x = torch.randn(2, model.nb_samp)
+    with pytest.raises(RuntimeError, match="deepcopy"):  # why a replica must not measure
+        copy.deepcopy(replica_of(model))
+    # a replica of a network never planned: nothing measured, the reference
+    assert fr.stages_for(replica_of(model), x).plan == fr.REFERENCE_PLAN and not calls
+    assert "not planned for nn.DataParallel's replicas" in capsys.readouterr().err
+
+    train.plan_replicas(model, argparse.Namespace(bs=4, amp="none"), torch.device("cpu"), 2)
+    assert calls == [fr.STAGES] and model.training  # measured once, at the replicas' batch of 2
+    replica = replica_of(model)
+    assert fr.stages_for(replica, x).plan == {"front_end": "fast", "blocks": "fast", "gru": "reference"}
+    assert len(calls) == 1
+    reference = copy.deepcopy(model)
+    reference.fast = False
+    for net in (replica, reference):
+        F.cross_entropy(net(x), torch.tensor([0, 1])).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert p.grad is not None, name  # the replica's backward reached the network
+        if not name.endswith("conv1.bias"):  # (0 up to rounding: a batch norm follows)
+            assert rel_err(p.grad, q.grad) < 1e-4, name
+
+
+def test_data_parallel_replicas_run_under_the_callers_autocast_dtype(monkeypatch):
+    """PyTorch's parallel_apply runs each replica in a new thread under autocast(enabled=...) with no
+    dtype, and a new thread's autocast dtype is the default (float16 on CUDA, bfloat16 on CPU)."""
+    seen = []
+
+    def parallel_apply(modules, inputs, kwargs, devices):  # what PyTorch's does, in threads
+        enabled = torch.is_autocast_enabled("cpu")
+
+        def worker(module, inp):
+            with torch.amp.autocast("cpu", enabled=enabled):
+                module(*inp)
+        for args in zip(modules, inputs):
+            thread = threading.Thread(target=worker, args=args)
+            thread.start()
+            thread.join()
+
+    monkeypatch.setattr(importlib.import_module("torch.nn.parallel.data_parallel"), "parallel_apply",
+                        parallel_apply)
+    wrapper = torch.nn.Module.__new__(train.DataParallel)
+    torch.nn.Module.__init__(wrapper)
+    wrapper.src_device_obj, wrapper.device_ids = torch.device("cpu"), [0, 1]
+    replicas = [lambda _: seen.append(torch.get_autocast_dtype("cpu"))] * 2
+    with torch.autocast("cpu", dtype=torch.float16):
+        torch.nn.DataParallel.parallel_apply(wrapper, replicas, [(0,), (1,)], [{}, {}])
+        assert seen == [torch.bfloat16] * 2  # PyTorch's class: the thread's default dtype
+        seen.clear()
+        wrapper.parallel_apply(replicas, [(0,), (1,)], [{}, {}])
+        assert seen == [torch.float16] * 2
+    seen.clear()
+    wrapper.parallel_apply(replicas, [(0,), (1,)], [{}, {}])  # no autocast: the replicas as they are
+    assert seen == [torch.bfloat16] * 2 and not torch.is_autocast_enabled("cpu")
 
 
 def test_fast_flag_values():
