@@ -14,7 +14,9 @@ segments) to a temporary folder and embeds them with the paper-size network (ran
   * planned: what ``-extract`` runs by default (``-fast auto``, segments per forward measured).
 Configurations are interleaved over ``-rounds`` rounds and the best time of each is kept, so a
 busy machine disturbs every configuration alike. Prints segments/s, the ratio to the reference
-and the largest difference to the reference embeddings (fp32 must stay within 1e-5).
+and the largest difference to the reference embeddings (fp32 must stay within 1e-5; on a GPU with
+PyTorch's default TF32 convolutions the header says so, and differences are larger where a path
+computes in float32 what the reference computes in TF32, e.g. the folded front end's product).
 On a GPU the target is >= 2.5x the one-segment loop; on CPU never slower than it.
 """
 
@@ -99,8 +101,10 @@ def main():
     fast_model = copy.deepcopy(model)
     fast_model.fast = True
     name = torch.cuda.get_device_name() if gpu else f"CPU {platform.processor() or platform.machine()}"
+    tf32 = (f", TF32 in convolutions {torch.backends.cudnn.allow_tf32}, in matrix products "
+            f"{torch.backends.cuda.matmul.allow_tf32}" if gpu else "")
     print(f"device: {name} ({args.device}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} cores")
+          f"{os.cpu_count()} cores{tf32}")
 
     with tempfile.TemporaryDirectory() as folder:
         keys = make_utterances(folder, nb_utt, np.random.default_rng(0))
