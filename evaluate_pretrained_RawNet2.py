@@ -324,15 +324,20 @@ def extract(args):
     with utils.folder_lock(folder, "wait for it to end, or write the embeddings elsewhere"):
         if not source:  # -embd_dir holds only our outputs: temporaries of a killed run are removed
             utils.remove_temporaries(folder)
-        if os.path.isdir(partial + ".done"):  # a finished extraction killed while deleting its logs
-            shutil.rmtree(partial + ".done")
+        done = partial + ".done"
+        if os.path.isdir(done):  # a finished extraction killed while deleting its logs: resumed
+            # from what is left of them (checked by open_partial), unless its stamp is gone already
+            if os.path.isfile(os.path.join(done, "fingerprint.json")) and not os.path.exists(partial):
+                os.replace(done, partial)
+            else:
+                shutil.rmtree(done)
         open_partial(partial, fingerprint)
         for subset, base, keys, convert, path in jobs:
             embeddings = extract_subset(model, args, partial, base, subset, keys, convert)
             scoring.save_embeddings(embeddings, path)
             print(f"{len(embeddings)} embeddings of {source or base} written to {path}")
-        os.replace(partial, partial + ".done")  # one step: never a half-deleted .partial to resume from
-        shutil.rmtree(partial + ".done")
+        os.replace(partial, done)  # one step: a half-deleted log folder is never taken for a live one
+        shutil.rmtree(done)
 
 
 # ---------------------------------------------------------------------------------------------

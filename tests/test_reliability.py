@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -269,7 +270,7 @@ def test_extraction_killed_anywhere_resumes_without_recomputing(extraction, tmp_
     while kills < 8 and len(log) < 24:
         # one output folder per attempt: an attempt ends when a run gets to its end (exit 0)
         out, trace = tmp_path / f"embd{attempt}", tmp_path / f"trace{attempt}.txt"
-        code, attempt_kills = None, 0
+        code, attempt_kills, after_end = None, 0, 0
         while kills < 8 and len(log) < 24 and code != 0:
             done = {s: logged(out, s) for s in total}
             left = [s for s in total if done[s] < total[s]]
@@ -292,19 +293,47 @@ def test_extraction_killed_anywhere_resumes_without_recomputing(extraction, tmp_
             assert code in (0, -9), f"seed {seed}, {log}: {err[-2000:]}"
             kills += code == -9
             attempt_kills += code == -9
+            if code == -9 and not any((out / d).exists() for d in (".partial", ".partial.done")) and all(
+                    (out / f).exists() for f in ("TTA_vox1_dev.pk", "TTA_vox1_eval.pk")):
+                after_end += 1  # killed once its logs were gone: the next run extracts anew
         if code != 0:
             code, _, err = run_forked(ev.cli, extraction["flags"](out), trace=trace)
             assert code == 0, f"seed {seed}, {log}: {err[-2000:]}"
         computed = text(trace).split()[1::2]
         assert sorted(set(computed)) == sorted(extraction["keys"]["dev"] + extraction["keys"]["eval"])
-        # each kill loses at most the one utterance in flight
-        assert len(computed) <= sum(total.values()) + attempt_kills, f"seed {seed}, {log}"
+        # each kill loses at most the one utterance in flight (a kill after the end: all of them)
+        bound = sum(total.values()) * (1 + after_end) + attempt_kills
+        assert len(computed) <= bound, f"seed {seed}, {log}"
         assert sorted(os.listdir(out)) == ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk"], f"seed {seed}, {log}"
         for name in os.listdir(out):
             assert (out / name).read_bytes() == (extraction["ref"] / name).read_bytes(), name
         attempt += 1
     print("\n".join(log))
     assert kills >= 8, f"seed {seed}: {log}"
+
+
+def test_extraction_killed_while_deleting_its_logs_computes_nothing_again(extraction, tmp_path,
+                                                                        monkeypatch):
+    out, trace = tmp_path / "embd", tmp_path / "trace.txt"
+    rmtree = shutil.rmtree
+
+    def killed_in_cleanup(path, *args, **kwargs):
+        if str(path).endswith(".partial.done"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_in_cleanup)
+    code, _, _ = run_forked(ev.cli, extraction["flags"](out), trace=trace)
+    assert code == -9 and (out / ".partial.done").is_dir()
+    monkeypatch.undo()
+    code, stdout, err = run_forked(ev.cli, extraction["flags"](out), trace=trace)
+    assert code == 0, err[-2000:]
+    assert "already done" in stdout
+    computed = text(trace).split()[1::2]
+    assert sorted(computed) == sorted(extraction["keys"]["dev"] + extraction["keys"]["eval"])  # once each
+    assert sorted(os.listdir(out)) == ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk"]
+    for name in os.listdir(out):
+        assert (out / name).read_bytes() == (extraction["ref"] / name).read_bytes(), name
 
 
 # --- full disks, read-only folders, a file where a folder should be -------------------------------
