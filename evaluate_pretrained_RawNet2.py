@@ -219,7 +219,10 @@ def extract_subset(model, args, folder, wav_dir, subset, keys=None, convert=Fals
                                    args.nb_worker, args.bs, args.bf16, convert)
     # A log of this run's own: every finished embedding is appended (and flushed) as it comes, so a
     # run killed at any moment loses at most the utterance in flight.
-    log_path = os.path.join(folder, f"{subset}_{len(os.listdir(folder)):05d}.log")
+    number = len(os.listdir(folder))  # (a resumed, half-deleted log folder may have gaps)
+    while os.path.exists(os.path.join(folder, f"{subset}_{number:05d}.log")):
+        number += 1
+    log_path = os.path.join(folder, f"{subset}_{number:05d}.log")
     last_sync = time.monotonic()
     with open(log_path, "ab") as log:  # (an OSError here names the path: see cli)
         for key, code in tqdm(stream, total=len(todo), desc=f"TTA {subset}", dynamic_ncols=True):
@@ -319,6 +322,7 @@ def extract(args):
     source = args.wav_dir or args.wav_list
     fingerprint = {"model_sha256": file_sha256(args.onnx or args.model_dir), "nb_samp": model.nb_samp,
                    "window_size": args.window_size, "bf16": args.bf16,
+                   "audio": {subset: os.path.abspath(base) for subset, base, *_ in jobs},
                    **({"source": os.path.abspath(source)} if source else {})}
     partial = os.path.join(folder, ".partial-" + os.path.basename(args.embd) if source else ".partial")
     with utils.folder_lock(folder, "wait for it to end, or write the embeddings elsewhere"):

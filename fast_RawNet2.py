@@ -715,6 +715,17 @@ def cpu_has_native_bf16():
     return bool({"avx512_bf16", "amx_bf16"} & set(_cpu_identity()["cpu_flags"])) and cap not in NO_BF16_ISAS
 
 
+def tf32_settings():
+    """Whether cuDNN's convolutions and CUDA's matrix products may run in TF32 (which changes both
+    their speed and their rounding): PyTorch's allow_tf32 flags, or the values of its newer
+    fp32_precision settings where those were used (the flags then refuse to be read)."""
+    backends = torch.backends
+    try:
+        return {"conv": backends.cudnn.allow_tf32, "matmul": backends.cuda.matmul.allow_tf32}
+    except RuntimeError:
+        return {"conv": backends.cudnn.conv.fp32_precision, "matmul": backends.cuda.matmul.fp32_precision}
+
+
 def device_identity(device):
     """What a plan depends on beyond the model: the machine, torch and the device."""
     ident = {"torch": torch.__version__, **_cpu_identity()}
@@ -725,8 +736,7 @@ def device_identity(device):
                      cudnn=torch.backends.cudnn.version(),
                      cudnn_benchmark=torch.backends.cudnn.benchmark,
                      cudnn_deterministic=torch.backends.cudnn.deterministic,
-                     # TF32 changes both the speed and the rounding of convolutions and products
-                     tf32=[torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32])
+                     tf32=tf32_settings())
     ident["device"] = device.type
     return ident
 

@@ -207,10 +207,11 @@ class _PickledArray:
         self.state = state
 
     def array(self):
-        """The array numpy would have unpickled."""
-        array = _reconstruct(*self.args)
-        if self.state is not None:
-            array.__setstate__(self.state)
+        """The array numpy would have unpickled (numpy's errors for what it would refuse)."""
+        array = _reconstruct(*getattr(self, "args", ()))  # (none, if made without its arguments)
+        state = getattr(self, "state", None)
+        if state is not None:
+            array.__setstate__(state)
         return array
 
 
@@ -263,17 +264,18 @@ def _vector_bytes(obj):
     arrays = list(obj.values())
     if set(map(type, arrays)) != {_PickledArray}:
         return None
-    try:  # one layout for all: (rebuilt class, state size, shape, dtype, raw type, raw size)
-        layouts = {(a.args[0], len(a.state), a.state[1], a.state[2], type(a.state[4]), len(a.state[4]))
-                   for a in arrays}
-    except (TypeError, IndexError):
+    try:  # one layout for all: numpy's rebuild arguments, its state but the raw bytes, their size
+        layouts = {(a.args, len(a.state), a.state[:4], type(a.state[4]), len(a.state[4])) for a in arrays}
+    except (TypeError, IndexError, AttributeError):
         return None
     if len(layouts) != 1:
         return None
-    cls, size, shape, dtype, raw_type, raw_size = layouts.pop()
-    if (cls is not np.ndarray or size != 5 or not isinstance(dtype, np.dtype) or dtype != _FLOAT32
-            or raw_type is not bytes or len(shape) != 1 or not shape[0] or raw_size != 4 * shape[0]):
-        return None
+    args, size, (version, shape, dtype, fortran), raw_type, raw_size = layouts.pop()
+    if not (args == (np.ndarray, (0,), b"b") and size == 5 and type(version) is int and version == 1
+            and type(shape) is tuple and len(shape) == 1 and type(shape[0]) is int and shape[0] > 0
+            and isinstance(dtype, np.dtype) and dtype == _FLOAT32 and isinstance(fortran, bool)
+            and raw_type is bytes and raw_size == 4 * shape[0]):
+        return None  # anything numpy writes otherwise, or would refuse: rebuilt by numpy itself
     return [a.state[4] for a in arrays]
 
 
@@ -292,10 +294,12 @@ def _embedding_rows(path):
     if isinstance(obj, dict):
         try:
             obj = {k: v.array() if isinstance(v, _PickledArray) else v for k, v in obj.items()}
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, AttributeError) as e:
             raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
     embeddings = check_embeddings(obj, path)
     vectors = list(embeddings.values())
+    if not len(vectors[0]):
+        raise DataError(f"{path}: the embeddings are empty vectors")
     return list(embeddings), len(vectors[0]), [np.ascontiguousarray(v) for v in vectors]
 
 

@@ -33,6 +33,7 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fast_RawNet2  # noqa: E402
 import utils  # noqa: E402
 from model_RawNet2 import RawNet2, default_d_args, load_pretrained  # noqa: E402
 
@@ -101,8 +102,7 @@ def main():
     fast_model = copy.deepcopy(model)
     fast_model.fast = True
     name = torch.cuda.get_device_name() if gpu else f"CPU {platform.processor() or platform.machine()}"
-    tf32 = (f", TF32 in convolutions {torch.backends.cudnn.allow_tf32}, in matrix products "
-            f"{torch.backends.cuda.matmul.allow_tf32}" if gpu else "")
+    tf32 = f", TF32 allowed: {fast_RawNet2.tf32_settings()}" if gpu else ""
     print(f"device: {name} ({args.device}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores{tf32}")
 

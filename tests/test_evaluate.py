@@ -311,15 +311,31 @@ def test_embedding_pickles_give_what_pickle_load_gives(tmp_path, protocol):
 
 
 class CraftedArray:
-    def __reduce__(self):  # numpy's rebuild, with a shape numpy refuses
-        return np._core.multiarray._reconstruct, (np.ndarray, "x", b"b")
+    def __init__(self, args, state):
+        self.args, self.state = args, state
+
+    def __reduce__(self):  # numpy's rebuild, with what numpy refuses
+        return np._core.multiarray._reconstruct, self.args, self.state
 
 
-def test_pickle_of_a_crafted_array_is_one_line(tmp_path):
-    """A pickle calling numpy's rebuild with arguments numpy refuses gives DataError, not a crash."""
-    (tmp_path / "x.pk").write_bytes(pickle.dumps({"s/v/00001": CraftedArray()}, protocol=4))
+@pytest.mark.parametrize("blob", [
+    pickle.dumps({"s/v/00001": CraftedArray((np.ndarray, "x", b"b"), None)}, protocol=4),
+    pickle.dumps({"s/v/00001": CraftedArray((np.ndarray, (0,), b"b"),
+                                            (1, None, np.dtype("f4"), False, bytes(8)))}, protocol=4),
+    # NEWOBJ: the rebuild function instantiated like a class, without arguments
+    b"\x80\x04}\x94\x8c\ts/v/00001\x94cnumpy._core.multiarray\n_reconstruct\n)\x81\x94s.",
+], ids=["bad shape argument", "bad shape in state", "no arguments"])
+def test_pickle_of_a_crafted_array_is_one_line(tmp_path, blob):
+    """A pickle calling numpy's rebuild in ways numpy refuses gives DataError, not a crash."""
+    (tmp_path / "x.pk").write_bytes(blob)
     with pytest.raises(DataError, match="x.pk: not a readable pickle"):
         scoring.load_embeddings(str(tmp_path / "x.pk"))
+
+
+def test_pickle_of_empty_vectors_is_one_line(tmp_path):
+    utils.write_pickle_atomic({"s/v/00001": np.zeros(0, np.float32)}, str(tmp_path / "e.pk"))
+    with pytest.raises(DataError, match="e.pk: the embeddings are empty vectors"):
+        scoring.load_embeddings(str(tmp_path / "e.pk"))
 
 
 def test_pickle_of_wrong_content_is_refused(tmp_path):

@@ -293,9 +293,9 @@ def test_extraction_killed_anywhere_resumes_without_recomputing(extraction, tmp_
             assert code in (0, -9), f"seed {seed}, {log}: {err[-2000:]}"
             kills += code == -9
             attempt_kills += code == -9
-            if code == -9 and not any((out / d).exists() for d in (".partial", ".partial.done")) and all(
+            if code == -9 and not (out / ".partial").exists() and all(
                     (out / f).exists() for f in ("TTA_vox1_dev.pk", "TTA_vox1_eval.pk")):
-                after_end += 1  # killed once its logs were gone: the next run extracts anew
+                after_end += 1  # killed after its end, its logs (partly) deleted: extracted anew
         if code != 0:
             code, _, err = run_forked(ev.cli, extraction["flags"](out), trace=trace)
             assert code == 0, f"seed {seed}, {log}: {err[-2000:]}"
@@ -333,6 +333,22 @@ def test_extraction_killed_while_deleting_its_logs_computes_nothing_again(extrac
     assert sorted(computed) == sorted(extraction["keys"]["dev"] + extraction["keys"]["eval"])  # once each
     assert sorted(os.listdir(out)) == ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk"]
     for name in os.listdir(out):
+        assert (out / name).read_bytes() == (extraction["ref"] / name).read_bytes(), name
+
+
+def test_extraction_resumed_on_other_audio_starts_over(extraction, tmp_path):
+    out, trace = tmp_path / "embd", tmp_path / "trace.txt"
+    code, _, _ = run_forked(ev.cli, extraction["flags"](out), fault="kill@dev_*.log#5", trace=trace)
+    assert code == -9 and logged(out, "dev") >= 4
+    other = tmp_path / "VoxCeleb1"  # the same files under another -DB: the logs cannot tell them apart
+    shutil.copytree(extraction["db"], other)
+    code, stdout, err = run_forked(ev.cli, extraction["flags"](out, "-DB", str(other)), trace=trace)
+    assert code == 0, err[-2000:]
+    assert "made with another model or settings: starting over" in stdout
+    every = extraction["keys"]["dev"] + extraction["keys"]["eval"]
+    computed = text(trace).split()[1::2]
+    assert len(computed) > len(every) and sorted(computed[-len(every):]) == sorted(every)
+    for name in os.listdir(extraction["ref"]):
         assert (out / name).read_bytes() == (extraction["ref"] / name).read_bytes(), name
 
 
