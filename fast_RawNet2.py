@@ -573,6 +573,8 @@ def residual_blocks(model, x, slope):
 # fastest is kept, unless it is not faster than the reference by MARGIN. The plan is cached in a
 # small JSON file per machine (CPU model and flags, the KERNEL_ENV settings, threads),
 # torch version, device and model configuration, and printed once per process in one line.
+# The implementations round differently, so a training run keeps the plans it ran in its last.pt
+# (``plans_in_use``) and a resumed run runs them again (``pin``), whatever the cache holds by then.
 
 STAGES = ("front_end", "blocks", "gru")
 REFERENCE_METHODS = {"front_end": "sinc_front_end", "blocks": "residual_stack", "gru": "gru_outputs"}
@@ -584,6 +586,8 @@ LONG_PASS_SECONDS = 1.0   # a reference pass this long is timed once after the w
 PLAN_FORMAT = 1      # version of the cache file's layout
 CACHE_ENV = "RAWNET2_CACHE_DIR"
 _plans = {}          # this process's plans: identity key -> plan
+_ran = {}            # identity key -> {"identity", "plan"} of every plan this process ran
+_pinned = {}         # identity key -> {"identity", "plan", "source"}, given by pin()
 _bad_caches = set()  # cache files found unreadable (said once)
 
 
@@ -819,14 +823,53 @@ def store(key, entry):
         _note(f"note: could not write the plan cache {path} ({e}); the plan holds for this process")
 
 
+def valid_plan(plan):
+    """Whether ``plan`` names an implementation for every stage, or a segments-per-forward size."""
+    if not isinstance(plan, dict):
+        return False
+    if set(plan) == {"segments_per_forward"}:
+        size = plan["segments_per_forward"]
+        return isinstance(size, int) and not isinstance(size, bool) and size > 0
+    return set(plan) == set(STAGES) and all(
+        plan[s] == "reference" or plan[s] in IMPLEMENTATIONS[s] for s in STAGES)
+
+
 def lookup(key, identity):
-    """A plan from this process or the cache file whose identity matches exactly."""
+    """(plan, where it comes from) for a plan whose identity matches exactly: this process's, one
+    given by ``pin``, or the cache file's; (None, None) if there is none."""
     if key in _plans:
-        return _plans[key]
+        return _plans[key], "this process"
+    pinned = _pinned.get(key)
+    if pinned is not None and pinned["identity"] == identity:
+        return pinned["plan"], pinned["source"]
     entry = load_cache().get(key)
-    if isinstance(entry, dict) and entry.get("identity") == identity and isinstance(entry.get("plan"), dict):
-        return entry["plan"]
-    return None
+    if isinstance(entry, dict) and entry.get("identity") == identity and valid_plan(entry.get("plan")):
+        return entry["plan"], f"cached in {cache_path()}"
+    return None, None
+
+
+def ran(key, identity, plan):
+    _ran[key] = {"identity": identity, "plan": plan}
+
+
+def plans_in_use():
+    """{key: {"identity", "plan"}}: the plans this process ran, and those ``pin`` gave it. A training
+    run keeps them in its last.pt (as plain JSON values, which ``torch.load(weights_only=True)`` reads)."""
+    entries = {**{k: {"identity": e["identity"], "plan": e["plan"]} for k, e in _pinned.items()}, **_ran}
+    return json.loads(json.dumps(entries))
+
+
+def pin(entries, source):
+    """Run the plans of ``entries`` (``plans_in_use`` of an earlier process: a resumed run's) where
+    their identity matches, before the cache's or a new measurement; ``source`` says where they come
+    from in the plan's note. They replace those of an earlier call; entries that are not plans are
+    ignored."""
+    _pinned.clear()
+    for key, entry in (entries or {}).items():
+        if (isinstance(entry, dict) and isinstance(entry.get("identity"), dict)
+                and valid_plan(entry.get("plan"))):
+            _pinned[key] = {"identity": entry["identity"], "plan": entry["plan"], "source": source}
+            _plans.pop(key, None)
 
 
 def describe(plan, context, source):
@@ -963,8 +1006,7 @@ def planned(model, x, candidates):
     plan = _plans.get(key)
     if plan is not None:
         return plan
-    plan = lookup(key, identity) if identity["model"] is not None else None
-    source = f"cached in {cache_path()}"
+    plan, source = lookup(key, identity) if identity["model"] is not None else (None, None)
     if plan is None and replica:
         plan, source = REFERENCE_PLAN, "not planned for nn.DataParallel's replicas: the reference"
     elif plan is None and not getattr(_measuring, "enabled", True):
@@ -977,6 +1019,8 @@ def planned(model, x, candidates):
         store(key, {"identity": identity, "plan": plan, "timings": timings})
         source = f"measured in {seconds:.1f} s, cached in {cache_path()}"
     _plans[key] = plan
+    if identity["model"] is not None:
+        ran(key, identity, plan)
     _note(describe(plan, identity["context"], source))
     return plan
 
@@ -1034,15 +1078,17 @@ class SegmentPlan:
                          "context": {"mode": "extract", "amp": str(amp), "fast": str(model.fast),
                                      "candidates": self.candidates}}
         self.key = plan_key(self.identity)
-        plan = lookup(self.key, self.identity)
-        if plan is not None:
+        plan, source = lookup(self.key, self.identity)
+        if plan is not None and "segments_per_forward" in plan:
             self.size, self.done = plan["segments_per_forward"], True
             if self.key not in _plans:
                 _plans[self.key] = plan
-                _note(f"TTA extraction plan: {segments(self.size)} per forward (cached in {cache_path()})")
+                _note(f"TTA extraction plan: {segments(self.size)} per forward ({source})")
+            ran(self.key, self.identity, plan)
             return
         if not measure:  # a short job: the smallest size, as the one-segment loop on CPU
             self.size, self.done = self.candidates[0], True
+            ran(self.key, self.identity, {"segments_per_forward": self.size})
             return
         self.times = {n: [] for n in self.candidates}
         self.seen = dict.fromkeys(self.candidates, 0)
@@ -1071,6 +1117,7 @@ class SegmentPlan:
         self.done = True
         plan = {"segments_per_forward": self.size}
         _plans[self.key] = plan
+        ran(self.key, self.identity, plan)
         store(self.key, {"identity": self.identity, "plan": plan, "timings": per_segment})
         _note(f"TTA extraction plan: {segments(self.size)} per forward (measured on the first forwards "
               f"over {time.perf_counter() - self.start:.1f} s, cached in {cache_path()})")

@@ -374,15 +374,17 @@ class TrainState:
     epoch: int = -1  # last completed epoch
     step: int = 0
     best_eer: float = math.inf
+    plans: dict = dataclasses.field(default_factory=dict)  # -fast auto's plans of the run resumed
 
     def save(self, path, args, d_args, world):
-        """last.pt, atomically; every value loads with ``torch.load(weights_only=True)``."""
+        """last.pt, atomically; every value loads with ``torch.load(weights_only=True)``. It keeps
+        the fast path's plans this run ran, so that a resumed run rounds as this one did."""
         utils.save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                            "epoch": self.epoch, "step": self.step, "best_eer": self.best_eer,
                            "rng": utils.rng_states(), "args": vars(args), "d_args": d_args,
-                           "world_size": world}, path)
+                           "world_size": world, "plans": fast_RawNet2.plans_in_use()}, path)
 
     def load(self, path):
         """Continue from ``path`` (a last.pt of ``save``), RNG states included. The optimiser's
@@ -398,6 +400,7 @@ class TrainState:
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best_eer = state["epoch"], state["step"], state["best_eer"]
+        self.plans = state.get("plans") or {}  # (absent from an older last.pt)
         utils.set_rng_states(state["rng"])
 
 
@@ -601,6 +604,7 @@ def train(args, run_dir, device, resume):
     if resume:
         state.load(os.path.join(run_dir, "last.pt"))
         log(f"resuming {run_dir} after epoch {state.epoch} (best EER {100 * state.best_eer:.2f} %)")
+    fast_RawNet2.pin(state.plans, f"as in {os.path.join(run_dir, 'last.pt')}")
     model = wrap_model(state.model, args, device)
     nb_params = sum(p.numel() for p in state.model.parameters())
     if main_process:

@@ -39,8 +39,8 @@ def one_thread():
 def cache(tmp_path, monkeypatch):
     """An empty plan cache of this test's own, and no plan remembered by this process."""
     monkeypatch.setenv(fr.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(fr, "_plans", {})
-    monkeypatch.setattr(fr, "_bad_caches", set())
+    for name, empty in (("_plans", {}), ("_ran", {}), ("_pinned", {}), ("_bad_caches", set())):
+        monkeypatch.setattr(fr, name, empty)
     return tmp_path / "plans.json"
 
 
@@ -95,6 +95,42 @@ def test_auto_plan_follows_the_timings_and_is_cached(cache, monkeypatch, capsys,
 def plan_of(model, x):
     with torch.no_grad():
         return fr.stages_for(model, x).plan
+
+
+def test_pinned_plans_run_before_the_cache_and_a_cached_plan_naming_no_implementation_is_not_run(
+        cache, monkeypatch, capsys):
+    measure, calls = fake_timings(("front_end",))
+    monkeypatch.setattr(fr, "measure_stages", measure)
+    model = small_model(False).eval()
+    model.fast = "auto"
+    x = torch.randn(2, model.nb_samp)
+    plan = plan_of(model, x)
+    entries = fr.plans_in_use()  # what a training keeps in last.pt
+    (key, entry), = entries.items()
+    assert entry["plan"] == plan == {**fr.REFERENCE_PLAN, "front_end": "fast"} and len(calls) == 1
+
+    def cache_says(cached_plan):
+        data = json.loads(cache.read_text())
+        data["plans"][key]["plan"] = cached_plan
+        cache.write_text(json.dumps(data))
+        monkeypatch.setattr(fr, "_plans", {})  # a new process
+
+    cache_says(fr.REFERENCE_PLAN)  # the cache changed since (measured again, say)
+    fr.pin(entries, "as in last.pt")
+    capsys.readouterr()
+    assert plan_of(model, x) == plan and len(calls) == 1
+    assert capsys.readouterr().err.strip().endswith("(as in last.pt)")
+    assert fr.plans_in_use() == entries
+    cache_says(fr.REFERENCE_PLAN)
+    fr.pin({}, "as in last.pt")  # a new run: the pins of the one before are gone
+    assert plan_of(model, x) == fr.REFERENCE_PLAN and len(calls) == 1
+    cache_says({**plan, "blocks": "unknown"})  # a damaged entry is measured again, not run
+    assert plan_of(model, x) == plan and len(calls) == 2
+    not_plans = {"a": {"identity": entry["identity"], "plan": {**plan, "gru": 3}}, "b": "plan",
+                 "c": {"identity": None, "plan": plan},
+                 "d": {"identity": {}, "plan": {"segments_per_forward": 0}}}
+    fr.pin(not_plans, "as in last.pt")
+    assert fr._pinned == {}
 
 
 def test_cached_plan_is_invalidated_by_torch_device_config_and_shape(cache, monkeypatch):

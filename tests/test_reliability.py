@@ -23,6 +23,7 @@ import soundfile as sf
 import torch
 
 import evaluate_pretrained_RawNet2 as ev
+import fast_RawNet2 as fr
 import scoring
 import train_RawNet2 as train
 import utils
@@ -473,6 +474,34 @@ def test_resume_of_a_run_killed_at_its_first_write_starts_it(reference, tmp_path
     code, _, err = run_forked(train.cli, ["other" if f == "run" else f for f in flags]
                               + ["-resume"])  # a -name that never ran: one line, nothing started
     assert code == 1 and "-resume: " in err and "no completed epoch to continue from" in err
+
+
+def other_plan(plan):
+    """A valid plan that differs from ``plan`` in every part (so it rounds differently)."""
+    if "segments_per_forward" in plan:
+        return {"segments_per_forward": 4 if plan["segments_per_forward"] == 1 else 1}
+    return {"front_end": "fft" if plan["front_end"] == "reference" else "reference",
+            **{s: "fast" if plan[s] == "reference" else "reference" for s in ("blocks", "gru")}}
+
+
+def test_resume_runs_the_plans_of_the_run_it_continues(reference, tmp_path, monkeypatch):
+    """The fast path's implementations round differently: a resumed run runs the plans in last.pt,
+    not those a plan cache holds by then (here one that differs in every part)."""
+    flags = [str(tmp_path) if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
+    run = tmp_path / "run"
+    code, _, _ = run_forked(train.cli, flags, fault="kill@results/eval_epoch*.txt#2")
+    assert code == -9 and load(run / "last.pt")["epoch"] == 0
+    plans = load(run / "last.pt")["plans"]
+    assert {"train", "eval-nograd", "extract"} <= {e["identity"]["context"]["mode"] for e in plans.values()}
+    cache = {k: {"identity": e["identity"], "plan": other_plan(e["plan"])} for k, e in plans.items()}
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "plans.json").write_text(json.dumps({"format": fr.PLAN_FORMAT, "plans": cache}))
+    monkeypatch.setenv(fr.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(fr, "_plans", {})  # the resumed run is a new process: nothing planned yet
+    code, _, err = run_forked(train.cli, flags + ["-resume"])
+    assert code == 0, err[-2000:]
+    assert f"(as in {run / 'last.pt'})" in err
+    assert_same_run(str(run), reference["run"])
 
 
 @pytest.mark.parametrize("resume", [[], ["-resume"]])
