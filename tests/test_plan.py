@@ -147,6 +147,8 @@ def test_cached_plan_is_invalidated_by_torch_device_config_and_shape(cache, monk
         plan_of(model, x)
         return len(calls) > before
 
+    for variable in fr.KERNEL_ENV:  # (each is set below; the run's own settings are not a change)
+        monkeypatch.delenv(variable, raising=False)
     assert measured_again(lambda: None)  # the first call measures
     assert not measured_again(lambda: None)  # then the file holds it
     assert measured_again(lambda: monkeypatch.setattr(torch, "__version__", "9.9.9"))
@@ -226,16 +228,15 @@ def test_data_parallel_replicas_run_the_plan_made_before_wrapping(cache, monkeyp
     train.plan_replicas(model, argparse.Namespace(bs=4, amp="none"), torch.device("cpu"), 2)
     assert calls == [fr.STAGES] and model.training  # measured once, at the replicas' batch of 2
     replica = replica_of(model)
-    assert fr.stages_for(replica, x).plan == {"front_end": "fast", "blocks": "fast", "gru": "reference"}
-    assert len(calls) == 1
-    reference = copy.deepcopy(model)
-    reference.fast = False
-    for net in (replica, reference):
+    plan = fr.stages_for(replica, x).plan
+    assert plan == {"front_end": "fast", "blocks": "fast", "gru": "reference"} and len(calls) == 1
+    same_plan = copy.deepcopy(model)  # the network itself, running that plan (tests/test_fast.py
+    same_plan.fast = dict(plan)       # holds each plan to the reference)
+    for net in (replica, same_plan):
         F.cross_entropy(net(x), torch.tensor([0, 1])).backward()
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(model.named_parameters(), same_plan.parameters()):
         assert p.grad is not None, name  # the replica's backward reached the network
-        if not name.endswith("conv1.bias"):  # (0 up to rounding: a batch norm follows)
-            assert rel_err(p.grad, q.grad) < 1e-4, name
+        assert rel_err(p.grad, q.grad) < 1e-6, name
 
 
 def test_data_parallel_replicas_run_under_the_callers_autocast_dtype(monkeypatch):
@@ -464,7 +465,8 @@ def test_tta_extraction_runs_full_forwards_across_utterances(tmp_path):
         segments = utils.tta_segments(utils.read_wav(os.path.join(tmp_path, key)), 3200, 800)
         with torch.no_grad():
             expected = embed(torch.from_numpy(np.stack(segments))).mean(0).numpy()
-        np.testing.assert_allclose(out[key], expected, rtol=1e-5, atol=1e-6)
+        # (forwards of another size round differently; another utterance's segments would not be close)
+        assert rel_err(torch.from_numpy(out[key]), torch.from_numpy(expected)) < 1e-4, key
 
 
 def test_tta_extraction_starts_no_more_readers_than_cores(tmp_path):
