@@ -39,6 +39,7 @@ LISTS = [("Vox original", "vox_original.txt", ("eval",)),
          ("Vox1_H_cleaned", "list_test_hard_cleaned.txt", ("dev", "eval"))]
 P_TARGETS = (0.01, 0.05)
 PARTIAL_SAVE_S = 60  # an extraction's log of finished embeddings is synced to disk at least this often
+PLANS_NAME = "plans.json"  # beside those logs: the fast path's plans the extraction ran
 
 
 def build_parser():
@@ -179,6 +180,23 @@ def open_partial(folder, fingerprint):
     common.write_json_atomic(fingerprint, stamp)
 
 
+def pin_plans(folder):
+    """Make a resumed extraction run the fast path's plans that the runs before it kept in
+    ``folder``/plans.json (the implementations round differently), whatever the plan cache holds."""
+    import fast_RawNet2
+
+    path = os.path.join(folder, PLANS_NAME)
+    try:
+        with open(path) as f:
+            plans = json.load(f)
+    except FileNotFoundError:
+        plans = {}
+    except (OSError, ValueError) as e:
+        print(f"note: ignoring {path} ({type(e).__name__}: {e}): plans are looked up again")
+        plans = {}
+    fast_RawNet2.pin(plans if isinstance(plans, dict) else {}, f"as in {path}")
+
+
 def load_partial(folder, subset):
     """Embeddings and silent keys saved by earlier, interrupted runs for ``subset``: the records
     ``(key, embedding or None)`` of its logs (a record torn by a killed process is left out)."""
@@ -208,6 +226,7 @@ def extract_subset(model, args, folder, wav_dir, subset, keys=None, convert=Fals
     ``convert``, of any format, rate and channel count), resuming from ``folder``."""
     from tqdm import tqdm
 
+    import fast_RawNet2
     import utils
 
     keys = utils.list_utterances(wav_dir) if keys is None else keys
@@ -223,10 +242,14 @@ def extract_subset(model, args, folder, wav_dir, subset, keys=None, convert=Fals
     while os.path.exists(os.path.join(folder, f"{subset}_{number:05d}.log")):
         number += 1
     log_path = os.path.join(folder, f"{subset}_{number:05d}.log")
-    last_sync = time.monotonic()
+    last_sync, plans = time.monotonic(), {}
     with open(log_path, "ab") as log:  # (an OSError here names the path: see cli)
         for key, code in tqdm(stream, total=len(todo), desc=f"TTA {subset}", dynamic_ncols=True):
             utils.trace(f"embedded {key}")
+            in_use = fast_RawNet2.plans_in_use()
+            if in_use != plans:  # kept before the embeddings they made are logged
+                plans = in_use
+                common.write_json_atomic(plans, os.path.join(folder, PLANS_NAME))
             utils.append_record(log, (key, code), log_path)
             if code is None:
                 skipped.add(key)
@@ -336,6 +359,7 @@ def extract(args):
             else:
                 shutil.rmtree(done)
         open_partial(partial, fingerprint)
+        pin_plans(partial)
         for subset, base, keys, convert, path in jobs:
             embeddings = extract_subset(model, args, partial, base, subset, keys, convert)
             scoring.save_embeddings(embeddings, path)

@@ -574,7 +574,8 @@ def residual_blocks(model, x, slope):
 # small JSON file per machine (CPU model and flags, the KERNEL_ENV settings, threads),
 # torch version, device and model configuration, and printed once per process in one line.
 # The implementations round differently, so a training run keeps the plans it ran in its last.pt
-# (``plans_in_use``) and a resumed run runs them again (``pin``), whatever the cache holds by then.
+# (``plans_in_use``), an extraction beside its logs, and a resumed run runs them again (``pin``),
+# whatever the cache holds by then.
 
 STAGES = ("front_end", "blocks", "gru")
 REFERENCE_METHODS = {"front_end": "sinc_front_end", "blocks": "residual_stack", "gru": "gru_outputs"}

@@ -275,7 +275,7 @@ def test_extraction_killed_anywhere_resumes_without_recomputing(extraction, tmp_
         while kills < 8 and len(log) < 24 and code != 0:
             done = {s: logged(out, s) for s in total}
             left = [s for s in total if done[s] < total[s]]
-            files = ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk"] + (
+            files = ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk", "plans.json"] + (
                 [] if (out / ".partial").is_dir() else ["fingerprint.json"]
             )
             kind = rng.choice(["record", "record", "progress", "file"]) if left else "file"
@@ -484,6 +484,16 @@ def other_plan(plan):
             **{s: "fast" if plan[s] == "reference" else "reference" for s in ("blocks", "gru")}}
 
 
+def cache_of_other_plans(plans, folder, monkeypatch):
+    """The plan cache moved to ``folder``, holding for each of ``plans`` (``plans_in_use`` entries)
+    the ``other_plan``; and no plan known to this process yet, as in a new one."""
+    cache = {k: {"identity": e["identity"], "plan": other_plan(e["plan"])} for k, e in plans.items()}
+    folder.mkdir()
+    (folder / "plans.json").write_text(json.dumps({"format": fr.PLAN_FORMAT, "plans": cache}))
+    monkeypatch.setenv(fr.CACHE_ENV, str(folder))
+    monkeypatch.setattr(fr, "_plans", {})
+
+
 def test_resume_runs_the_plans_of_the_run_it_continues(reference, tmp_path, monkeypatch):
     """The fast path's implementations round differently: a resumed run runs the plans in last.pt,
     not those a plan cache holds by then (here one that differs in every part)."""
@@ -493,15 +503,26 @@ def test_resume_runs_the_plans_of_the_run_it_continues(reference, tmp_path, monk
     assert code == -9 and load(run / "last.pt")["epoch"] == 0
     plans = load(run / "last.pt")["plans"]
     assert {"train", "eval-nograd", "extract"} <= {e["identity"]["context"]["mode"] for e in plans.values()}
-    cache = {k: {"identity": e["identity"], "plan": other_plan(e["plan"])} for k, e in plans.items()}
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "plans.json").write_text(json.dumps({"format": fr.PLAN_FORMAT, "plans": cache}))
-    monkeypatch.setenv(fr.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setattr(fr, "_plans", {})  # the resumed run is a new process: nothing planned yet
+    cache_of_other_plans(plans, tmp_path / "cache", monkeypatch)
     code, _, err = run_forked(train.cli, flags + ["-resume"])
     assert code == 0, err[-2000:]
     assert f"(as in {run / 'last.pt'})" in err
     assert_same_run(str(run), reference["run"])
+
+
+def test_resumed_extraction_runs_the_plans_of_the_run_it_continues(extraction, tmp_path, monkeypatch):
+    out = tmp_path / "embd"
+    code, _, _ = run_forked(ev.cli, extraction["flags"](out), fault="kill@eval_*.log#5")
+    assert code == -9 and logged(out, "eval") == 5
+    plans = json.loads((out / ".partial" / "plans.json").read_text())
+    assert {"eval-nograd", "extract"} <= {e["identity"]["context"]["mode"] for e in plans.values()}
+    cache_of_other_plans(plans, tmp_path / "cache", monkeypatch)
+    code, _, err = run_forked(ev.cli, extraction["flags"](out))
+    assert code == 0, err[-2000:]
+    assert f"(as in {out / '.partial' / 'plans.json'})" in err
+    assert sorted(os.listdir(out)) == ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk"]
+    for name in os.listdir(out):
+        assert (out / name).read_bytes() == (extraction["ref"] / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("resume", [[], ["-resume"]])
