@@ -850,12 +850,14 @@ def lookup(key, identity):
 
 
 def ran(key, identity, plan):
+    """Record that this process runs ``plan`` (for ``plans_in_use``)."""
     _ran[key] = {"identity": identity, "plan": plan}
 
 
 def plans_in_use():
-    """{key: {"identity", "plan"}}: the plans this process ran, and those ``pin`` gave it. A training
-    run keeps them in its last.pt (as plain JSON values, which ``torch.load(weights_only=True)`` reads)."""
+    """{key: {"identity", "plan"}}: the plans this process ran, and those ``pin`` gave it, as plain
+    JSON values. Training keeps them in last.pt (``torch.load(weights_only=True)`` reads them), an
+    extraction in the folder of its logs."""
     entries = {**{k: {"identity": e["identity"], "plan": e["plan"]} for k, e in _pinned.items()}, **_ran}
     return json.loads(json.dumps(entries))
 
