@@ -877,9 +877,8 @@ def pin(entries, source):
 
 def describe(plan, context, source):
     stages = ", ".join(f"{s.replace('_', ' ')} {plan[s]}" for s in STAGES)
-    extra = "".join(f", {k.replace('_', ' ')} {v}" for k, v in plan.items() if k not in STAGES)
     return (f"RawNet2 plan ({context['mode']}, batch <= {context['batch']}, {context['dtype']}): "
-            f"{stages}{extra} ({source})")
+            f"{stages} ({source})")
 
 
 # -- measuring --------------------------------------------------------------------------------------
