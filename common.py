@@ -17,7 +17,6 @@ import platform
 import re
 import signal
 import tempfile
-import time
 
 import numpy as np
 
@@ -46,23 +45,43 @@ def str2bool(v):
 BOOL_FLAG = {"type": str2bool, "nargs": "?", "const": True}  # add(name, default=..., **BOOL_FLAG)
 
 
+# The implementations of each stage of the network that -fast can name (fast_RawNet2.IMPLEMENTATIONS
+# holds them; a test keeps the two in step).
+FAST_CHOICES = {"front_end": ("reference", "fast", "fft", "fold"), "blocks": ("reference", "fast"),
+                "gru": ("reference", "fast")}
+
+
 def parse_fast(value):
-    """The ``-fast`` flag: "auto" (measured plan), True (every fast stage that applies) or False
-    (the plain reference network)."""
-    if isinstance(value, bool) or value == "auto":
+    """The ``-fast`` flag: True (each stage as fast_RawNet2's fixed rule picks), False (the plain
+    network of model_RawNet2.py), or overrides of the rule as ``stage=name`` pairs
+    ("front_end=fft,blocks=reference") -> {stage: name}. "auto" (an older default) means True."""
+    if isinstance(value, (bool, dict)):
         return value
     text = str(value).strip().lower()
-    if text == "auto":
-        return "auto"
-    if text in ("true", "yes", "1", "t", "y", "on"):
+    if text in ("true", "yes", "1", "t", "y", "on", "auto"):
         return True
     if text in ("false", "no", "0", "f", "n", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected auto, True or False, got {value!r}")
+    overrides = {}
+    for part in text.split(","):
+        stage, _, name = (p.strip() for p in part.partition("="))
+        stage = stage.replace("-", "_")
+        if name not in FAST_CHOICES.get(stage, ()):
+            choices = "; ".join(f"{s}={'|'.join(names)}" for s, names in FAST_CHOICES.items())
+            raise argparse.ArgumentTypeError(
+                f"expected True, False or stage=name pairs ({choices}), got {part!r}")
+        overrides[stage] = name
+    return overrides
 
 
-# add("fast", default="auto", **FAST_FLAG): a bare -fast means True, as it always did
-FAST_FLAG = {"type": parse_fast, "nargs": "?", "const": True}
+# add("fast", **FAST_FLAG): a bare -fast means True, as it always did
+FAST_FLAG = {"type": parse_fast, "nargs": "?", "const": True, "default": True,
+             "help": "fast path of fast_RawNet2.py, the same math in another order: True runs each stage "
+                     "(front end, residual blocks, GRU) as its fixed rule picks from the device, CPU class, "
+                     "shapes and dtype (one line per plan says which); False the plain network of "
+                     "model_RawNet2.py; stage=name pairs override the rule, e.g. "
+                     "front_end=fft,blocks=reference (front_end: reference|fast|fft|fold; blocks, gru: "
+                     "reference|fast)"}
 
 
 def arg_group(parser, title):
@@ -72,38 +91,9 @@ def arg_group(parser, title):
     return lambda name, **kw: group.add_argument(f"-{name}", f"--{name}", **kw)
 
 
-def _busy_cores(seconds):
-    """How many of the machine's cores other work keeps busy: the least busy of 3 windows over
-    ``seconds`` (Linux /proc/stat; a job that just ended shows in one window, a running one in all),
-    or the 1-minute load average where that cannot be read."""
-    def sample():
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:8]]  # user .. steal (guest is in user)
-        return sum(ticks), ticks[3] + ticks[4]                     # all, idle + iowait
-    try:
-        busy, (total, idle) = [], sample()
-        for _ in range(3):
-            time.sleep(seconds / 3)
-            (total1, idle1) = sample()
-            busy.append(1 - (idle1 - idle) / max(1, total1 - total))
-            total, idle = total1, idle1
-        return (os.cpu_count() or 1) * min(busy)
-    except (OSError, ValueError, IndexError):
-        try:
-            return os.getloadavg()[0]
-        except OSError:  # neither is available: assume an idle machine
-            return 0.0
-
-
 def usable_cores():
     """The cores this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def idle_cores(seconds=0.3):
-    """Cores this process may use that nothing else keeps busy now: the usable cores minus the busy
-    ones (measured over ``seconds``, rounded to the nearest core), at least 1."""
-    return max(1, usable_cores() - round(_busy_cores(seconds)))
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)

@@ -39,7 +39,6 @@ LISTS = [("Vox original", "vox_original.txt", ("eval",)),
          ("Vox1_H_cleaned", "list_test_hard_cleaned.txt", ("dev", "eval"))]
 P_TARGETS = (0.01, 0.05)
 PARTIAL_SAVE_S = 60  # an extraction's log of finished embeddings is synced to disk at least this often
-PLANS_NAME = "plans.json"  # beside those logs: the fast path's plans the extraction ran
 
 
 def build_parser():
@@ -94,15 +93,11 @@ def build_parser():
              "-model_dir (CPU; bench/onnx_extract.py; needs requirements-optional.txt)")
     add("window_size", type=int, default=11810, help="overlap in samples between consecutive TTA segments")
     add("bs", type=int, default=None,
-        help="TTA segments per forward, packed across utterances (default: the fastest of a few sizes, "
-             "timed on the first forwards and cached per machine)")
+        help="TTA segments per forward, packed across utterances (default: a fixed rule of the model's "
+             "size and the device, fast_RawNet2.segments_per_forward: 1 for the paper model on CPU)")
     add("nb_worker", type=int, default=4, help="threads reading audio ahead of the model "
                                                "(at most one per usable core; 0: read in turn)")
-    add("fast", default="auto", **common.FAST_FLAG,
-        help="fast path of fast_RawNet2.py (a fused or an FFT sinc front end; on CPU also "
-             "channels-last blocks and GRU), the same math: auto keeps the implementations timed "
-             "fastest on this machine (cached plan); True takes the fused front end and every other "
-             "fast part; False the plain reference path")
+    add("fast", **common.FAST_FLAG)
     add("bf16", action="store_true",
         help="bfloat16 autocast in the network (faster on CPUs with bf16 support; changes scores slightly)")
     add("device", type=str, default=None, help="device of the network (default: cuda if available, else cpu)")
@@ -153,8 +148,16 @@ def load_model(args):
     except (RuntimeError, EOFError, OSError) as e:  # e.g. a truncated file
         raise DataError(f"{args.model_dir}: not a loadable PyTorch checkpoint "
                         f"({str(e).splitlines()[0]})") from None
-    model.fast = args.fast
-    return model.to(args.device)
+    import fast_RawNet2
+
+    return fast_RawNet2.accelerate(model, args.fast).to(args.device)
+
+
+def segments_per_forward(model, args):
+    """-bs, else the fixed rule of fast_RawNet2.segments_per_forward (an ONNX network: 1 on CPU)."""
+    import fast_RawNet2
+
+    return args.bs or fast_RawNet2.segments_per_forward(model, args.device)
 
 
 def file_sha256(path):
@@ -178,23 +181,6 @@ def open_partial(folder, fingerprint):
         print(f"note: {folder} holds a partial extraction made with another model or settings: starting over")
         shutil.rmtree(folder)
     common.write_json_atomic(fingerprint, stamp)
-
-
-def pin_plans(folder):
-    """Make a resumed extraction run the fast path's plans that the runs before it kept in
-    ``folder``/plans.json (the implementations round differently), whatever the plan cache holds."""
-    import fast_RawNet2
-
-    path = os.path.join(folder, PLANS_NAME)
-    try:
-        with open(path) as f:
-            plans = json.load(f)
-    except FileNotFoundError:
-        plans = {}
-    except (OSError, ValueError) as e:
-        print(f"note: ignoring {path} ({type(e).__name__}: {e}): plans are looked up again")
-        plans = {}
-    fast_RawNet2.pin(plans if isinstance(plans, dict) else {}, f"as in {path}")
 
 
 def load_partial(folder, subset):
@@ -226,7 +212,6 @@ def extract_subset(model, args, folder, wav_dir, subset, keys=None, convert=Fals
     ``convert``, of any format, rate and channel count), resuming from ``folder``."""
     from tqdm import tqdm
 
-    import fast_RawNet2
     import utils
 
     keys = utils.list_utterances(wav_dir) if keys is None else keys
@@ -235,21 +220,17 @@ def extract_subset(model, args, folder, wav_dir, subset, keys=None, convert=Fals
     if len(todo) < len(keys):
         print(f"resuming {wav_dir}: {len(keys) - len(todo)} of {len(keys)} utterances already done")
     stream = utils.iter_embeddings(model, todo, wav_dir, model.nb_samp, args.window_size, args.device,
-                                   args.nb_worker, args.bs, args.bf16, convert)
+                                   args.nb_worker, segments_per_forward(model, args), args.bf16, convert)
     # A log of this run's own: every finished embedding is appended (and flushed) as it comes, so a
     # run killed at any moment loses at most the utterance in flight.
     number = len(os.listdir(folder))  # (a resumed, half-deleted log folder may have gaps)
     while os.path.exists(os.path.join(folder, f"{subset}_{number:05d}.log")):
         number += 1
     log_path = os.path.join(folder, f"{subset}_{number:05d}.log")
-    last_sync, plans = time.monotonic(), {}
+    last_sync = time.monotonic()
     with open(log_path, "ab") as log:  # (an OSError here names the path: see cli)
         for key, code in tqdm(stream, total=len(todo), desc=f"TTA {subset}", dynamic_ncols=True):
             utils.trace(f"embedded {key}")
-            in_use = fast_RawNet2.plans_in_use()
-            if in_use != plans:  # kept before the embeddings they made are logged
-                plans = in_use
-                common.write_json_atomic(plans, os.path.join(folder, PLANS_NAME))
             utils.append_record(log, (key, code), log_path)
             if code is None:
                 skipped.add(key)
@@ -343,8 +324,10 @@ def extract(args):
     folder, jobs = extraction_jobs(args)
     model = load_model(args)
     source = args.wav_dir or args.wav_list
+    # (what changes the numbers: a resumed extraction with other settings starts over)
     fingerprint = {"model_sha256": file_sha256(args.onnx or args.model_dir), "nb_samp": model.nb_samp,
-                   "window_size": args.window_size, "bf16": args.bf16,
+                   "window_size": args.window_size, "bf16": args.bf16, "fast": args.fast,
+                   "segments_per_forward": segments_per_forward(model, args),
                    "audio": {subset: os.path.abspath(base) for subset, base, *_ in jobs},
                    **({"source": os.path.abspath(source)} if source else {})}
     partial = os.path.join(folder, ".partial-" + os.path.basename(args.embd) if source else ".partial")
@@ -359,7 +342,6 @@ def extract(args):
             else:
                 shutil.rmtree(done)
         open_partial(partial, fingerprint)
-        pin_plans(partial)
         for subset, base, keys, convert, path in jobs:
             embeddings = extract_subset(model, args, partial, base, subset, keys, convert)
             scoring.save_embeddings(embeddings, path)

@@ -1,61 +1,49 @@
-"""Fast path of RawNet2, and the plan that decides per machine which of its parts run.
+"""Fast path of RawNet2: three of its stages with the same math in another order, and the fixed rule
+that picks which of them run.
 
-The reference is the plain PyTorch of model_RawNet2.py; this module holds a second implementation
-of three of its stages with the same math evaluated in another order (outputs and gradients equal
-the reference's to float32 rounding: tests/test_fast.py holds them to 1e-4 relative, and they agree
-to ~1e-5 or better):
+The reference is the plain PyTorch of model_RawNet2.py, which does not know this module:
+``FastRawNet2`` subclasses ``RawNet2`` and overrides its three stage methods (``accelerate`` turns a
+RawNet2 into one, in place; parameters and state dict unchanged). Outputs and gradients equal the
+reference's to float32 rounding (tests/test_fast.py and tests/test_rule.py hold them to 1e-4
+relative):
 
-1. ``sinc_abs_maxpool`` (any device) replaces the front end's
-       y = F.conv1d(x, filters)           # (B, C, T - K + 1): the full-rate map
-       y = F.max_pool1d(torch.abs(y), 3)  # (B, C, (T - K + 1) // 3)
-   The reference materialises the full-rate map several times (the conv output, its absolute value,
-   max-pool's int64 indices, and in backward a zero-filled full-rate gradient and |.|'s sign), each
-   B x C x ~T floats: 120 MB per tensor for a CPU batch of 4, 3 GB for the paper's GPU batch of 100.
-   Here the time axis is cut into chunks; each chunk is convolved (in polyphase form, see
-   ``_polyphase_index``), rectified and pooled at once, and only the pooled output plus a 1-byte code
-   per pooled value (which of the 3 samples won, and its sign) is kept for backward: 1/12 of one
-   full-rate float map. Backward rebuilds each chunk's sparse full-rate gradient from those codes and
-   calls the convolution's own backward on it, so nothing is recomputed and the full map never exists.
-   ``sinc_abs_maxpool_fft`` is a second candidate for the front end: the convolution by FFTs, kept
-   as the same 1-byte codes. It pays most in the backward, which PyTorch's CPU kernels run far
-   below the forward's speed for a 1-channel input: both gradients are a correlation or
-   convolution with the full-rate gradient, summed over channels or batch in the frequency domain,
-   so only B + C inverse transforms are needed. Where a whole input window is 0 its output is set
-   to exactly 0, as the direct convolution's. For few filters and short inputs (as in -demo) it
-   runs the training front end about 2.5x as fast as the reference; for the paper's 128 filters
-   over 59,049 samples the transforms cost more than they save (bench/README.md).
-   ``sinc_abs_maxpool_folded``, the third, serves extraction (no gradients): SincConv's filters are
-   symmetric, so each output needs only half the multiplies, x[t + k] + x[t + K - 1 - k] times the
-   first half of the taps, as one matrix product per chunk of output samples, rectified and pooled
-   in cache (1.4-1.9x the reference's front end for the paper model at one segment).
+1. The front end, ``max_pool1d(|conv1d(x, filters)|, 3)``, three ways. The reference materialises
+   the full-rate map several times (the conv output, its absolute value, max-pool's int64 indices,
+   and in backward a zero-filled full-rate gradient and |.|'s sign), each B x C x ~T floats.
+   ``sinc_abs_maxpool`` (``fast``) cuts the time axis into chunks; each chunk is convolved (in
+   polyphase form, see ``_polyphase_index``), rectified and pooled at once, and only the pooled
+   output plus a 1-byte code per pooled value (which of the 3 samples won, and its sign) is kept for
+   backward, which rebuilds each chunk's sparse full-rate gradient from those codes and calls the
+   convolution's own backward on it. ``sinc_abs_maxpool_fft`` (``fft``) convolves by FFTs, keeping
+   the same codes; both gradients are a correlation or convolution with the full-rate gradient,
+   summed over channels or batch in the frequency domain, so only B + C inverse transforms are
+   needed. ``sinc_abs_maxpool_folded`` (``fold``, no gradients) uses the sinc filters' symmetry:
+   each output needs only half the multiplies, x[t + k] + x[t + K - 1 - k] times the first half of
+   the taps, as one matrix product per chunk of output samples, rectified and pooled in cache.
 2. ``residual_blocks`` (CPU, float32) runs block0..5 in channels-last layout, where mkldnn's
-   convolutions can be faster, with a GEMM weight gradient and a batch norm whose sums are as
+   convolutions are faster, with a GEMM weight gradient and a batch norm whose sums are as
    accurate as the reference kernel's (see the section below).
 3. ``gru_forward`` (CPU, float32) is the GRU with all weight gradients in one GEMM each instead of
    an outer product per time step.
-On GPU (and under autocast) parts 2 and 3 are not candidates: cuDNN already fuses them.
 
-Whether each part is faster than the reference depends on the machine (AVX-512 or AVX2 kernels,
-cache sizes, GPU), so the last section measures it on first use and caches the plan (``-fast auto``,
-the scripts' default); bench/README.md has the figures and the plans chosen on the machines measured.
+Which implementation runs each stage is ``RULES`` (last section): a pure function of facts that do
+not change between runs, written from bench/stages.py's measurements (bench/README.md).
 """
 
-import contextlib
-import copy
 import functools
-import hashlib
-import json
-import math
 import os
 import sys
-import tempfile
 import threading
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from tqdm import tqdm
+
+from model_RawNet2 import RawNet2
 
 # Full-rate values (batch x channels x time) per chunk: ~2 MB of float32 on CPU, to stay in cache
 # (measured best in bench/train_step.py); on GPU chunks only bound the temporary memory.
@@ -561,35 +549,19 @@ def residual_blocks(model, x, slope):
 
 
 # ---------------------------------------------------------------------------------------------
-# The plan: which implementation runs each stage of RawNet2.embed
+# The rule: which implementation runs each stage of RawNet2.embed
 #
-# RawNet2.embed runs three stages through callables that ``stages_for`` picks: the front end
-# (sinc conv -> |.| -> max-pool 3), the residual blocks and the GRU. Each has the reference
-# implementation (a RawNet2 method) and the fast one above; both give the same numbers to float32
-# rounding. Which one is faster depends on the machine (AVX-512 or AVX2, bf16 support, GPU), the
-# batch and the model's size, so with ``model.fast = "auto"`` it is measured, as cuDNN's benchmark
-# mode and FFTW's wisdom do: on first use at a new shape, each candidate of each stage runs a few
-# times on a copy of the model at the real shapes (forward, and backward when gradients are on); the
-# fastest is kept, unless it is not faster than the reference by MARGIN. The plan is cached in a
-# small JSON file per machine (CPU model and flags, the KERNEL_ENV settings, threads),
-# torch version, device and model configuration, and printed once per process in one line.
-# The implementations round differently, so a training run keeps the plans it ran in its last.pt
-# (``plans_in_use``), an extraction beside its logs, and a resumed run runs them again (``pin``),
-# whatever the cache holds by then.
+# RawNet2.embed runs three stages through methods of its own: ``sinc_front_end`` (sinc conv ->
+# |.| -> max-pool 3), ``residual_stack`` (block0..5) and ``gru_outputs``. ``FastRawNet2`` is the
+# same network with those three methods dispatching to the implementations above where RULES says
+# so. RULES is a pure function of facts that stay the same from one run to the next (the device,
+# the instruction-set class of PyTorch's CPU kernels, the model's shape, the batch, gradients or
+# not, the dtype): the same command on the same machine runs the same code, whatever else the
+# machine is doing. Each row names the benchmark behind it (bench/stages.py, bench/README.md).
 
 STAGES = ("front_end", "blocks", "gru")
 REFERENCE_METHODS = {"front_end": "sinc_front_end", "blocks": "residual_stack", "gru": "gru_outputs"}
-PLAN_PASSES = 2      # timed passes per candidate (after one untimed warm-up pass); the minimum is kept
-MARGIN = 0.03        # a fast candidate must beat the reference by this fraction to be chosen
-ELIMINATE_SECONDS = 0.25  # a warm-up pass of the reference this long lets clear losers be dropped ...
-ELIMINATE_FACTOR = 1.5    # ... those this many times slower than it
-LONG_PASS_SECONDS = 1.0   # a reference pass this long is timed once after the warm-up, not PLAN_PASSES
-PLAN_FORMAT = 1      # version of the cache file's layout
-CACHE_ENV = "RAWNET2_CACHE_DIR"
-_plans = {}          # this process's plans: identity key -> plan
-_ran = {}            # identity key -> {"identity", "plan"} of every plan this process ran
-_pinned = {}         # identity key -> {"identity", "plan", "source"}, given by pin()
-_bad_caches = set()  # cache files found unreadable (said once)
+REFERENCE = dict.fromkeys(STAGES, "reference")
 
 
 def fast_front_end(model, x):
@@ -603,7 +575,7 @@ def fft_front_end(model, x):
 def fold_front_end(model, x):
     filters = model.first_conv.filters()
     if not symmetric(filters):  # (SincConv's always are; anything else gets the direct convolution)
-        return model.sinc_front_end(x)
+        return F.max_pool1d(torch.abs(F.conv1d(x, filters)), 3)
     return sinc_abs_maxpool_folded(x, filters)
 
 
@@ -615,83 +587,24 @@ def fast_gru(model, x):
     return gru_forward(model.gru, x)
 
 
-# Each stage's implementations besides the reference, by the name a plan gives them.
+# Each stage's implementations besides the reference, by the name a plan and ``-fast`` give them.
 IMPLEMENTATIONS = {"front_end": {"fast": fast_front_end, "fft": fft_front_end, "fold": fold_front_end},
                    "blocks": {"fast": fast_blocks}, "gru": {"fast": fast_gru}}
 
 
-class Stages:
-    """The three stage callables of one forward, each ``x -> y``, bound to ``model``."""
-
-    def __init__(self, model, plan):
-        self.plan = plan
-        for stage in STAGES:
-            if plan[stage] in IMPLEMENTATIONS[stage]:
-                fn = IMPLEMENTATIONS[stage][plan[stage]].__get__(model)  # bound like a method: fn(x)
-            else:
-                fn = getattr(model, REFERENCE_METHODS[stage])
-            setattr(self, stage, fn)
-
-
-REFERENCE_PLAN = dict.fromkeys(STAGES, "reference")
-
-
-
-
-def applicable(model, x):
-    """{stage: implementations besides the reference that apply to this call}. The front end's
-    apply everywhere (``fold`` without gradients only); the channels-last blocks and the GRU are
-    float32 CPU code (on GPU cuDNN already does what they save, and under autocast the reference
-    modules handle the dtypes)."""
-    fp32_cpu = (x.device.type == "cpu" and model.ln.gamma.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu"))
-    impls = {"front_end": ["fast", "fft"] + ([] if torch.is_grad_enabled() else ["fold"])}
-    if fp32_cpu:
-        impls.update(blocks=["fast"], gru=["fast"])
-    return impls
-
-
-def stages_for(model, x):
-    """The one place that picks each stage's implementation, from ``model.fast``: False -> the
-    reference; True -> the "fast" implementation of every stage it applies to; "auto" -> the
-    measured plan (planned on first use at this shape, then cached); a dict -> that plan."""
-    mode = model.fast
-    if mode is False:
-        return Stages(model, REFERENCE_PLAN)
-    if isinstance(mode, dict):
-        return Stages(model, {s: mode.get(s, "reference") for s in STAGES})
-    fast = applicable(model, x)
-    if mode is True:
-        return Stages(model, {s: "fast" if "fast" in fast.get(s, ()) else "reference" for s in STAGES})
-    if mode != "auto":
-        raise ValueError(f"model.fast must be False, True, 'auto' or a plan dict, got {mode!r}")
-    return Stages(model, planned(model, x, fast))
-
-
-# -- identity of a plan -------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=1)
-def _cpuinfo():
-    """The CPU's model name and the instruction-set flags that change which kernels run."""
-    model_name, flags = "unknown", ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model_name == "unknown":
-                    model_name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "fma")
-    return model_name, [f for f in wanted if f in set(flags.split())]
+def cpu_class():
+    """The instruction-set class PyTorch's CPU kernels run at here: "avx512", "avx2" or "other"
+    (``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY`` caps)."""
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    return next((name for name in ("avx512", "avx2") if capability.startswith(name)), "other")
 
 
 # The variables that cap the instruction sets of the CPU kernels: PyTorch's own (ATen), oneDNN's
-# (convolutions) and MKL's (matrix products: the GRU and the linear layers). All three at AVX2 make
-# an AVX-512 machine run the kernels an AVX2 one runs.
+# (convolutions) and MKL's (matrix products). All three at AVX2 make an AVX-512 machine run the
+# kernels an AVX2 one runs.
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+# oneDNN caps under which its bfloat16 kernels are emulated (those below AVX512_CORE_BF16).
+NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
 def kernel_settings():
@@ -699,31 +612,31 @@ def kernel_settings():
     return ", ".join(f"{k}={os.environ[k]}" for k in KERNEL_ENV if k in os.environ) or "default"
 
 
-def _cpu_identity():
-    model_name, flags = _cpuinfo()
-    return {"cpu": model_name, "cpu_flags": flags,
-            "capability": torch.backends.cpu.get_cpu_capability(),
-            **{k: os.environ.get(k, "") for k in KERNEL_ENV},
-            "threads": torch.get_num_threads()}
-
-
-# oneDNN instruction-set caps under which its bfloat16 kernels are emulated (those below AVX512_CORE_BF16).
-NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+@functools.lru_cache(maxsize=1)
+def cpu_flags():
+    """The CPU's instruction-set flags (Linux /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def cpu_has_native_bf16():
     """Whether bfloat16 runs natively here: the CPU has AVX-512 BF16 or AMX, and oneDNN is not capped
-    below them (``ONEDNN_MAX_CPU_ISA=AVX2``, or the older ``DNNL_MAX_CPU_ISA``, makes an AMX machine
-    run as an AVX2 one, bf16 included). Without it bf16 is emulated, and bench/README.md measured bf16
-    autocast 7-9x slower than float32."""
+    below them (``ONEDNN_MAX_CPU_ISA``, or the older ``DNNL_MAX_CPU_ISA``). Without it bf16 is
+    emulated, and slower than float32 (bench/README.md)."""
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    return bool({"avx512_bf16", "amx_bf16"} & set(_cpu_identity()["cpu_flags"])) and cap not in NO_BF16_ISAS
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and cap not in NO_BF16_ISAS
 
 
 def tf32_settings():
     """Whether cuDNN's convolutions and CUDA's matrix products may run in TF32 (which changes both
-    their speed and their rounding): PyTorch's allow_tf32 flags, or the values of its newer
-    fp32_precision settings where those were used (the flags then refuse to be read)."""
+    their speed and their rounding): PyTorch's allow_tf32 flags, or its newer fp32_precision
+    settings where those were used (the flags then refuse to be read)."""
     backends = torch.backends
     try:
         return {"conv": backends.cudnn.allow_tf32, "matmul": backends.cuda.matmul.allow_tf32}
@@ -731,395 +644,191 @@ def tf32_settings():
         return {"conv": backends.cudnn.conv.fp32_precision, "matmul": backends.cuda.matmul.fp32_precision}
 
 
-def device_identity(device):
-    """What a plan depends on beyond the model: the machine, torch and the device."""
-    ident = {"torch": torch.__version__, **_cpu_identity()}
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        ident.update(gpu=torch.cuda.get_device_name(index),
-                     gpu_capability=list(torch.cuda.get_device_capability(index)),
-                     cudnn=torch.backends.cudnn.version(),
-                     cudnn_benchmark=torch.backends.cudnn.benchmark,
-                     cudnn_deterministic=torch.backends.cudnn.deterministic,
-                     tf32=tf32_settings())
-    ident["device"] = device.type
-    return ident
+@dataclass(frozen=True)
+class Call:
+    """The facts a plan depends on: nothing that changes from one run of a command to the next."""
+    device: str        # "cpu" or "cuda"
+    cpu: str           # cpu_class() (on GPU too: it names the machine)
+    filters: int       # sinc filters (the paper: 128)
+    nb_samp: int       # samples per input (the paper: 59,049)
+    gru_node: int      # GRU width (the paper: 1024)
+    batch: int         # inputs per forward
+    grad: bool         # gradients enabled (training)
+    dtype: str         # "float32", or the autocast dtype
+
+    @property
+    def short_maps(self):
+        """Full-rate front-end maps of at most 4 M values per input (16 MB in float32; the paper's
+        are 7.6 M): their FFTs stay in a CPU's caches."""
+        return self.filters * self.nb_samp <= 2 ** 22
+
+    @property
+    def cpu_fp32(self):
+        return self.device == "cpu" and self.dtype == "float32"
 
 
-def model_identity(model):
-    """The configuration of the network below its classifier (shapes and layout). An nn.DataParallel
-    replica holds its parameters as plain attributes: it takes the identity its network's last call
-    recorded on the network (a replica copies the network's attributes); None for a replica of a
-    network that was never identified."""
-    if getattr(model, "_is_replica", False):
-        digest = model.__dict__.get("_plan_shapes")
-        if digest is None:
-            return None
-    else:
-        shapes = [(name, list(p.shape)) for name, p in model.named_parameters()
-                  if not name.startswith("fc2_gru")]
-        layout = json.dumps([shapes, model.first_conv.kernel_size, model.legacy])
-        digest = model._plan_shapes = hashlib.sha1(layout.encode()).hexdigest()[:16]
-    return {"nb_samp": model.nb_samp, "legacy": model.legacy, "shapes": digest}
+@dataclass(frozen=True)
+class Rule:
+    stage: str
+    name: str
+    when: Callable[[Call], bool]
+    implementation: str
+    benchmark: str     # what bench/stages.py measured there (bench/README.md, "The fast-path rule")
 
 
-def call_context(model, x, candidates):
-    """The shape of this call: batch (rounded up to a power of 2), mode, dtype, candidates
-    ({stage: implementation names})."""
-    autocast = torch.is_autocast_enabled(x.device.type)
-    dtype = torch.get_autocast_dtype(x.device.type) if autocast else model.ln.gamma.dtype
-    mode = ("train" if model.training else "eval") + ("" if torch.is_grad_enabled() else "-nograd")
-    return {"batch": 1 << (x.shape[0] - 1).bit_length(), "mode": mode, "dtype": str(dtype).split(".")[-1],
-            "candidates": {s: list(v) for s, v in candidates.items()}}
+# Per stage, the first row that matches names the implementation; no row: the reference. Ratios are
+# the stage's time with the reference over its time with the implementation named (forward, and
+# backward where there are gradients), bench/stages.py, on AVX-512 and AVX2 kernels.
+RULES = (
+    Rule("front_end", "gpu", lambda c: c.device != "cpu", "reference",
+         "cuDNN's convolution: no GPU measurement yet justifies another implementation"),
+    Rule("front_end", "cpu-train-short-maps", lambda c: c.grad and c.short_maps, "fft",
+         "demo, batch 32: 2.8x; mid, batch 16: 3.3x"),
+    Rule("front_end", "cpu-train", lambda c: c.grad, "fast",
+         "paper, batch 4: 1.5x (fft 1.1x)"),
+    Rule("front_end", "cpu-packed-short-maps", lambda c: c.short_maps and c.batch > 1, "fft",
+         "demo, 16 segments: 1.4x; mid, 4 segments: 1.4x"),
+    Rule("front_end", "cpu-eval", lambda c: True, "fold",
+         "paper, 1 segment: 1.3x (fast 0.5x)"),
+    Rule("blocks", "cpu-train", lambda c: c.cpu_fp32 and c.grad, "fast",
+         "paper, batch 4: 1.16x (AVX2: 1.24x); mid, batch 16: 1.35x; demo, batch 32: 1.17x"),
+    Rule("gru", "cpu-train-wide-gru", lambda c: c.cpu_fp32 and c.grad and c.gru_node >= 512, "fast",
+         "paper (1024), batch 4: 1.6x; mid (512), batch 16: 1.4x; demo (128): 1.0x"),
+)
 
 
-def plan_key(identity):
-    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+def call_of(model, batch, device, grad, dtype=None):
+    """The Call of a forward of ``batch`` inputs of ``model`` on ``device``; ``dtype``: the
+    autocast dtype, None for the parameters' own."""
+    device = torch.device(device)
+    dtype = dtype if dtype is not None else model.ln.gamma.dtype
+    return Call(device=device.type, cpu=cpu_class(), filters=model.first_conv.out_channels,
+                nb_samp=model.nb_samp, gru_node=model.gru.hidden_size, batch=batch, grad=grad,
+                dtype=str(dtype).removeprefix("torch."))
 
 
-# -- the cache file -------------------------------------------------------------------------------
-
-def cache_path():
-    """``$RAWNET2_CACHE_DIR/plans.json``, else ``$XDG_CACHE_HOME/rawnet2/``, else ``~/.cache/rawnet2/``."""
-    folder = os.environ.get(CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rawnet2")
-    return os.path.join(folder, "plans.json")
+def call_now(model, x):
+    """The Call of ``model.embed(x)`` here and now (gradients and autocast as they are set)."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return call_of(model, x.shape[0], x.device, torch.is_grad_enabled(), dtype)
 
 
-def _note(line):
-    if int(os.environ.get("RANK", "0")) == 0:
-        tqdm.write(line, file=sys.stderr)
+class Plan(NamedTuple):
+    stages: dict       # stage -> implementation name
+    why: dict          # stage -> the rule row that chose it, "-fast", or "" (no row: the reference)
+    call: Call
 
 
-def load_cache():
-    """The cached plans ({key: entry}); an unreadable or foreign file is ignored with one line."""
-    path = cache_path()
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        if not (isinstance(data, dict) and data.get("format") == PLAN_FORMAT
-                and isinstance(data.get("plans"), dict)):
-            raise ValueError("not a plan file of this version")
-        return data["plans"]
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        if path not in _bad_caches:
-            _bad_caches.add(path)
-            _note(f"note: ignoring the plan cache {path} ({type(e).__name__}: {e}); plans are measured again")
-        return {}
+def applies(stage, name, call):
+    """Whether implementation ``name`` of ``stage`` can run this call: the folded front end has no
+    backward; the channels-last blocks and the GRU are float32 CPU code."""
+    if name == "reference":
+        return True
+    if stage == "front_end":
+        return name != "fold" or not call.grad
+    return call.cpu_fp32
 
 
-def store(key, entry):
-    """Add one plan to the cache file (written atomically; a read-only cache is left alone)."""
-    path = cache_path()
-    plans = load_cache()
-    plans[key] = entry
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
-            json.dump({"format": PLAN_FORMAT, "plans": plans}, f, indent=1, sort_keys=True)
-        os.replace(f.name, path)
-    except OSError as e:
-        _note(f"note: could not write the plan cache {path} ({e}); the plan holds for this process")
+def plan(call, overrides=None):
+    """The implementation of each stage for ``call``: the first matching row of RULES, or
+    ``overrides`` ({stage: name}, from ``-fast``); an implementation that does not apply to this
+    call (``applies``) gives way to the reference."""
+    stages, why = {}, {}
+    for stage in STAGES:
+        rule = next((r for r in RULES if r.stage == stage and r.when(call)), None)
+        stages[stage], why[stage] = (rule.implementation, rule.name) if rule else ("reference", "")
+        if overrides and stage in overrides:
+            stages[stage], why[stage] = overrides[stage], "-fast"
+        if not applies(stage, stages[stage], call):
+            stages[stage], why[stage] = "reference", f"{stages[stage]} does not apply"
+    return Plan(stages, why, call)
 
 
-def valid_plan(plan):
-    """Whether ``plan`` names an implementation for every stage, or a segments-per-forward size."""
-    if not isinstance(plan, dict):
-        return False
-    if set(plan) == {"segments_per_forward"}:
-        size = plan["segments_per_forward"]
-        return isinstance(size, int) and not isinstance(size, bool) and size > 0
-    return set(plan) == set(STAGES) and all(
-        plan[s] == "reference" or plan[s] in IMPLEMENTATIONS[s] for s in STAGES)
+def describe(p):
+    """One line naming each stage's implementation and the rule row (or flag) that chose it."""
+    c = p.call
+    mode = "gradients" if c.grad else "no gradients"
+    stages = ", ".join(f"{s.replace('_', ' ')} {p.stages[s]}" + (f" ({p.why[s]})" if p.why[s] else "")
+                       for s in STAGES)
+    return f"RawNet2 fast path ({mode}, batch {c.batch}, {c.dtype}, {c.device} {c.cpu}): {stages}"
 
 
-def lookup(key, identity):
-    """(plan, where it comes from) for a plan whose identity matches exactly: this process's, one
-    given by ``pin``, or the cache file's; (None, None) if there is none."""
-    if key in _plans:
-        return _plans[key], "this process"
-    pinned = _pinned.get(key)
-    if pinned is not None and pinned["identity"] == identity:
-        return pinned["plan"], pinned["source"]
-    entry = load_cache().get(key)
-    if isinstance(entry, dict) and entry.get("identity") == identity and valid_plan(entry.get("plan")):
-        return entry["plan"], f"cached in {cache_path()}"
-    return None, None
+class FastRawNet2(RawNet2):
+    """RawNet2 whose three stage methods run the implementation the rule picks for each call.
 
-
-def ran(key, identity, plan):
-    """Record that this process runs ``plan`` (for ``plans_in_use``)."""
-    _ran[key] = {"identity": identity, "plan": plan}
-
-
-def plans_in_use():
-    """{key: {"identity", "plan"}}: the plans this process ran, and those ``pin`` gave it, as plain
-    JSON values. Training keeps them in last.pt (``torch.load(weights_only=True)`` reads them), an
-    extraction in the folder of its logs."""
-    entries = {**{k: {"identity": e["identity"], "plan": e["plan"]} for k, e in _pinned.items()}, **_ran}
-    return json.loads(json.dumps(entries))
-
-
-def pin(entries, source):
-    """Run the plans of ``entries`` (``plans_in_use`` of an earlier process: a resumed run's) where
-    their identity matches, before the cache's or a new measurement; ``source`` says where they come
-    from in the plan's note. They replace those of an earlier call; entries that are not plans are
-    ignored."""
-    _pinned.clear()
-    for key, entry in (entries or {}).items():
-        if (isinstance(entry, dict) and isinstance(entry.get("identity"), dict)
-                and valid_plan(entry.get("plan"))):
-            _pinned[key] = {"identity": entry["identity"], "plan": entry["plan"], "source": source}
-            _plans.pop(key, None)
-
-
-def describe(plan, context, source):
-    stages = ", ".join(f"{s.replace('_', ' ')} {plan[s]}" for s in STAGES)
-    return (f"RawNet2 plan ({context['mode']}, batch <= {context['batch']}, {context['dtype']}): "
-            f"{stages} ({source})")
-
-
-# -- measuring --------------------------------------------------------------------------------------
-
-def choose(timings, margin=MARGIN):
-    """The plan of measured ``timings`` ({stage: {"reference": s, name: s, ...}}): per stage the
-    fastest implementation when it beats the reference by ``margin``, else the reference (ties go
-    to the name first in sorted order, so the plan depends on the timings alone)."""
-    plan = dict(REFERENCE_PLAN)
-    for stage, t in timings.items():
-        others = sorted((seconds, name) for name, seconds in t.items() if name != "reference")
-        if "reference" in t and others and others[0][0] < (1 - margin) * t["reference"]:
-            plan[stage] = others[0][1]
-    return plan
-
-
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _autocast_state(device_type):
-    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-
-
-def _record_stage_inputs(probe, x):
-    """Each stage's input (and the autocast state it runs under) in one reference forward."""
-    inputs = {}
-
-    class Recorder:
-        def __init__(self):
-            for stage in STAGES:
-                setattr(self, stage, self._wrap(stage, getattr(probe, REFERENCE_METHODS[stage])))
-
-        @staticmethod
-        def _wrap(stage, fn):
-            def run(inp):
-                inputs[stage] = (inp.detach().clone(), _autocast_state(inp.device.type))
-                return fn(inp)
-            return run
-
-    with torch.no_grad():
-        probe.embed(x, stages=Recorder())
-    return inputs
-
-
-def _seconds_of(fn, inp, autocast, dtype, backward):
-    """Seconds of one call of a stage implementation (and its backward, with ``backward``)."""
-    with torch.autocast(inp.device.type, dtype=dtype, enabled=autocast), torch.set_grad_enabled(backward):
-        _synchronize(inp.device)
-        start = time.perf_counter()
-        out = fn(inp.requires_grad_(backward) if backward else inp)
-        if backward:
-            out.backward(torch.ones_like(out))
-        _synchronize(inp.device)
-        seconds = time.perf_counter() - start
-    inp.grad = None
-    return seconds
-
-
-def survivors(warm_up):
-    """The implementations worth timing after the untimed warm-up pass (``warm_up``: name ->
-    seconds): all of them, unless that pass of the reference took ``ELIMINATE_SECONDS`` or more
-    (at such lengths one-time costs are small), when those ``ELIMINATE_FACTOR`` times slower than
-    the reference are dropped."""
-    ref = warm_up["reference"]
-    if ref < ELIMINATE_SECONDS:
-        return set(warm_up)
-    return {n for n, t in warm_up.items() if n == "reference" or t <= ELIMINATE_FACTOR * ref}
-
-
-def measure_stages(model, x, candidates, passes=PLAN_PASSES):
-    """Seconds per call of the reference and of each implementation in ``candidates`` ({stage:
-    [names]}), at the shapes of ``x``, on a copy of ``model`` (its parameters, gradients and
-    statistics stay untouched): {stage: {"reference": s, name: s, ...}}. Forward, plus backward
-    when gradients are enabled; after one untimed warm-up pass (which may drop clear losers,
-    ``survivors``) the candidates alternate and the minimum over ``passes`` timed passes is kept
-    (one, where a pass of the reference takes ``LONG_PASS_SECONDS`` or more)."""
-    backward = torch.is_grad_enabled()
-    with torch.inference_mode(False):
-        probe = copy.deepcopy(model)
-        probe.fast = False
-        x = x.detach().clone()
-        inputs = _record_stage_inputs(probe, x)
-        timings = {}
-        for stage, names in candidates.items():
-            inp, (autocast, dtype) = inputs[stage]
-            impls = {"reference": getattr(probe, REFERENCE_METHODS[stage]),
-                     **{name: IMPLEMENTATIONS[stage][name].__get__(probe) for name in names}}
-            run = (inp, autocast, dtype, backward)
-            warm_up = {name: _seconds_of(fn, *run) for name, fn in impls.items()}  # untimed: kernels, caches
-            impls = {name: fn for name, fn in impls.items() if name in survivors(warm_up)}
-            best = {}
-            for _ in range(1 if warm_up["reference"] >= LONG_PASS_SECONDS else passes):
-                for name, fn in impls.items():
-                    best[name] = min(best.get(name, math.inf), _seconds_of(fn, *run))
-            timings[stage] = best
-    return timings
-
-
-_measuring = threading.local()
-
-
-@contextlib.contextmanager
-def measuring(enabled):
-    """Within ``with measuring(False)``, a plan not yet known is not measured: the reference runs
-    (for a job too short to pay for the measurement)."""
-    before = getattr(_measuring, "enabled", True)
-    _measuring.enabled = enabled
-    try:
-        yield
-    finally:
-        _measuring.enabled = before
-
-
-def planned(model, x, candidates):
-    """The plan for this call: this process's, the cache's, or measured now (and stored).
-
-    An nn.DataParallel replica never measures one: its parameters (non-leaf copies) cannot be
-    deep-copied, and a backward through it would reach the network's gradients. train_RawNet2.py
-    plans the replicas' batch on the network before wrapping it; a plan not found runs the reference.
+    The same module (parameters, buffers, state dict); only ``sinc_front_end``, ``residual_stack``
+    and ``gru_outputs`` differ, and only in the order of the same arithmetic. Made from a RawNet2
+    by ``accelerate``; ``fast_overrides`` holds ``-fast``'s stage overrides.
     """
-    replica = getattr(model, "_is_replica", False)
-    identity = {**device_identity(x.device), "model": model_identity(model),
-                "context": call_context(model, x, candidates)}
-    key = plan_key(identity)
-    plan = _plans.get(key)
-    if plan is not None:
-        return plan
-    plan, source = lookup(key, identity) if identity["model"] is not None else (None, None)
-    if plan is None and replica:
-        plan, source = REFERENCE_PLAN, "not planned for nn.DataParallel's replicas: the reference"
-    elif plan is None and not getattr(_measuring, "enabled", True):
-        plan, source = REFERENCE_PLAN, "not measured for a short job: the reference"
-    elif plan is None:
-        start = time.perf_counter()
-        timings = measure_stages(model, x, candidates) if candidates else {}
-        plan = choose(timings)
-        seconds = time.perf_counter() - start
-        store(key, {"identity": identity, "plan": plan, "timings": timings})
-        source = f"measured in {seconds:.1f} s, cached in {cache_path()}"
-    _plans[key] = plan
-    if identity["model"] is not None:
-        ran(key, identity, plan)
-    _note(describe(plan, identity["context"], source))
-    return plan
+
+    fast_overrides: dict = {}
+
+    def embed(self, x):
+        self._plan = plan(call_now(self, x), self.fast_overrides)
+        announce(self._plan)
+        return super().embed(x)
+
+    def _stage(self, stage, x):
+        name = self._plan.stages[stage]
+        if name == "reference":
+            return getattr(super(), REFERENCE_METHODS[stage])(x)
+        return IMPLEMENTATIONS[stage][name](self, x)
+
+    def sinc_front_end(self, x):
+        return self._stage("front_end", x)
+
+    def residual_stack(self, x):
+        return self._stage("blocks", x)
+
+    def gru_outputs(self, x):
+        return self._stage("gru", x)
+
+
+_announced = set()  # plan lines said in this process
+
+
+def announce(p):
+    """Print ``describe(p)`` on stderr, once per process (rank 0 only); returns the line."""
+    line = describe(p)
+    if line not in _announced:
+        _announced.add(line)
+        if int(os.environ.get("RANK", "0")) == 0:
+            tqdm.write(line, file=sys.stderr)
+    return line
+
+
+def accelerate(model, fast=True):
+    """``model`` (a RawNet2) running the fast path: ``fast`` True follows RULES, a dict overrides
+    stages of it, False gives the plain network of model_RawNet2.py. The module itself is changed
+    (its class), not copied: parameters, optimiser state and state dict stay as they are."""
+    if fast is False:
+        if isinstance(model, FastRawNet2):
+            model.__class__ = RawNet2
+            for name in ("fast_overrides", "_plan"):
+                model.__dict__.pop(name, None)
+        return model
+    model.__class__ = FastRawNet2
+    model.fast_overrides = dict(fast) if isinstance(fast, dict) else {}
+    return model
 
 
 # -- segments per forward in TTA extraction ---------------------------------------------------------
 
-CPU_SEGMENT_CANDIDATES = (1, 4, 16, 64)
-PLAN_MIN_UTTERANCES = 200  # shorter extractions do not measure plans (they use cached ones, or the reference)
-GPU_SEGMENT_CANDIDATES = (64, 128, 256, 512)
-GPU_BYTES_PER_SEGMENT = 64 * 2 ** 20  # the reference front end's full-rate maps, the largest need
-SEGMENT_STEP_GAIN = 1.1  # the next size is tried only while each size is this much faster than the last
-SEGMENT_MIN_GAIN = 1.2  # packing is kept only where it is this much faster than the smallest size
-SEGMENT_MIN_SECONDS = 0.25  # each size is timed over at least this long (forwards of a few ms are noisy),
-SEGMENT_MAX_PASSES = 24     # or this many forwards
+# The front end's full-rate map of one segment (filters x samples x 4 bytes) against a budget: on CPU
+# about the last-level cache of the machines measured, so the paper model (30 MB per segment) runs one
+# segment per forward as the authors' loop does, and small models pack several; on GPU a fixed budget
+# of memory (never the free memory of the moment).
+SEGMENT_BUDGET = {"cpu": 32 * 2 ** 20, "cuda": 2 * 2 ** 30}
+MAX_SEGMENTS = {"cpu": 64, "cuda": 256}
 
 
-def segment_candidates(device):
-    """Segments-per-forward sizes worth timing on ``device``, smallest first: on CPU from 1 (the
-    paper model's activations for one segment about fill a CPU's cache) to 64 (small models gain
-    from large batches); on GPU large ones, within a quarter of the free memory."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return CPU_SEGMENT_CANDIDATES
-    free, _ = torch.cuda.mem_get_info(device)
-    fits = [n for n in GPU_SEGMENT_CANDIDATES if n * GPU_BYTES_PER_SEGMENT <= free / 4]
-    return tuple(fits) or GPU_SEGMENT_CANDIDATES[:1]
-
-
-def segments(n):
-    return f"{n} segment" + ("s" if n != 1 else "")
-
-
-class SegmentPlan:
-    """Segments per forward of a TTA extraction (``size``), measured on its own first forwards:
-    each candidate size in turn, smallest first, serves one untimed warm-up forward, then timed
-    ones: ``PLAN_PASSES``, more where they took less than ``SEGMENT_MIN_SECONDS`` in all (up to
-    ``SEGMENT_MAX_PASSES``; a small model's forward takes a few ms, and the file readers working
-    beside it disturb single ones), of which the fastest counts. The next size is tried only
-    while each size is ``SEGMENT_STEP_GAIN`` times faster per segment than the one before; then
-    the fastest stays, and is cached like the stage plans, except that a larger size than the
-    smallest must be ``SEGMENT_MIN_GAIN`` times faster than it: the kernels change with the batch
-    size, and with them the float rounding, so the embeddings move away from the one-segment
-    loop's only where packing pays clearly (about 1.1x at most for the paper model on a 2-core
-    CPU, 1.9x for the demo's). No work is thrown away: every timed forward's embeddings are kept.
-    A given ``forced`` size (the scripts' ``-bs``) is used as is; with ``measure`` False (a short
-    job) an unknown plan is not measured and the smallest size runs."""
-
-    def __init__(self, model, device, amp, forced=None, candidates=None, measure=True):
-        self.size, self.done = forced, forced is not None
-        if self.done:
-            return
-        device = torch.device(device)
-        self.candidates = list(candidates or segment_candidates(device))
-        self.identity = {**device_identity(device), "model": model_identity(model),
-                         "context": {"mode": "extract", "amp": str(amp), "fast": str(model.fast),
-                                     "candidates": self.candidates}}
-        self.key = plan_key(self.identity)
-        plan, source = lookup(self.key, self.identity)
-        if plan is not None and "segments_per_forward" in plan:
-            self.size, self.done = plan["segments_per_forward"], True
-            if self.key not in _plans:
-                _plans[self.key] = plan
-                _note(f"TTA extraction plan: {segments(self.size)} per forward ({source})")
-            ran(self.key, self.identity, plan)
-            return
-        if not measure:  # a short job: the smallest size, as the one-segment loop on CPU
-            self.size, self.done = self.candidates[0], True
-            ran(self.key, self.identity, {"segments_per_forward": self.size})
-            return
-        self.times = {n: [] for n in self.candidates}
-        self.seen = dict.fromkeys(self.candidates, 0)
-        self.size = self.candidates[0]
-        self.start = time.perf_counter()
-
-    def observe(self, size, seconds):
-        """Account one forward of ``size`` segments that took ``seconds``."""
-        if self.done or size != self.size:  # (a short last forward tells nothing)
-            return
-        self.seen[size] += 1
-        if self.seen[size] > 1:
-            self.times[size].append(seconds / size)
-        timed = self.times[size]
-        if len(timed) < PLAN_PASSES or (sum(timed) * size < SEGMENT_MIN_SECONDS
-                                        and len(timed) < SEGMENT_MAX_PASSES):
-            return
-        per_segment = {n: min(t) for n, t in self.times.items() if len(t) >= PLAN_PASSES}
-        tried = [n for n in self.candidates if n in per_segment]
-        if (len(tried) < len(self.candidates)
-                and (len(tried) == 1 or per_segment[tried[-2]] >= SEGMENT_STEP_GAIN * per_segment[size])):
-            self.size = self.candidates[len(tried)]
-            return
-        best, smallest = min(per_segment, key=per_segment.get), self.candidates[0]
-        self.size = best if per_segment[smallest] >= SEGMENT_MIN_GAIN * per_segment[best] else smallest
-        self.done = True
-        plan = {"segments_per_forward": self.size}
-        _plans[self.key] = plan
-        ran(self.key, self.identity, plan)
-        store(self.key, {"identity": self.identity, "plan": plan, "timings": per_segment})
-        _note(f"TTA extraction plan: {segments(self.size)} per forward (measured on the first forwards "
-              f"over {time.perf_counter() - self.start:.1f} s, cached in {cache_path()})")
+def segments_per_forward(model, device):
+    """TTA segments per forward for ``model`` on ``device``: the largest power of 2 whose full-rate
+    front-end maps fit SEGMENT_BUDGET, between 1 and MAX_SEGMENTS. A network without a sinc front
+    end of its own (an ONNX export run by onnxruntime) counts as the paper's 128 filters."""
+    kind = "cpu" if torch.device(device).type == "cpu" else "cuda"
+    filters = model.first_conv.out_channels if hasattr(model, "first_conv") else 128
+    per_segment = filters * model.nb_samp * 4
+    fits = max(1, SEGMENT_BUDGET[kind] // per_segment)
+    return min(MAX_SEGMENTS[kind], 1 << (fits.bit_length() - 1))

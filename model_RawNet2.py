@@ -17,8 +17,9 @@ Two state-dict layouts, both loading with strict key matching:
     top-level ``fc_attention0..5``, and each block feeds ``conv1`` its raw input (see ResidualBlock).
 
 ``embed(x)`` is the plain embedding entry point (``forward(x, is_test=True)`` stays for the original
-scripts). ``fast`` (the scripts' ``-fast``) lets fast_RawNet2.py evaluate three stages in another
-order with the same math; ``embed`` asks it once per call which implementation each stage uses.
+scripts). This file is the whole network and knows nothing else: fast_RawNet2.py (the scripts'
+``-fast``) subclasses it to run three of its stages (``sinc_front_end``, ``residual_stack``,
+``gru_outputs``) with the same math in another order; ``-fast False`` runs exactly this code.
 """
 
 import math
@@ -28,8 +29,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import fast_RawNet2
 
 LEAKY_SLOPE = 0.3  # Keras' LeakyReLU default, kept by the authors ("lrelu_keras")
 
@@ -176,12 +175,9 @@ class RawNet2(nn.Module):
     NB_BLOCKS = 6
     LEAKY_SLOPE = LEAKY_SLOPE
 
-    def __init__(self, d_args, legacy=False, fast=False):
+    def __init__(self, d_args, legacy=False):
         super().__init__()
         self.legacy = legacy
-        # which stages take the fast path of fast_RawNet2.py (False, True, "auto" or a plan dict; see
-        # fast_RawNet2.stages_for): the same math either way; not in the state dict
-        self.fast = fast
         self.nb_samp = d_args["nb_samp"]
         filts = d_args["filts"]
         first_filts, block_filts = filts[0], self.block_filters(filts)
@@ -209,25 +205,22 @@ class RawNet2(nn.Module):
         last = filts[2][1]
         return [tuple(filts[1]), tuple(filts[1]), tuple(filts[2])] + [(last, last)] * 3
 
-    def embed(self, x, stages=None):  # (B, nb_samp) -> (B, nb_fc_node)
-        """The speaker embedding. Each of the three marked stages runs the reference method below
-        or its fast twin, as ``fast_RawNet2.stages_for`` picks from ``self.fast`` (``stages``
-        overrides the pick); every choice computes the same numbers to float rounding."""
+    def embed(self, x):  # (B, nb_samp) -> (B, nb_fc_node)
+        """The speaker embedding (before the training head's scaling)."""
         if x.dim() != 2 or x.shape[-1] != self.nb_samp:
             raise ValueError(f"RawNet2 expects (batch, {self.nb_samp}) waveforms, got {tuple(x.shape)}")
-        stage = stages or fast_RawNet2.stages_for(self, x)
         x = self.ln(x).unsqueeze(1)                                   # (B, 1, T)
         # The sinc front end stays float32 under autocast: bf16 rounds its filters (computed by a
         # matmul) and its output by ~1-2 %, which first_bn (large mean, small spread) amplifies.
         with torch.autocast(x.device.type, enabled=False):
-            x = stage.front_end(x.to(self.ln.gamma.dtype))            # sinc -> |.| -> max-pool 3
+            x = self.sinc_front_end(x.to(self.ln.gamma.dtype))       # sinc -> |.| -> max-pool 3
         x = F.leaky_relu(self.first_bn(x), LEAKY_SLOPE)
-        x = stage.blocks(x)                                           # block0..5
+        x = self.residual_stack(x)                                    # block0..5
         x = F.leaky_relu(self.bn_before_gru(x), LEAKY_SLOPE)
-        x = stage.gru(x.transpose(1, 2))                              # (B, T_gru, gru_node)
+        x = self.gru_outputs(x.transpose(1, 2))                       # (B, T_gru, gru_node)
         return self.fc1_gru(x[:, -1, :])                              # last time step
 
-    # The reference implementation of each stage of embed (fast_RawNet2.py has the fast ones).
+    # The three stages of embed (fast_RawNet2.FastRawNet2 overrides them with the same math).
 
     def sinc_front_end(self, x):  # (B, 1, T) -> (B, C, (T - K + 1) // 3)
         return F.max_pool1d(torch.abs(self.first_conv(x)), 3)

@@ -88,11 +88,7 @@ def build_parser():
              "with torchrun --max-restarts the group then restarts from last.pt")
     add("sync_bn", default=False,
         help="synchronise batch-norm statistics across processes (torchrun on GPUs)", **flag)
-    add("fast", default="auto", **utils.FAST_FLAG,
-        help="fast path of fast_RawNet2.py (a fused or an FFT sinc front end; on CPU also channels-last "
-             "blocks and GRU), the same math: auto times each part's implementations against the "
-             "reference on first use and keeps the fastest on this machine (cached plan); True takes "
-             "the fused front end and every other fast part; False the plain reference path")
+    add("fast", **utils.FAST_FLAG)
     add("amp", type=str, default="none", choices=["none", "bf16", "fp16"],
         help="mixed precision of the training steps: bf16 autocast, or fp16 autocast with a gradient "
              "scaler (GPU only); the sinc front end and the per-epoch TTA evaluation stay float32")
@@ -374,17 +370,15 @@ class TrainState:
     epoch: int = -1  # last completed epoch
     step: int = 0
     best_eer: float = math.inf
-    plans: dict = dataclasses.field(default_factory=dict)  # -fast auto's plans of the run resumed
 
     def save(self, path, args, d_args, world):
-        """last.pt, atomically; every value loads with ``torch.load(weights_only=True)``. It keeps
-        the fast path's plans this run ran, so that a resumed run rounds as this one did."""
+        """last.pt, atomically; every value loads with ``torch.load(weights_only=True)``."""
         utils.save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                            "epoch": self.epoch, "step": self.step, "best_eer": self.best_eer,
                            "rng": utils.rng_states(), "args": vars(args), "d_args": d_args,
-                           "world_size": world, "plans": fast_RawNet2.plans_in_use()}, path)
+                           "world_size": world}, path)
 
     def load(self, path):
         """Continue from ``path`` (a last.pt of ``save``), RNG states included. The optimiser's
@@ -400,14 +394,13 @@ class TrainState:
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best_eer = state["epoch"], state["step"], state["best_eer"]
-        self.plans = state.get("plans") or {}  # (absent from an older last.pt)
         utils.set_rng_states(state["rng"])
 
 
 def build_training(args, d_args, device):
     """Network (original initialisation, or -load_model), moved to ``device`` before the optimiser
     is built and -load_model_opt_dir loaded, so that the optimiser's state sits beside its parameters."""
-    model = RawNet2(d_args, fast=args.fast)
+    model = fast_RawNet2.accelerate(RawNet2(d_args), args.fast)
     if args.load_model:
         weights = utils.load_torch_file(args.load_model_dir, "-load_model_dir state_dict")
         load_into(model, strip_module_prefix(weights), args.load_model_dir, "state_dict")
@@ -428,7 +421,7 @@ def build_training(args, d_args, device):
     return TrainState(model, optimizer, scheduler, scaler)
 
 
-def write_run_files(args, run_dir, d_args, nb_params, resume, start_epoch, world):
+def write_run_files(args, run_dir, d_args, nb_params, resume, start_epoch, world, fast_path):
     """Folders, f_params.txt (a new run only), eers.txt cut to the epochs last.pt covers, args.json."""
     for sub in ("models", "results"):
         try:
@@ -442,7 +435,22 @@ def write_run_files(args, run_dir, d_args, nb_params, resume, start_epoch, world
     eers_path = os.path.join(run_dir, "eers.txt")
     write_lines(eers_path, eers_before(eers_path, start_epoch))
     utils.write_json_atomic({"args": vars(args), "d_args": d_args, "nb_params": nb_params,
-                             "world_size": world}, os.path.join(run_dir, "args.json"))
+                             "world_size": world, "fast_path": fast_path}, os.path.join(run_dir, "args.json"))
+
+
+def fast_path_plans(model, args, device, world):
+    """What the fast path runs in this run's training steps and per-epoch TTA evaluation (a fixed
+    rule: see fast_RawNet2.RULES), each said in one line; None with -fast False."""
+    if not isinstance(model, fast_RawNet2.FastRawNet2):
+        return None
+    replicas = torch.cuda.device_count() if args.mg and world == 1 and device.type == "cuda" else 1
+    batch = -(-args.bs // world // max(1, replicas))  # (DataParallel's first, largest chunk)
+    train = fast_RawNet2.call_of(model, batch, device, True, utils.AMP_DTYPES.get(args.amp))
+    segments = fast_RawNet2.segments_per_forward(model, device)
+    evaluation = fast_RawNet2.call_of(model, segments, device, False)
+    return {"training": fast_RawNet2.announce(fast_RawNet2.plan(train, model.fast_overrides)),
+            "evaluation": fast_RawNet2.announce(fast_RawNet2.plan(evaluation, model.fast_overrides)),
+            "segments_per_forward": segments}
 
 
 def setup_device(args):
@@ -487,21 +495,6 @@ class DataParallel(nn.DataParallel):
         return super().parallel_apply(replicas, inputs, kwargs)
 
 
-def plan_replicas(model, args, device, gpus):
-    """With -fast auto, the plan of each batch size that DataParallel's scatter gives the replicas,
-    measured (or read from the cache) on the network itself: a replica cannot measure one
-    (fast_RawNet2.planned), and finds these by the identity it copies from the network."""
-    if model.fast != "auto":
-        return
-    was_training = model.training
-    model.train()
-    for batch in sorted({len(chunk) for chunk in torch.arange(args.bs).chunk(gpus)}):
-        x = torch.randn(batch, model.nb_samp, device=device)
-        with utils.amp_autocast(device, args.amp):
-            fast_RawNet2.stages_for(model, x)  # plans only: nothing runs through the network
-    model.train(was_training)
-
-
 def wrap_model(model, args, device):
     """DistributedDataParallel under torchrun; else nn.DataParallel with -mg on several GPUs."""
     _, world = utils.rank_and_world()
@@ -510,7 +503,6 @@ def wrap_model(model, args, device):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.mg and torch.cuda.device_count() > 1:
-        plan_replicas(model, args, device, torch.cuda.device_count())
         return DataParallel(model)
     return model
 
@@ -604,11 +596,11 @@ def train(args, run_dir, device, resume):
     if resume:
         state.load(os.path.join(run_dir, "last.pt"))
         log(f"resuming {run_dir} after epoch {state.epoch} (best EER {100 * state.best_eer:.2f} %)")
-    fast_RawNet2.pin(state.plans, f"as in {os.path.join(run_dir, 'last.pt')}")
     model = wrap_model(state.model, args, device)
     nb_params = sum(p.numel() for p in state.model.parameters())
+    fast_path = fast_path_plans(state.model, args, device, world)
     if main_process:
-        write_run_files(args, run_dir, d_args, nb_params, resume, state.epoch + 1, world)
+        write_run_files(args, run_dir, d_args, nb_params, resume, state.epoch + 1, world, fast_path)
     parallel = {DistributedDataParallel: f", {world} processes (DistributedDataParallel)",
                 DataParallel: f" x{torch.cuda.device_count()} (DataParallel)"}.get(type(model), "")
     log(f"{len(data.train_keys)} training utterances, {len(data.labels)} speakers; "

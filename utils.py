@@ -335,13 +335,13 @@ class EpochSampler(Sampler):
 
 
 def read_tta_segments(key, base_dir, nb_samp, window_size, convert=False):
-    """All TTA segments of one utterance: (segments (n, nb_samp), key). A silent utterance gives
+    """All TTA segments of one utterance: (key, segments (n, nb_samp)). A silent utterance gives
     zero segments, so the consumer can skip and list it. ``convert``: ``read_wav(convert=True)``."""
     try:
         x = read_wav(os.path.join(base_dir, key), convert)
     except SilentAudioError:
-        return torch.zeros(0, nb_samp), key
-    return torch.from_numpy(tta_segments(x, nb_samp, window_size)), key
+        return key, torch.zeros(0, nb_samp)
+    return key, torch.from_numpy(tta_segments(x, nb_samp, window_size))
 
 
 def read_ahead(read, items, threads):
@@ -415,85 +415,109 @@ def backward_step(loss, optimizer, scaler=None):
         optimizer.step()
 
 
-@torch.no_grad()
-def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", nb_worker=0,
-                    segments_per_batch=None, bf16=False, convert=False):
-    """Yield ``(key, embedding)`` for each of ``keys`` read from ``base_dir``, as soon as it is done.
+def tta_embeddings(forward, utterances, segments_per_forward):
+    """The TTA embedding of each utterance: the mean of its segments' embeddings. The one place that
+    packs segments into forwards and averages them; every embedding path of the repository runs it.
 
-    The embedding is the TTA embedding (mean over segments of ``model.embed``) as a float32 numpy
-    vector, or None for a silent/empty file. Segments of several utterances are packed into forwards
-    of ``segments_per_batch`` windows (a long utterance is split over several); None measures the
-    fastest size on the first forwards and caches it (``fast_RawNet2.SegmentPlan``; fewer than
-    ``fast_RawNet2.PLAN_MIN_UTTERANCES`` keys measure nothing). Each file is
-    read once, ahead of the model by ``nb_worker`` threads (``read_ahead``; at most one per usable
-    core), or by the caller's thread with 0. In eval mode every
-    segment's embedding is independent of its batch-mates, so packing changes no number. ``convert``:
-    files of any format, rate and channel count are converted to 16 kHz mono as they are read.
+    ``utterances`` yields ``(key, segments)``, an (n, samples) tensor per utterance (n = 0 for a
+    silent file); ``forward`` maps an (m, samples) batch to its (m, dim) embeddings. Segments of
+    consecutive utterances are packed into forwards of exactly ``segments_per_forward``, a long
+    utterance split over several, the last forward padded with silent segments (their embeddings
+    dropped): every segment goes through the kernels of one batch size, whichever utterances share
+    its forward, so an extraction resumed after a kill writes the numbers an uninterrupted one does
+    (in eval mode a segment's embedding does not depend on its batch-mates' values). Yields
+    ``(key, embedding)`` in order, each as soon as its segments are done: a float32 numpy vector,
+    or None for a silent file.
     """
-    net = unwrap_model(model)
-    was_training = net.training
-    net.eval()
-    # A short job does not pay for measuring plans: cached ones, else the one-segment reference.
-    measure = len(keys) >= fast_RawNet2.PLAN_MIN_UTTERANCES
-    plan = fast_RawNet2.SegmentPlan(net, device, bf16, segments_per_batch, measure=measure)
-    read = functools.partial(read_tta_segments, base_dir=base_dir, nb_samp=nb_samp,
-                             window_size=window_size, convert=convert)
-    utterances = read_ahead(read, keys, min(nb_worker, usable_cores()))
-    pending, pending_keys, pending_counts = [], [], []  # segments not yet run; utterances not yet done
-    codes = []  # embeddings of the segments of the utterances not yet done, in order
+    pending = collections.deque()   # segment tensors not yet run, in order
+    waiting = collections.deque()   # (key, segment count) of the utterances not yet done
+    codes, done = [], 0             # embeddings of their segments so far, and how many
 
-    planned = hasattr(net, "fast")  # a RawNet2 (not, say, the onnxruntime network of -onnx)
-    stages = {}  # its stage plan: "size", the segments per forward it was picked at, and "plan"
-
-    def forward(batch):
-        batch = batch.to(device)
-        # While the segments per forward are being tried, every forward runs the stage plan of one
-        # segment (the cheapest to measure: measuring each size tried cost minutes at the paper
-        # model's larger ones); once the size is settled, the plan of that size, picked at its
-        # first full forward and kept for the rest (the last, shorter one included).
-        settled = plan.done and len(batch) == plan.size != stages.get("size")
-        if planned and ("plan" not in stages or settled):
-            stages["size"] = len(batch) if plan.done else 1
-            with fast_RawNet2.measuring(measure):
-                stages["plan"] = fast_RawNet2.stages_for(net, batch[:stages["size"]])
-        start = time.perf_counter()
-        code = (net.embed(batch, stages=stages["plan"]) if planned else net.embed(batch)).float().cpu()
-        plan.observe(len(batch), time.perf_counter() - start)
-        return code
-
-    def take(n):
-        """The first ``n`` pending segments (fewer if fewer are pending), removed from ``pending``."""
+    def take(n):  # the first n pending segments (fewer if fewer are pending)
         parts = []
         while n and pending:
-            parts.append(pending[0][:n])
-            pending[0] = pending[0][n:]
-            if not len(pending[0]):
-                pending.pop(0)
+            head = pending.popleft()
+            parts.append(head[:n])
+            if len(head) > n:
+                pending.appendleft(head[n:])
             n -= len(parts[-1])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def run(last=False):
-        """Forwards of exactly ``plan.size`` segments while enough are pending (every pending one
-        when ``last``); yields the utterances whose segments are all embedded."""
-        while pending and (last or sum(map(len, pending)) >= plan.size):
-            with amp_autocast(device, bf16):
-                codes.append(forward(take(plan.size)))
-            while pending_counts and pending_counts[0] <= sum(map(len, codes)):
-                embedded, n = torch.cat(codes), pending_counts.pop(0)
-                codes[:] = [embedded[n:]] if len(embedded) > n else []
-                yield pending_keys.pop(0), embedded[:n].mean(0).numpy()
-
-    try:
-        for segments, key in utterances:
-            if len(segments) == 0:
+    def finished():  # the utterances whose segments are all embedded, in order
+        nonlocal done
+        while waiting and waiting[0][1] <= done:
+            key, n = waiting.popleft()
+            if n == 0:
                 yield key, None
                 continue
-            pending.append(segments), pending_keys.append(key), pending_counts.append(len(segments))
-            yield from run()
-        yield from run(last=True)
+            embedded = torch.cat(codes)
+            codes[:] = [embedded[n:]] if len(embedded) > n else []
+            done -= n
+            yield key, embedded[:n].mean(0).numpy()
+
+    def run(last):
+        nonlocal done
+        while pending and (last or sum(map(len, pending)) >= segments_per_forward):
+            batch = take(segments_per_forward)
+            real = len(batch)
+            if real < segments_per_forward:  # the last forward: padded with silent segments
+                batch = torch.cat([batch, batch.new_zeros(segments_per_forward - real, *batch.shape[1:])])
+            codes.append(forward(batch)[:real].float().cpu())
+            done += real
+            yield from finished()
+        yield from finished()
+
+    for key, segments in utterances:
+        if len(segments):
+            pending.append(segments)
+        waiting.append((key, len(segments)))
+        yield from run(last=False)
+    yield from run(last=True)
+
+
+def model_forward(model, device, bf16=False):
+    """``segments -> embeddings`` of a network in eval mode (``model.embed``), on ``device``, under
+    ``-bf16``'s autocast where asked."""
+    def forward(batch):
+        with amp_autocast(device, bf16):
+            return model.embed(batch.to(device))
+    return forward
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode for the duration, then back to the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", nb_worker=0,
+                    segments_per_batch=None, bf16=False, convert=False):
+    """Yield ``(key, embedding)`` for each of ``keys`` read from ``base_dir``, as soon as it is done
+    (``tta_embeddings``: float32 numpy vectors, None for a silent or empty file).
+
+    ``segments_per_batch``: segments per forward; None takes the fixed rule of
+    ``fast_RawNet2.segments_per_forward`` (one for the paper model on CPU, as the authors' loop).
+    Each file is read once, ahead of the model by ``nb_worker`` threads (``read_ahead``; at most one
+    per usable core), or by the caller's thread with 0. In eval mode each segment's embedding is
+    independent of its batch-mates. ``convert``: files of any format, rate and channel count are
+    converted to 16 kHz mono as they are read.
+    """
+    net = unwrap_model(model)
+    size = segments_per_batch or fast_RawNet2.segments_per_forward(net, device)
+    read = functools.partial(read_tta_segments, base_dir=base_dir, nb_samp=nb_samp,
+                             window_size=window_size, convert=convert)
+    utterances = read_ahead(read, keys, min(nb_worker, usable_cores()))
+    try:
+        with eval_mode(net):
+            yield from tta_embeddings(model_forward(net, device, bf16), utterances, size)
     finally:
         utterances.close()
-        net.train(was_training)
 
 
 def embed_utterances(model, keys, base_dir, nb_samp, window_size, device="cpu", nb_worker=0,
@@ -513,14 +537,15 @@ def embed_utterances(model, keys, base_dir, nb_samp, window_size, device="cpu", 
 
 
 @torch.no_grad()
-def embed_utterance(model, wav, window_size=11810, device="cpu", segments_per_batch=32, bf16=False):
+def embed_utterance(model, wav, window_size=11810, device="cpu", segments_per_batch=None, bf16=False):
     """TTA embedding of one utterance (a wav path or a 1-D waveform array), for notebooks:
 
         model = model_RawNet2.load_pretrained("Pre-trained_model/rawnet2_best_weights.pt")
         code = utils.embed_utterance(model, "a.wav")   # (1024,) float32
 
-    A long recording is fed ``segments_per_batch`` segments at a time, so memory stays bounded. A
-    file of another rate or channel count is converted (``read_audio``) with a note on stderr.
+    A long recording is fed ``segments_per_batch`` segments at a time (None: the rule of
+    ``fast_RawNet2.segments_per_forward``, as ``iter_embeddings``), so memory stays bounded. A file
+    of another rate or channel count is converted (``read_audio``) with a note on stderr.
     """
     net = unwrap_model(model)
     if isinstance(wav, (str, os.PathLike)):
@@ -531,15 +556,10 @@ def embed_utterance(model, wav, window_size=11810, device="cpu", segments_per_ba
     else:
         x = np.asarray(wav, dtype=np.float32)
     segments = torch.from_numpy(np.ascontiguousarray(tta_segments(x, net.nb_samp, window_size)))
-    was_training = net.training
-    net.eval()
-    try:
-        with amp_autocast(device, bf16):
-            codes = [net.embed(batch.to(device)).float().cpu()
-                     for batch in torch.split(segments, segments_per_batch)]
-    finally:
-        net.train(was_training)
-    return torch.cat(codes).mean(0).numpy()
+    size = segments_per_batch or fast_RawNet2.segments_per_forward(net, device)
+    with eval_mode(net):
+        [(_, code)] = tta_embeddings(model_forward(net, device, bf16), [(None, segments)], size)
+    return code
 
 
 def make_validation_trials(keys, nb_trial, rng):

@@ -12,7 +12,6 @@ resumes exactly; silent or empty files are skipped and listed.
 
 import json
 import os
-import time
 import warnings
 
 import numpy as np
@@ -200,79 +199,20 @@ class UtteranceSet(Dataset):
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), self.keys[i]
 
 
-class ForwardChoice:
-    """CPU threads and front-end layout for a run of one-utterance forwards of ``model``, measured
-    on its first ones. A forward of one small utterance can run slower on all cores (each operation
-    waits for its threads) than on one, and the front end's channels-last form
-    (``FrontEnd.forward_channels_last``) is faster on some CPUs and shapes, not all. The first
-    ``len(choices) * per_choice`` forwards cycle through the choices (current thread count or 1,
-    each with the default or the channels-last layout); then the fastest per input sample is kept.
-    The thread count and layout in force before are restored on exit. On GPU it does nothing."""
-
-    def __init__(self, model, device, per_choice=3):
-        self.model, self.per_choice = model, per_choice
-        self.frontend = getattr(model, "frontend", None)  # the vox2 baseline has no FrontEnd
-        self.before = (torch.get_num_threads(), self.frontend is not None and self.frontend.channels_last)
-        self.choices = []
-        if torch.device(device).type == "cpu":
-            threads = sorted({self.before[0], 1}, reverse=True)
-            layouts = [False, True] if self.frontend is not None else [False]
-            self.choices = [(n, layout) for n in threads for layout in layouts]
-            if len(self.choices) == 1:
-                self.choices = []
-        self.seconds = dict.fromkeys(self.choices, 0.0)
-        self.samples = dict.fromkeys(self.choices, 0)
-        self.count = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.apply(self.before)
-
-    def apply(self, choice):
-        threads, channels_last = choice
-        torch.set_num_threads(threads)
-        if self.frontend is not None:
-            self.frontend.channels_last = channels_last
-
-    def run(self, x):
-        """``model.embed(x)`` under the choice of this forward."""
-        measuring = self.count < len(self.choices) * self.per_choice
-        if not measuring:
-            return self.model.embed(x)
-        choice = self.choices[self.count % len(self.choices)]
-        self.apply(choice)
-        start = time.perf_counter()
-        out = self.model.embed(x)
-        self.seconds[choice] += time.perf_counter() - start
-        self.samples[choice] += x.numel()
-        self.count += 1
-        if self.count == len(self.choices) * self.per_choice:
-            self.apply(min(self.choices, key=lambda c: self.seconds[c] / self.samples[c]))
-        return out
-
-
 @torch.no_grad()
 def embed_utterances(model, keys, folder, device="cpu", nb_worker=0, progress=True, desc="embeddings",
                      crop=None):
     """Embedding of each utterance (one forward each, eval mode): dict id (no .wav) -> float32.
-    Whole utterances, or random crops with ``crop = (nb_samp, seed)`` (see ``UtteranceSet``). On
-    CPU the thread count and the front end's layout are measured on the first forwards
-    (``ForwardChoice``)."""
-    was_training = model.training
-    model.eval()
+    Whole utterances, or random crops with ``crop = (nb_samp, seed)`` (see ``UtteranceSet``): each
+    one segment of ``utils.tta_embeddings``, the embedding path RawNet2's scripts run too."""
     dataset = UtteranceSet(keys, folder, model.min_samples, crop)
     # A generator of its own: the loader's seed draw leaves torch's global random state (training's
     # dropout) as it was, so that scoring an epoch or not never changes the training.
     loader = DataLoader(dataset, batch_size=None, num_workers=nb_worker, generator=torch.Generator())
-    embeddings = {}
-    with ForwardChoice(model, device) as choice:
-        for x, key in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            code = choice.run(x[None].to(device))
-            embeddings[utils.utt_id(key)] = code[0].float().cpu().numpy()
-    model.train(was_training)
-    return embeddings
+    utterances = ((key, x[None]) for x, key in tqdm(loader, desc=desc, disable=not progress, leave=False))
+    with utils.eval_mode(model):
+        return {utils.utt_id(key): code
+                for key, code in utils.tta_embeddings(utils.model_forward(model, device), utterances, 1)}
 
 
 def trial_arrays(lines):

@@ -84,7 +84,7 @@ DEMO_DEFAULTS = {
     "dev_dir": f"{DEMO_ROOT}/RawNet1/dev_npy/", "eval_dir": f"{DEMO_ROOT}/RawNet1/eval_npy/",
     "trials": f"{DEMO_ROOT}/VoxCeleb1/veri_test.txt", "nb_samp": 19683, "nb_val_spk": 10,
     "m_filts": [32, 32, 64], "m_gru_node": 128, "m_nb_code": 128,
-    "bs": 32, "epoch_pre": 4, "epoch": 8, "eval_every": 0, "nb_worker": 0, "nb_thread": -1,
+    "bs": 32, "epoch_pre": 4, "epoch": 8, "eval_every": 0, "nb_worker": 0,
 }
 DEMO_BVEC_FLAGS = ["-epoch", "5", "-nb_batch_per_epoch", "100"]
 
@@ -129,9 +129,8 @@ def build_parser():
         help="seed for initialisation, validation speakers and trials, shuffling and crops")
     add("nb_worker", type=int, default=8, help="DataLoader worker processes")
     add("nb_thread", type=int, default=0,
-        help="CPU threads per operation (0: PyTorch's default, one per core; -1, the default of -demo: "
-             "one per core not busy with other programs at start, measured over 0.3 s, so that threads "
-             "do not stall on cores others keep busy)")
+        help="CPU threads per operation (0: PyTorch's default, one per core); the count changes the "
+             "order of float sums, so runs compare exactly only at one count")
     add("reproducible", default=True, help="seed torch/numpy/random, cuDNN deterministic", **flag)
     add("resume", action="store_true",
         help="continue <save_dir>/<name>/ from its last completed epoch (last.pt)")
@@ -311,13 +310,10 @@ def main(args):
         raise DataError(f"-eval_every must be 0 (final model only) or a positive number of epochs, got "
                         f"{args.eval_every}")
 
+    if args.nb_thread < 0:
+        raise DataError(f"-nb_thread {args.nb_thread}: must be 0 (PyTorch's default) or a thread count")
     if args.nb_thread > 0:
         torch.set_num_threads(args.nb_thread)
-    elif args.nb_thread < 0:
-        threads = common.idle_cores()
-        torch.set_num_threads(threads)
-        # the thread count changes float summation order, hence the exact numbers of a run
-        print(f"{threads} CPU thread(s): the cores not busy at start (-nb_thread {threads} repeats this run)")
     baseline_eer = None
     if args.demo:
         baseline_eer = prepare_demo(args)

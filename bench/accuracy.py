@@ -30,9 +30,9 @@ from model_RawNet2 import RawNet2, default_d_args  # noqa: E402
 
 
 def embed(model, segments, plan, batch):
-    stages = fast_RawNet2.Stages(model, {**fast_RawNet2.REFERENCE_PLAN, **plan})
+    model = fast_RawNet2.accelerate(copy.deepcopy(model), {**fast_RawNet2.REFERENCE, **plan})
     with torch.no_grad():
-        return torch.cat([model.embed(segments[i:i + batch], stages=stages)
+        return torch.cat([model.embed(segments[i:i + batch])
                           for i in range(0, len(segments), batch)]).double()
 
 
@@ -44,7 +44,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         make_corpus(tmp, max(4, args.segments // 2), np.random.default_rng(1))
         folder = os.path.join(tmp, "eval_wav")
-        segments = torch.cat([utils.read_tta_segments(key, folder, 59049, WINDOW)[0]
+        segments = torch.cat([utils.read_tta_segments(key, folder, 59049, WINDOW)[1]
                               for key in utils.list_utterances(folder)])[:args.segments]
     torch.manual_seed(0)
     model = RawNet2(default_d_args())

@@ -4,15 +4,14 @@
     python bench/extract_e2e.py -nb_utt 100 -rounds 1
 
 Both are timed as whole processes, start-up included (imports, model build and load, worker
-start, plan), on the same synthetic utterances and a random paper-size checkpoint, and both score
-the same trial list at the end:
+start), on the same synthetic utterances and a random paper-size checkpoint, and both score the
+same trial list at the end:
   * reference, the original evaluation's method (``-loop`` below, in this file): read each file
     when its turn comes, one TTA segment per forward through the reference network (``-fast
     False``), mean per utterance, then cosine scores and the EER;
-  * ours, cold: ``-extract`` with its defaults and an empty plan cache (the first run on a machine
-    measures its plan);
-  * ours, warm: the same with the plan cached by the cold run.
-Rounds interleave the three; the best of each is kept. The embeddings of ours are compared with the
+  * ours: ``-extract`` with its defaults (the fast path's fixed rule: nothing is measured or cached,
+    so the first run on a machine is as fast as any other).
+Rounds interleave the two; the best of each is kept. The embeddings of ours are compared with the
 loop's (max |diff|, also relative to the largest |value|). The per-utterance rate of each gives the
 extrapolation to larger sets (``-extrapolate``) once start-up is paid.
 """
@@ -93,8 +92,8 @@ def timed(cmd, env):
 
 
 def run_set(tmp, nb_utt, rounds, checkpoint):
-    """Best start-to-exit seconds of each configuration on ``nb_utt`` utterances, the plan lines
-    of the cold run, the largest embedding difference to the loop, and the number of segments."""
+    """Best start-to-exit seconds of each configuration on ``nb_utt`` utterances, the fast path's
+    plan lines, the largest embedding difference to the loop, and the number of segments."""
     import soundfile as sf
     sys.path.insert(0, ROOT)
     import utils
@@ -103,24 +102,21 @@ def run_set(tmp, nb_utt, rounds, checkpoint):
     ref_out = os.path.join(folder, "loop.pk")
     reference = [sys.executable, os.path.abspath(__file__), "-loop", folder, checkpoint, ref_out]
 
-    def ours(name):
-        return [sys.executable, "evaluate_pretrained_RawNet2.py", "-extract", "-DB", folder, "-model_dir",
-                checkpoint, "-embd_dir", os.path.join(folder, "embd_" + name), "-trials",
-                os.path.join(folder, "trials.txt"), "-eer_file", os.path.join(folder, "eers.txt"),
-                "-device", "cpu"]
+    ours = [sys.executable, "evaluate_pretrained_RawNet2.py", "-extract", "-DB", folder, "-model_dir",
+            checkpoint, "-embd_dir", os.path.join(folder, "embd"), "-trials",
+            os.path.join(folder, "trials.txt"), "-eer_file", os.path.join(folder, "eers.txt"),
+            "-device", "cpu"]
 
     best, notes = {}, []
-    for r in range(rounds):
-        cold = os.path.join(folder, f"cache{r}")
-        for label, cmd, cache in ((REF, reference, os.path.join(folder, "unused")),
-                                  (COLD, ours("cold"), cold), (WARM, ours("warm"), cold)):
-            seconds, err = timed(cmd, {**os.environ, "RAWNET2_CACHE_DIR": cache})
+    for _ in range(rounds):
+        for label, cmd in ((REF, reference), (OURS, ours)):
+            seconds, err = timed(cmd, dict(os.environ))
             best[label] = min(best.get(label, np.inf), seconds)
-            if label == COLD:
-                notes = [line for line in err.splitlines() if "plan" in line]
+            if label == OURS:
+                notes = [line for line in err.splitlines() if "fast path" in line]
     with open(ref_out, "rb") as f:
         expected = pickle.load(f)
-    with open(os.path.join(folder, "embd_warm", "TTA_vox1_eval.pk"), "rb") as f:
+    with open(os.path.join(folder, "embd", "TTA_vox1_eval.pk"), "rb") as f:
         got = pickle.load(f)
     diff = max(float(np.abs(got[k] - v).max()) for k, v in expected.items())
     scale = max(float(np.abs(v).max()) for v in expected.values())
@@ -129,7 +125,7 @@ def run_set(tmp, nb_utt, rounds, checkpoint):
     return best, notes, (diff, scale), nb_seg
 
 
-REF, COLD, WARM = "original loop (reference)", "-extract, cold plan cache", "-extract, plan cached"
+REF, OURS = "original loop (reference)", "-extract"
 
 
 def main():
@@ -164,7 +160,7 @@ def main():
     print(f"(start-up and s/utt: the line through the {args.small}- and {args.nb_utt}-utterance runs; "
           f"the last column extrapolates it to {extra} utterances)")
     for line in notes:
-        print(f"  cold run: {line}")
+        print(f"  {line}")
     print(f"max |embedding - loop's| {diff:.1e}, {diff / scale:.1e} of the largest |value| ({scale:.2g})")
 
 

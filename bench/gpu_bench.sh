@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 echo "== bench/train_step.py (batch 100, cuDNN deterministic as the recipe runs)"
 # A step that fails or times out is reported and the others still run; the exit status says so.
 status=0
-for v in reference fast auto fast+bf16 fast+fp16; do
+for v in reference fast rule fast+bf16 fast+fp16; do
   timeout 100 "$PY" bench/train_step.py --variant "$v" --steps 8 --warmup 3 > "$OUT/step.txt" \
     || { status=$?; echo "train_step.py --variant $v failed ($status)"; }
   tail -n 1 "$OUT/step.txt" | grep '^{' | tee -a "$OUT/train.jsonl" || true

@@ -14,6 +14,7 @@ path's embeddings relative to their scale.
 """
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import export_RawNet2  # noqa: E402
+import fast_RawNet2  # noqa: E402
 import utils  # noqa: E402
 from model_RawNet2 import RawNet2, default_d_args, load_pretrained  # noqa: E402
 
@@ -39,8 +41,9 @@ def parse_args(argv=None):
 
 
 def torch_runner(model, fast):
+    model = fast_RawNet2.accelerate(copy.deepcopy(model), fast)
+
     def run(batch):
-        model.fast = fast
         with torch.no_grad():
             return model.embed(torch.from_numpy(batch)).numpy()
     return run

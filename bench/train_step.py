@@ -11,11 +11,11 @@ Variants (the training script's flags in brackets):
               model_RawNet2.py, torch.optim.Adam, glibc's malloc as is
   plain       the same network as the training script runs it: fused
               Adam, freed memory kept for reuse (common.keep_freed_memory) [-fast False]
-  fast        fused sinc front end, and on CPU the channels-last blocks
-              and GRU of fast_RawNet2.py: same math                      [-fast True]
-  auto        the plan measured on first use (cached per machine): each
-              part fast or reference, whichever is faster here            [-fast auto, the default]
-  fast+bf16   the same under bfloat16 autocast                           [-fast True -amp bf16]
+  fast        every kernel of fast_RawNet2.py: the fused sinc front end,
+              and on CPU the channels-last blocks and GRU: same math
+                                           [-fast front_end=fast,blocks=fast,gru=fast]
+  rule        each part as the fast path's fixed rule picks               [-fast True, the default]
+  fast+bf16   the rule under bfloat16 autocast                           [-fast True -amp bf16]
   reference+bf16  the reference network under bfloat16 autocast          [-fast False -amp bf16]
   fast+fp16   float16 autocast with a gradient scaler (GPU only)         [-amp fp16]
 The sinc front end stays float32 under autocast (see model_RawNet2.embed).
@@ -46,8 +46,9 @@ import fast_RawNet2  # noqa: E402
 import utils  # noqa: E402
 from model_RawNet2 import RawNet2, default_d_args  # noqa: E402
 
-VARIANTS = {"reference": (False, "none"), "plain": (False, "none"), "fast": (True, "none"),
-            "auto": ("auto", "none"), "fast+bf16": (True, "bf16"),
+ALL_FAST = {"front_end": "fast", "blocks": "fast", "gru": "fast"}
+VARIANTS = {"reference": (False, "none"), "plain": (False, "none"), "fast": (ALL_FAST, "none"),
+            "rule": (True, "none"), "fast+bf16": (True, "bf16"),
             "reference+bf16": (False, "bf16"), "fast+fp16": (True, "fp16")}
 
 
@@ -98,7 +99,8 @@ def run_variant(args, variant):
     if variant != "reference":
         utils.keep_freed_memory()  # as train_RawNet2.py does
     torch.manual_seed(0)
-    model = RawNet2({**default_d_args(args.nb_classes, nb_samp), **changes}, fast=fast).to(device)
+    model = RawNet2({**default_d_args(args.nb_classes, nb_samp), **changes})
+    model = fast_RawNet2.accelerate(model, fast).to(device)
     model.apply(utils.init_weights)
     if dist.is_initialized():
         model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
@@ -114,10 +116,12 @@ def run_variant(args, variant):
             loss = F.cross_entropy(model(x), y)
         utils.backward_step(loss, opt, scaler)
 
-    for _ in range(args.warmup):  # (with -fast auto the first step measures the plan)
+    for _ in range(args.warmup):
         step()
+    net = model.module if dist.is_initialized() else model
     with utils.amp_autocast(device, amp):
-        plan = fast_RawNet2.stages_for(model.module if dist.is_initialized() else model, x).plan
+        plan = (fast_RawNet2.plan(fast_RawNet2.call_now(net, x), net.fast_overrides).stages
+                if isinstance(net, fast_RawNet2.FastRawNet2) else fast_RawNet2.REFERENCE)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

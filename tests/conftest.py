@@ -10,12 +10,15 @@ import soundfile as sf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import fast_RawNet2  # noqa: E402
-
 # A scaled-down model for end-to-end runs; every other part of the pipeline is the paper's.
 TINY_FLAGS = ["-nb_samp", "4000", "-m_nb_samp", "4000", "-window_size", "1000",
               "-m_filts", "[8,[8,8],[8,16],[16,16]]", "-m_gru_node", "16", "-m_nb_fc_node", "16",
               "-bs", "4", "-nb_worker", "0"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs whole trainings or extractions in new processes "
+                                       "(pytest -m 'not slow' leaves them out)")
 
 
 def write_speakers(root, speakers, videos, utts, rng):
@@ -57,15 +60,3 @@ def tiny_corpus(tmp_path_factory):
 def tiny_run_flags(corpus, save_dir, name="run", epochs=1):
     return ["-name", name, "-save_dir", str(save_dir), "-DB", os.path.join(corpus, "VoxCeleb1") + "/",
             "-DB_vox2", os.path.join(corpus, "VoxCeleb2") + "/", "-epoch", str(epochs)] + TINY_FLAGS
-
-
-@pytest.fixture(scope="session", autouse=True)
-def plan_cache_dir(tmp_path_factory):
-    """The fast path's measured plans (fast_RawNet2) are cached in one temporary folder, never the
-    user's cache, from the session's start: module fixtures such as test_reliability's reference
-    run are set up before any test's own fixtures, and a script that found no plan there would
-    measure its own, which may round differently from the plan the tests' runs read.
-    tests/test_plan.py points single tests at folders of their own."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(fast_RawNet2.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "plans"))
-        yield

@@ -13,6 +13,7 @@ import soundfile as sf
 import torch
 
 import evaluate_pretrained_RawNet2 as ev
+import fast_RawNet2
 import scoring
 import utils
 from conftest import ROOT
@@ -387,8 +388,7 @@ def one_segment_at_a_time(model, path, window_size=1000, fast=True):
     """Reference TTA embedding: each segment through the network alone, then the mean (by default
     through the fast path, as -extract runs by default)."""
     segments = utils.tta_segments(utils.read_wav(path), model.nb_samp, window_size)
-    model = copy.deepcopy(model)
-    model.fast = fast
+    model = fast_RawNet2.accelerate(copy.deepcopy(model), fast)
     with torch.no_grad():
         return np.mean([model.embed(torch.from_numpy(s[None].copy()))[0].numpy() for s in segments], axis=0)
 

@@ -128,6 +128,9 @@ def test_gru_sequence_equals_nn_gru(layers):
         assert rel_err(fast, ref) < 1e-12
 
 
+ALL_FAST = {"front_end": "fast", "blocks": "fast", "gru": "fast"}  # every kernel, whatever the rule says
+
+
 def small_model(legacy, nb_samp=20000):  # last BN sees 9 steps: batch 1 trains sanely
     d_args = {"first_conv": 251, "in_channels": 1, "filts": [16, [16, 16], [16, 24], [24, 24]],
               "nb_fc_node": 12, "gru_node": 12, "nb_gru_layer": 1, "nb_samp": nb_samp, "nb_classes": 7}
@@ -143,7 +146,7 @@ def test_network_training_step_parity(small_chunks, legacy, batch):
     """Logits, every parameter's gradient and the BN statistics of one training step, float32."""
     ref = small_model(legacy).train()
     fast = copy.deepcopy(ref)
-    fast.fast = True
+    fast_RawNet2.accelerate(fast, ALL_FAST)
     torch.manual_seed(batch)
     x = torch.randn(batch, ref.nb_samp)
     y = torch.randint(0, 7, (batch,))
@@ -171,21 +174,15 @@ def test_network_training_step_parity(small_chunks, legacy, batch):
 def test_network_embeddings_parity_in_eval(small_chunks, legacy):
     ref = small_model(legacy).eval()
     fast = copy.deepcopy(ref)
-    fast.fast = True
+    fast_RawNet2.accelerate(fast, ALL_FAST)
     x = torch.randn(5, ref.nb_samp)
     with torch.no_grad():
         assert rel_err(fast.embed(x), ref.embed(x)) < 1e-5
 
 
-def test_fast_flag_leaves_the_state_dict_alone():
-    ref, fast = small_model(False), small_model(False)
-    fast.fast = True
-    assert list(ref.state_dict()) == list(fast.state_dict())
-
-
 def test_training_after_an_inference_mode_pass(small_chunks):
     model = small_model(False).train()
-    model.fast = True
+    fast_RawNet2.accelerate(model, ALL_FAST)
     x = torch.randn(2, model.nb_samp)
     with torch.inference_mode():  # e.g. re-estimating batch-norm statistics
         model(x)
@@ -195,7 +192,7 @@ def test_training_after_an_inference_mode_pass(small_chunks):
 
 def test_double_backward_raises_instead_of_going_wrong(small_chunks):
     model = small_model(False).train()
-    model.fast = True
+    fast_RawNet2.accelerate(model, ALL_FAST)
     x = torch.randn(2, model.nb_samp, requires_grad=True)
     (grad,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward|once_differentiable|differentiable"):
@@ -210,7 +207,7 @@ def test_non_default_batch_norm_and_gru_fall_back_to_the_modules(small_chunks):
     ref.gru = torch.nn.GRU(24, 12, bidirectional=True, batch_first=True).double()
     ref.fc1_gru = torch.nn.Linear(24, 12).double()
     fast = copy.deepcopy(ref)
-    fast.fast = True
+    fast_RawNet2.accelerate(fast, ALL_FAST)
     x = torch.randn(3, ref.nb_samp, dtype=torch.float64)
     for model in (ref, fast):
         model(x).sum().backward()
@@ -232,7 +229,7 @@ def test_ddp_on_cpu_prints_no_gradient_stride_warning(tmp_path):
     trials = [f"{int(a[:7] == b[:7])} {a} {b}\n" for i, a in enumerate(test_keys) for b in test_keys[i + 1:]]
     (tmp_path / "VoxCeleb1" / "veri_test.txt").write_text("".join(trials))
     flags = tiny_run_flags(str(tmp_path), tmp_path / "out", epochs=1) + [
-        "-fast", "True", "-bs", "32", "-m_filts", "[32,[32,32],[32,64],[64,64]]"]
+        "-fast", "blocks=fast", "-bs", "32", "-m_filts", "[32,[32,32],[32,64],[64,64]]"]
     result = torchrun(flags, timeout=240, env={"CUDA_VISIBLE_DEVICES": ""})  # gloo, also on GPU machines
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Grad strides do not match" not in result.stderr + result.stdout

@@ -639,38 +639,25 @@ def test_keras_l2_equals_coupled_weight_decay_on_kernels():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("fastest", [(2, False), (2, True), (1, False), (1, True)])
-def test_forward_choice_keeps_the_fastest_threads_and_layout_and_restores_them(fastest):
-    import time
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
+def test_the_channels_last_front_end_runs_by_a_rule_of_the_device_and_mode(monkeypatch):
     model = RawNet(SMALL).eval()
-    seen = []
-
-    def embed(x):
-        setting = (torch.get_num_threads(), model.frontend.channels_last)
-        seen.append(setting)
-        time.sleep(0.001 if setting == fastest else 0.02)
-        return x
-    model.embed = embed
-    try:
-        with data_RawNet.ForwardChoice(model, "cpu", per_choice=2) as choice:
-            for _ in range(11):
-                choice.run(torch.zeros(1, 10))
-        candidates = [(2, False), (2, True), (1, False), (1, True)]
-        assert seen[:8] == candidates * 2         # measuring: every choice in turn
-        assert seen[8:] == [fastest] * 3          # then the fastest one
-        assert torch.get_num_threads() == 2 and not model.frontend.channels_last  # restored
-        with data_RawNet.ForwardChoice(model, "cuda") as choice:  # off on GPU
-            assert choice.choices == []
-    finally:
-        torch.set_num_threads(before)
+    used = []
+    monkeypatch.setattr(type(model.frontend), "forward_channels_last", lambda self, x: used.append(1) or x)
+    model.frontend(torch.zeros(1, 1, 2916))
+    assert used == [1]  # eval on CPU
+    model.frontend.channels_last = False
+    model.frontend(torch.zeros(1, 1, 2916))
+    assert used == [1]  # forced off
+    model.frontend.channels_last = None
+    model.train()
+    model.frontend(torch.randn(2, 1, 2916))
+    assert used == [1]  # training: the reference
 
 
 @pytest.mark.parametrize("cls", [RawNetPretrain, RawNet])
 @pytest.mark.parametrize("batch, length", [(1, 3 ** 6 * 4), (2, 3 ** 6 * 4 + 5)])
 def test_channels_last_front_end_equals_the_reference_in_eval(cls, batch, length):
-    """The eval-mode channels-last front end (chosen by ForwardChoice where faster) gives the
+    """The eval-mode channels-last front end (the CPU's eval-mode rule) gives the
     reference's embeddings to float rounding, trailing samples of an incomplete window included."""
     torch.manual_seed(0)
     model = cls(dict(SMALL, nb_blocks=[1, 3]))
@@ -684,6 +671,7 @@ def test_channels_last_front_end_equals_the_reference_in_eval(cls, batch, length
     model.eval()
     x = torch.randn(batch, length) * 1000
     with torch.no_grad():
+        model.frontend.channels_last = False
         reference = model.embed(x)
         model.frontend.channels_last = True
         fast = model.embed(x)

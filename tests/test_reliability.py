@@ -23,7 +23,6 @@ import soundfile as sf
 import torch
 
 import evaluate_pretrained_RawNet2 as ev
-import fast_RawNet2 as fr
 import scoring
 import train_RawNet2 as train
 import utils
@@ -275,7 +274,7 @@ def test_extraction_killed_anywhere_resumes_without_recomputing(extraction, tmp_
         while kills < 8 and len(log) < 24 and code != 0:
             done = {s: logged(out, s) for s in total}
             left = [s for s in total if done[s] < total[s]]
-            files = ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk", "plans.json"] + (
+            files = ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk"] + (
                 [] if (out / ".partial").is_dir() else ["fingerprint.json"]
             )
             kind = rng.choice(["record", "record", "progress", "file"]) if left else "file"
@@ -359,7 +358,7 @@ def test_extraction_resumed_on_other_audio_starts_over(extraction, tmp_path):
 def one_error_line(err, *fragments):
     """stderr is exactly one ``error: ...`` line (no traceback) holding each fragment."""
     progress = r"\d+%\||\d+/\d+ \[|it/s|s/it"  # tqdm's bars, redrawn with carriage returns
-    plan = r"^(RawNet2 plan \(|TTA extraction plan: )"  # the fast path's one-line plan notes
+    plan = r"^RawNet2 fast path \("  # the fast path's one-line plan notes
     lines = [line for line in re.split(r"[\r\n]", err)
              if line.strip() and not re.search(progress, line) and not re.match(plan, line)]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err[-3000:]
@@ -476,53 +475,20 @@ def test_resume_of_a_run_killed_at_its_first_write_starts_it(reference, tmp_path
     assert code == 1 and "-resume: " in err and "no completed epoch to continue from" in err
 
 
-def other_plan(plan):
-    """A valid plan that differs from ``plan`` in every part (so it rounds differently)."""
-    if "segments_per_forward" in plan:
-        return {"segments_per_forward": 4 if plan["segments_per_forward"] == 1 else 1}
-    return {"front_end": "fft" if plan["front_end"] == "reference" else "reference",
-            **{s: "fast" if plan[s] == "reference" else "reference" for s in ("blocks", "gru")}}
-
-
-def cache_of_other_plans(plans, folder, monkeypatch):
-    """The plan cache moved to ``folder``, holding for each of ``plans`` (``plans_in_use`` entries)
-    the ``other_plan``; and no plan known to this process yet, as in a new one."""
-    cache = {k: {"identity": e["identity"], "plan": other_plan(e["plan"])} for k, e in plans.items()}
-    folder.mkdir()
-    (folder / "plans.json").write_text(json.dumps({"format": fr.PLAN_FORMAT, "plans": cache}))
-    monkeypatch.setenv(fr.CACHE_ENV, str(folder))
-    monkeypatch.setattr(fr, "_plans", {})
-
-
-def test_resume_runs_the_plans_of_the_run_it_continues(reference, tmp_path, monkeypatch):
-    """The fast path's implementations round differently: a resumed run runs the plans in last.pt,
-    not those a plan cache holds by then (here one that differs in every part)."""
+def test_a_last_pt_with_the_plans_older_releases_kept_still_resumes(reference, tmp_path):
+    """Older releases kept the fast path's measured plans in last.pt ("plans"); such a file resumes,
+    and the entry has no effect."""
     flags = [str(tmp_path) if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
     run = tmp_path / "run"
     code, _, _ = run_forked(train.cli, flags, fault="kill@results/eval_epoch*.txt#2")
     assert code == -9 and load(run / "last.pt")["epoch"] == 0
-    plans = load(run / "last.pt")["plans"]
-    assert {"train", "eval-nograd", "extract"} <= {e["identity"]["context"]["mode"] for e in plans.values()}
-    cache_of_other_plans(plans, tmp_path / "cache", monkeypatch)
+    state = load(run / "last.pt")
+    plan = {"front_end": "fft", "blocks": "fast", "gru": "fast"}
+    state["plans"] = {"0123abcd": {"identity": {"device": "cpu"}, "plan": plan}}
+    torch.save(state, run / "last.pt")
     code, _, err = run_forked(train.cli, flags + ["-resume"])
     assert code == 0, err[-2000:]
-    assert f"(as in {run / 'last.pt'})" in err
     assert_same_run(str(run), reference["run"])
-
-
-def test_resumed_extraction_runs_the_plans_of_the_run_it_continues(extraction, tmp_path, monkeypatch):
-    out = tmp_path / "embd"
-    code, _, _ = run_forked(ev.cli, extraction["flags"](out), fault="kill@eval_*.log#5")
-    assert code == -9 and logged(out, "eval") == 5
-    plans = json.loads((out / ".partial" / "plans.json").read_text())
-    assert {"eval-nograd", "extract"} <= {e["identity"]["context"]["mode"] for e in plans.values()}
-    cache_of_other_plans(plans, tmp_path / "cache", monkeypatch)
-    code, _, err = run_forked(ev.cli, extraction["flags"](out))
-    assert code == 0, err[-2000:]
-    assert f"(as in {out / '.partial' / 'plans.json'})" in err
-    assert sorted(os.listdir(out)) == ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk"]
-    for name in os.listdir(out):
-        assert (out / name).read_bytes() == (extraction["ref"] / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("resume", [[], ["-resume"]])

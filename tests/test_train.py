@@ -124,16 +124,28 @@ def test_val_trial_selects_on_validation_list(tiny_corpus, tmp_path):
     assert re.fullmatch(r"epoch:0, TA_eval_eer:\d\.\d{4}, TA_val_eer:\d\.\d{4}", line)
 
 
-@pytest.mark.parametrize("flag,fast", [(["-fast"], True), (["-fast", "False"], False)])
-def test_fast_flag_selects_the_path(tiny_corpus, tmp_path, monkeypatch, flag, fast):
+@pytest.mark.parametrize("flag,fast", [([], True), (["-fast"], True), (["-fast", "False"], False),
+                                       (["-fast", "front_end=reference"], {"front_end": "reference"})])
+def test_fast_flag_selects_the_path_and_the_run_records_its_plans(tiny_corpus, tmp_path, monkeypatch, flag,
+                                                                   fast):
     # (outputs and gradients of the two paths are tied together in tests/test_fast.py; over several
     # training steps float32 rounding alone moves either path's parameters by percents)
     calls = []
-    fused = fast_RawNet2.sinc_abs_maxpool
-    monkeypatch.setattr(fast_RawNet2, "sinc_abs_maxpool", lambda *a: calls.append(1) or fused(*a))
+    fused = fast_RawNet2.sinc_abs_maxpool_fft  # the rule's training front end for 8 filters
+    monkeypatch.setattr(fast_RawNet2, "sinc_abs_maxpool_fft", lambda *a: calls.append(1) or fused(*a))
     run(tiny_run_flags(tiny_corpus, tmp_path, epochs=1) + flag)
-    assert bool(calls) is fast
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["args"]["fast"] is fast
+    assert bool(calls) is (fast is True)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["args"]["fast"] == fast
+    recorded = json.loads((tmp_path / "run" / "args.json").read_text())["fast_path"]
+    if fast is False:
+        assert recorded is None
+    else:
+        front_end = "fft (cpu-train-short-maps)" if fast is True else "reference (-fast)"
+        assert recorded["training"].startswith("RawNet2 fast path (gradients, batch 4, float32, cpu ")
+        assert recorded["training"].endswith(
+            f"front end {front_end}, blocks fast (cpu-train), gru reference")
+        assert recorded["segments_per_forward"] == 64  # 8 filters x 4,000 samples
+        assert "(no gradients, batch 64, float32" in recorded["evaluation"]
 
 
 def test_persistent_workers_give_the_crops_of_a_single_process_run(tiny_corpus, tmp_path):
@@ -184,8 +196,8 @@ def test_defaults_are_the_papers():
     assert (a.m_first_conv, a.m_in_channels, a.m_nb_fc_node, a.m_gru_node, a.m_nb_gru_layer, a.m_nb_samp) == (
         251, 1, 1024, 1024, 1, 59049)
     assert a.m_filts == [128, [128, 128], [128, 256], [256, 256]]
-    # The measured plan is the same math; mixed precision is opt-in.
-    assert (a.fast, a.amp) == ("auto", "none")
+    # The fast path's rule is the same math; mixed precision is opt-in.
+    assert (a.fast, a.amp) == (True, "none")
 
 
 def test_list_and_double_dash_flags_parse():

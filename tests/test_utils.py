@@ -12,7 +12,6 @@ import pytest
 import soundfile as sf
 import torch
 
-import common
 import scoring
 import utils
 from utils import DataError, SilentAudioError
@@ -362,27 +361,6 @@ def test_train_set_with_index_yields_the_same_crops(tmp_path):
         plain.epoch = fast.epoch = epoch
         for i in range(2):
             np.testing.assert_array_equal(plain[i][0], fast[i][0])
-
-
-@pytest.mark.parametrize("busy,expected", [(0.0, 4), (0.4, 4), (0.6, 3), (1.7, 2), (3.6, 1), (9.0, 1)])
-def test_idle_cores_is_the_usable_cores_minus_the_busy_ones(monkeypatch, busy, expected):
-    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.setattr(common, "_busy_cores", lambda seconds: busy)
-    assert common.idle_cores() == expected
-
-
-def test_busy_cores_reads_the_cpu_time_or_falls_back_to_the_load_average(monkeypatch):
-    busy = common._busy_cores(0.05)
-    assert 0.0 <= busy <= (os.cpu_count() or 1)
-    real_open = open
-
-    def no_proc_stat(path, *a, **k):
-        if path == "/proc/stat":
-            raise FileNotFoundError(path)
-        return real_open(path, *a, **k)
-    monkeypatch.setattr("builtins.open", no_proc_stat)
-    monkeypatch.setattr(common.os, "getloadavg", lambda: (2.5, 0.0, 0.0))
-    assert common._busy_cores(0.0) == 2.5
 
 
 FAULTS_OF_A_REUSED_BLOCK = """
