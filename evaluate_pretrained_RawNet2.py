@@ -25,7 +25,6 @@ import os
 import pickle
 import shutil
 import sys
-import time
 
 import numpy as np
 
@@ -38,7 +37,9 @@ LISTS = [("Vox original", "vox_original.txt", ("eval",)),
          ("Vox1_E_cleaned", "list_test_all_cleaned.txt", ("dev", "eval")),
          ("Vox1_H_cleaned", "list_test_hard_cleaned.txt", ("dev", "eval"))]
 P_TARGETS = (0.01, 0.05)
-PARTIAL_SAVE_S = 60  # an extraction's log of finished embeddings is synced to disk at least this often
+# An extraction's log of finished embeddings is synced to disk every this many records (a killed
+# process loses nothing written before; the sync bounds what a machine crash can lose).
+PARTIAL_SYNC_RECORDS = 64
 
 
 def build_parser():
@@ -227,18 +228,17 @@ def extract_subset(model, args, folder, wav_dir, subset, keys=None, convert=Fals
     while os.path.exists(os.path.join(folder, f"{subset}_{number:05d}.log")):
         number += 1
     log_path = os.path.join(folder, f"{subset}_{number:05d}.log")
-    last_sync = time.monotonic()
     with open(log_path, "ab") as log:  # (an OSError here names the path: see cli)
-        for key, code in tqdm(stream, total=len(todo), desc=f"TTA {subset}", dynamic_ncols=True):
+        for count, (key, code) in enumerate(tqdm(stream, total=len(todo), desc=f"TTA {subset}",
+                                                 dynamic_ncols=True), 1):
             utils.trace(f"embedded {key}")
             utils.append_record(log, (key, code), log_path)
             if code is None:
                 skipped.add(key)
             else:
                 embeddings[utils.utt_id(key)] = code
-            if time.monotonic() - last_sync >= PARTIAL_SAVE_S:
+            if count % PARTIAL_SYNC_RECORDS == 0:
                 os.fsync(log.fileno())
-                last_sync = time.monotonic()
     if skipped:
         print(f"warning: {len(skipped)} silent/empty files of {wav_dir} have no embedding "
               f"({', '.join(sorted(skipped)[:5])})")

@@ -732,7 +732,8 @@ def load_torch_file(path, what):
 
 
 LOCK_NAME = ".lock"
-LOCK_WAIT_S = 30  # how long a lock whose holder has died may still be held by its exiting children
+# How often, 0.2 s apart, a lock whose holder has died is tried again while its children exit (30 s)
+LOCK_RETRIES = 150
 
 
 def _lock_holder(fd):
@@ -771,7 +772,7 @@ def folder_lock(folder, hint):
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise output_error(path, e, "nothing was written") from None
-    deadline = time.monotonic() + LOCK_WAIT_S
+    retries = LOCK_RETRIES
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -779,7 +780,8 @@ def folder_lock(folder, hint):
         except BlockingIOError:
             holder = _lock_holder(fd)
             os.close(fd)
-            if _holder_gone(holder) and time.monotonic() < deadline:
+            if _holder_gone(holder) and retries > 0:
+                retries -= 1
                 time.sleep(0.2)  # the holder is dead; its child processes are still exiting
                 continue
             who = (f"pid {holder['pid']} on {holder['host']} (since {holder['since']})" if holder

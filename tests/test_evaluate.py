@@ -441,7 +441,7 @@ def test_interrupted_extraction_resumes_without_recomputing(tiny_corpus, tiny_ch
             computed.append(item[0])
             yield item
 
-    monkeypatch.setattr(ev, "PARTIAL_SAVE_S", 0)
+    monkeypatch.setattr(ev, "PARTIAL_SYNC_RECORDS", 1)
     monkeypatch.setattr(utils, "iter_embeddings", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(extract_flags(tiny_corpus, tmp_path / "cut", checkpoint))
