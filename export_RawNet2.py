@@ -6,7 +6,7 @@
 The checkpoint is anything ``model_RawNet2.load_pretrained`` loads: the released weights (legacy
 layout), a ``TA_*.pt`` state_dict or a ``last.pt`` of train_RawNet2.py (FMS layout). What is exported
 is one batch of TTA segments to their embeddings, ``RawNet2.embed`` on the reference path
-(``model.fast = False``) in eval mode:
+(``-fast False``: model_RawNet2.py alone) in eval mode:
 
     input  "waveform"   float32 (batch, nb_samp)      batch is dynamic; nb_samp is the checkpoint's
     output "embedding"  float32 (batch, nb_fc_node)   (59,049 and 1,024 for the paper's model)
@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fast_RawNet2
 import utils
 from model_RawNet2 import load_pretrained
 from utils import DataError
@@ -66,8 +67,7 @@ class EmbeddingNetwork(nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.rawnet2 = copy.deepcopy(model).eval()
-        self.rawnet2.fast = False
+        self.rawnet2 = fast_RawNet2.accelerate(copy.deepcopy(model), False).eval()  # the plain network
         self.rawnet2.first_conv = FrozenSincConv(model.first_conv)
         self.nb_samp = model.nb_samp
         self.requires_grad_(False)
@@ -102,14 +102,17 @@ class OnnxNetwork(nn.Module):
 
 def tta_embedding(run, waveform, nb_samp, window_size=11810, segments_per_batch=32):
     """TTA embedding of one peak-normalised float32 waveform with ``run`` ((n, nb_samp) float32 array ->
-    (n, dim) array or tensor): the mean of its segments' embeddings (``utils.tta_segments``)."""
+    (n, dim) array or tensor; or an exported module taking tensors): the mean of its segments'
+    embeddings (``utils.tta_segments``, ``utils.tta_embeddings``; the last batch is not padded)."""
     segments = np.ascontiguousarray(utils.tta_segments(waveform, nb_samp, window_size), dtype=np.float32)
-    codes = []
-    for start in range(0, len(segments), segments_per_batch):
-        batch = segments[start:start + segments_per_batch]
-        out = run(batch) if not isinstance(run, nn.Module) else run(torch.from_numpy(batch)).detach()
-        codes.append(np.asarray(out, dtype=np.float32))
-    return np.concatenate(codes).mean(0)
+
+    def forward(batch):
+        out = run(batch.numpy()) if not isinstance(run, nn.Module) else run(batch).detach()
+        return torch.as_tensor(np.asarray(out, dtype=np.float32))
+    with torch.no_grad():
+        [(_, code)] = utils.tta_embeddings(forward, [(None, torch.from_numpy(segments))], segments_per_batch,
+                                           pad_last=False)
+    return code
 
 
 def export_program(net, batch=2):

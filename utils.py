@@ -415,7 +415,7 @@ def backward_step(loss, optimizer, scaler=None):
         optimizer.step()
 
 
-def tta_embeddings(forward, utterances, segments_per_forward):
+def tta_embeddings(forward, utterances, segments_per_forward, pad_last=True):
     """The TTA embedding of each utterance: the mean of its segments' embeddings. The one place that
     packs segments into forwards and averages them; every embedding path of the repository runs it.
 
@@ -423,9 +423,11 @@ def tta_embeddings(forward, utterances, segments_per_forward):
     silent file); ``forward`` maps an (m, samples) batch to its (m, dim) embeddings. Segments of
     consecutive utterances are packed into forwards of exactly ``segments_per_forward``, a long
     utterance split over several, the last forward padded with silent segments (their embeddings
-    dropped): every segment goes through the kernels of one batch size, whichever utterances share
-    its forward, so an extraction resumed after a kill writes the numbers an uninterrupted one does
-    (in eval mode a segment's embedding does not depend on its batch-mates' values). Yields
+    dropped; ``pad_last`` False runs it short instead): every segment goes through the kernels of
+    one batch size, whichever utterances share its forward, so an extraction resumed after a kill
+    writes the numbers an uninterrupted one does, and ``-verify`` scores a file's embedding as
+    ``-extract`` writes it (in eval mode a segment's embedding does not depend on its batch-mates'
+    values). Yields
     ``(key, embedding)`` in order, each as soon as its segments are done: a float32 numpy vector,
     or None for a silent file.
     """
@@ -460,7 +462,7 @@ def tta_embeddings(forward, utterances, segments_per_forward):
         while pending and (last or sum(map(len, pending)) >= segments_per_forward):
             batch = take(segments_per_forward)
             real = len(batch)
-            if real < segments_per_forward:  # the last forward: padded with silent segments
+            if pad_last and real < segments_per_forward:  # the last forward: padded with silence
                 batch = torch.cat([batch, batch.new_zeros(segments_per_forward - real, *batch.shape[1:])])
             codes.append(forward(batch)[:real].float().cpu())
             done += real

@@ -63,6 +63,16 @@ def test_tta_embedding_is_the_mean_of_segment_embeddings():
     np.testing.assert_allclose(utils.embed_utterance(model, x, 1000), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_tta_embedding_runs_the_shared_tta_path_without_padding(monkeypatch):
+    sizes, shared = [], utils.tta_embeddings
+    monkeypatch.setattr(utils, "tta_embeddings", lambda *a, **k: sizes.append(k) or shared(*a, **k))
+    x = np.random.default_rng(0).uniform(-1, 1, 9500).astype(np.float32)  # 3 segments
+    batches = []
+    export_RawNet2.tta_embedding(lambda b: batches.append(len(b)) or b[:, :2], x, 4000, 1000,
+                                 segments_per_batch=2)
+    assert sizes == [{"pad_last": False}] and batches == [2, 1]
+
+
 def test_missing_optional_dependency_and_bad_checkpoint_are_one_line(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     script = os.path.join(ROOT, "export_RawNet2.py")
