@@ -8,8 +8,8 @@ Rows (each the median over --rounds of --steps, the two forms interleaved):
                                       torch.optim.Adam, against model_RawNet.add_lrelu_max_pool3
                                       and utils.adam (fused)
   front end, eval, one utterance      FrontEnd.forward against FrontEnd.forward_channels_last, on
-                                      utterances of 2, 3.5 and 5 s (the embedding runs choose
-                                      between the two per run: data_RawNet.ForwardChoice)
+                                      utterances of 2, 3.5 and 5 s (embeddings on CPU run the
+                                      channels-last form: FrontEnd.channels_last)
   b-vector step (batch 120)           nn.Dropout and torch.optim.Adam against
                                       train_bvec.UniformDropout and utils.adam
 Prints seconds and the ratio plain / ours (above 1: ours is faster).
@@ -82,6 +82,7 @@ def training_step(cls, d_args, batch, nb_samp):
 
 def front_end(d_args, samples):
     model = model_RawNet.RawNet(d_args).eval()
+    model.frontend.channels_last = False  # forward: the plain form
     x = torch.randn(1, 1, samples) * 1000
 
     def make(form):
