@@ -2,27 +2,37 @@
 
     python DB/prepare_dataset.py /data/mine -layout speaker/session/file -out DB/mine
     python DB/prepare_dataset.py -list files.csv -out DB/mine                 # rows: path,speaker[,session]
+    python DB/prepare_dataset.py -list cv/validated.tsv -root cv/clips -out DB/cv   # a header names columns
     python DB/prepare_dataset.py /data/mine -layout speaker/file -out DB/mine -test_speakers 10 \
         -make_trials 2000                                                     # + a test split and trials
 
 Sources: a folder whose path components name the speaker (and optionally the session), described by
 ``-layout`` (``speaker/file``, ``speaker/session/file``, ``*/speaker/file``: ``*`` is a folder level
-that is ignored), or a CSV/TSV list of ``path, speaker[, session]`` rows. Every file libsndfile reads
-(wav, flac, ogg, mp3, aiff, ...) at any sample rate and channel count is mixed down (channels
-averaged) and resampled to 16 kHz by polyphase filtering (``utils.to_mono_16k``); m4a/aac/mp4 go
-through ffmpeg as in ``DB/convert_vox2_to_wav.py``. Each file becomes ``<speaker>/<session>/<NNNNN>.wav``
-(files of one speaker and session numbered in sorted source order; a speaker without sessions gets
-the session ``-default_session``), under:
+that is ignored), or a list (CSV; TSV by its .tsv extension or a tab in its first line; UTF-8 with or
+without a byte-order mark, or UTF-16 with one, as Excel saves "Unicode text"). A list's rows are
+``path, speaker[, session]``, or follow a header row whose path and speaker (and session) columns are
+found by name (path/file/filename/audio/wav, speaker/client_id/speaker_id/spk, session/session_id) or
+named with ``-columns path=COLUMN,speaker=COLUMN[,session=COLUMN]``; relative paths start from
+``-root`` (default: the list's folder). Every file libsndfile reads (wav, flac, ogg, mp3, aiff, ...)
+at any sample rate and channel count is mixed down (channels averaged) and resampled to 16 kHz by
+polyphase filtering (``utils.to_mono_16k``); m4a/aac/mp4 go through ffmpeg as in
+``DB/convert_vox2_to_wav.py``. Each file becomes ``<speaker>/<session>/<NNNNN>.wav`` (files of one
+speaker and session numbered in sorted source order; a speaker without sessions gets the session
+``-default_session``), under:
 
     OUT/wav/                      no -test_speakers: train_RawNet2.py -DB_vox2 OUT/
     OUT/train/wav/                with -test_speakers N: the other speakers, -DB_vox2 OUT/train/
     OUT/test/eval_wav/            the N test speakers, -DB OUT/test/
     OUT/test/veri_test.txt        trials '<1|0> keyA keyB' over the test speakers (-make_trials)
 
-``OUT/mapping.tsv`` maps each source file to its output (``source output speaker session``, output
-relative to OUT); ``OUT/skipped.tsv`` lists the files not converted and why. Files are converted in
-``-jobs`` processes, each written to a temporary name and renamed when complete, so an interrupted
-run is resumed by running the same command again (finished files are kept).
+Files that cannot be used are skipped, each with its reason: not found, empty (0 bytes), a text
+file, not decodable, all zero, or shorter than ``-min_seconds`` (with its duration); ``-strict`` stops
+at the first one instead. ``OUT/mapping.tsv`` maps each source file to its output (``source output
+speaker session``, output relative to OUT); ``OUT/skipped.tsv`` lists the skipped files and why.
+Files are converted in ``-jobs`` processes, each written to a temporary name and renamed when
+complete, so an interrupted run is resumed by running the same command again (finished files are
+kept). The closing "train with:" line suggests the demo's scaled-down model below an hour of
+training audio.
 """
 
 import argparse
@@ -480,6 +490,10 @@ def main(args):
                             os.path.join(args.out, "mapping.tsv"))
     utils.write_text_atomic("source\treason\n" + "".join(f"{p}\t{r}\n" for p, r in skipped),
                             os.path.join(args.out, "skipped.tsv"))
+    if not rows:
+        report_skipped(args, skipped)
+        raise DataError(f"{args.list or args.source}: none of its {len(plan)} audio files can be used "
+                        f"(reasons above and in {os.path.join(args.out, 'skipped.tsv')})")
     if args.test_speakers:
         write_trials(args, rows)
     summarise(args, rows, frames, skipped)
@@ -578,7 +592,7 @@ def summarise(args, rows, frames, skipped):
     if args.test_speakers:
         if seconds.get("train", 0) < SMALL_CORPUS_SECONDS:
             print("note: under an hour of training audio: the demo's scaled-down model, not the paper's "
-                  "(80 epochs of batch 100, for VoxCeleb2's 2,400 hours)")
+                  "(80 epochs of batch 100)")
         print("train with: " + train_command(args.out, seconds.get("train", 0)))
 
 

@@ -111,6 +111,14 @@ def test_raising_min_seconds_on_a_rerun_removes_outputs_now_too_short(tmp_path):
         [str(tmp_path / "src" / "a" / "short.wav"), "too short: 0.500 s, under -min_seconds 1"]]
 
 
+def test_a_corpus_of_only_unusable_clips_stops_with_one_line(tmp_path):
+    clip(str(tmp_path / "src" / "a" / "short.wav"), 0.5)
+    open(tmp_path / "src" / "a" / "empty.wav", "wb").close()
+    with pytest.raises(DataError, match=r"src: none of its 2 audio files can be used \(reasons above"):
+        prepare([tmp_path / "src", "-layout", "speaker/file"], tmp_path / "out")
+    assert len(table(tmp_path / "out" / "skipped.tsv")) == 2
+
+
 def test_every_bad_file_is_listed_with_its_own_reason(tmp_path):
     clip(str(tmp_path / "src" / "a" / "good.wav"), 1.0)
     bad_files(str(tmp_path / "src" / "a"))
