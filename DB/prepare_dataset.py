@@ -357,7 +357,8 @@ def decode_failure(path, detail):
     if not head:
         return "cannot read audio (empty file: 0 bytes)"
     if is_text(head):
-        begins = head.decode("utf-8", "replace").strip().splitlines()[0][:40]
+        lines = head.decode("utf-8", "replace").splitlines()
+        begins = next((line.strip() for line in lines if line.strip()), "")[:40]
         return f"cannot read audio (a text file, not audio; it begins {begins!r})"
     return f"cannot read audio (cannot be decoded: {detail})"
 
