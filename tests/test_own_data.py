@@ -61,7 +61,7 @@ def write_layouts(root, speakers=4, seed=0):
 
 
 def prepare(argv, out):
-    flags = ["-out", str(out), "-jobs", "2", "-progress", "False"]
+    flags = ["-out", str(out), "-jobs", "2", "-progress", "False", "-min_seconds", "0"]  # (0.3-0.5 s clips)
     args = prepare_dataset.parse_args([str(a) for a in argv] + flags)
     return prepare_dataset.main(args)
 
