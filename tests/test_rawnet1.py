@@ -687,3 +687,19 @@ def test_channels_last_front_end_equals_the_reference_in_eval(cls, batch, length
     model.frontend.channels_last = False
     torch.manual_seed(1)
     assert torch.equal(trained, model.embed(x))
+
+
+# --- float64, checkpoints, run lock, eers.txt on resume, docs ------------------------------------
+
+def test_center_update_in_float64_by_hand():
+    """A float64 model's embeddings move float64 centers by Wen et al.'s rule, as in float32."""
+    model = RawNetPretrain(SMALL).double().eval()
+    center = CenterLoss(SMALL["nb_classes"], SMALL["nb_code"], alpha=0.5).double()
+    center.centers.zero_()
+    x = model.embed(torch.randn(3, model.min_samples, dtype=torch.float64))
+    labels = torch.tensor([0, 0, 1])
+    center.update(x, labels)
+    # class 0: sum(0 - x) / (1 + 2), times -0.5; class 1: (0 - x) / 2, times -0.5; others stay 0
+    expected = torch.zeros(SMALL["nb_classes"], SMALL["nb_code"], dtype=torch.float64)
+    expected[0], expected[1] = (x[0] + x[1]) / 6, x[2] / 4
+    torch.testing.assert_close(center.centers, expected, rtol=1e-15, atol=0)
