@@ -66,6 +66,7 @@ from model_RawNet import (  # noqa: E402
     keras_init,
     keras_l2_groups,
 )
+from train_RawNet2 import load_into  # noqa: E402
 from utils import DataError  # noqa: E402
 
 # Defaults that differ for the PyTorch VoxCeleb2 baseline (its train_RawNet.yaml): every VoxCeleb2 dev
@@ -238,6 +239,21 @@ def validation_lines(args, keys):
     return generate_validation_lines(keys, args.nb_val_spk, args.nb_val_trial, args.seed)
 
 
+# What the checkpoints of this script hold at least: last.pt, and models/<phase>_best.pt.
+LAST_KEYS = {"model", "center", "optimizer", "scheduler", "phase", "epoch", "best_eer", "rng"}
+BEST_KEYS = {"model", "epoch"}
+
+
+def load_checkpoint(path, what, keys):
+    """A checkpoint of this script, loaded safely (``utils.load_torch_file``: tensors and plain
+    containers only); a missing, corrupt or foreign file is one line naming ``path``."""
+    state = utils.load_torch_file(path, what)
+    missing = sorted(keys - set(state if isinstance(state, dict) else ()))
+    if missing:
+        raise DataError(f"{path}: not a {what} written by train_RawNet.py (it lacks {', '.join(missing)})")
+    return state
+
+
 def write_lines(path, lines):
     utils.write_text_atomic("".join(line + "\n" for line in lines), path)
 
@@ -345,7 +361,7 @@ def main(args):
     # Bookkeeping, and where a resumed run picks up.
     start_phase, start_epoch, state = 0, 0, None
     if args.resume:
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(last_path, "checkpoint to resume from", LAST_KEYS)
         start_phase, start_epoch = state["phase"], state["epoch"] + 1
         if start_epoch >= phases[start_phase].epochs:  # that phase is complete: start the next one afresh,
             utils.set_rng_states(state["rng"])         # with the random state it would have had
@@ -369,9 +385,12 @@ def main(args):
         model.apply(phase.init)
         center = CenterLoss(len(labels), args.m_nb_code, args.c_alpha) if phase.c_lambda else None
         if p > 0 and state is None:  # phase 2 starts from phase 1's best model: strided conv and blocks
-            previous = torch.load(os.path.join(save_dir, "models", f"{phases[p - 1].name}_best.pt"),
-                                  map_location="cpu", weights_only=False)
-            copied, kept = init_from_pretrained(model, previous["model"])
+            previous_path = os.path.join(save_dir, "models", f"{phases[p - 1].name}_best.pt")
+            previous = load_checkpoint(previous_path, f"best {phases[p - 1].name} model", BEST_KEYS)
+            try:
+                copied, kept = init_from_pretrained(model, previous["model"])
+            except ValueError as e:
+                raise DataError(f"{previous_path}: {e}; use the model flags it was trained with") from None
             fresh = sorted({k.rsplit(".", 1)[0] for k in kept}) + (["centers"] if center is not None else [])
             print(f"{phase.name}: {len(copied)} tensors copied from {phases[p - 1].name} (epoch "
                   f"{previous['epoch']}); initialised afresh: {', '.join(fresh)}")
@@ -382,11 +401,11 @@ def main(args):
         scheduler = keras_decay_scheduler(optimizer, phase.lr_decay, phase.decay_offset)
         best_eer = math.inf
         if state is not None:
-            model.load_state_dict(state["model"])
+            load_into(model, state["model"], last_path, "model")
             if center is not None:
-                center.load_state_dict(state["center"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+                load_into(center, state["center"], last_path, "center-loss state")
+            load_into(optimizer, state["optimizer"], last_path, "optimiser state")
+            load_into(scheduler, state["scheduler"], last_path, "learning-rate schedule")
             best_eer = state["best_eer"]
             utils.set_rng_states(state["rng"])
             state = None
@@ -433,10 +452,10 @@ def main(args):
         start_epoch = 0
 
     # Embeddings of every dev and test utterance by the final phase's best model.
-    best = torch.load(os.path.join(save_dir, "models", f"{phases[-1].name}_best.pt"), map_location="cpu",
-                      weights_only=False)
-    model = phases[-1].model(best["d_args"])
-    model.load_state_dict(best["model"])
+    best_path = os.path.join(save_dir, "models", f"{phases[-1].name}_best.pt")
+    best = load_checkpoint(best_path, f"best {phases[-1].name} model", BEST_KEYS)
+    model = phases[-1].model(d_args)
+    load_into(model, best["model"], best_path, "model")
     model.to(device)
     pickle_path = os.path.join(save_dir, "embeddings.pk")
     dev = embed_utterances(model, sorted(dev_lengths), args.dev_dir, device, min(args.nb_worker, 4),

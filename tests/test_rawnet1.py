@@ -1,6 +1,7 @@
 """RawNet1/: pre-processing, both phases, losses, phase-2 initialisation, b-vector back-end, end to end.
 Each test checks one behaviour against an independent expectation (hand computation, closed form)."""
 
+import argparse
 import math
 import os
 import pickle
@@ -510,7 +511,7 @@ def test_end_to_end_writes_pickle_and_both_eers(npy_corpus, tmp_path, capsys):
     line_format = r"phase:\w+, epoch:\d, val_eer:\d\.\d{4}, eval_eer:\d\.\d{4}"
     assert all(re.fullmatch(line_format, line) for line in eers)
     # Every dev speaker trains (6 classes); 3 of them also give the validation trials, 8 per utterance.
-    best = torch.load(out / "models" / "gru_best.pt", weights_only=False)
+    best = torch.load(out / "models" / "gru_best.pt", weights_only=True)
     assert best["model"]["fc_out.weight"].shape == (6, 8)
     val_lines = (out / "val_trial.txt").read_text().splitlines()
     assert len(val_lines) == 12 * 8 and len({line.split()[1].split("/")[0] for line in val_lines}) == 3
@@ -563,7 +564,7 @@ def test_eval_every_scores_vox1_o_in_those_epochs_only_and_changes_no_training(n
     assert second == [every[0].split(", eval_eer")[0], every[1].split(", eval_eer")[0], every[2]]
     assert sorted(p.name for p in (tmp_path / "second" / "results").iterdir()) == ["gru_eval_epoch1.txt"]
     for name in ("pretrain_best.pt", "gru_best.pt"):
-        a, b = (torch.load(tmp_path / run / "models" / name, weights_only=False)
+        a, b = (torch.load(tmp_path / run / "models" / name, weights_only=True)
                 for run in ("every", "second"))
         assert a["epoch"] == b["epoch"] and a["val_eer"] == b["val_eer"]
         for k, v in a["model"].items():
@@ -588,8 +589,8 @@ def test_resume_continues_exactly(npy_corpus, tmp_path, monkeypatch, stop_at):
         train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path, name="cut")))
     monkeypatch.setattr(train_RawNet, "train_epoch", train_epoch)
     train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path, name="cut") + ["-resume"]))
-    full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
-    resumed = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert (resumed["phase"], resumed["epoch"]) == (full["phase"], full["epoch"]) == (1, 1)
     for k, v in full["model"].items():
         torch.testing.assert_close(resumed["model"][k], v, msg=k)
@@ -610,7 +611,7 @@ def test_vox2_baseline_recipe_defaults_and_run(npy_corpus, tmp_path):
     train_RawNet.main(train_RawNet.parse_args(flags))
     eers = (tmp_path / "run" / "eers.txt").read_text().splitlines()
     assert [line.split(", ")[0] for line in eers] == ["phase:baseline"] * 2
-    state = torch.load(tmp_path / "run" / "models" / "baseline_best.pt", weights_only=False)["model"]
+    state = torch.load(tmp_path / "run" / "models" / "baseline_best.pt", weights_only=True)["model"]
     assert set(state) >= {"first_conv.weight", "block1.0.bn1.weight", "block1.0.conv_downsample.weight"}
     dev_speakers = {k.split("/")[0] for k in load_index(npy_corpus["dev"])[0]}
     assert state["fc2_gru.weight"].shape[0] == len(dev_speakers) == 6  # every training speaker is a class
@@ -703,3 +704,21 @@ def test_center_update_in_float64_by_hand():
     expected = torch.zeros(SMALL["nb_classes"], SMALL["nb_code"], dtype=torch.float64)
     expected[0], expected[1] = (x[0] + x[1]) / 6, x[2] / 4
     torch.testing.assert_close(center.centers, expected, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"not a checkpoint", "checkpoint to resume from is truncated or corrupt"),
+    ({"args": argparse.Namespace(bs=4)}, "checkpoint to resume from holds objects other than tensors"),
+    ({"model": {}, "epoch": 0}, "not a checkpoint to resume from written by train_RawNet.py (it lacks "
+                                "best_eer, center, optimizer, phase, rng, scheduler)"),
+])
+def test_a_corrupt_or_foreign_last_pt_is_one_line_naming_it(npy_corpus, tmp_path, content, message):
+    """last.pt is loaded with weights_only=True: a file of other objects is refused, not unpickled."""
+    last = tmp_path / "run" / "last.pt"
+    last.parent.mkdir()
+    if isinstance(content, bytes):
+        last.write_bytes(content)
+    else:
+        torch.save(content, last)
+    with pytest.raises(DataError, match=f"^{re.escape(f'{last}: {message}')}"):
+        train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path) + ["-resume"]))
