@@ -31,6 +31,7 @@ import argparse
 import ast
 import math
 import os
+import re
 import sys
 from collections import namedtuple
 
@@ -258,9 +259,18 @@ def write_lines(path, lines):
     utils.write_text_atomic("".join(line + "\n" for line in lines), path)
 
 
-def append_line(path, line):
-    old = open(path).read() if os.path.exists(path) else ""
-    utils.write_text_atomic(old + line + "\n", path)
+def eers_before(path, phases, phase, epoch):
+    """Lines of an eers.txt for the epochs before ``epoch`` of ``phases[phase]`` (the earlier phases'
+    included): a resumed run drops the lines of epochs that its last.pt does not cover, so that no
+    epoch is listed twice."""
+    if not os.path.exists(path):
+        return []
+    order = {p.name: i for i, p in enumerate(phases)}
+    with open(path) as f:
+        lines = f.read().splitlines()
+    matches = [(line, re.match(r"phase:(\w+), epoch:(\d+),", line)) for line in lines]
+    return [line for line, m in matches
+            if m and m[1] in order and (order[m[1]], int(m[2])) < (phase, epoch)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +382,8 @@ def main(args):
         params = [f"{k}:\t{v}" for k, v in sorted(vars(args).items())]
         params += [f"{k}:\t{v}" for k, v in sorted(d_args.items())]
         write_lines(os.path.join(save_dir, "f_params.txt"), params)
+    eers_path = os.path.join(save_dir, "eers.txt")
+    write_lines(eers_path, eers_before(eers_path, phases, start_phase, start_epoch))
     utils.write_json_atomic({"args": vars(args), "d_args": d_args}, os.path.join(save_dir, "args.json"))
     nb_val_utt = len(set(val_trials[1]) | set(val_trials[2]))
     print(f"{len(train_keys)} training utterances of {len(labels)} speakers; {len(val_trials[0])} validation "
@@ -429,9 +441,9 @@ def main(args):
                             [f"{s} {t}" for s, t in zip(scores, eval_trials[0])])
             crop = (args.nb_samp, (args.seed, 7, p, epoch)) if args.val_crop else None
             val_eer = evaluate(model, val_trials, val_dir, args, device, "validation", crop)[0]
-            append_line(os.path.join(save_dir, "eers.txt"),
-                        f"phase:{phase.name}, epoch:{epoch}, val_eer:{val_eer:.4f}"
-                        + (f", eval_eer:{eval_eer:.4f}" if eval_eer is not None else ""))
+            line = (f"phase:{phase.name}, epoch:{epoch}, val_eer:{val_eer:.4f}"
+                    + (f", eval_eer:{eval_eer:.4f}" if eval_eer is not None else ""))
+            write_lines(eers_path, eers_before(eers_path, phases, p, epoch) + [line])
 
             is_best = val_eer < best_eer
             if is_best:
