@@ -317,16 +317,11 @@ def evaluate(model, trials, folder, args, device, desc, crop=None):
     return scoring.compute_eer(labels, scores)[0], scores
 
 
-def main(args):
-    common.keep_freed_memory()
-    phases = make_phases(args)
-    save_dir = os.path.join(args.save_dir, args.name)
-    last_path = os.path.join(save_dir, "last.pt")
-    if args.resume and not os.path.exists(last_path):
-        raise DataError(f"-resume: {last_path} not found (no completed epoch to continue from)")
-    if not args.resume and os.path.exists(last_path):
-        raise DataError(f"{save_dir} already holds a run: pass -resume to continue it, or choose another "
-                        "-name")
+def check_flags(args, phases):
+    """Flag values that no run can use: one line naming the flag."""
+    run_dir = os.path.join(args.save_dir, args.name)
+    if not args.name.strip() or (os.path.exists(run_dir) and not os.path.isdir(run_dir)):
+        raise DataError(f"-name {args.name!r}: {run_dir} must be a folder name")
     if len(args.m_filts) != 3 or len(args.m_blocks) != 2:
         raise DataError(f"-m_filts needs 3 channel counts and -m_blocks 2 block counts, got {args.m_filts} "
                         f"and {args.m_blocks}")
@@ -335,9 +330,41 @@ def main(args):
     if args.eval_every < 0:
         raise DataError(f"-eval_every must be 0 (final model only) or a positive number of epochs, got "
                         f"{args.eval_every}")
-
     if args.nb_thread < 0:
         raise DataError(f"-nb_thread {args.nb_thread}: must be 0 (PyTorch's default) or a thread count")
+
+
+def check_resume(args, phases, save_dir):
+    """-resume needs a last.pt, and a run with one (or whose eers.txt lists completed epochs) is never
+    silently started over."""
+    last_path = os.path.join(save_dir, "last.pt")
+    if args.resume and not os.path.exists(last_path):
+        raise DataError(f"-resume: {last_path} not found (no completed epoch to continue from)")
+    if not args.resume and os.path.exists(last_path):
+        raise DataError(f"{save_dir} already holds a run: pass -resume to continue it, or choose another "
+                        "-name")
+    # The first epoch may be listed by a run killed before its last.pt; more mean last.pt was lost.
+    listed = eers_before(os.path.join(save_dir, "eers.txt"), phases, len(phases), 0)
+    if not os.path.exists(last_path) and len(listed) > 1:
+        raise DataError(f"{last_path} not found, but {save_dir}/eers.txt lists {len(listed)} epochs: "
+                        f"restore last.pt to continue, or choose another -name")
+
+
+def main(args):
+    """Check the flags, hold the run folder's lock, then train (``train``)."""
+    common.keep_freed_memory()
+    phases = make_phases(args)
+    check_flags(args, phases)
+    save_dir = os.path.join(args.save_dir, args.name)
+    with utils.folder_lock(save_dir, "wait for it to end, or choose another -name"):
+        check_resume(args, phases, save_dir)
+        utils.remove_temporaries(save_dir)  # of a killed run: never read, now removed
+        return train(args, phases, save_dir)
+
+
+def train(args, phases, save_dir):
+    """Both phases (or the baseline) from the data to the embeddings pickle; returns the cosine EER."""
+    last_path = os.path.join(save_dir, "last.pt")
     if args.nb_thread > 0:
         torch.set_num_threads(args.nb_thread)
     baseline_eer = None

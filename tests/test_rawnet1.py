@@ -2,10 +2,12 @@
 Each test checks one behaviour against an independent expectation (hand computation, closed form)."""
 
 import argparse
+import json
 import math
 import os
 import pickle
 import re
+import signal
 import sys
 
 import numpy as np
@@ -18,6 +20,7 @@ from scipy.optimize import brentq
 from sklearn.metrics import roc_curve
 
 from conftest import ROOT
+from reliability_tools import run_forked
 
 sys.path.append(os.path.join(ROOT, "RawNet1"))
 
@@ -25,6 +28,7 @@ import data_RawNet  # noqa: E402
 import pre_process_waveforms  # noqa: E402
 import train_bvec  # noqa: E402
 import train_RawNet  # noqa: E402
+import utils  # noqa: E402
 from data_RawNet import load_index, pre_emphasis, read_int16  # noqa: E402
 from model_RawNet import (  # noqa: E402
     CenterLoss,
@@ -742,3 +746,34 @@ def test_an_epoch_killed_before_last_pt_is_listed_once_after_resume(npy_corpus, 
     eers = (tmp_path / "run" / "eers.txt").read_text().splitlines()
     assert [line.split(", ")[:2] for line in eers] == [["phase:pretrain", "epoch:0"],
                                                        ["phase:gru", "epoch:0"], ["phase:gru", "epoch:1"]]
+
+
+def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(npy_corpus, tmp_path):
+    with utils.folder_lock(str(tmp_path / "run"), "test"):
+        with pytest.raises(DataError, match=rf"run is in use by pid {os.getpid()} on .*: wait for it to end"):
+            train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path)))
+    assert not (tmp_path / "run").exists()
+
+
+def die_holding_the_lock(argv):
+    with utils.folder_lock(argv[0], "test"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over(npy_corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_forked(die_holding_the_lock, [str(run)])[0] == -signal.SIGKILL
+    holder = json.loads((run / utils.LOCK_NAME).read_text())
+    train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path)))
+    note = f"note: {run / utils.LOCK_NAME}: stale lock of pid {holder['pid']} on {holder['host']} (no longer"
+    assert f"{note} running) taken over" in capsys.readouterr().out
+    assert (run / "embeddings.pk").exists() and not (run / utils.LOCK_NAME).exists()
+
+
+def test_a_run_whose_last_pt_is_lost_is_not_started_over(npy_corpus, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "eers.txt").write_text("phase:pretrain, epoch:0, val_eer:0.5000\n"
+                                               "phase:gru, epoch:0, val_eer:0.4000\n")
+    with pytest.raises(DataError, match=r"last\.pt not found, but .*eers\.txt lists 2 epochs: restore"):
+        train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path)))
+
