@@ -777,3 +777,9 @@ def test_a_run_whose_last_pt_is_lost_is_not_started_over(npy_corpus, tmp_path):
     with pytest.raises(DataError, match=r"last\.pt not found, but .*eers\.txt lists 2 epochs: restore"):
         train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path)))
 
+
+def test_a_second_bvector_run_on_the_same_folder_is_refused(tmp_path):
+    flags = ["-embeddings", str(tmp_path / "embeddings.pk"), "-out_dir", str(tmp_path / "bvec")]
+    with utils.folder_lock(str(tmp_path / "bvec"), "test"):
+        with pytest.raises(DataError, match=rf"bvec is in use by pid {os.getpid()} on .*another -out_dir"):
+            train_bvec.main(train_bvec.parse_args(flags))
