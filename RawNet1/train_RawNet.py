@@ -23,8 +23,9 @@ epoch that did not score Vox1-O), ``results/<phase>_eval_epoch<E>.txt`` (``score
 ``models/<phase>_best.pt``, ``last.pt`` (resume with ``-resume``), and at the end ``embeddings.pk``:
 ``{'dev_dic_embeddings': {id: vector}, 'eval_dic_embeddings': {id: vector}}`` (ids without ``.wav``).
 
-Added, none of which changes the recipe: ``last.pt`` and ``-resume``, crops drawn from
-(seed, phase, epoch, item), ``-demo``, bad data stopping with one clear line.
+Added, none of which changes the recipe: ``last.pt`` and ``-resume`` (``eers.txt`` rewritten to the
+epochs ``last.pt`` covers), crops drawn from (seed, phase, epoch, item), ``-demo``, a lock on the run
+folder, checkpoints read with ``weights_only=True``, bad data stopping with one clear line.
 """
 
 import argparse
@@ -70,8 +71,9 @@ from model_RawNet import (  # noqa: E402
 from train_RawNet2 import load_into  # noqa: E402
 from utils import DataError  # noqa: E402
 
-# Defaults that differ for the PyTorch VoxCeleb2 baseline (its train_RawNet.yaml): every VoxCeleb2 dev
-# speaker in training, 40,000 random VoxCeleb1-dev validation trials scored on random crops.
+# Defaults that differ for the PyTorch VoxCeleb2 baseline (its train_RawNet.yaml): every speaker of
+# -dev_dir in training (6,112 from DB/VoxCeleb2/wav/: VoxCeleb2 dev + test), 40,000 random VoxCeleb1-dev
+# validation trials scored on random crops.
 RECIPE_DEFAULTS = {
     "rawnet1": {},
     "vox2_baseline": {"dev_dir": "DB/VoxCeleb2/npy/", "val_dir": "DB/VoxCeleb1/dev_npy/", "nb_val_spk": 0,
@@ -122,8 +124,8 @@ def build_parser():
     add("save_dir", type=str, default="DNNs/", help="folder holding experiment folders")
     add("recipe", type=str, default="rawnet1", choices=sorted(RECIPE_DEFAULTS),
         help="rawnet1: the Keras code's two phases on VoxCeleb1 dev; vox2_baseline: the PyTorch baseline "
-             "(cross-entropy only, GRU 1024 + dense 1024, batch 120, 40 epochs, decay 5e-5, all VoxCeleb2 "
-             "dev speakers, selected on 40,000 VoxCeleb1-dev trials of random crops)")
+             "(cross-entropy only, GRU 1024 + dense 1024, batch 120, 40 epochs, decay 5e-5, every speaker "
+             "of -dev_dir, selected on 40,000 VoxCeleb1-dev trials of random crops)")
     add("demo", action="store_true",
         help=f"synthesise the demo corpus under {DEMO_ROOT}/ (once), pre-process it, train a scaled-down "
              "model, then train and score the b-vector back-end; explicit flags still win")

@@ -421,15 +421,15 @@ def test_baseline_scheduler_steps_before_the_optimiser_as_the_pytorch_code():
     assert keras == pytest.approx([0.001 / (1 + 1e-4 * k) for k in range(4)])
 
 
-def test_vox2_baseline_parameter_count_with_all_vox2_dev_speakers():
+def test_vox2_baseline_parameter_count_with_every_prepared_vox2_speaker():
     def legacy(i, o, first=False):
         shortcut = conv(i, o, 1) if i != o else 0
         return (0 if first else bn(i)) + conv(i, o, 3) + bn(o) + conv(o, o, 3) + shortcut
     body = conv(1, 128, 3) + bn(128) + legacy(128, 128, True) + legacy(128, 128) + legacy(128, 256)
     body += 3 * legacy(256, 256) + bn(256) + 3 * 1024 * (256 + 1024) + 2 * 3 * 1024 + 1024 * 1024 + 1024
-    d_args = dict(PAPER, nb_code=1024, nb_classes=5994)
-    total = body + 1024 * 5994 + 5994
-    assert sum(p.numel() for p in RawNetBaseline(d_args).parameters()) == total == 12_844_394
+    d_args = dict(PAPER, nb_code=1024, nb_classes=6112)  # VoxCeleb2 dev + test, as DB/VoxCeleb2/wav/
+    total = body + 1024 * 6112 + 6112
+    assert sum(p.numel() for p in RawNetBaseline(d_args).parameters()) == total == 12_965_344
 
 
 # --- validation trials ------------------------------------------------------------------------
@@ -783,3 +783,17 @@ def test_a_second_bvector_run_on_the_same_folder_is_refused(tmp_path):
     with utils.folder_lock(str(tmp_path / "bvec"), "test"):
         with pytest.raises(DataError, match=rf"bvec is in use by pid {os.getpid()} on .*another -out_dir"):
             train_bvec.main(train_bvec.parse_args(flags))
+
+
+def test_rawnet1_readme_counts_the_classes_the_data_steps_prepare():
+    """The baseline has a class per speaker of DB/VoxCeleb2/wav/ (DB/README.md's count); the README's
+    recipe table states that count and the parameters of the networks built with it."""
+    db = open(os.path.join(ROOT, "DB", "README.md")).read()
+    prepared = re.search(r"wav/<spk>/<video>/<NNNNN>\.wav +training set: [^,]*, ([\d,]+) speakers", db)[1]
+    readme = open(os.path.join(ROOT, "RawNet1", "README.md")).read()
+    row = re.search(r"\| parameters \(1,211 classes / ([\d,]+)\)" + r" \| ([\d,]+)" * 3 + r" \|", readme)
+    classes, *counts = (int(n.replace(",", "")) for n in row.groups())
+    assert classes == int(prepared.replace(",", ""))
+    baseline = RawNetBaseline(dict(PAPER, nb_code=1024, nb_classes=classes))
+    models = [RawNetPretrain(PAPER), RawNet(PAPER), baseline]
+    assert counts == [sum(p.numel() for p in m.parameters()) for m in models]
