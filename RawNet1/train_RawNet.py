@@ -334,6 +334,11 @@ def check_flags(args, phases):
                         f"{args.eval_every}")
     if args.nb_thread < 0:
         raise DataError(f"-nb_thread {args.nb_thread}: must be 0 (PyTorch's default) or a thread count")
+    for phase in phases:
+        shortest = phase.model.min_length(args.m_blocks)
+        if args.nb_samp < shortest:
+            raise DataError(f"-nb_samp {args.nb_samp} is too short for {phase.name} with -m_blocks "
+                            f"{args.m_blocks}: it needs at least {shortest} samples")
 
 
 def check_resume(args, phases, save_dir):
@@ -366,159 +371,198 @@ def main(args):
 
 def train(args, phases, save_dir):
     """Both phases (or the baseline) from the data to the embeddings pickle; returns the cosine EER."""
-    last_path = os.path.join(save_dir, "last.pt")
     if args.nb_thread > 0:
         torch.set_num_threads(args.nb_thread)
-    baseline_eer = None
-    if args.demo:
-        baseline_eer = prepare_demo(args)
+    baseline_eer = prepare_demo(args) if args.demo else None
     if args.reproducible:
         utils.seed_everything(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = load_data(args, save_dir)
+    d_args = model_args(args, len(data.labels))
+    start_phase, start_epoch, state = resume_point(args, phases, save_dir)
+    write_run_files(args, phases, save_dir, d_args, start_phase, start_epoch)
+    nb_val_utt = len(set(data.val_trials[1]) | set(data.val_trials[2]))
+    print(f"{len(data.dev_keys)} training utterances of {len(data.labels)} speakers; "
+          f"{len(data.val_trials[0])} validation trials over {nb_val_utt} utterances; "
+          f"{len(data.eval_keys)} test utterances, {len(data.eval_trials[0])} trials; device {device}")
+    for p in range(start_phase, len(phases)):
+        first = p == start_phase
+        run = build_phase(phases, p, args, d_args, device, save_dir, state if first else None)
+        train_phase(phases, p, run, data, args, d_args, device, save_dir, start_epoch if first else 0)
+    cosine_eer, pickle_path = write_embeddings(phases[-1], args, d_args, data, device, save_dir)
+    if args.demo:
+        demo_backend(args, save_dir, pickle_path, baseline_eer)
+    return cosine_eer
 
-    # Data: every dev speaker trains; validation trials (over -val_dir) and test trials.
+
+def load_data(args, save_dir):
+    """Every dev speaker trains; the validation trials (over -val_dir, written to val_trial.txt) and the
+    test trials, each kept to the utterances its folder holds."""
     dev_lengths, dev_skipped = load_index(args.dev_dir)
     eval_lengths, eval_skipped = load_index(args.eval_dir)
     val_dir = args.val_dir or args.dev_dir
     val_lengths, val_skipped = (dev_lengths, dev_skipped) if val_dir == args.dev_dir else load_index(val_dir)
-    train_keys = sorted(dev_lengths)
-    labels = utils.speaker_labels(train_keys)
-    eval_trials = usable_trials(scoring.read_trials(args.trials), {utils.utt_id(k) for k in eval_lengths},
-                                eval_skipped, args.trials)
+    data = argparse.Namespace(dev_keys=sorted(dev_lengths), eval_keys=sorted(eval_lengths), val_dir=val_dir)
+    data.labels = utils.speaker_labels(data.dev_keys)
+    data.eval_trials = usable_trials(scoring.read_trials(args.trials),
+                                     {utils.utt_id(k) for k in eval_lengths}, eval_skipped, args.trials)
     val_lines = validation_lines(args, sorted(val_lengths))
-    val_trials = usable_trials(trial_arrays(val_lines), {utils.utt_id(k) for k in val_lengths}, val_skipped,
-                               args.val_trial or "the validation trials")
+    data.val_trials = usable_trials(trial_arrays(val_lines), {utils.utt_id(k) for k in val_lengths},
+                                    val_skipped, args.val_trial or "the validation trials")
     write_lines(os.path.join(save_dir, "val_trial.txt"),
-                [f"{t} {a}.wav {b}.wav" for t, a, b in zip(*val_trials)])
-    d_args = model_args(args, len(labels))
-    for phase in phases:
-        shortest = phase.model.min_length(args.m_blocks)
-        if args.nb_samp < shortest:
-            raise DataError(f"-nb_samp {args.nb_samp} is too short for {phase.name} with -m_blocks "
-                            f"{args.m_blocks}: it needs at least {shortest} samples")
+                [f"{t} {a}.wav {b}.wav" for t, a, b in zip(*data.val_trials)])
+    return data
 
-    # Bookkeeping, and where a resumed run picks up.
-    start_phase, start_epoch, state = 0, 0, None
-    if args.resume:
-        state = load_checkpoint(last_path, "checkpoint to resume from", LAST_KEYS)
-        start_phase, start_epoch = state["phase"], state["epoch"] + 1
-        if start_epoch >= phases[start_phase].epochs:  # that phase is complete: start the next one afresh,
-            utils.set_rng_states(state["rng"])         # with the random state it would have had
-            start_phase, start_epoch, state = start_phase + 1, 0, None
-        print(f"resuming {save_dir} at " + (f"phase {start_phase + 1}, epoch {start_epoch}"
-                                            if start_phase < len(phases) else "the embeddings pickle"))
-    else:
+
+def resume_point(args, phases, save_dir):
+    """Where this run starts: (phase index, epoch, last.pt's state or None). When last.pt ends a phase,
+    the next one starts afresh with the random state the run would have had."""
+    if not args.resume:
+        return 0, 0, None
+    state = load_checkpoint(os.path.join(save_dir, "last.pt"), "checkpoint to resume from", LAST_KEYS)
+    start_phase, start_epoch = state["phase"], state["epoch"] + 1
+    if start_epoch >= phases[start_phase].epochs:
+        utils.set_rng_states(state["rng"])
+        start_phase, start_epoch, state = start_phase + 1, 0, None
+    print(f"resuming {save_dir} at " + (f"phase {start_phase + 1}, epoch {start_epoch}"
+                                        if start_phase < len(phases) else "the embeddings pickle"))
+    return start_phase, start_epoch, state
+
+
+def write_run_files(args, phases, save_dir, d_args, start_phase, start_epoch):
+    """f_params.txt (a new run only), eers.txt cut to the epochs before the start, args.json."""
+    if not args.resume:
         params = [f"{k}:\t{v}" for k, v in sorted(vars(args).items())]
         params += [f"{k}:\t{v}" for k, v in sorted(d_args.items())]
         write_lines(os.path.join(save_dir, "f_params.txt"), params)
     eers_path = os.path.join(save_dir, "eers.txt")
     write_lines(eers_path, eers_before(eers_path, phases, start_phase, start_epoch))
     utils.write_json_atomic({"args": vars(args), "d_args": d_args}, os.path.join(save_dir, "args.json"))
-    nb_val_utt = len(set(val_trials[1]) | set(val_trials[2]))
-    print(f"{len(train_keys)} training utterances of {len(labels)} speakers; {len(val_trials[0])} validation "
-          f"trials over {nb_val_utt} utterances; {len(eval_lengths)} test utterances, {len(eval_trials[0])} "
-          f"trials; device {device}")
 
-    for p in range(start_phase, len(phases)):
-        phase = phases[p]
-        best_path = os.path.join(save_dir, "models", f"{phase.name}_best.pt")
-        model = phase.model(d_args)
-        model.apply(phase.init)
-        center = CenterLoss(len(labels), args.m_nb_code, args.c_alpha) if phase.c_lambda else None
-        if p > 0 and state is None:  # phase 2 starts from phase 1's best model: strided conv and blocks
-            previous_path = os.path.join(save_dir, "models", f"{phases[p - 1].name}_best.pt")
-            previous = load_checkpoint(previous_path, f"best {phases[p - 1].name} model", BEST_KEYS)
-            try:
-                copied, kept = init_from_pretrained(model, previous["model"])
-            except ValueError as e:
-                raise DataError(f"{previous_path}: {e}; use the model flags it was trained with") from None
-            fresh = sorted({k.rsplit(".", 1)[0] for k in kept}) + (["centers"] if center is not None else [])
-            print(f"{phase.name}: {len(copied)} tensors copied from {phases[p - 1].name} (epoch "
-                  f"{previous['epoch']}); initialised afresh: {', '.join(fresh)}")
-        model.to(device)
+
+def build_phase(phases, p, args, d_args, device, save_dir, state):
+    """Phase ``p``'s network, centers, optimiser, schedule and best EER: initialised (phase 2's strided
+    conv and blocks from phase 1's best model), then, when ``state`` (last.pt) is given, loaded from it."""
+    phase = phases[p]
+    model = phase.model(d_args)
+    model.apply(phase.init)
+    center = CenterLoss(d_args["nb_classes"], args.m_nb_code, args.c_alpha) if phase.c_lambda else None
+    if p > 0 and state is None:
+        inherit(model, phases[p - 1].name, phase.name, save_dir, center is not None)
+    model.to(device)
+    if center is not None:
+        center.to(device)
+    optimizer = make_optimizer(model, args)
+    scheduler = keras_decay_scheduler(optimizer, phase.lr_decay, phase.decay_offset)
+    run = argparse.Namespace(model=model, center=center, optimizer=optimizer, scheduler=scheduler,
+                             best_eer=math.inf)
+    if state is not None:
+        last_path = os.path.join(save_dir, "last.pt")
+        load_into(model, state["model"], last_path, "model")
         if center is not None:
-            center.to(device)
-        optimizer = make_optimizer(model, args)
-        scheduler = keras_decay_scheduler(optimizer, phase.lr_decay, phase.decay_offset)
-        best_eer = math.inf
-        if state is not None:
-            load_into(model, state["model"], last_path, "model")
-            if center is not None:
-                load_into(center, state["center"], last_path, "center-loss state")
-            load_into(optimizer, state["optimizer"], last_path, "optimiser state")
-            load_into(scheduler, state["scheduler"], last_path, "learning-rate schedule")
-            best_eer = state["best_eer"]
-            utils.set_rng_states(state["rng"])
-            state = None
-        nb_params = sum(t.numel() for t in model.parameters())
-        print(f"phase {p + 1}/{len(phases)} ({phase.name}): {nb_params:,} parameters, {phase.epochs} epochs")
+            load_into(center, state["center"], last_path, "center-loss state")
+        load_into(optimizer, state["optimizer"], last_path, "optimiser state")
+        load_into(scheduler, state["scheduler"], last_path, "learning-rate schedule")
+        run.best_eer = state["best_eer"]
+        utils.set_rng_states(state["rng"])
+    nb_params = sum(t.numel() for t in model.parameters())
+    print(f"phase {p + 1}/{len(phases)} ({phase.name}): {nb_params:,} parameters, {phase.epochs} epochs")
+    return run
 
-        train_set = CropSet(train_keys, args.dev_dir, labels, args.nb_samp, seed=args.seed, phase=p)
-        for epoch in range(start_epoch, phase.epochs):
-            train_set.epoch = epoch
-            generator = torch.Generator().manual_seed(args.seed + 1000 * p + epoch)
-            sampler = RandomSampler(train_set, generator=generator)
-            loader = DataLoader(train_set, batch_size=args.bs, sampler=sampler, drop_last=True,
-                                num_workers=args.nb_worker, pin_memory=device.type == "cuda")
-            losses = train_epoch(model, center, loader, optimizer, scheduler, args, phase.c_lambda, device,
-                                 f"{phase.name} epoch {epoch}")
 
-            eval_eer = None
-            if args.eval_every and (epoch + 1) % args.eval_every == 0:
-                eval_eer, scores = evaluate(model, eval_trials, args.eval_dir, args, device, "Vox1-O")
-                write_lines(os.path.join(save_dir, "results", f"{phase.name}_eval_epoch{epoch}.txt"),
-                            [f"{s} {t}" for s, t in zip(scores, eval_trials[0])])
-            crop = (args.nb_samp, (args.seed, 7, p, epoch)) if args.val_crop else None
-            val_eer = evaluate(model, val_trials, val_dir, args, device, "validation", crop)[0]
-            line = (f"phase:{phase.name}, epoch:{epoch}, val_eer:{val_eer:.4f}"
-                    + (f", eval_eer:{eval_eer:.4f}" if eval_eer is not None else ""))
-            write_lines(eers_path, eers_before(eers_path, phases, p, epoch) + [line])
+def inherit(model, source, name, save_dir, has_centers):
+    """Copy the strided conv and blocks of phase ``source``'s best model into ``model`` (phase ``name``)."""
+    path = os.path.join(save_dir, "models", f"{source}_best.pt")
+    previous = load_checkpoint(path, f"best {source} model", BEST_KEYS)
+    try:
+        copied, kept = init_from_pretrained(model, previous["model"])
+    except ValueError as e:
+        raise DataError(f"{path}: {e}; use the model flags it was trained with") from None
+    fresh = sorted({k.rsplit(".", 1)[0] for k in kept}) + (["centers"] if has_centers else [])
+    print(f"{name}: {len(copied)} tensors copied from {source} (epoch {previous['epoch']}); initialised "
+          f"afresh: {', '.join(fresh)}")
 
-            is_best = val_eer < best_eer
-            if is_best:
-                best_eer = val_eer
-                utils.save_atomic({"model": model.state_dict(),
-                                   "center": center.state_dict() if center else None,
-                                   "d_args": d_args, "phase": phase.name, "epoch": epoch,
-                                   "val_eer": val_eer, "eval_eer": eval_eer}, best_path)
-            utils.save_atomic({"model": model.state_dict(), "center": center.state_dict() if center else None,
-                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "phase": p, "epoch": epoch, "best_eer": best_eer, "rng": utils.rng_states(),
-                               "args": vars(args), "d_args": d_args}, last_path)
-            terms = ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
-            tqdm.write(f"{phase.name} epoch {epoch}: loss {losses['loss']:.3f} ({terms}), val EER "
-                       f"{100 * val_eer:.2f} %"
-                       + (f", Vox1-O EER {100 * eval_eer:.2f} %" if eval_eer is not None else "")
-                       + (" (best)" if is_best else ""))
-        start_epoch = 0
 
-    # Embeddings of every dev and test utterance by the final phase's best model.
-    best_path = os.path.join(save_dir, "models", f"{phases[-1].name}_best.pt")
-    best = load_checkpoint(best_path, f"best {phases[-1].name} model", BEST_KEYS)
-    model = phases[-1].model(d_args)
+def train_phase(phases, p, run, data, args, d_args, device, save_dir, start_epoch):
+    """Phase ``p``'s epochs from ``start_epoch``: train, score, save (``save_epoch``)."""
+    phase = phases[p]
+    train_set = CropSet(data.dev_keys, args.dev_dir, data.labels, args.nb_samp, seed=args.seed, phase=p)
+    for epoch in range(start_epoch, phase.epochs):
+        train_set.epoch = epoch
+        generator = torch.Generator().manual_seed(args.seed + 1000 * p + epoch)
+        sampler = RandomSampler(train_set, generator=generator)
+        loader = DataLoader(train_set, batch_size=args.bs, sampler=sampler, drop_last=True,
+                            num_workers=args.nb_worker, pin_memory=device.type == "cuda")
+        losses = train_epoch(run.model, run.center, loader, run.optimizer, run.scheduler, args,
+                             phase.c_lambda, device, f"{phase.name} epoch {epoch}")
+        eval_eer = None
+        if args.eval_every and (epoch + 1) % args.eval_every == 0:
+            eval_eer, scores = evaluate(run.model, data.eval_trials, args.eval_dir, args, device, "Vox1-O")
+            write_lines(os.path.join(save_dir, "results", f"{phase.name}_eval_epoch{epoch}.txt"),
+                        [f"{s} {t}" for s, t in zip(scores, data.eval_trials[0])])
+        crop = (args.nb_samp, (args.seed, 7, p, epoch)) if args.val_crop else None
+        val_eer = evaluate(run.model, data.val_trials, data.val_dir, args, device, "validation", crop)[0]
+        is_best = save_epoch(phases, p, epoch, run, val_eer, eval_eer, args, d_args, save_dir)
+        terms = ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
+        tqdm.write(f"{phase.name} epoch {epoch}: loss {losses['loss']:.3f} ({terms}), val EER "
+                   f"{100 * val_eer:.2f} %"
+                   + (f", Vox1-O EER {100 * eval_eer:.2f} %" if eval_eer is not None else "")
+                   + (" (best)" if is_best else ""))
+
+
+def save_epoch(phases, p, epoch, run, val_eer, eval_eer, args, d_args, save_dir):
+    """The epoch's eers.txt line, the phase's best model if ``val_eer`` is a new best, then last.pt: until
+    it is renamed into place, a resumed run redoes the epoch. Returns whether the model is a new best."""
+    phase = phases[p]
+    eers_path = os.path.join(save_dir, "eers.txt")
+    line = (f"phase:{phase.name}, epoch:{epoch}, val_eer:{val_eer:.4f}"
+            + (f", eval_eer:{eval_eer:.4f}" if eval_eer is not None else ""))
+    write_lines(eers_path, eers_before(eers_path, phases, p, epoch) + [line])
+    center = run.center.state_dict() if run.center else None
+    is_best = val_eer < run.best_eer
+    if is_best:
+        run.best_eer = val_eer
+        utils.save_atomic({"model": run.model.state_dict(), "center": center, "d_args": d_args,
+                           "phase": phase.name, "epoch": epoch, "val_eer": val_eer, "eval_eer": eval_eer},
+                          os.path.join(save_dir, "models", f"{phase.name}_best.pt"))
+    utils.save_atomic({"model": run.model.state_dict(), "center": center,
+                       "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                       "phase": p, "epoch": epoch,
+                       "best_eer": run.best_eer, "rng": utils.rng_states(), "args": vars(args),
+                       "d_args": d_args}, os.path.join(save_dir, "last.pt"))
+    return is_best
+
+
+def write_embeddings(phase, args, d_args, data, device, save_dir):
+    """Embeddings of every dev and test utterance by ``phase``'s best model, pickled; returns the Vox1-O
+    cosine EER and the pickle's path."""
+    best_path = os.path.join(save_dir, "models", f"{phase.name}_best.pt")
+    best = load_checkpoint(best_path, f"best {phase.name} model", BEST_KEYS)
+    model = phase.model(d_args)
     load_into(model, best["model"], best_path, "model")
     model.to(device)
     pickle_path = os.path.join(save_dir, "embeddings.pk")
-    dev = embed_utterances(model, sorted(dev_lengths), args.dev_dir, device, min(args.nb_worker, 4),
-                           args.progress, "dev embeddings")
-    test = embed_utterances(model, sorted(eval_lengths), args.eval_dir, device, min(args.nb_worker, 4),
+    dev = embed_utterances(model, data.dev_keys, args.dev_dir, device, min(args.nb_worker, 4), args.progress,
+                           "dev embeddings")
+    test = embed_utterances(model, data.eval_keys, args.eval_dir, device, min(args.nb_worker, 4),
                             args.progress, "test embeddings")
     utils.write_pickle_atomic({"dev_dic_embeddings": dev, "eval_dic_embeddings": test}, pickle_path)
-    cosine_eer = scoring.compute_eer(eval_trials[0], scoring.cosine_scores(test, *eval_trials[1:]))[0]
-    print(f"best {phases[-1].name} model (epoch {best['epoch']}): Vox1-O cosine EER "
-          f"{100 * cosine_eer:.2f} %; "
+    labels, keys_a, keys_b = data.eval_trials
+    cosine_eer = scoring.compute_eer(labels, scoring.cosine_scores(test, keys_a, keys_b))[0]
+    print(f"best {phase.name} model (epoch {best['epoch']}): Vox1-O cosine EER {100 * cosine_eer:.2f} %; "
           f"embeddings in {pickle_path}")
+    return cosine_eer, pickle_path
 
-    if args.demo:
-        import train_bvec
-        bvec = train_bvec.main(train_bvec.parse_args(
-            ["-embeddings", pickle_path, "-trials", args.trials, "-out_dir", os.path.join(save_dir, "bvec"),
-             "-val_trial", os.path.join(save_dir, "val_trial.txt"), "-seed", str(args.seed),
-             "-progress", str(args.progress)] + DEMO_BVEC_FLAGS))
-        print(f"demo: naive baseline EER {100 * baseline_eer:.2f} %, RawNet cosine EER "
-              f"{100 * bvec['cosine']:.2f} %, "
-              f"b-vector EER {100 * bvec['bvec']:.2f} %")
-    return cosine_eer
+
+def demo_backend(args, save_dir, pickle_path, baseline_eer):
+    """-demo: the b-vector back-end on the run's embeddings, and the summary line."""
+    import train_bvec
+    bvec = train_bvec.main(train_bvec.parse_args(
+        ["-embeddings", pickle_path, "-trials", args.trials, "-out_dir", os.path.join(save_dir, "bvec"),
+         "-val_trial", os.path.join(save_dir, "val_trial.txt"), "-seed", str(args.seed),
+         "-progress", str(args.progress)] + DEMO_BVEC_FLAGS))
+    print(f"demo: naive baseline EER {100 * baseline_eer:.2f} %, RawNet cosine EER "
+          f"{100 * bvec['cosine']:.2f} %, b-vector EER {100 * bvec['bvec']:.2f} %")
 
 
 def prepare_demo(args):
