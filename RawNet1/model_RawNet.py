@@ -390,9 +390,10 @@ class CenterLoss(nn.Module):
 
     @torch.no_grad()
     def update(self, x, labels):
+        """One step of the rule above from the embeddings ``x`` (B, D) of a batch, in the centers' dtype."""
+        x = x.to(self.centers.dtype)
         diff = torch.zeros_like(self.centers).index_add_(0, labels, self.centers[labels] - x)
-        ones = torch.ones_like(labels, dtype=x.dtype)
-        counts = torch.zeros(len(self.centers), device=x.device).index_add_(0, labels, ones)
+        counts = x.new_zeros(len(self.centers)).index_add_(0, labels, x.new_ones(len(labels)))
         self.centers -= self.alpha * diff / (1 + counts[:, None])
 
 

@@ -23,14 +23,16 @@ epoch that did not score Vox1-O), ``results/<phase>_eval_epoch<E>.txt`` (``score
 ``models/<phase>_best.pt``, ``last.pt`` (resume with ``-resume``), and at the end ``embeddings.pk``:
 ``{'dev_dic_embeddings': {id: vector}, 'eval_dic_embeddings': {id: vector}}`` (ids without ``.wav``).
 
-Added, none of which changes the recipe: ``last.pt`` and ``-resume``, crops drawn from
-(seed, phase, epoch, item), ``-demo``, bad data stopping with one clear line.
+Added, none of which changes the recipe: ``last.pt`` and ``-resume`` (``eers.txt`` rewritten to the
+epochs ``last.pt`` covers), crops drawn from (seed, phase, epoch, item), ``-demo``, a lock on the run
+folder, checkpoints read with ``weights_only=True``, bad data stopping with one clear line.
 """
 
 import argparse
 import ast
 import math
 import os
+import re
 import sys
 from collections import namedtuple
 
@@ -66,10 +68,12 @@ from model_RawNet import (  # noqa: E402
     keras_init,
     keras_l2_groups,
 )
+from train_RawNet2 import load_into  # noqa: E402
 from utils import DataError  # noqa: E402
 
-# Defaults that differ for the PyTorch VoxCeleb2 baseline (its train_RawNet.yaml): every VoxCeleb2 dev
-# speaker in training, 40,000 random VoxCeleb1-dev validation trials scored on random crops.
+# Defaults that differ for the PyTorch VoxCeleb2 baseline (its train_RawNet.yaml): every speaker of
+# -dev_dir in training (6,112 from DB/VoxCeleb2/wav/: VoxCeleb2 dev + test), 40,000 random VoxCeleb1-dev
+# validation trials scored on random crops.
 RECIPE_DEFAULTS = {
     "rawnet1": {},
     "vox2_baseline": {"dev_dir": "DB/VoxCeleb2/npy/", "val_dir": "DB/VoxCeleb1/dev_npy/", "nb_val_spk": 0,
@@ -120,8 +124,8 @@ def build_parser():
     add("save_dir", type=str, default="DNNs/", help="folder holding experiment folders")
     add("recipe", type=str, default="rawnet1", choices=sorted(RECIPE_DEFAULTS),
         help="rawnet1: the Keras code's two phases on VoxCeleb1 dev; vox2_baseline: the PyTorch baseline "
-             "(cross-entropy only, GRU 1024 + dense 1024, batch 120, 40 epochs, decay 5e-5, all VoxCeleb2 "
-             "dev speakers, selected on 40,000 VoxCeleb1-dev trials of random crops)")
+             "(cross-entropy only, GRU 1024 + dense 1024, batch 120, 40 epochs, decay 5e-5, every speaker "
+             "of -dev_dir, selected on 40,000 VoxCeleb1-dev trials of random crops)")
     add("demo", action="store_true",
         help=f"synthesise the demo corpus under {DEMO_ROOT}/ (once), pre-process it, train a scaled-down "
              "model, then train and score the b-vector back-end; explicit flags still win")
@@ -238,13 +242,37 @@ def validation_lines(args, keys):
     return generate_validation_lines(keys, args.nb_val_spk, args.nb_val_trial, args.seed)
 
 
+# What the checkpoints of this script hold at least: last.pt, and models/<phase>_best.pt.
+LAST_KEYS = {"model", "center", "optimizer", "scheduler", "phase", "epoch", "best_eer", "rng"}
+BEST_KEYS = {"model", "epoch"}
+
+
+def load_checkpoint(path, what, keys):
+    """A checkpoint of this script, loaded safely (``utils.load_torch_file``: tensors and plain
+    containers only); a missing, corrupt or foreign file is one line naming ``path``."""
+    state = utils.load_torch_file(path, what)
+    missing = sorted(keys - set(state if isinstance(state, dict) else ()))
+    if missing:
+        raise DataError(f"{path}: not a {what} written by train_RawNet.py (it lacks {', '.join(missing)})")
+    return state
+
+
 def write_lines(path, lines):
     utils.write_text_atomic("".join(line + "\n" for line in lines), path)
 
 
-def append_line(path, line):
-    old = open(path).read() if os.path.exists(path) else ""
-    utils.write_text_atomic(old + line + "\n", path)
+def eers_before(path, phases, phase, epoch):
+    """Lines of an eers.txt for the epochs before ``epoch`` of ``phases[phase]`` (the earlier phases'
+    included): a resumed run drops the lines of epochs that its last.pt does not cover, so that no
+    epoch is listed twice."""
+    if not os.path.exists(path):
+        return []
+    order = {p.name: i for i, p in enumerate(phases)}
+    with open(path) as f:
+        lines = f.read().splitlines()
+    matches = [(line, re.match(r"phase:(\w+), epoch:(\d+),", line)) for line in lines]
+    return [line for line, m in matches
+            if m and m[1] in order and (order[m[1]], int(m[2])) < (phase, epoch)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,16 +319,11 @@ def evaluate(model, trials, folder, args, device, desc, crop=None):
     return scoring.compute_eer(labels, scores)[0], scores
 
 
-def main(args):
-    common.keep_freed_memory()
-    phases = make_phases(args)
-    save_dir = os.path.join(args.save_dir, args.name)
-    last_path = os.path.join(save_dir, "last.pt")
-    if args.resume and not os.path.exists(last_path):
-        raise DataError(f"-resume: {last_path} not found (no completed epoch to continue from)")
-    if not args.resume and os.path.exists(last_path):
-        raise DataError(f"{save_dir} already holds a run: pass -resume to continue it, or choose another "
-                        "-name")
+def check_flags(args, phases):
+    """Flag values that no run can use: one line naming the flag."""
+    run_dir = os.path.join(args.save_dir, args.name)
+    if not args.name.strip() or (os.path.exists(run_dir) and not os.path.isdir(run_dir)):
+        raise DataError(f"-name {args.name!r}: {run_dir} must be a folder name")
     if len(args.m_filts) != 3 or len(args.m_blocks) != 2:
         raise DataError(f"-m_filts needs 3 channel counts and -m_blocks 2 block counts, got {args.m_filts} "
                         f"and {args.m_blocks}")
@@ -309,156 +332,237 @@ def main(args):
     if args.eval_every < 0:
         raise DataError(f"-eval_every must be 0 (final model only) or a positive number of epochs, got "
                         f"{args.eval_every}")
-
     if args.nb_thread < 0:
         raise DataError(f"-nb_thread {args.nb_thread}: must be 0 (PyTorch's default) or a thread count")
-    if args.nb_thread > 0:
-        torch.set_num_threads(args.nb_thread)
-    baseline_eer = None
-    if args.demo:
-        baseline_eer = prepare_demo(args)
-    if args.reproducible:
-        utils.seed_everything(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    # Data: every dev speaker trains; validation trials (over -val_dir) and test trials.
-    dev_lengths, dev_skipped = load_index(args.dev_dir)
-    eval_lengths, eval_skipped = load_index(args.eval_dir)
-    val_dir = args.val_dir or args.dev_dir
-    val_lengths, val_skipped = (dev_lengths, dev_skipped) if val_dir == args.dev_dir else load_index(val_dir)
-    train_keys = sorted(dev_lengths)
-    labels = utils.speaker_labels(train_keys)
-    eval_trials = usable_trials(scoring.read_trials(args.trials), {utils.utt_id(k) for k in eval_lengths},
-                                eval_skipped, args.trials)
-    val_lines = validation_lines(args, sorted(val_lengths))
-    val_trials = usable_trials(trial_arrays(val_lines), {utils.utt_id(k) for k in val_lengths}, val_skipped,
-                               args.val_trial or "the validation trials")
-    write_lines(os.path.join(save_dir, "val_trial.txt"),
-                [f"{t} {a}.wav {b}.wav" for t, a, b in zip(*val_trials)])
-    d_args = model_args(args, len(labels))
     for phase in phases:
         shortest = phase.model.min_length(args.m_blocks)
         if args.nb_samp < shortest:
             raise DataError(f"-nb_samp {args.nb_samp} is too short for {phase.name} with -m_blocks "
                             f"{args.m_blocks}: it needs at least {shortest} samples")
 
-    # Bookkeeping, and where a resumed run picks up.
-    start_phase, start_epoch, state = 0, 0, None
-    if args.resume:
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        start_phase, start_epoch = state["phase"], state["epoch"] + 1
-        if start_epoch >= phases[start_phase].epochs:  # that phase is complete: start the next one afresh,
-            utils.set_rng_states(state["rng"])         # with the random state it would have had
-            start_phase, start_epoch, state = start_phase + 1, 0, None
-        print(f"resuming {save_dir} at " + (f"phase {start_phase + 1}, epoch {start_epoch}"
-                                            if start_phase < len(phases) else "the embeddings pickle"))
-    else:
+
+def check_resume(args, phases, save_dir):
+    """-resume needs a last.pt, and a run with one (or whose eers.txt lists completed epochs) is never
+    silently started over."""
+    last_path = os.path.join(save_dir, "last.pt")
+    if args.resume and not os.path.exists(last_path):
+        raise DataError(f"-resume: {last_path} not found (no completed epoch to continue from)")
+    if not args.resume and os.path.exists(last_path):
+        raise DataError(f"{save_dir} already holds a run: pass -resume to continue it, or choose another "
+                        "-name")
+    # The first epoch may be listed by a run killed before its last.pt; more mean last.pt was lost.
+    listed = eers_before(os.path.join(save_dir, "eers.txt"), phases, len(phases), 0)
+    if not os.path.exists(last_path) and len(listed) > 1:
+        raise DataError(f"{last_path} not found, but {save_dir}/eers.txt lists {len(listed)} epochs: "
+                        f"restore last.pt to continue, or choose another -name")
+
+
+def main(args):
+    """Check the flags, hold the run folder's lock, then train (``train``)."""
+    common.keep_freed_memory()
+    phases = make_phases(args)
+    check_flags(args, phases)
+    save_dir = os.path.join(args.save_dir, args.name)
+    with utils.folder_lock(save_dir, "wait for it to end, or choose another -name"):
+        check_resume(args, phases, save_dir)
+        utils.remove_temporaries(save_dir)  # of a killed run: never read, now removed
+        return train(args, phases, save_dir)
+
+
+def train(args, phases, save_dir):
+    """Both phases (or the baseline) from the data to the embeddings pickle; returns the cosine EER."""
+    if args.nb_thread > 0:
+        torch.set_num_threads(args.nb_thread)
+    baseline_eer = prepare_demo(args) if args.demo else None
+    if args.reproducible:
+        utils.seed_everything(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = load_data(args, save_dir)
+    d_args = model_args(args, len(data.labels))
+    start_phase, start_epoch, state = resume_point(args, phases, save_dir)
+    write_run_files(args, phases, save_dir, d_args, start_phase, start_epoch)
+    nb_val_utt = len(set(data.val_trials[1]) | set(data.val_trials[2]))
+    print(f"{len(data.dev_keys)} training utterances of {len(data.labels)} speakers; "
+          f"{len(data.val_trials[0])} validation trials over {nb_val_utt} utterances; "
+          f"{len(data.eval_keys)} test utterances, {len(data.eval_trials[0])} trials; device {device}")
+    for p in range(start_phase, len(phases)):
+        first = p == start_phase
+        run = build_phase(phases, p, args, d_args, device, save_dir, state if first else None)
+        train_phase(phases, p, run, data, args, d_args, device, save_dir, start_epoch if first else 0)
+    cosine_eer, pickle_path = write_embeddings(phases[-1], args, d_args, data, device, save_dir)
+    if args.demo:
+        demo_backend(args, save_dir, pickle_path, baseline_eer)
+    return cosine_eer
+
+
+def load_data(args, save_dir):
+    """Every dev speaker trains; the validation trials (over -val_dir, written to val_trial.txt) and the
+    test trials, each kept to the utterances its folder holds."""
+    dev_lengths, dev_skipped = load_index(args.dev_dir)
+    eval_lengths, eval_skipped = load_index(args.eval_dir)
+    val_dir = args.val_dir or args.dev_dir
+    val_lengths, val_skipped = (dev_lengths, dev_skipped) if val_dir == args.dev_dir else load_index(val_dir)
+    data = argparse.Namespace(dev_keys=sorted(dev_lengths), eval_keys=sorted(eval_lengths), val_dir=val_dir)
+    data.labels = utils.speaker_labels(data.dev_keys)
+    data.eval_trials = usable_trials(scoring.read_trials(args.trials),
+                                     {utils.utt_id(k) for k in eval_lengths}, eval_skipped, args.trials)
+    val_lines = validation_lines(args, sorted(val_lengths))
+    data.val_trials = usable_trials(trial_arrays(val_lines), {utils.utt_id(k) for k in val_lengths},
+                                    val_skipped, args.val_trial or "the validation trials")
+    write_lines(os.path.join(save_dir, "val_trial.txt"),
+                [f"{t} {a}.wav {b}.wav" for t, a, b in zip(*data.val_trials)])
+    return data
+
+
+def resume_point(args, phases, save_dir):
+    """Where this run starts: (phase index, epoch, last.pt's state or None). When last.pt ends a phase,
+    the next one starts afresh with the random state the run would have had."""
+    if not args.resume:
+        return 0, 0, None
+    state = load_checkpoint(os.path.join(save_dir, "last.pt"), "checkpoint to resume from", LAST_KEYS)
+    start_phase, start_epoch = state["phase"], state["epoch"] + 1
+    if start_epoch >= phases[start_phase].epochs:
+        utils.set_rng_states(state["rng"])
+        start_phase, start_epoch, state = start_phase + 1, 0, None
+    print(f"resuming {save_dir} at " + (f"phase {start_phase + 1}, epoch {start_epoch}"
+                                        if start_phase < len(phases) else "the embeddings pickle"))
+    return start_phase, start_epoch, state
+
+
+def write_run_files(args, phases, save_dir, d_args, start_phase, start_epoch):
+    """f_params.txt (a new run only), eers.txt cut to the epochs before the start, args.json."""
+    if not args.resume:
         params = [f"{k}:\t{v}" for k, v in sorted(vars(args).items())]
         params += [f"{k}:\t{v}" for k, v in sorted(d_args.items())]
         write_lines(os.path.join(save_dir, "f_params.txt"), params)
+    eers_path = os.path.join(save_dir, "eers.txt")
+    write_lines(eers_path, eers_before(eers_path, phases, start_phase, start_epoch))
     utils.write_json_atomic({"args": vars(args), "d_args": d_args}, os.path.join(save_dir, "args.json"))
-    nb_val_utt = len(set(val_trials[1]) | set(val_trials[2]))
-    print(f"{len(train_keys)} training utterances of {len(labels)} speakers; {len(val_trials[0])} validation "
-          f"trials over {nb_val_utt} utterances; {len(eval_lengths)} test utterances, {len(eval_trials[0])} "
-          f"trials; device {device}")
 
-    for p in range(start_phase, len(phases)):
-        phase = phases[p]
-        best_path = os.path.join(save_dir, "models", f"{phase.name}_best.pt")
-        model = phase.model(d_args)
-        model.apply(phase.init)
-        center = CenterLoss(len(labels), args.m_nb_code, args.c_alpha) if phase.c_lambda else None
-        if p > 0 and state is None:  # phase 2 starts from phase 1's best model: strided conv and blocks
-            previous = torch.load(os.path.join(save_dir, "models", f"{phases[p - 1].name}_best.pt"),
-                                  map_location="cpu", weights_only=False)
-            copied, kept = init_from_pretrained(model, previous["model"])
-            fresh = sorted({k.rsplit(".", 1)[0] for k in kept}) + (["centers"] if center is not None else [])
-            print(f"{phase.name}: {len(copied)} tensors copied from {phases[p - 1].name} (epoch "
-                  f"{previous['epoch']}); initialised afresh: {', '.join(fresh)}")
-        model.to(device)
+
+def build_phase(phases, p, args, d_args, device, save_dir, state):
+    """Phase ``p``'s network, centers, optimiser, schedule and best EER: initialised (phase 2's strided
+    conv and blocks from phase 1's best model), then, when ``state`` (last.pt) is given, loaded from it."""
+    phase = phases[p]
+    model = phase.model(d_args)
+    model.apply(phase.init)
+    center = CenterLoss(d_args["nb_classes"], args.m_nb_code, args.c_alpha) if phase.c_lambda else None
+    if p > 0 and state is None:
+        inherit(model, phases[p - 1].name, phase.name, save_dir, center is not None)
+    model.to(device)
+    if center is not None:
+        center.to(device)
+    optimizer = make_optimizer(model, args)
+    scheduler = keras_decay_scheduler(optimizer, phase.lr_decay, phase.decay_offset)
+    run = argparse.Namespace(model=model, center=center, optimizer=optimizer, scheduler=scheduler,
+                             best_eer=math.inf)
+    if state is not None:
+        last_path = os.path.join(save_dir, "last.pt")
+        load_into(model, state["model"], last_path, "model")
         if center is not None:
-            center.to(device)
-        optimizer = make_optimizer(model, args)
-        scheduler = keras_decay_scheduler(optimizer, phase.lr_decay, phase.decay_offset)
-        best_eer = math.inf
-        if state is not None:
-            model.load_state_dict(state["model"])
-            if center is not None:
-                center.load_state_dict(state["center"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            best_eer = state["best_eer"]
-            utils.set_rng_states(state["rng"])
-            state = None
-        nb_params = sum(t.numel() for t in model.parameters())
-        print(f"phase {p + 1}/{len(phases)} ({phase.name}): {nb_params:,} parameters, {phase.epochs} epochs")
+            load_into(center, state["center"], last_path, "center-loss state")
+        load_into(optimizer, state["optimizer"], last_path, "optimiser state")
+        load_into(scheduler, state["scheduler"], last_path, "learning-rate schedule")
+        run.best_eer = state["best_eer"]
+        utils.set_rng_states(state["rng"])
+    nb_params = sum(t.numel() for t in model.parameters())
+    print(f"phase {p + 1}/{len(phases)} ({phase.name}): {nb_params:,} parameters, {phase.epochs} epochs")
+    return run
 
-        train_set = CropSet(train_keys, args.dev_dir, labels, args.nb_samp, seed=args.seed, phase=p)
-        for epoch in range(start_epoch, phase.epochs):
-            train_set.epoch = epoch
-            generator = torch.Generator().manual_seed(args.seed + 1000 * p + epoch)
-            sampler = RandomSampler(train_set, generator=generator)
-            loader = DataLoader(train_set, batch_size=args.bs, sampler=sampler, drop_last=True,
-                                num_workers=args.nb_worker, pin_memory=device.type == "cuda")
-            losses = train_epoch(model, center, loader, optimizer, scheduler, args, phase.c_lambda, device,
-                                 f"{phase.name} epoch {epoch}")
 
-            eval_eer = None
-            if args.eval_every and (epoch + 1) % args.eval_every == 0:
-                eval_eer, scores = evaluate(model, eval_trials, args.eval_dir, args, device, "Vox1-O")
-                write_lines(os.path.join(save_dir, "results", f"{phase.name}_eval_epoch{epoch}.txt"),
-                            [f"{s} {t}" for s, t in zip(scores, eval_trials[0])])
-            crop = (args.nb_samp, (args.seed, 7, p, epoch)) if args.val_crop else None
-            val_eer = evaluate(model, val_trials, val_dir, args, device, "validation", crop)[0]
-            append_line(os.path.join(save_dir, "eers.txt"),
-                        f"phase:{phase.name}, epoch:{epoch}, val_eer:{val_eer:.4f}"
-                        + (f", eval_eer:{eval_eer:.4f}" if eval_eer is not None else ""))
+def inherit(model, source, name, save_dir, has_centers):
+    """Copy the strided conv and blocks of phase ``source``'s best model into ``model`` (phase ``name``)."""
+    path = os.path.join(save_dir, "models", f"{source}_best.pt")
+    previous = load_checkpoint(path, f"best {source} model", BEST_KEYS)
+    try:
+        copied, kept = init_from_pretrained(model, previous["model"])
+    except ValueError as e:
+        raise DataError(f"{path}: {e}; use the model flags it was trained with") from None
+    fresh = sorted({k.rsplit(".", 1)[0] for k in kept}) + (["centers"] if has_centers else [])
+    print(f"{name}: {len(copied)} tensors copied from {source} (epoch {previous['epoch']}); initialised "
+          f"afresh: {', '.join(fresh)}")
 
-            is_best = val_eer < best_eer
-            if is_best:
-                best_eer = val_eer
-                utils.save_atomic({"model": model.state_dict(),
-                                   "center": center.state_dict() if center else None,
-                                   "d_args": d_args, "phase": phase.name, "epoch": epoch,
-                                   "val_eer": val_eer, "eval_eer": eval_eer}, best_path)
-            utils.save_atomic({"model": model.state_dict(), "center": center.state_dict() if center else None,
-                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "phase": p, "epoch": epoch, "best_eer": best_eer, "rng": utils.rng_states(),
-                               "args": vars(args), "d_args": d_args}, last_path)
-            terms = ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
-            tqdm.write(f"{phase.name} epoch {epoch}: loss {losses['loss']:.3f} ({terms}), val EER "
-                       f"{100 * val_eer:.2f} %"
-                       + (f", Vox1-O EER {100 * eval_eer:.2f} %" if eval_eer is not None else "")
-                       + (" (best)" if is_best else ""))
-        start_epoch = 0
 
-    # Embeddings of every dev and test utterance by the final phase's best model.
-    best = torch.load(os.path.join(save_dir, "models", f"{phases[-1].name}_best.pt"), map_location="cpu",
-                      weights_only=False)
-    model = phases[-1].model(best["d_args"])
-    model.load_state_dict(best["model"])
+def train_phase(phases, p, run, data, args, d_args, device, save_dir, start_epoch):
+    """Phase ``p``'s epochs from ``start_epoch``: train, score, save (``save_epoch``)."""
+    phase = phases[p]
+    train_set = CropSet(data.dev_keys, args.dev_dir, data.labels, args.nb_samp, seed=args.seed, phase=p)
+    for epoch in range(start_epoch, phase.epochs):
+        train_set.epoch = epoch
+        generator = torch.Generator().manual_seed(args.seed + 1000 * p + epoch)
+        sampler = RandomSampler(train_set, generator=generator)
+        loader = DataLoader(train_set, batch_size=args.bs, sampler=sampler, drop_last=True,
+                            num_workers=args.nb_worker, pin_memory=device.type == "cuda")
+        losses = train_epoch(run.model, run.center, loader, run.optimizer, run.scheduler, args,
+                             phase.c_lambda, device, f"{phase.name} epoch {epoch}")
+        eval_eer = None
+        if args.eval_every and (epoch + 1) % args.eval_every == 0:
+            eval_eer, scores = evaluate(run.model, data.eval_trials, args.eval_dir, args, device, "Vox1-O")
+            write_lines(os.path.join(save_dir, "results", f"{phase.name}_eval_epoch{epoch}.txt"),
+                        [f"{s} {t}" for s, t in zip(scores, data.eval_trials[0])])
+        crop = (args.nb_samp, (args.seed, 7, p, epoch)) if args.val_crop else None
+        val_eer = evaluate(run.model, data.val_trials, data.val_dir, args, device, "validation", crop)[0]
+        is_best = save_epoch(phases, p, epoch, run, val_eer, eval_eer, args, d_args, save_dir)
+        terms = ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "loss")
+        tqdm.write(f"{phase.name} epoch {epoch}: loss {losses['loss']:.3f} ({terms}), val EER "
+                   f"{100 * val_eer:.2f} %"
+                   + (f", Vox1-O EER {100 * eval_eer:.2f} %" if eval_eer is not None else "")
+                   + (" (best)" if is_best else ""))
+
+
+def save_epoch(phases, p, epoch, run, val_eer, eval_eer, args, d_args, save_dir):
+    """The epoch's eers.txt line, the phase's best model if ``val_eer`` is a new best, then last.pt: until
+    it is renamed into place, a resumed run redoes the epoch. Returns whether the model is a new best."""
+    phase = phases[p]
+    eers_path = os.path.join(save_dir, "eers.txt")
+    line = (f"phase:{phase.name}, epoch:{epoch}, val_eer:{val_eer:.4f}"
+            + (f", eval_eer:{eval_eer:.4f}" if eval_eer is not None else ""))
+    write_lines(eers_path, eers_before(eers_path, phases, p, epoch) + [line])
+    center = run.center.state_dict() if run.center else None
+    is_best = val_eer < run.best_eer
+    if is_best:
+        run.best_eer = val_eer
+        utils.save_atomic({"model": run.model.state_dict(), "center": center, "d_args": d_args,
+                           "phase": phase.name, "epoch": epoch, "val_eer": val_eer, "eval_eer": eval_eer},
+                          os.path.join(save_dir, "models", f"{phase.name}_best.pt"))
+    utils.save_atomic({"model": run.model.state_dict(), "center": center,
+                       "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                       "phase": p, "epoch": epoch,
+                       "best_eer": run.best_eer, "rng": utils.rng_states(), "args": vars(args),
+                       "d_args": d_args}, os.path.join(save_dir, "last.pt"))
+    return is_best
+
+
+def write_embeddings(phase, args, d_args, data, device, save_dir):
+    """Embeddings of every dev and test utterance by ``phase``'s best model, pickled; returns the Vox1-O
+    cosine EER and the pickle's path."""
+    best_path = os.path.join(save_dir, "models", f"{phase.name}_best.pt")
+    best = load_checkpoint(best_path, f"best {phase.name} model", BEST_KEYS)
+    model = phase.model(d_args)
+    load_into(model, best["model"], best_path, "model")
     model.to(device)
     pickle_path = os.path.join(save_dir, "embeddings.pk")
-    dev = embed_utterances(model, sorted(dev_lengths), args.dev_dir, device, min(args.nb_worker, 4),
-                           args.progress, "dev embeddings")
-    test = embed_utterances(model, sorted(eval_lengths), args.eval_dir, device, min(args.nb_worker, 4),
+    dev = embed_utterances(model, data.dev_keys, args.dev_dir, device, min(args.nb_worker, 4), args.progress,
+                           "dev embeddings")
+    test = embed_utterances(model, data.eval_keys, args.eval_dir, device, min(args.nb_worker, 4),
                             args.progress, "test embeddings")
     utils.write_pickle_atomic({"dev_dic_embeddings": dev, "eval_dic_embeddings": test}, pickle_path)
-    cosine_eer = scoring.compute_eer(eval_trials[0], scoring.cosine_scores(test, *eval_trials[1:]))[0]
-    print(f"best {phases[-1].name} model (epoch {best['epoch']}): Vox1-O cosine EER "
-          f"{100 * cosine_eer:.2f} %; "
+    labels, keys_a, keys_b = data.eval_trials
+    cosine_eer = scoring.compute_eer(labels, scoring.cosine_scores(test, keys_a, keys_b))[0]
+    print(f"best {phase.name} model (epoch {best['epoch']}): Vox1-O cosine EER {100 * cosine_eer:.2f} %; "
           f"embeddings in {pickle_path}")
+    return cosine_eer, pickle_path
 
-    if args.demo:
-        import train_bvec
-        bvec = train_bvec.main(train_bvec.parse_args(
-            ["-embeddings", pickle_path, "-trials", args.trials, "-out_dir", os.path.join(save_dir, "bvec"),
-             "-val_trial", os.path.join(save_dir, "val_trial.txt"), "-seed", str(args.seed),
-             "-progress", str(args.progress)] + DEMO_BVEC_FLAGS))
-        print(f"demo: naive baseline EER {100 * baseline_eer:.2f} %, RawNet cosine EER "
-              f"{100 * bvec['cosine']:.2f} %, "
-              f"b-vector EER {100 * bvec['bvec']:.2f} %")
-    return cosine_eer
+
+def demo_backend(args, save_dir, pickle_path, baseline_eer):
+    """-demo: the b-vector back-end on the run's embeddings, and the summary line."""
+    import train_bvec
+    bvec = train_bvec.main(train_bvec.parse_args(
+        ["-embeddings", pickle_path, "-trials", args.trials, "-out_dir", os.path.join(save_dir, "bvec"),
+         "-val_trial", os.path.join(save_dir, "val_trial.txt"), "-seed", str(args.seed),
+         "-progress", str(args.progress)] + DEMO_BVEC_FLAGS))
+    print(f"demo: naive baseline EER {100 * baseline_eer:.2f} %, RawNet cosine EER "
+          f"{100 * bvec['cosine']:.2f} %, b-vector EER {100 * bvec['bvec']:.2f} %")
 
 
 def prepare_demo(args):

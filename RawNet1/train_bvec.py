@@ -201,17 +201,26 @@ def append_line(path, line):
 
 
 def main(args):
+    """Check the flags, hold the output folder's lock, then train (``train``)."""
     if args.bs < 2 or args.bs % 2:
         raise DataError(f"-bs {args.bs}: a balanced batch needs an even number of pairs")
     if args.epoch < 1 or args.nb_batch_per_epoch < 1:
         raise DataError("-epoch and -nb_batch_per_epoch must be at least 1")
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.embeddings)), "bvec")
+    with utils.folder_lock(out_dir, "wait for it to end, or choose another -out_dir"):
+        utils.remove_temporaries(out_dir)  # of a killed run: never read, now removed
+        return train(args, out_dir)
+
+
+def train(args, out_dir):
+    """Train on the dev embeddings, select on the validation trials, score Vox1-O; returns the EERs."""
     utils.seed_everything(args.seed)
     dev, test = load_embeddings(args.embeddings)
     trials = scoring.read_trials(args.trials)
     scoring.check_keys(trials[1] + trials[2], test, f"trial keys of {args.trials}")
 
-    # Standardise with the dev set's statistics; pairs of training speakers, validation on held-out ones.
+    # Standardise with the dev set's statistics; pairs of every dev speaker, validation on trials among
+    # some of those same speakers (as train_RawNet.py's validation: they stay in training).
     dev_ids = sorted(dev)
     dev_matrix = stack(dev, dev_ids, "dev")
     mean, std = dev_matrix.mean(0), dev_matrix.std(0)

@@ -1,10 +1,13 @@
 """RawNet1/: pre-processing, both phases, losses, phase-2 initialisation, b-vector back-end, end to end.
 Each test checks one behaviour against an independent expectation (hand computation, closed form)."""
 
+import argparse
+import json
 import math
 import os
 import pickle
 import re
+import signal
 import sys
 
 import numpy as np
@@ -17,6 +20,7 @@ from scipy.optimize import brentq
 from sklearn.metrics import roc_curve
 
 from conftest import ROOT
+from reliability_tools import run_forked
 
 sys.path.append(os.path.join(ROOT, "RawNet1"))
 
@@ -24,6 +28,7 @@ import data_RawNet  # noqa: E402
 import pre_process_waveforms  # noqa: E402
 import train_bvec  # noqa: E402
 import train_RawNet  # noqa: E402
+import utils  # noqa: E402
 from data_RawNet import load_index, pre_emphasis, read_int16  # noqa: E402
 from model_RawNet import (  # noqa: E402
     CenterLoss,
@@ -416,15 +421,15 @@ def test_baseline_scheduler_steps_before_the_optimiser_as_the_pytorch_code():
     assert keras == pytest.approx([0.001 / (1 + 1e-4 * k) for k in range(4)])
 
 
-def test_vox2_baseline_parameter_count_with_all_vox2_dev_speakers():
+def test_vox2_baseline_parameter_count_with_every_prepared_vox2_speaker():
     def legacy(i, o, first=False):
         shortcut = conv(i, o, 1) if i != o else 0
         return (0 if first else bn(i)) + conv(i, o, 3) + bn(o) + conv(o, o, 3) + shortcut
     body = conv(1, 128, 3) + bn(128) + legacy(128, 128, True) + legacy(128, 128) + legacy(128, 256)
     body += 3 * legacy(256, 256) + bn(256) + 3 * 1024 * (256 + 1024) + 2 * 3 * 1024 + 1024 * 1024 + 1024
-    d_args = dict(PAPER, nb_code=1024, nb_classes=5994)
-    total = body + 1024 * 5994 + 5994
-    assert sum(p.numel() for p in RawNetBaseline(d_args).parameters()) == total == 12_844_394
+    d_args = dict(PAPER, nb_code=1024, nb_classes=6112)  # VoxCeleb2 dev + test, as DB/VoxCeleb2/wav/
+    total = body + 1024 * 6112 + 6112
+    assert sum(p.numel() for p in RawNetBaseline(d_args).parameters()) == total == 12_965_344
 
 
 # --- validation trials ------------------------------------------------------------------------
@@ -510,7 +515,7 @@ def test_end_to_end_writes_pickle_and_both_eers(npy_corpus, tmp_path, capsys):
     line_format = r"phase:\w+, epoch:\d, val_eer:\d\.\d{4}, eval_eer:\d\.\d{4}"
     assert all(re.fullmatch(line_format, line) for line in eers)
     # Every dev speaker trains (6 classes); 3 of them also give the validation trials, 8 per utterance.
-    best = torch.load(out / "models" / "gru_best.pt", weights_only=False)
+    best = torch.load(out / "models" / "gru_best.pt", weights_only=True)
     assert best["model"]["fc_out.weight"].shape == (6, 8)
     val_lines = (out / "val_trial.txt").read_text().splitlines()
     assert len(val_lines) == 12 * 8 and len({line.split()[1].split("/")[0] for line in val_lines}) == 3
@@ -563,7 +568,7 @@ def test_eval_every_scores_vox1_o_in_those_epochs_only_and_changes_no_training(n
     assert second == [every[0].split(", eval_eer")[0], every[1].split(", eval_eer")[0], every[2]]
     assert sorted(p.name for p in (tmp_path / "second" / "results").iterdir()) == ["gru_eval_epoch1.txt"]
     for name in ("pretrain_best.pt", "gru_best.pt"):
-        a, b = (torch.load(tmp_path / run / "models" / name, weights_only=False)
+        a, b = (torch.load(tmp_path / run / "models" / name, weights_only=True)
                 for run in ("every", "second"))
         assert a["epoch"] == b["epoch"] and a["val_eer"] == b["val_eer"]
         for k, v in a["model"].items():
@@ -588,8 +593,8 @@ def test_resume_continues_exactly(npy_corpus, tmp_path, monkeypatch, stop_at):
         train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path, name="cut")))
     monkeypatch.setattr(train_RawNet, "train_epoch", train_epoch)
     train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path, name="cut") + ["-resume"]))
-    full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
-    resumed = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert (resumed["phase"], resumed["epoch"]) == (full["phase"], full["epoch"]) == (1, 1)
     for k, v in full["model"].items():
         torch.testing.assert_close(resumed["model"][k], v, msg=k)
@@ -610,7 +615,7 @@ def test_vox2_baseline_recipe_defaults_and_run(npy_corpus, tmp_path):
     train_RawNet.main(train_RawNet.parse_args(flags))
     eers = (tmp_path / "run" / "eers.txt").read_text().splitlines()
     assert [line.split(", ")[0] for line in eers] == ["phase:baseline"] * 2
-    state = torch.load(tmp_path / "run" / "models" / "baseline_best.pt", weights_only=False)["model"]
+    state = torch.load(tmp_path / "run" / "models" / "baseline_best.pt", weights_only=True)["model"]
     assert set(state) >= {"first_conv.weight", "block1.0.bn1.weight", "block1.0.conv_downsample.weight"}
     dev_speakers = {k.split("/")[0] for k in load_index(npy_corpus["dev"])[0]}
     assert state["fc2_gru.weight"].shape[0] == len(dev_speakers) == 6  # every training speaker is a class
@@ -687,3 +692,108 @@ def test_channels_last_front_end_equals_the_reference_in_eval(cls, batch, length
     model.frontend.channels_last = False
     torch.manual_seed(1)
     assert torch.equal(trained, model.embed(x))
+
+
+# --- float64, checkpoints, run lock, eers.txt on resume, docs ------------------------------------
+
+def test_center_update_in_float64_by_hand():
+    """A float64 model's embeddings move float64 centers by Wen et al.'s rule, as in float32."""
+    model = RawNetPretrain(SMALL).double().eval()
+    center = CenterLoss(SMALL["nb_classes"], SMALL["nb_code"], alpha=0.5).double()
+    center.centers.zero_()
+    x = model.embed(torch.randn(3, model.min_samples, dtype=torch.float64))
+    labels = torch.tensor([0, 0, 1])
+    center.update(x, labels)
+    # class 0: sum(0 - x) / (1 + 2), times -0.5; class 1: (0 - x) / 2, times -0.5; others stay 0
+    expected = torch.zeros(SMALL["nb_classes"], SMALL["nb_code"], dtype=torch.float64)
+    expected[0], expected[1] = (x[0] + x[1]) / 6, x[2] / 4
+    torch.testing.assert_close(center.centers, expected, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"not a checkpoint", "checkpoint to resume from is truncated or corrupt"),
+    ({"args": argparse.Namespace(bs=4)}, "checkpoint to resume from holds objects other than tensors"),
+    ({"model": {}, "epoch": 0}, "not a checkpoint to resume from written by train_RawNet.py (it lacks "
+                                "best_eer, center, optimizer, phase, rng, scheduler)"),
+])
+def test_a_corrupt_or_foreign_last_pt_is_one_line_naming_it(npy_corpus, tmp_path, content, message):
+    """last.pt is loaded with weights_only=True: a file of other objects is refused, not unpickled."""
+    last = tmp_path / "run" / "last.pt"
+    last.parent.mkdir()
+    if isinstance(content, bytes):
+        last.write_bytes(content)
+    else:
+        torch.save(content, last)
+    with pytest.raises(DataError, match=f"^{re.escape(f'{last}: {message}')}"):
+        train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path) + ["-resume"]))
+
+
+def test_an_epoch_killed_before_last_pt_is_listed_once_after_resume(npy_corpus, tmp_path, monkeypatch):
+    """Killed after gru epoch 1's eers.txt line but before its last.pt: the resumed run redoes that
+    epoch, and eers.txt lists each epoch once."""
+    save_atomic = train_RawNet.utils.save_atomic
+
+    def killed(obj, path):
+        if str(path).endswith("last.pt") and (obj["phase"], obj["epoch"]) == (1, 1):
+            raise KeyboardInterrupt
+        save_atomic(obj, path)
+
+    monkeypatch.setattr(train_RawNet.utils, "save_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path)))
+    monkeypatch.setattr(train_RawNet.utils, "save_atomic", save_atomic)
+    train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path) + ["-resume"]))
+    eers = (tmp_path / "run" / "eers.txt").read_text().splitlines()
+    assert [line.split(", ")[:2] for line in eers] == [["phase:pretrain", "epoch:0"],
+                                                       ["phase:gru", "epoch:0"], ["phase:gru", "epoch:1"]]
+
+
+def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(npy_corpus, tmp_path):
+    with utils.folder_lock(str(tmp_path / "run"), "test"):
+        with pytest.raises(DataError, match=rf"run is in use by pid {os.getpid()} on .*: wait for it to end"):
+            train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path)))
+    assert not (tmp_path / "run").exists()
+
+
+def die_holding_the_lock(argv):
+    with utils.folder_lock(argv[0], "test"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over(npy_corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_forked(die_holding_the_lock, [str(run)])[0] == -signal.SIGKILL
+    holder = json.loads((run / utils.LOCK_NAME).read_text())
+    train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path)))
+    note = f"note: {run / utils.LOCK_NAME}: stale lock of pid {holder['pid']} on {holder['host']} (no longer"
+    assert f"{note} running) taken over" in capsys.readouterr().out
+    assert (run / "embeddings.pk").exists() and not (run / utils.LOCK_NAME).exists()
+
+
+def test_a_run_whose_last_pt_is_lost_is_not_started_over(npy_corpus, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "eers.txt").write_text("phase:pretrain, epoch:0, val_eer:0.5000\n"
+                                               "phase:gru, epoch:0, val_eer:0.4000\n")
+    with pytest.raises(DataError, match=r"last\.pt not found, but .*eers\.txt lists 2 epochs: restore"):
+        train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path)))
+
+
+def test_a_second_bvector_run_on_the_same_folder_is_refused(tmp_path):
+    flags = ["-embeddings", str(tmp_path / "embeddings.pk"), "-out_dir", str(tmp_path / "bvec")]
+    with utils.folder_lock(str(tmp_path / "bvec"), "test"):
+        with pytest.raises(DataError, match=rf"bvec is in use by pid {os.getpid()} on .*another -out_dir"):
+            train_bvec.main(train_bvec.parse_args(flags))
+
+
+def test_rawnet1_readme_counts_the_classes_the_data_steps_prepare():
+    """The baseline has a class per speaker of DB/VoxCeleb2/wav/ (DB/README.md's count); the README's
+    recipe table states that count and the parameters of the networks built with it."""
+    db = open(os.path.join(ROOT, "DB", "README.md")).read()
+    prepared = re.search(r"wav/<spk>/<video>/<NNNNN>\.wav +training set: [^,]*, ([\d,]+) speakers", db)[1]
+    readme = open(os.path.join(ROOT, "RawNet1", "README.md")).read()
+    row = re.search(r"\| parameters \(1,211 classes / ([\d,]+)\)" + r" \| ([\d,]+)" * 3 + r" \|", readme)
+    classes, *counts = (int(n.replace(",", "")) for n in row.groups())
+    assert classes == int(prepared.replace(",", ""))
+    baseline = RawNetBaseline(dict(PAPER, nb_code=1024, nb_classes=classes))
+    models = [RawNetPretrain(PAPER), RawNet(PAPER), baseline]
+    assert counts == [sum(p.numel() for p in m.parameters()) for m in models]
