@@ -519,3 +519,14 @@ def test_a_header_claiming_absurd_length_is_not_allocated(tmp_path):
     assert sf.info(str(path)).frames == (1 << 36) - 1  # 512 GiB as float64
     with pytest.raises(DataError, match=f"^{path}: "):
         utils.read_audio(str(path))
+
+
+def test_own_files_none_of_which_embeds_write_nothing(tmp_path):
+    os.makedirs(tmp_path / "own")
+    sf.write(tmp_path / "own" / "silent.wav", np.zeros(8000), 16000)
+    (tmp_path / "own" / "empty.wav").write_bytes(b"")
+    small_checkpoint(tmp_path / "last.pt", window_size=1000)
+    message = f"^{tmp_path}/own: no embedding computed .*; {tmp_path}/e.pk not written$"
+    with pytest.raises(DataError, match=message):
+        extract(tmp_path, "-wav_dir", str(tmp_path / "own"), "-model_dir", str(tmp_path / "last.pt"))
+    assert not (tmp_path / "e.pk").exists()

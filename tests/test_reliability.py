@@ -1035,17 +1035,20 @@ def test_export_refuses_a_window_size_its_segments_cannot_use(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("fault,reason", [("enospc@net.pt2", "No space left on device"),
-                                          ("eacces@net.pt2", "Permission denied")])
-def test_export_write_failures_are_one_line_and_leave_no_partial_file(tmp_path, fault, reason):
+@pytest.mark.parametrize("kind,fault,reason", [("pt2", "enospc", "No space left on device"),
+                                               ("pt2", "eacces", "Permission denied"),
+                                               ("onnx", "enospc", "No space left on device")])
+def test_export_write_failures_are_one_line_and_leave_no_partial_file(tmp_path, kind, fault, reason):
     import export_RawNet2
 
+    if kind == "onnx":
+        pytest.importorskip("onnxscript")
     checkpoint = small_last_pt(tmp_path / "last.pt")
     out = str(tmp_path / "x" / "net")
-    code, _, err = run_forked(export_RawNet2.cli, ["-model_dir", checkpoint, "-out", out, "-formats", "pt2",
-                                                   "-check", "False"], fault=fault)
+    code, _, err = run_forked(export_RawNet2.cli, ["-model_dir", checkpoint, "-out", out, "-formats", kind,
+                                                   "-check", "False"], fault=f"{fault}@net.{kind}")
     assert code == 1
-    one_error_line(err, tmp_path / "x" / "net.pt2", reason, "not written")
+    one_error_line(err, tmp_path / "x" / f"net.{kind}", reason, "not written")
     assert os.listdir(tmp_path / "x") == []
 
 
