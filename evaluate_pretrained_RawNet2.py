@@ -86,13 +86,23 @@ def build_parser():
     add("wav_list", type=str, default=None, metavar="FILE",
         help="-extract: embed the audio files listed in FILE (one path per line) instead; keys are the "
              "paths as written")
+    add("wav_base", type=str, default=None, metavar="DIR",
+        help="-wav_list: the folder its paths are relative to (default: the current folder)")
+    add("strict", action="store_true",
+        help="-wav_dir/-wav_list: stop at the first file that cannot be read (default: skip it, count "
+             "it and list it with its reason)")
     add("embd", type=str, default=None, metavar="FILE",
         help="one embedding file (.pk or .npy): written by -extract with -wav_dir/-wav_list (default "
              "<embd_dir>/embeddings.<format>), and the file every trial list is scored against")
     add("onnx", type=str, default=None, metavar="FILE",
         help="run the network with onnxruntime from this export of export_RawNet2.py instead of "
              "-model_dir (CPU; bench/onnx_extract.py; needs requirements-optional.txt)")
-    add("window_size", type=int, default=11810, help="overlap in samples between consecutive TTA segments")
+    add("window_size", type=int, default=None,
+        help="overlap in samples between consecutive TTA segments (default: the value a last.pt of "
+             "train_RawNet2.py or an ONNX export records, else 11810)")
+    add("m_first_conv", type=int, default=None,
+        help="sinc filter length the checkpoint was trained with (default: what a last.pt records, "
+             "else 251; a plain state_dict does not store it)")
     add("bs", type=int, default=None,
         help="TTA segments per forward, packed across utterances (default: a fixed rule of the model's "
              "size and the device, fast_RawNet2.segments_per_forward: 1 for the paper model on CPU)")
@@ -126,14 +136,28 @@ def embedding_path(args, subset):
 
 
 def with_device(args):
-    """``args`` with -device set: CUDA when available unless given."""
+    """``args`` with -device set: CUDA when available unless given (a device that cannot run the
+    network is one line naming the flag)."""
     import torch
+
+    import utils
     common.keep_freed_memory()  # the network's large activations are allocated once per forward
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = utils.check_device(args.device) if args.device else ("cuda" if torch.cuda.is_available()
+                                                                   else "cpu")
     return argparse.Namespace(**{**vars(args), "device": device})
 
 
 def load_model(args):
+    """The network of -onnx or -model_dir, and ``args`` with -window_size resolved for it
+    (``utils.resolve_window_size``: the flag, else what the file records, else 11810)."""
+    import utils
+
+    model = load_network(args)
+    window_size = utils.resolve_window_size(args.window_size, model, args.onnx or args.model_dir)
+    return model, argparse.Namespace(**{**vars(args), "window_size": window_size})
+
+
+def load_network(args):
     if args.onnx:
         from export_RawNet2 import OnnxNetwork
         return OnnxNetwork(args.onnx)
@@ -141,8 +165,9 @@ def load_model(args):
 
     if not os.path.isfile(args.model_dir):
         raise DataError(f"{args.model_dir}: checkpoint not found (-model_dir)")
+    d_args = {"first_conv": args.m_first_conv} if args.m_first_conv is not None else None
     try:
-        model = load_pretrained(args.model_dir, map_location="cpu")
+        model = load_pretrained(args.model_dir, map_location="cpu", d_args=d_args)
     except pickle.UnpicklingError:  # not a torch file, or one holding objects other than tensors
         raise DataError(f"{args.model_dir}: not a PyTorch checkpoint of tensors (torch.load with "
                         f"weights_only=True refused it)") from None
@@ -210,7 +235,9 @@ def load_partial(folder, subset):
 
 def extract_subset(model, args, folder, wav_dir, subset, keys=None, convert=False):
     """TTA embeddings of every utterance under ``wav_dir`` (or of ``keys``, paths inside it; with
-    ``convert``, of any format, rate and channel count), resuming from ``folder``."""
+    ``convert``, of any format, rate and channel count, and a file that cannot be read is skipped
+    and listed unless -strict), resuming from ``folder``. A skipped file is not logged: a resumed
+    run reads it again."""
     from tqdm import tqdm
 
     import utils
@@ -221,7 +248,9 @@ def extract_subset(model, args, folder, wav_dir, subset, keys=None, convert=Fals
     if len(todo) < len(keys):
         print(f"resuming {wav_dir}: {len(keys) - len(todo)} of {len(keys)} utterances already done")
     stream = utils.iter_embeddings(model, todo, wav_dir, model.nb_samp, args.window_size, args.device,
-                                   args.nb_worker, segments_per_forward(model, args), args.bf16, convert)
+                                   args.nb_worker, segments_per_forward(model, args), args.bf16, convert,
+                                   skip_unreadable=convert and not args.strict)
+    unreadable = []
     # A log of this run's own: every finished embedding is appended (and flushed) as it comes, so a
     # run killed at any moment loses at most the utterance in flight.
     number = len(os.listdir(folder))  # (a resumed, half-deleted log folder may have gaps)
@@ -231,6 +260,12 @@ def extract_subset(model, args, folder, wav_dir, subset, keys=None, convert=Fals
     with open(log_path, "ab") as log:  # (an OSError here names the path: see cli)
         for count, (key, code) in enumerate(tqdm(stream, total=len(todo), desc=f"TTA {subset}",
                                                  dynamic_ncols=True), 1):
+            if isinstance(code, str):  # the reason it cannot be read
+                unreadable.append(code)
+                continue
+            if code is not None and not np.isfinite(code).all():
+                raise DataError(f"{os.path.join(wav_dir, key)}: its embedding holds NaN or infinite values "
+                                f"(the network overflowed; without -bf16?); nothing written")
             utils.trace(f"embedded {key}")
             utils.append_record(log, (key, code), log_path)
             if code is None:
@@ -242,11 +277,16 @@ def extract_subset(model, args, folder, wav_dir, subset, keys=None, convert=Fals
     if skipped:
         print(f"warning: {len(skipped)} silent/empty files of {wav_dir} have no embedding "
               f"({', '.join(sorted(skipped)[:5])})")
+    if unreadable:
+        print(f"warning: {len(unreadable)} files of {args.wav_dir or args.wav_list} cannot be read and have "
+              f"no embedding (-strict stops at the first):")
+        print("".join(f"  {reason}\n" for reason in unreadable), end="")
     return embeddings
 
 
 def audio_files(args):
-    """(keys, folder they are relative to) of -wav_dir or -wav_list."""
+    """(keys, folder they are relative to) of -wav_dir or -wav_list. A key may hold spaces (a trial
+    list cannot name it, but it is embedded), not a line break (the .npy key list is one per line)."""
     import utils
 
     if args.wav_dir:
@@ -257,22 +297,39 @@ def audio_files(args):
                       if name.lower().endswith(utils.AUDIO_EXTENSIONS))
         source, base = args.wav_dir, args.wav_dir
     else:
-        if not os.path.isfile(args.wav_list):
-            raise DataError(f"{args.wav_list}: list not found (-wav_list)")
-        with open(args.wav_list) as f:
-            keys = list(dict.fromkeys(line.strip() for line in f if line.strip()))
-        absent = [k for k in keys if not os.path.isfile(k)]
-        if absent:
-            raise DataError(f"{args.wav_list}: {len(absent)} listed files not found, "
-                            f"e.g. {', '.join(absent[:3])}")
-        source, base = args.wav_list, ""
+        keys, base = listed_files(args), args.wav_base or ""
+        source = args.wav_list
     if not keys:
         raise DataError(f"{source}: no audio files (extensions {', '.join(utils.AUDIO_EXTENSIONS)})")
-    spaced = [k for k in keys if len(k.split()) != 1]
-    if spaced:
-        raise DataError(f"{os.path.join(base, spaced[0])}: a key cannot hold whitespace (trial lists split "
-                        f"on it): rename it, or prepare the folder with DB/prepare_dataset.py")
+    broken = [k for k in keys if "\n" in k or "\r" in k]
+    if broken:
+        raise DataError(f"{os.path.join(base, broken[0])!r}: a file name holding a line break cannot be "
+                        f"a key: rename it")
     return keys, base
+
+
+def listed_files(args):
+    """The paths of -wav_list (each once, in order; a UTF-8 byte-order mark and CRLF line ends are no
+    part of them), every one present under -wav_base; a miss is one line that says where the paths
+    were looked for and how to give the folder they are relative to."""
+    if not os.path.isfile(args.wav_list):
+        raise DataError(f"{args.wav_list}: list not found (-wav_list)")
+    if args.wav_base is not None and not os.path.isdir(args.wav_base):
+        raise DataError(f"{args.wav_base}: folder not found (-wav_base)")
+    with open(args.wav_list, encoding="utf-8-sig") as f:
+        keys = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+    base = args.wav_base or ""
+    absent = [k for k in keys if not os.path.isfile(os.path.join(base, k))]
+    if absent:
+        beside = os.path.dirname(os.path.abspath(args.wav_list))
+        if all(os.path.isfile(os.path.join(beside, k)) for k in absent):
+            hint = f"they are there relative to the list's folder: add -wav_base {beside}"
+        else:
+            hint = (f"paths are taken relative to {base or 'the current folder'}: give the folder they are "
+                    f"relative to with -wav_base DIR")
+        raise DataError(f"{args.wav_list}: {len(absent)} listed files not found, e.g. "
+                        f"{', '.join(absent[:3])} ({hint})")
+    return keys
 
 
 def conversion_note(keys, base):
@@ -322,7 +379,7 @@ def extract(args):
     import utils
 
     folder, jobs = extraction_jobs(args)
-    model = load_model(args)
+    model, args = load_model(args)
     source = args.wav_dir or args.wav_list
     # (what changes the numbers: a resumed extraction with other settings starts over)
     fingerprint = {"model_sha256": file_sha256(args.onnx or args.model_dir), "nb_samp": model.nb_samp,
@@ -344,6 +401,9 @@ def extract(args):
         open_partial(partial, fingerprint)
         for subset, base, keys, convert, path in jobs:
             embeddings = extract_subset(model, args, partial, base, subset, keys, convert)
+            if not embeddings:
+                raise DataError(f"{source or base}: no embedding computed (every file is silent or cannot be "
+                                f"read); {path} not written")
             scoring.save_embeddings(embeddings, path)
             print(f"{len(embeddings)} embeddings of {source or base} written to {path}")
         os.replace(partial, done)  # one step: a half-deleted log folder is never taken for a live one
@@ -353,13 +413,41 @@ def extract(args):
 # ---------------------------------------------------------------------------------------------
 # Scoring
 
+def distinct_names(paths):
+    """A name per path that no other path shares: its file name without extension, or, where several
+    paths share that, with as many of its parent folders as tell them apart (``a/trials``,
+    ``b/trials``). The same file given twice is one line."""
+    parts = [os.path.splitext(os.path.abspath(p))[0].split(os.sep) for p in paths]
+    for i, path in enumerate(paths):
+        if parts[i] in parts[:i]:
+            raise DataError(f"-trials: {path} is given twice")
+    names = []
+    for own in parts:
+        same = [other for other in parts if other[-1] == own[-1]]
+        depth = 1
+        while len({tuple(other[-depth:]) for other in same}) < len(same):
+            depth += 1
+        names.append("/".join(own[-depth:]))
+    return names
+
+
 def trial_lists(args):
-    """(name, path, embedding sets) of each list to score."""
+    """(name, path, embedding sets, output stem) of each list to score: the stem names its
+    -score_dir and -plot files, one per list (a clash of two lists' files is one line)."""
     if args.trials:
-        lists = [(os.path.splitext(os.path.basename(p))[0], p, ("dev", "eval")) for p in args.trials]
+        lists = [(name, path, ("dev", "eval"))
+                 for name, path in zip(distinct_names(args.trials), args.trials)]
     else:
         lists = [(name, os.path.join(args.trial_dir, file), subsets) for name, file, subsets in LISTS]
-    return [(name, path, ("embd",)) for name, path, _ in lists] if args.embd else lists
+    lists = [(name, path, ("embd",) if args.embd else subsets,
+              name.replace("/", "_") if args.trials else os.path.splitext(os.path.basename(path))[0])
+             for name, path, subsets in lists]
+    suffixes = ("", "_asnorm") if args.asnorm else ("",)
+    outputs = [stem + suffix for *_, stem in lists for suffix in suffixes]
+    clash = next((o for o in outputs if outputs.count(o) > 1), None)
+    if clash and (args.score_dir or args.plot is not None):
+        raise DataError(f"-trials: two lists would write the same output file {clash}.txt/.png: rename one")
+    return lists
 
 
 def load_cohort(args):
@@ -457,7 +545,7 @@ def scorable_lists(args):
                         f"{os.path.basename(embedding_path(args, 'dev'))} and "
                         f"{os.path.basename(embedding_path(args, 'eval'))})")
     candidates = trial_lists(args)
-    if not any(os.path.isfile(path) for _, path, _ in candidates):
+    if not any(os.path.isfile(path) for _, path, *_ in candidates):
         where = (" ".join(args.trials) if args.trials
                  else f"{args.trial_dir} ({', '.join(file for _, file, _ in LISTS)})")
         if args.extract:
@@ -465,7 +553,7 @@ def scorable_lists(args):
             return []
         raise DataError(f"nothing was scored: no trial list found in {where} (-trial_dir or -trials)")
     lists = []
-    for name, path, subsets in candidates:
+    for name, path, subsets, stem in candidates:
         if not os.path.isfile(path):
             print(f"note: {path} not found: {name} skipped")
             continue
@@ -474,17 +562,17 @@ def scorable_lists(args):
             absent = [embedding_path(args, s) for s in subsets if s not in present]
             print(f"note: {' and '.join(absent)} not found: {name} skipped")
             continue
-        lists.append((name, path, present))
+        lists.append((name, path, present, stem))
     return lists
 
 
-def score_list(args, name, path, trials, table, cohort):
-    """Metrics of one trial list (and its AS-norm metrics with a cohort), reported and written."""
+def score_list(args, name, path, stem, trials, table, cohort):
+    """Metrics of one trial list (and its AS-norm metrics with a cohort), reported and written to
+    files named by ``stem``."""
     labels, rows_a, rows_b, kept = trial_rows(path, trials, table, args.skip_missing)
     scores = table.cosine(rows_a, rows_b)
     result = metrics(labels, scores)
     report(f"{name} evaluation EER: {result['eer']}", result, args.eer_file)
-    stem = os.path.splitext(os.path.basename(path))[0]
     curves = [("cosine", labels, scores)]
     if args.score_dir:
         write_scores(os.path.join(args.score_dir, stem + ".txt"), scores, labels, trials, kept)
@@ -516,10 +604,10 @@ def score(args):
     # The lists are parsed in a second thread while the embeddings load (NumPy's parsing steps run
     # without the GIL, unpickling holds it).
     with concurrent.futures.ThreadPoolExecutor(1) as reader:
-        parsed = [reader.submit(scoring.read_trial_list, path) for _, path, _ in lists]
-        for (name, path, subsets), trials in zip(lists, parsed):
+        parsed = [reader.submit(scoring.read_trial_list, path) for _, path, *_ in lists]
+        for (name, path, subsets, stem), trials in zip(lists, parsed):
             table = table_of(subsets)
-            results[name] = score_list(args, name, path, trials.result(), table, cohort)
+            results[name] = score_list(args, name, path, stem, trials.result(), table, cohort)
     if not results and not args.extract:
         raise DataError("nothing was scored: no trial list together with its embeddings was found")
     return results
@@ -529,9 +617,13 @@ def verify(args):
     """Cosine score of two recordings' TTA embeddings, and the decision at -threshold."""
     import utils
 
-    model = load_model(args)
+    model, args = load_model(args)
     code_a, code_b = (utils.embed_utterance(model, path, args.window_size, args.device, bf16=args.bf16)
                       for path in args.verify)
+    for path, code in zip(args.verify, (code_a, code_b)):
+        if not np.isfinite(code).all():
+            raise DataError(f"{path}: its embedding holds NaN or infinite values (the network overflowed; "
+                            f"without -bf16?)")
     scores = scoring.cosine_scores({"a": code_a, "b": code_b}, ["a"], ["b"])
     value = float(scores[0])
     if args.threshold is None:
@@ -544,7 +636,8 @@ def verify(args):
 
 def check_flags(args):
     """One line naming the flag for a value no run can use; called before anything is read or written."""
-    checks = (("window_size", args.window_size >= 0, "must not be negative"),
+    checks = (("window_size", args.window_size is None or args.window_size >= 0, "must not be negative"),
+              ("m_first_conv", args.m_first_conv is None or args.m_first_conv >= 1, "must be at least 1"),
               ("bs", args.bs is None or args.bs >= 1, "must be at least 1"),
               ("nb_worker", args.nb_worker >= 0, "must not be negative"),
               ("asnorm_top_n", args.asnorm_top_n >= 1, "must be at least 1"),
@@ -569,6 +662,8 @@ def main(args):
         raise DataError("-wav_dir and -wav_list name what -extract embeds: add -extract")
     if args.wav_dir and args.wav_list:
         raise DataError("-extract: give -wav_dir or -wav_list, not both")
+    if args.wav_base is not None and not args.wav_list:
+        raise DataError("-wav_base DIR names the folder of the -wav_list paths: add -wav_list FILE")
     if args.extract and args.embd and not (args.wav_dir or args.wav_list):
         raise DataError("-extract -embd FILE needs -wav_dir or -wav_list (the VoxCeleb extraction writes "
                         "<embd_dir>/TTA_vox1_{dev,eval})")
@@ -577,6 +672,7 @@ def main(args):
                                      "embd": os.path.join(args.embd_dir, f"embeddings.{args.format}")})
     if args.verify:
         return verify(with_device(args))
+    trial_lists(args)  # (two lists that would write one output file: refused before any work)
     if args.extract:
         extract(with_device(args))
         if (args.wav_dir or args.wav_list) and not args.trials:

@@ -94,6 +94,8 @@ class OnnxNetwork(nn.Module):
         except (RuntimeError, ValueError) as e:  # onnxruntime's errors for unreadable files
             raise DataError(f"{path}: not a loadable ONNX file ({str(e).splitlines()[0]})") from None
         self.nb_samp = self.session.get_inputs()[0].shape[1]
+        meta = self.session.get_modelmeta().custom_metadata_map  # what main() stored (from a last.pt)
+        self.checkpoint_args = {"window_size": int(meta["window_size"])} if "window_size" in meta else {}
 
     def embed(self, x):  # (B, nb_samp) -> (B, dim), as RawNet2.embed
         batch = x.detach().cpu().numpy().astype(np.float32, copy=False)
@@ -123,12 +125,14 @@ def export_program(net, batch=2):
 
 
 def save_pt2(program, path, meta):
-    torch.export.save(program, path, extra_files={"rawnet2.json": json.dumps(meta)})
+    """The exported program, written atomically (an OSError is one line naming ``path``)."""
+    extra = {"rawnet2.json": json.dumps(meta)}
+    utils.write_atomic(path, lambda f: torch.export.save(program, f, extra_files=extra))
 
 
 def save_onnx(program, path, meta, opset):
-    """The exported program as ONNX (torch.onnx's exporter), with ``meta`` in its metadata."""
-    import onnx
+    """The exported program as ONNX (torch.onnx's exporter), with ``meta`` in its metadata, written
+    atomically."""
     # torch.onnx logs a warning per torchvision operator it cannot register; none is used here
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset,
@@ -136,9 +140,7 @@ def save_onnx(program, path, meta, opset):
     proto = onnx_program.model_proto
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=str(value))
-    tmp = path + ".part"
-    onnx.save(proto, tmp)
-    os.replace(tmp, path)
+    utils.write_atomic(path, lambda f: f.write(proto.SerializeToString()))  # what onnx.save writes
 
 
 def relative_error(out, ref):
@@ -181,18 +183,23 @@ def build_parser():
     add("formats", type=str, nargs="+", default=["onnx", "pt2"], choices=["onnx", "pt2"],
         help="what to write: ONNX (needs onnx and onnxscript) and/or a torch.export program")
     add("opset", type=int, default=18, help="ONNX opset version")
-    add("window_size", type=int, default=11810,
-        help="TTA segment overlap stored with the files (the recipe's; the network does not use it)")
+    add("window_size", type=int, default=None,
+        help="TTA segment overlap stored with the files (the recipe's; the network does not use it; "
+             "default: what a last.pt of train_RawNet2.py records, else 11810)")
+    add("m_first_conv", type=int, default=None,
+        help="sinc filter length the checkpoint was trained with (default: what a last.pt records, "
+             "else 251; a plain state_dict does not store it)")
     add("check", default=True, help="compare the exported files with PyTorch on random input "
                                     "(ONNX through onnxruntime)", **utils.BOOL_FLAG)
     return parser
 
 
-def load_model(path):
+def load_model(path, first_conv=None):
     if not os.path.isfile(path):
         raise DataError(f"{path}: checkpoint not found (-model_dir)")
     try:
-        return load_pretrained(path, map_location="cpu")
+        return load_pretrained(path, map_location="cpu",
+                               d_args={"first_conv": first_conv} if first_conv is not None else None)
     except pickle.UnpicklingError:
         raise DataError(f"{path}: not a PyTorch checkpoint of tensors (-model_dir)") from None
     except (RuntimeError, EOFError, OSError) as e:
@@ -209,11 +216,13 @@ def main(args):
         except ImportError:
             raise DataError(f"-formats onnx needs onnx and onnxscript, which are not installed: "
                             f"{OPTIONAL}") from None
-    model = load_model(args.model_dir)
+    if args.m_first_conv is not None and args.m_first_conv < 1:
+        raise DataError(f"-m_first_conv {args.m_first_conv}: must be at least 1")
+    model = load_model(args.model_dir, args.m_first_conv)
+    window_size = utils.resolve_window_size(args.window_size, model, args.model_dir)
     net = EmbeddingNetwork(model)
-    meta = {"nb_samp": net.nb_samp, "window_size": args.window_size, "sample_rate": utils.SAMPLE_RATE,
+    meta = {"nb_samp": net.nb_samp, "window_size": window_size, "sample_rate": utils.SAMPLE_RATE,
             "embedding_dim": model.fc1_gru.out_features, "layout": "legacy" if model.legacy else "FMS"}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     program = export_program(net)
     paths = {}
     if "pt2" in args.formats:
@@ -235,8 +244,15 @@ def main(args):
     return paths
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """Command-line entry: bad input or a refused write ends in one line on stderr, exit 1."""
     try:
-        main(build_parser().parse_args())
+        main(build_parser().parse_args(argv))
     except (DataError, ValueError) as e:
         sys.exit(utils.error_line(e))
+    except OSError as e:  # an input the system refused (permissions, a folder as a file)
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else utils.error_line(e))
+
+
+if __name__ == "__main__":
+    cli()

@@ -292,21 +292,38 @@ def load_pretrained(path, map_location="cpu", d_args=None):
     ``"model"`` entry, whose ``"d_args"`` entry then gives the configuration). The layout (legacy vs
     FMS) is detected from the keys; ``nb_samp`` and ``nb_classes`` are read from the ``ln.gamma`` and
     ``fc2_gru.weight`` shapes. The sinc kernel size is not stored in a plain state dict: pass
-    ``d_args`` when it is not the paper's 251.
-    Raises ``ValueError`` (one line naming the file and the offending keys) for anything else.
+    ``d_args`` (e.g. ``{"first_conv": 501}``, entries over the configuration read from the file)
+    when it is not the paper's 251; a checkpoint that records its configuration refuses ``d_args``
+    that contradict it. ``model.checkpoint_args`` holds the training flags a checkpoint dict records
+    ({} for a plain state_dict).
+    Raises ``ValueError`` (one line naming the file and the offending keys) for anything else: another
+    layout, shapes that do not fit, NaN or infinite weights.
     """
     obj = torch.load(path, map_location=map_location, weights_only=True)
+    recorded, checkpoint_args = None, {}
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        d_args = d_args if d_args is not None else obj.get("d_args")
+        recorded, checkpoint_args = obj.get("d_args"), obj.get("args")
+        if recorded is not None and not isinstance(recorded, dict):
+            raise ValueError(f"{path}: its d_args entry is a {type(recorded).__name__}, not a dict")
+        checkpoint_args = checkpoint_args if isinstance(checkpoint_args, dict) else {}
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: not a state_dict (expected a dict of tensor names to tensors)")
     state_dict = strip_module_prefix(obj)
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: NaN or infinite weights in {len(bad)} tensors ({', '.join(bad[:3])}"
+                         f"{' ...' if len(bad) > 3 else ''})")
     legacy = "fc_attention0.0.weight" in state_dict
     try:
-        config = dict(d_args) if d_args is not None else d_args_from_state_dict(state_dict)
+        config = dict(recorded) if recorded is not None else d_args_from_state_dict(state_dict)
     except KeyError as e:
         raise ValueError(f"{path}: {e.args[0]}") from None
+    for key, value in (d_args or {}).items():
+        if recorded is not None and key in recorded and recorded[key] != value:
+            raise ValueError(f"{path}: {key} {value} given, but this checkpoint was trained with "
+                             f"{key} {recorded[key]} (its d_args)")
+        config[key] = value
     config["nb_samp"] = state_dict["ln.gamma"].shape[0]
     config["nb_classes"] = state_dict["fc2_gru.weight"].shape[0]
     try:
@@ -323,6 +340,9 @@ def load_pretrained(path, map_location="cpu", d_args=None):
                          f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     bad = [k for k in expected if expected[k].shape != state_dict[k].shape]
     if bad:
-        raise ValueError(f"{path}: tensor shapes do not match RawNet2 for {bad[:5]}")
+        shapes = ", ".join(f"{k} {tuple(state_dict[k].shape)} in the file, {tuple(expected[k].shape)} "
+                           f"expected" for k in bad[:3])
+        raise ValueError(f"{path}: tensor shapes do not fit the configuration {config}: {shapes}")
     model.load_state_dict(state_dict, strict=True)
+    model.checkpoint_args = checkpoint_args
     return model.eval()

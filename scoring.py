@@ -83,7 +83,9 @@ def _parse_lines(path):
             if not parts:
                 continue
             if len(parts) != 3 or parts[0] not in ("0", "1"):
-                raise DataError(f"{path}:{lineno}: expected '<1|0> <keyA> <keyB>', got {line.strip()!r}")
+                hint = " (a key cannot hold whitespace: rename the file)" if len(parts) > 3 else ""
+                raise DataError(f"{path}:{lineno}: expected '<1|0> <keyA> <keyB>', "
+                                f"got {line.strip()!r}{hint}")
             labels.append(int(parts[0]))
             keys_a.append(parts[1])
             keys_b.append(parts[2])
@@ -312,8 +314,8 @@ def _read_npy(path):
     keys_path = npy_keys_path(path)
     if not os.path.isfile(keys_path):
         raise DataError(f"{keys_path}: key list of {path} not found")
-    with open(keys_path) as f:
-        keys = f.read().split()
+    with open(keys_path, encoding="utf-8") as f:  # one key per line; a key may hold spaces
+        keys = [line.removesuffix("\r") for line in f.read().split("\n") if line.strip()]
     if matrix.ndim != 2 or len(keys) != len(matrix):
         raise DataError(f"{path}: matrix of shape {matrix.shape} does not match {len(keys)} keys "
                         f"in {keys_path}")
@@ -329,18 +331,34 @@ def _join_rows(parts, dim):
     return np.frombuffer(bytearray().join(parts), np.float32).reshape(-1, dim)
 
 
+def check_finite_rows(path, keys, finite, consequence=""):
+    """DataError naming ``path`` and the first keys whose row is not ``finite`` (a bool per key)."""
+    bad = np.flatnonzero(~np.asarray(finite))
+    if len(bad):
+        names = ", ".join(keys[i] for i in bad[:5])
+        raise DataError(f"{path}: {len(bad)} embeddings hold NaN or infinite values, "
+                        f"e.g. {names}{consequence}")
+
+
 def load_embeddings(path):
     """Embeddings from a pickle (``.pk``, loaded with ``RestrictedUnpickler``'s restrictions) or
     from a ``.npy`` matrix plus its key list (``npy_keys_path``). Returns dict utterance id ->
-    float32 vector (rows of one matrix); a key given twice takes its last vector."""
+    float32 vector (rows of one matrix); a key given twice takes its last vector. NaN or infinite
+    values are refused, naming the keys."""
     keys, dim, parts = _embedding_rows(path)
-    return dict(zip(keys, _join_rows(parts, dim)))
+    matrix = _join_rows(parts, dim)
+    check_finite_rows(path, keys, np.isfinite(matrix).all(axis=1))
+    return dict(zip(keys, matrix))
 
 
 def save_embeddings(embeddings, path):
     """Write embeddings atomically as the released pickles (dict key -> float32 vector) or, for a
-    ``.npy`` path, as a float32 matrix with rows in sorted key order plus its key list."""
+    ``.npy`` path, as a float32 matrix with rows in sorted key order plus its key list. None, or any
+    with NaN or infinite values, is refused: nothing is written."""
     keys = sorted(embeddings)
+    if not keys:
+        raise DataError(f"{path}: not written: no embeddings")
+    check_finite_rows(path, keys, [np.isfinite(embeddings[k]).all() for k in keys], "; not written")
     if not path.endswith(".npy"):
         write_pickle_atomic({k: np.asarray(embeddings[k], dtype=np.float32) for k in keys}, path)
         return
@@ -375,7 +393,7 @@ class EmbeddingTable:
     @classmethod
     def read(cls, paths):
         """The embeddings of every file of ``paths`` (``load_embeddings``), later files winning."""
-        keys, parts, dim = [], [], None
+        keys, parts, dim, ends = [], [], None, []
         for path in paths:
             file_keys, file_dim, file_parts = _embedding_rows(path)
             if dim is not None and file_dim != dim:
@@ -384,7 +402,11 @@ class EmbeddingTable:
             dim = file_dim
             keys += file_keys
             parts += file_parts
-        return cls(keys, _join_rows(parts, dim))
+            ends.append(len(keys))
+        table = cls(keys, _join_rows(parts, dim))
+        for path, start, end in zip(paths, [0, *ends], ends):  # (a non-finite value: a non-finite norm)
+            check_finite_rows(path, keys[start:end], np.isfinite(table.norms[start:end]))
+        return table
 
     def lookup(self, keys):
         """Row number of each key, -1 for a key without embedding."""

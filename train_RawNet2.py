@@ -288,9 +288,29 @@ def validate_args(args):
     for flag in ("save_dir", "DB", "DB_vox2"):
         if os.path.exists(getattr(args, flag)) and not os.path.isdir(getattr(args, flag)):
             bad(flag, "is a file, not a folder")
-    run_dir = os.path.join(args.save_dir, args.name)
-    if not args.name.strip() or (os.path.exists(run_dir) and not os.path.isdir(run_dir)):
+    name = args.name
+    if not name.strip() or name in (".", "..") or any(c in name for c in ("/", os.sep, "\0")):
+        bad("name", "must be a plain folder name (not empty, no '/', not '.' or '..')")
+    run_dir = os.path.join(args.save_dir, name)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         bad("name", f"{run_dir} must be a folder name")
+
+
+# Flags whose values -resume restores from last.pt (the optimiser's parameter groups, the schedule):
+# another value on the command line would be recorded in args.json but not used.
+RESTORED_FLAGS = ("optimizer", "lr", "wd", "amsgrad", "do_lr_decay", "lr_decay")
+
+
+def check_restored_flags(args, last_path):
+    """One line naming the first of RESTORED_FLAGS whose value differs from the run's own (last.pt's
+    recorded flags; its tensors are left on disk)."""
+    state = utils.load_torch_file(last_path, "checkpoint to resume from", mmap=True)
+    recorded = state.get("args") if isinstance(state, dict) else None
+    for flag in RESTORED_FLAGS if isinstance(recorded, dict) else ():
+        old, new = recorded.get(flag, getattr(args, flag)), getattr(args, flag)
+        if old != new:
+            raise DataError(f"-{flag} {new}: this run was trained with -{flag} {old}, which -resume "
+                            f"restores from {last_path}: resume with -{flag} {old}, or start another -name")
 
 
 def decide_resume(args, run_dir):
@@ -304,6 +324,7 @@ def decide_resume(args, run_dir):
         if not (args.resume or restarted):
             raise DataError(f"{run_dir} already holds a run: pass -resume to continue it, "
                             f"or choose another -name")
+        check_restored_flags(args, last_path)
         return True
     listed = [int(line.split(",")[0][6:])
               for line in eers_before(os.path.join(run_dir, "eers.txt"), math.inf)]

@@ -17,7 +17,6 @@ here as ``utils.X`` too.
 import collections
 import contextlib
 import fcntl
-import functools
 import io
 import json
 import math
@@ -131,15 +130,89 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".
                     ".w64", ".rf64")
 
 
+# Frames decoded per read: a header's claimed length is never allocated at once (a FLAC header can
+# claim 2^36 frames in a file of a few kilobytes).
+READ_BLOCK_FRAMES = 1 << 20
+WAV_UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # what streaming writers put in a data size they did not know yet
+
+
+def _chunks(f, size, order):
+    """``(name, position of its data, claimed length)`` of each chunk of an IFF-style file (RIFF:
+    little-endian sizes, AIFF: big-endian) after its 12-byte header, read from the open file ``f``."""
+    pos = 12
+    while pos + 8 <= size:
+        f.seek(pos)
+        chunk = f.read(8)
+        length = int.from_bytes(chunk[4:], order)
+        yield chunk[:4], pos + 8, length
+        pos += 8 + length + (length & 1)
+
+
+def _claimed_and_present(f, size):
+    """``(frames claimed, frames present)`` of the audio data of a RIFF/WAVE or uncompressed AIFF
+    file, or None (another format, or a size that a streaming writer left unknown)."""
+    head = f.read(12)
+    kind = {(b"RIFF", b"WAVE"): "wav", (b"FORM", b"AIFF"): "aiff"}.get((head[:4], head[8:12]))
+    frame_bytes = claimed = None
+    for name, pos, length in _chunks(f, size, "little" if kind == "wav" else "big") if kind else ():
+        if name == b"fmt " and kind == "wav" and length >= 14:
+            frame_bytes = int.from_bytes(f.read(14)[12:14], "little")  # block align
+        elif name == b"COMM" and kind == "aiff" and length >= 8:
+            comm = f.read(8)
+            channels, bits = int.from_bytes(comm[:2], "big"), int.from_bytes(comm[6:8], "big")
+            frame_bytes, claimed = channels * -(-bits // 8), int.from_bytes(comm[2:6], "big")
+        elif name == b"data" and kind == "wav" and frame_bytes and length not in WAV_UNKNOWN_SIZES:
+            return length // frame_bytes, (size - pos) // frame_bytes
+        elif name == b"SSND" and kind == "aiff" and frame_bytes and claimed is not None:
+            return claimed, max(size - pos - 8, 0) // frame_bytes  # (offset and block size first)
+    return None
+
+
+def check_audio_complete(path):
+    """DataError naming ``path`` when it is a wav (or uncompressed AIFF) file whose header claims more
+    frames than the file holds (an interrupted copy or download): libsndfile would read the frames
+    present and say nothing. Any other file passes."""
+    with open(path, "rb") as f:
+        found = _claimed_and_present(f, os.fstat(f.fileno()).st_size)
+    if found and found[0] > found[1]:
+        raise DataError(f"{path}: cut short: its header claims {found[0]} frames of audio, the file holds "
+                        f"{found[1]} (an interrupted copy or download?)")
+
+
+def _decode(path, start=0, frames=-1, always_2d=False):
+    """``soundfile.read(path, dtype="float64", start=, frames=, always_2d=)``, decoded a block at a
+    time; DataError when fewer frames decode than the header claims."""
+    with sf.SoundFile(path) as f:
+        wanted = max(f.frames - start, 0) if frames < 0 else min(frames, max(f.frames - start, 0))
+        if start and wanted:
+            f.seek(start)
+        blocks, got = [], 0
+        while got < wanted:
+            block = f.read(min(READ_BLOCK_FRAMES, wanted - got), dtype="float64", always_2d=True)
+            if not len(block):
+                break
+            blocks.append(block)
+            got += len(block)
+        if got < wanted:
+            raise DataError(f"{path}: cut short: its header claims {start + wanted} frames, "
+                            f"{start + got} decode")
+        x = blocks[0] if len(blocks) == 1 else np.concatenate(blocks or [np.zeros((0, f.channels))])
+        return (x if always_2d or x.shape[1] > 1 else x[:, 0]), f.samplerate
+
+
 def _read_samples(path, **kwargs):
     """``(float64 samples, rate)`` of an audio file (``kwargs``: soundfile's start/frames/always_2d);
-    DataError naming the file when it is not a readable regular file, or holds NaN or infinite
-    samples (a float wav can hold them; they would poison every number)."""
+    DataError naming the file when it is not a readable regular file, is cut short
+    (``check_audio_complete``; fewer frames than its header claims), or holds NaN or infinite samples
+    (a float wav can hold them; they would poison every number)."""
     check_regular_file(path)
     try:
-        x, sr = sf.read(path, dtype="float64", **kwargs)
+        check_audio_complete(path)
+        x, sr = _decode(path, **kwargs)
     except (RuntimeError, sf.LibsndfileError) as e:
         raise DataError(f"{path}: cannot read audio ({e})") from None
+    except OSError as e:  # e.g. no permission to read it
+        raise DataError(f"{path}: cannot read audio ({e.strerror})") from None
     if not np.isfinite(x).all():
         raise DataError(f"{path}: NaN or infinite samples")
     return x, sr
@@ -203,6 +276,24 @@ def _stamp(path):
     return st.st_size, st.st_mtime_ns
 
 
+WAV_INDEX_COLUMNS = ("keys", "frames", "peaks", "sizes", "mtimes")
+
+
+def _read_wav_index(cache):
+    """The entries ``key -> (frames, peak, (size, mtime))`` of a cached wav index; a cache that cannot
+    be read (truncated, not an index) is left out with a note, and rebuilt."""
+    try:
+        with np.load(cache, allow_pickle=False) as data:
+            columns = [data[name].tolist() for name in WAV_INDEX_COLUMNS]
+        if len({len(column) for column in columns}) != 1:
+            raise ValueError("columns of different lengths")
+    except (OSError, ValueError, TypeError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        why = " ".join(str(e).split()) or type(e).__name__
+        tqdm.write(f"note: {cache}: unreadable wav index ({why}): indexing again")
+        return {}
+    return {key: (frames, peak, (size, mtime)) for key, frames, peak, size, mtime in zip(*columns)}
+
+
 def wav_index(keys, base_dir, nb_worker=2, progress=True):
     """Length (frames) and peak |sample| of every utterance, so that training reads only each
     crop's frames (``read_crop``). Built once, in ``nb_worker`` processes, and cached atomically
@@ -210,13 +301,7 @@ def wav_index(keys, base_dir, nb_worker=2, progress=True):
     since is indexed again. Returns a dict key -> (frames, peak)."""
     cache = os.path.normpath(base_dir) + "_index.npz"
     stamps = {k: _stamp(os.path.join(base_dir, k)) for k in keys}
-    index = {}
-    if os.path.exists(cache):
-        with np.load(cache) as data:
-            for key, frames, peak, size, mtime in zip(data["keys"].tolist(), data["frames"].tolist(),
-                                                      data["peaks"].tolist(), data["sizes"].tolist(),
-                                                      data["mtimes"].tolist()):
-                index[key] = (frames, peak, (size, mtime))
+    index = _read_wav_index(cache) if os.path.exists(cache) else {}
     todo = [k for k in keys if k not in index or index[k][2] != stamps[k]]
     if todo:
         paths = [os.path.join(base_dir, k) for k in todo]
@@ -268,9 +353,55 @@ def crop_or_tile(x, nb_samp, rng=None):
     return x
 
 
+def check_window_size(window_size, nb_samp):
+    """DataError unless consecutive TTA segments of ``nb_samp`` samples overlapping by ``window_size``
+    advance: 0 <= window_size < nb_samp."""
+    if not 0 <= window_size < nb_samp:
+        raise DataError(f"-window_size {window_size}: must be from 0 to {nb_samp - 1}, below the "
+                        f"segment length nb_samp {nb_samp} (consecutive segments would not advance)")
+
+
+DEFAULT_WINDOW_SIZE = 11810  # the paper's overlap of consecutive TTA segments
+
+
+def resolve_window_size(given, model, source):
+    """The TTA overlap for ``model`` (loaded from ``source``): ``given`` (a -window_size flag, None when
+    not given), else the one its checkpoint records (``model.checkpoint_args``: a last.pt's run
+    flags, an ONNX export's metadata), else DEFAULT_WINDOW_SIZE. One note line when the flag overrides
+    a recorded value; DataError when segments of the model's nb_samp would not advance."""
+    recorded = getattr(model, "checkpoint_args", {}).get("window_size")
+    window_size = given if given is not None else recorded if recorded is not None else DEFAULT_WINDOW_SIZE
+    if given is not None and recorded is not None and given != recorded:
+        print(f"note: -window_size {given} given; {source} records -window_size {recorded}")
+    check_window_size(window_size, model.nb_samp)
+    return window_size
+
+
+def check_device(name):
+    """``name`` (a -device flag) if the network can run there; DataError naming the flag else: not a
+    device, no CUDA GPU visible, a GPU index beyond those visible."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DataError(f"-device {name}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise DataError(f"-device {name}: no CUDA GPU is visible here (use -device cpu)")
+        if device.index is not None and device.index >= count:
+            raise DataError(f"-device {name}: {count} CUDA GPUs are visible, cuda:0 to cuda:{count - 1}")
+    elif device.type != "cpu":
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise DataError(f"-device {name}: not usable here ({error_line(e)[len('error: '):]})") from None
+    return name
+
+
 def tta_segments(x, nb_samp, window_size):
     """TTA segments of one waveform, shape (n, nb_samp). Consecutive segments overlap by
     ``window_size`` samples; the last segment is right-aligned (the final nb_samp samples)."""
+    check_window_size(window_size, nb_samp)
     n = len(x)
     if n <= nb_samp:
         return crop_or_tile(x, nb_samp)[None]
@@ -499,7 +630,7 @@ def eval_mode(model):
 
 @torch.no_grad()
 def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", nb_worker=0,
-                    segments_per_batch=None, bf16=False, convert=False):
+                    segments_per_batch=None, bf16=False, convert=False, skip_unreadable=False):
     """Yield ``(key, embedding)`` for each of ``keys`` read from ``base_dir``, as soon as it is done
     (``tta_embeddings``: float32 numpy vectors, None for a silent or empty file).
 
@@ -508,16 +639,28 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     Each file is read once, ahead of the model by ``nb_worker`` threads (``read_ahead``; at most one
     per usable core), or by the caller's thread with 0. In eval mode each segment's embedding is
     independent of its batch-mates. ``convert``: files of any format, rate and channel count are
-    converted to 16 kHz mono as they are read.
+    converted to 16 kHz mono as they are read. ``skip_unreadable``: a file that cannot be read
+    (DataError) yields its one-line reason (a str) in place of an embedding instead of stopping.
     """
+    check_window_size(window_size, nb_samp)
     net = unwrap_model(model)
     size = segments_per_batch or fast_RawNet2.segments_per_forward(net, device)
-    read = functools.partial(read_tta_segments, base_dir=base_dir, nb_samp=nb_samp,
-                             window_size=window_size, convert=convert)
+    reasons = {}
+
+    def read(key):
+        try:
+            return read_tta_segments(key, base_dir, nb_samp, window_size, convert)
+        except DataError as e:
+            if not skip_unreadable:
+                raise
+            reasons[key] = str(e)
+            return key, torch.zeros(0, nb_samp)
+
     utterances = read_ahead(read, keys, min(nb_worker, usable_cores()))
     try:
         with eval_mode(net):
-            yield from tta_embeddings(model_forward(net, device, bf16), utterances, size)
+            for key, code in tta_embeddings(model_forward(net, device, bf16), utterances, size):
+                yield key, code if code is not None else reasons.pop(key, None)
     finally:
         utterances.close()
 
@@ -715,14 +858,32 @@ def read_records(path):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints and locks
 
-def load_torch_file(path, what):
-    """``torch.load(path, weights_only=True)`` onto the CPU. A missing, truncated or corrupt file, or
-    one holding objects other than tensors and plain containers, is a DataError naming the file and
-    ``what`` it was read for."""
+def non_finite_tensors(obj, where=""):
+    """Names (key paths from ``where``) of the floating-point tensors holding NaN or inf in ``obj``,
+    a tensor or nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return [where] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return []
+    return [name for key, value in items
+            for name in non_finite_tensors(value, f"{where}.{key}" if where else str(key))]
+
+
+def load_torch_file(path, what, mmap=False):
+    """``torch.load(path, weights_only=True)`` onto the CPU. A missing, truncated or corrupt file, one
+    holding objects other than tensors and plain containers, or (unless ``mmap``: tensors left on
+    disk, for reading a few entries) one with NaN or infinite tensors, is a DataError naming the file
+    and ``what`` it was read for."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: {what} not found")
+    if mmap and not zipfile.is_zipfile(path):  # (torch.load would only say that it cannot map it)
+        raise DataError(f"{path}: {what} is truncated or corrupt (not a PyTorch archive)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         if zipfile.is_zipfile(path):  # a complete torch.save archive, of other objects
             raise DataError(f"{path}: {what} holds objects other than tensors and plain containers "
@@ -731,6 +892,11 @@ def load_torch_file(path, what):
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: {what} is truncated or corrupt ({reason})") from None
+    bad = [] if mmap else non_finite_tensors(obj)
+    if bad:
+        raise DataError(f"{path}: {what} holds NaN or infinite values in {len(bad)} tensors "
+                        f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})")
+    return obj
 
 
 LOCK_NAME = ".lock"

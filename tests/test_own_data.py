@@ -215,9 +215,11 @@ def test_extract_flags_refuse_misuse_in_one_line(tmp_path):
         evaluate.main(evaluate.parse_args(["-wav_dir", str(tmp_path)]))
     with pytest.raises(DataError, match="-extract -embd FILE needs -wav_dir or -wav_list"):
         evaluate.main(evaluate.parse_args(["-extract", "-embd", str(tmp_path / "e.pk")]))
+    with pytest.raises(DataError, match="-wav_base DIR names the folder of the -wav_list paths"):
+        evaluate.main(evaluate.parse_args(["-extract", "-wav_dir", str(tmp_path), "-wav_base", "."]))
     os.makedirs(tmp_path / "d")
-    sf.write(tmp_path / "d" / "a b.wav", np.ones(100) * 0.1, 16000)
-    with pytest.raises(DataError, match="a b.wav: a key cannot hold whitespace"):
+    sf.write(tmp_path / "d" / "a\nb.wav", np.ones(100) * 0.1, 16000)
+    with pytest.raises(DataError, match="a file name holding a line break cannot be a key"):
         evaluate.audio_files(evaluate.parse_args(["-extract", "-wav_dir", str(tmp_path / "d")]))
 
 
@@ -293,3 +295,238 @@ def test_foreign_layouts_end_to_end(tmp_path, capsys):
     assert by_onnx.keys() == extracted.keys()
     for key, ref in extracted.items():
         assert np.max(np.abs(by_onnx[key] - ref)) <= 1e-4 * np.max(np.abs(ref))
+
+
+# ---------------------------------------------------------------------------------------------
+# Own files that cannot be read, keys with spaces, lists relative to another folder, settings that
+# the checkpoint records
+
+SMALL = {"first_conv": 251, "in_channels": 1, "filts": [8, [8, 8], [8, 16], [16, 16]], "nb_fc_node": 16,
+         "gru_node": 16, "nb_gru_layer": 1, "nb_samp": 4000, "nb_classes": 5}
+
+
+def small_checkpoint(path, window_size=None, d_args=None, plain=False, seed=0):
+    """A random tiny RawNet2 saved as a last.pt of train_RawNet2.py (recording ``window_size`` among
+    its flags when given), or as a plain state_dict; returns the model."""
+    from model_RawNet2 import RawNet2
+    torch.manual_seed(seed)
+    model = RawNet2(d_args or SMALL).eval()
+    model.apply(utils.init_weights)
+    args = {} if window_size is None else {"window_size": window_size}
+    torch.save(model.state_dict() if plain else {"model": model.state_dict(), "d_args": d_args or SMALL,
+                                                  "args": args}, path)
+    return model
+
+
+def extract(tmp_path, *flags):
+    """-extract into tmp_path/e.pk with the tiny checkpoint's flags; returns the embeddings."""
+    embd = str(tmp_path / "e.pk")
+    evaluate.main(evaluate.parse_args(["-extract", "-embd", embd, "-nb_worker", "0", "-fast", "False",
+                                       "-device", "cpu", *flags]))
+    return scoring.load_embeddings(embd)
+
+
+def hand_embedding(model, path, window_size):
+    """The TTA recipe by hand (docs/FIDELITY.md): peak-normalised samples, (len - window_size) // step
+    + 1 segments of 4,000 samples, segment i starting at i * step (step = 4000 - window_size) except
+    the last, right-aligned; the mean of the segments' embeddings."""
+    x, _ = sf.read(path, dtype="float64")
+    x = (x / np.abs(x).max()).astype(np.float32)
+    step = 4000 - window_size
+    starts = [i * step for i in range((len(x) - window_size) // step)] + [len(x) - 4000]
+    with torch.no_grad():
+        return model.embed(torch.from_numpy(np.stack([x[s:s + 4000] for s in starts]))).mean(0).numpy()
+
+
+def test_unreadable_own_files_are_skipped_counted_and_listed(tmp_path, capsys):
+    folder = tmp_path / "own"
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for name in ("a.wav", "with space.wav"):
+        sf.write(folder / name, voice(rng, 120, 0.5, 16000, 1), 16000)
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "notes.wav").write_text("not audio but named .wav\n")
+    (folder / "noise.flac").write_bytes(rng.bytes(3000))
+    small_checkpoint(tmp_path / "last.pt", window_size=1000)
+    embeddings = extract(tmp_path, "-wav_dir", str(folder), "-model_dir", str(tmp_path / "last.pt"))
+    assert sorted(embeddings) == ["a", "with space"]
+    out = capsys.readouterr().out.splitlines()
+    start = out.index(f"warning: 3 files of {folder} cannot be read and have no embedding "
+                      f"(-strict stops at the first):")
+    listed = out[start + 1:start + 4]
+    assert [line.split(":")[0] for line in listed] == [f"  {folder}/{n}" for n in ("empty.wav", "noise.flac",
+                                                                                    "notes.wav")]
+    assert all("cannot read audio" in line for line in listed)
+
+
+def test_strict_stops_at_the_first_file_that_cannot_be_read(tmp_path):
+    os.makedirs(tmp_path / "own")
+    sf.write(tmp_path / "own" / "a.wav", voice(np.random.default_rng(0), 120, 0.5, 16000, 1), 16000)
+    (tmp_path / "own" / "b.wav").write_bytes(b"")
+    small_checkpoint(tmp_path / "last.pt", window_size=1000)
+    with pytest.raises(DataError, match=f"^{tmp_path}/own/b.wav: cannot read audio"):
+        extract(tmp_path, "-wav_dir", str(tmp_path / "own"), "-model_dir", str(tmp_path / "last.pt"),
+                "-strict")
+    assert not (tmp_path / "e.pk").exists()
+
+
+def test_a_key_with_spaces_round_trips_through_an_npy_key_list(tmp_path):
+    os.makedirs(tmp_path / "own" / "my speaker")
+    wav = tmp_path / "own" / "my speaker" / "take one.wav"
+    sf.write(wav, voice(np.random.default_rng(0), 120, 0.5, 16000, 1), 16000)
+    model = small_checkpoint(tmp_path / "last.pt", window_size=1000)
+    embd = str(tmp_path / "e.npy")
+    evaluate.main(evaluate.parse_args(["-extract", "-embd", embd, "-wav_dir", str(tmp_path / "own"),
+                                       "-model_dir", str(tmp_path / "last.pt"), "-nb_worker", "0",
+                                       "-fast", "False", "-device", "cpu"]))
+    embeddings = scoring.load_embeddings(embd)
+    assert list(embeddings) == ["my speaker/take one"]
+    expected = hand_embedding(model, wav, 1000)
+    np.testing.assert_allclose(embeddings["my speaker/take one"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_trial_line_with_a_spaced_key_says_keys_cannot_hold_whitespace(tmp_path):
+    (tmp_path / "t.txt").write_text("1 my speaker/a.wav b.wav\n")
+    with pytest.raises(DataError, match=r"t.txt:1: expected .* \(a key cannot hold whitespace"):
+        scoring.read_trial_list(str(tmp_path / "t.txt"))
+
+
+def test_a_list_relative_to_its_own_folder_names_wav_base(tmp_path, monkeypatch):
+    lists = tmp_path / "lists"
+    os.makedirs(lists / "clips")
+    sf.write(lists / "clips" / "a.wav", voice(np.random.default_rng(0), 120, 0.5, 16000, 1), 16000)
+    (lists / "files.txt").write_bytes(b"\xef\xbb\xbfclips/a.wav\r\n")  # a byte-order mark, CRLF
+    small_checkpoint(tmp_path / "last.pt", window_size=1000)
+    monkeypatch.chdir(tmp_path)
+    flags = ["-wav_list", str(lists / "files.txt"), "-model_dir", str(tmp_path / "last.pt")]
+    with pytest.raises(DataError, match=f"1 listed files not found, e.g. clips/a.wav .* -wav_base {lists}"):
+        extract(tmp_path, *flags)
+    assert list(extract(tmp_path, *flags, "-wav_base", str(lists))) == ["clips/a"]
+
+
+def test_a_list_relative_to_elsewhere_says_how_to_give_the_folder(tmp_path, monkeypatch):
+    (tmp_path / "files.txt").write_text("nowhere/a.wav\n")
+    small_checkpoint(tmp_path / "last.pt", window_size=1000)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="relative to the current folder: give the folder they are relative "
+                                        "to with -wav_base DIR"):
+        extract(tmp_path, "-wav_list", "files.txt", "-model_dir", str(tmp_path / "last.pt"))
+
+
+def test_window_size_comes_from_the_checkpoint_unless_given(tmp_path, capsys):
+    os.makedirs(tmp_path / "own")
+    wav = tmp_path / "own" / "a.wav"
+    sf.write(wav, voice(np.random.default_rng(0), 120, 1.0, 16000, 1), 16000)
+    model = small_checkpoint(tmp_path / "last.pt", window_size=3000)
+    flags = ["-wav_dir", str(tmp_path / "own"), "-model_dir", str(tmp_path / "last.pt")]
+    np.testing.assert_allclose(extract(tmp_path, *flags)["a"], hand_embedding(model, wav, 3000), rtol=1e-4,
+                               atol=1e-6)
+    assert "note: -window_size" not in capsys.readouterr().out
+    os.remove(tmp_path / "e.pk")
+    np.testing.assert_allclose(extract(tmp_path, *flags, "-window_size", "1000")["a"],
+                               hand_embedding(model, wav, 1000), rtol=1e-4, atol=1e-6)
+    assert f"note: -window_size 1000 given; {tmp_path / 'last.pt'} records -window_size 3000" in \
+        capsys.readouterr().out
+
+
+def test_verify_takes_the_checkpoints_window_size(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a.wav", "b.wav"):
+        sf.write(tmp_path / name, voice(rng, 120, 1.0, 16000, 1), 16000)
+    model = small_checkpoint(tmp_path / "last.pt", window_size=3000)
+    a, b = (hand_embedding(model, tmp_path / n, 3000).astype(np.float64) for n in ("a.wav", "b.wav"))
+    score = evaluate.main(evaluate.parse_args(["-verify", str(tmp_path / "a.wav"), str(tmp_path / "b.wav"),
+                                               "-model_dir", str(tmp_path / "last.pt"), "-fast", "False",
+                                               "-device", "cpu"]))
+    assert score == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), abs=1e-5)
+
+
+def test_sinc_length_of_a_plain_state_dict_is_given_by_flag_and_checked_against_a_last_pt(tmp_path):
+    wide = {**SMALL, "first_conv": 101}
+    os.makedirs(tmp_path / "own")
+    wav = tmp_path / "own" / "a.wav"
+    sf.write(wav, voice(np.random.default_rng(0), 120, 1.0, 16000, 1), 16000)
+    model = small_checkpoint(tmp_path / "TA_1.pt", d_args=wide, plain=True)
+    flags = ["-wav_dir", str(tmp_path / "own"), "-window_size", "1000", "-m_first_conv", "101"]
+    embedded = extract(tmp_path, *flags, "-model_dir", str(tmp_path / "TA_1.pt"))["a"]
+    np.testing.assert_allclose(embedded, hand_embedding(model, wav, 1000), rtol=1e-4, atol=1e-6)
+    small_checkpoint(tmp_path / "last.pt", d_args=SMALL)
+    with pytest.raises(ValueError, match=r"last.pt: first_conv 101 given, but this checkpoint was trained "
+                                         r"with first_conv 251 \(its d_args\)"):
+        extract(tmp_path, *flags, "-model_dir", str(tmp_path / "last.pt"))
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_file(tmp_path):
+    model = small_checkpoint(tmp_path / "TA_1.pt", plain=True)
+    state = model.state_dict()
+    state["fc1_gru.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "TA_1.pt")
+    os.makedirs(tmp_path / "own")
+    sf.write(tmp_path / "own" / "a.wav", voice(np.random.default_rng(0), 120, 0.5, 16000, 1), 16000)
+    with pytest.raises(ValueError, match=r"TA_1.pt: NaN or infinite weights in 1 tensors \(fc1_gru.weight\)"):
+        extract(tmp_path, "-wav_dir", str(tmp_path / "own"), "-window_size", "1000", "-model_dir",
+                str(tmp_path / "TA_1.pt"))
+    assert not (tmp_path / "e.pk").exists()
+
+
+def test_embeddings_with_nan_are_refused_when_loaded_and_never_written(tmp_path):
+    codes = {"s/a": np.ones(4, np.float32), "s/b": np.array([1, np.inf, 0, 0], np.float32)}
+    utils.write_pickle_atomic(codes, str(tmp_path / "e.pk"))
+    with pytest.raises(DataError, match=r"e.pk: 1 embeddings hold NaN or infinite values, e.g. s/b$"):
+        scoring.load_embeddings(str(tmp_path / "e.pk"))
+    with pytest.raises(DataError, match=r"e.pk: 1 embeddings hold NaN or infinite values, e.g. s/b$"):
+        scoring.EmbeddingTable.read([str(tmp_path / "e.pk")])  # (s/b is named by no trial)
+    with pytest.raises(DataError, match=r"f.npy: 1 embeddings hold NaN .* e.g. s/b; not written$"):
+        scoring.save_embeddings(codes, str(tmp_path / "f.npy"))
+    assert os.listdir(tmp_path) == ["e.pk"]
+
+
+def cut_short(path, keep):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:keep])
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "AIFF"])
+def test_audio_cut_short_is_refused_not_read_shorter(tmp_path, fmt):
+    path = str(tmp_path / f"a.{fmt.lower()}")
+    sf.write(path, voice(np.random.default_rng(0), 120, 1.0, 16000, 1), 16000, format=fmt, subtype="PCM_16")
+    cut_short(path, os.path.getsize(path) - 4000)  # 2,000 of 16,000 frames gone
+    with pytest.raises(DataError, match=f"^{path}: cut short: its header claims 16000 frames of audio, "
+                                        f"the file holds 14000"):
+        utils.read_audio(path)
+
+
+def test_cut_short_own_files_are_skipped_and_listed(tmp_path, capsys):
+    os.makedirs(tmp_path / "own")
+    rng = np.random.default_rng(0)
+    for name in ("a.wav", "b.wav"):
+        sf.write(tmp_path / "own" / name, voice(rng, 120, 1.0, 16000, 1), 16000, subtype="PCM_16")
+    cut_short(tmp_path / "own" / "b.wav", 20000)
+    small_checkpoint(tmp_path / "last.pt", window_size=1000)
+    flags = ["-wav_dir", str(tmp_path / "own"), "-model_dir", str(tmp_path / "last.pt")]
+    assert list(extract(tmp_path, *flags)) == ["a"]
+    assert f"  {tmp_path}/own/b.wav: cut short: its header claims 16000 frames" in capsys.readouterr().out
+
+
+def test_a_header_claiming_absurd_length_is_not_allocated(tmp_path):
+    path = tmp_path / "a.flac"
+    sf.write(path, voice(np.random.default_rng(0), 120, 1.0, 16000, 1), 16000)
+    data = bytearray(path.read_bytes())
+    field = int.from_bytes(data[18:26], "big")  # STREAMINFO: the low 36 bits are the total samples
+    data[18:26] = (field | (1 << 36) - 1).to_bytes(8, "big")
+    path.write_bytes(bytes(data))
+    assert sf.info(str(path)).frames == (1 << 36) - 1  # 512 GiB as float64
+    with pytest.raises(DataError, match=f"^{path}: "):
+        utils.read_audio(str(path))
+
+
+def test_own_files_none_of_which_embeds_write_nothing(tmp_path):
+    os.makedirs(tmp_path / "own")
+    sf.write(tmp_path / "own" / "silent.wav", np.zeros(8000), 16000)
+    (tmp_path / "own" / "empty.wav").write_bytes(b"")
+    small_checkpoint(tmp_path / "last.pt", window_size=1000)
+    message = f"^{tmp_path}/own: no embedding computed .*; {tmp_path}/e.pk not written$"
+    with pytest.raises(DataError, match=message):
+        extract(tmp_path, "-wav_dir", str(tmp_path / "own"), "-model_dir", str(tmp_path / "last.pt"))
+    assert not (tmp_path / "e.pk").exists()

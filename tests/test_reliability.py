@@ -991,3 +991,160 @@ def test_missing_embedding_folder_is_named(tmp_path):
         f"{tmp_path}/DIR_THAT_DOES_NOT_EXIST/: folder not found (-embd_dir: the folder of "
         f"TTA_vox1_dev.pk and TTA_vox1_eval.pk)",
     )
+
+
+# --- settings that segmentation, devices, names and resumes cannot use; outputs that would clash ------
+
+
+def small_last_pt(path, window_size=1000):
+    """A random tiny RawNet2 (nb_samp 4000) saved as a last.pt recording -window_size."""
+    from model_RawNet2 import RawNet2
+
+    d_args = {"first_conv": 251, "in_channels": 1, "filts": [8, [8, 8], [8, 16], [16, 16]], "nb_fc_node": 16,
+              "gru_node": 16, "nb_gru_layer": 1, "nb_samp": 4000, "nb_classes": 5}
+    torch.manual_seed(0)
+    state = RawNet2(d_args).state_dict()
+    torch.save({"model": state, "d_args": d_args, "args": {"window_size": window_size}}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("window_size", ["4000", "5000", "100000"])
+def test_window_size_not_below_the_segment_length_is_one_line(tmp_path, window_size):
+    checkpoint = small_last_pt(tmp_path / "last.pt")
+    wav = str(tmp_path / "a.wav")
+    sf.write(wav, tone(20000), 16000)
+    message = f"-window_size {window_size}: must be from 0 to 3999, below the segment length nb_samp 4000"
+    for flags in (["-verify", wav, wav], ["-extract", "-wav_list", str(tmp_path / "l.txt")]):
+        (tmp_path / "l.txt").write_text(wav + "\n")
+        code, _, err = run_forked(ev.cli, [*flags, "-model_dir", checkpoint, "-window_size", window_size,
+                                           "-device", "cpu", "-embd", str(tmp_path / "e.pk")])
+        assert code == 1
+        one_error_line(err, message)
+    assert sorted(os.listdir(tmp_path)) == ["a.wav", "l.txt", "last.pt"]
+
+
+def test_export_refuses_a_window_size_its_segments_cannot_use(tmp_path):
+    import export_RawNet2
+
+    checkpoint = small_last_pt(tmp_path / "last.pt")
+    out = str(tmp_path / "x" / "net")
+    code, _, err = run_forked(export_RawNet2.cli, ["-model_dir", checkpoint, "-out", out, "-window_size",
+                                                   "4000", "-formats", "pt2"])
+    assert code == 1
+    one_error_line(err, "-window_size 4000: must be from 0 to 3999")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind,fault,reason", [("pt2", "enospc", "No space left on device"),
+                                               ("pt2", "eacces", "Permission denied"),
+                                               ("onnx", "enospc", "No space left on device")])
+def test_export_write_failures_are_one_line_and_leave_no_partial_file(tmp_path, kind, fault, reason):
+    import export_RawNet2
+
+    if kind == "onnx":
+        pytest.importorskip("onnxscript")
+    checkpoint = small_last_pt(tmp_path / "last.pt")
+    out = str(tmp_path / "x" / "net")
+    code, _, err = run_forked(export_RawNet2.cli, ["-model_dir", checkpoint, "-out", out, "-formats", kind,
+                                                   "-check", "False"], fault=f"{fault}@net.{kind}")
+    assert code == 1
+    one_error_line(err, tmp_path / "x" / f"net.{kind}", reason, "not written")
+    assert os.listdir(tmp_path / "x") == []
+
+
+def test_export_into_a_file_where_its_folder_should_be_is_one_line(tmp_path):
+    import export_RawNet2
+
+    checkpoint = small_last_pt(tmp_path / "last.pt")
+    (tmp_path / "x").write_text("a file")
+    out = str(tmp_path / "x" / "net")
+    code, _, err = run_forked(export_RawNet2.cli, ["-model_dir", checkpoint, "-out", out, "-formats", "pt2",
+                                                   "-check", "False"])
+    assert code == 1
+    one_error_line(err, tmp_path / "x" / "net.pt2", "not written")
+
+
+@pytest.mark.parametrize("device,message", [("gpu", "-device gpu: not a device (cpu, cuda, cuda:N)"),
+                                            ("cuda:99", "-device cuda:99: "),
+                                            ("cuda:-1", "-device cuda:-1: not a device")])
+def test_a_device_that_cannot_run_the_network_is_one_line(tmp_path, device, message):
+    wav = str(tmp_path / "a.wav")
+    sf.write(wav, tone(), 16000)
+    code, _, err = run_forked(ev.cli, ["-verify", wav, wav, "-model_dir", small_last_pt(tmp_path / "last.pt"),
+                                       "-device", device])
+    assert code == 1
+    line = one_error_line(err, message)
+    if device == "cuda:99":
+        visible = f"CUDA GPUs are visible, cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        assert line.endswith(("no CUDA GPU is visible here (use -device cpu)", visible)), line
+
+
+def test_a_truncated_wav_index_is_rebuilt_with_a_note(tiny_corpus, tmp_path, capsys):
+    wav_dir = tmp_path / "wav"
+    shutil.copytree(os.path.join(tiny_corpus, "VoxCeleb2", "wav"), wav_dir)
+    keys = utils.list_utterances(str(wav_dir))
+    index = utils.wav_index(keys, str(wav_dir), nb_worker=1, progress=False)
+    cache = tmp_path / "wav_index.npz"
+    cache.write_bytes(truncated(cache))
+    assert utils.wav_index(keys, str(wav_dir), nb_worker=1, progress=False) == index
+    assert f"note: {cache}: unreadable wav index (" in capsys.readouterr().out
+    assert utils.wav_index(keys, str(wav_dir), nb_worker=1, progress=False) == index  # cached again
+    assert "unreadable" not in capsys.readouterr().out
+    frames = {k: len(sf.read(wav_dir / k)[0]) for k in keys}  # independent: every file read whole
+    assert {k: f for k, (f, _) in index.items()} == frames
+
+
+@pytest.mark.parametrize("name", ["", " ", "../escaped", "a/b", ".", ".."])
+def test_a_name_that_is_not_a_plain_folder_name_is_refused(tiny_corpus, tmp_path, name):
+    argv = tiny_run_flags(tiny_corpus, tmp_path / "out")
+    argv[argv.index("-name") + 1] = name
+    with pytest.raises(DataError, match=rf"^-name {re.escape(name)}: must be a plain folder name"):
+        train.main(train.parse_args(argv))
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "escaped")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["-lr", "0.1"], "-lr 0.1: this run was trained with -lr 0.001, which -resume restores from "),
+    (["-optimizer", "SGD"], "-optimizer SGD: this run was trained with -optimizer Adam"),
+    (["-do_lr_decay", "False"], "-do_lr_decay False: this run was trained with -do_lr_decay True"),
+    (["-wd", "0"], "-wd 0.0: this run was trained with -wd 0.0001"),
+])
+def test_resume_with_a_flag_that_last_pt_restores_is_one_line(tiny_corpus, tmp_path, flags, message):
+    run = tmp_path / "out" / "run"
+    run.mkdir(parents=True)
+    recorded = vars(train.parse_args(tiny_run_flags(tiny_corpus, tmp_path / "out")))
+    torch.save({"model": {}, "args": recorded}, run / "last.pt")
+    args = train.parse_args(tiny_run_flags(tiny_corpus, tmp_path / "out") + ["-resume", *flags])
+    with pytest.raises(DataError, match=f"^{re.escape(message)}"):
+        train.decide_resume(args, str(run))
+    same = train.parse_args(tiny_run_flags(tiny_corpus, tmp_path / "out") + ["-resume"])
+    assert train.decide_resume(same, str(run)) is True
+
+
+def test_two_trial_lists_of_one_file_name_write_two_score_files(scored_set, tmp_path):
+    folder, embeddings, lines = scored_set
+    for sub, part in (("a", lines[:20]), ("b", lines[20:])):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "trials.txt").write_text("\n".join(part) + "\n")
+    flags = ["-embd_dir", str(folder), "-eer_file", str(tmp_path / "eers.txt"), "-score_dir",
+             str(tmp_path / "S"), "-trials", *(str(tmp_path / sub / "trials.txt") for sub in "ab")]
+    results = ev.main(ev.parse_args(flags))
+    assert sorted(os.listdir(tmp_path / "S")) == ["a_trials.txt", "b_trials.txt"]
+    assert results["a/trials"]["eer"] == pytest.approx(expected_eer(lines[:20], embeddings), abs=1e-12)
+    assert results["b/trials"]["eer"] == pytest.approx(expected_eer(lines[20:], embeddings), abs=1e-12)
+    assert len((tmp_path / "S" / "b_trials.txt").read_text().splitlines()) == len(lines) - 20
+    twice = re.escape(str(tmp_path / "a" / "trials.txt"))
+    with pytest.raises(DataError, match=f"^-trials: {twice} is given twice$"):
+        ev.main(ev.parse_args(flags + [str(tmp_path / "a" / "trials.txt")]))
+
+
+def test_a_list_whose_scores_would_overwrite_the_asnorm_scores_of_another_is_refused(scored_set, tmp_path):
+    folder, _, lines = scored_set
+    for name in ("t.txt", "t_asnorm.txt"):
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    flags = ["-embd_dir", str(folder), "-score_dir", str(tmp_path / "S"), "-asnorm", "-cohort",
+             str(folder / "TTA_vox1_eval.pk"), "-trials", str(tmp_path / "t.txt"),
+             str(tmp_path / "t_asnorm.txt")]
+    with pytest.raises(DataError, match="^-trials: two lists would write the same output file t_asnorm"):
+        ev.main(ev.parse_args(flags))
+    assert not (tmp_path / "S").exists()
