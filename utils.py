@@ -642,12 +642,18 @@ def rng_states():
 
 
 def set_rng_states(states):
+    """Restore ``rng_states()``. A run saved with more GPUs than this machine has (``-resume`` on
+    fewer) restores the states of the GPUs there are, the others' are left out, with a note."""
     random.setstate(states["python"])
     name, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        saved, here = states["cuda"], torch.cuda.device_count()
+        if len(saved) > here and is_main_process():
+            print(f"note: the checkpoint holds the CUDA random states of {len(saved)} GPUs and this machine "
+                  f"shows {here}: {here} restored, {len(saved) - here} left out")
+        torch.cuda.set_rng_state_all(saved[:here])
 
 
 # ---------------------------------------------------------------------------------------------

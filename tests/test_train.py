@@ -14,6 +14,7 @@ import torch
 
 import fast_RawNet2
 import train_RawNet2 as train
+import utils
 from conftest import ROOT, tiny_run_flags
 from model_RawNet2 import load_pretrained
 from utils import DataError
@@ -238,3 +239,25 @@ def test_cli_bad_sample_rate_in_worker_is_one_line(tiny_corpus, tmp_path):
     assert re.search(r"^error: .*id00001/vid00000000/00001.wav: sample rate 8000 Hz, expected 16000 Hz "
                      r"\(DB/prepare_dataset.py converts audio to 16 kHz mono\)$",
                      proc.stderr.strip(), re.M)
+
+
+# --- GPU set-up: the faults a CPU can show -----------------------------------------------------
+
+def test_resume_on_fewer_gpus_restores_the_states_of_the_gpus_there_are(monkeypatch, capsys):
+    first, second = torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)
+    states = {**utils.rng_states(), "cuda": [first, second]}  # saved by a run on two GPUs
+    restored = []
+
+    def set_rng_state(state, device):  # one GPU here: device 1 does not exist
+        if device >= 1:
+            raise IndexError(f"device {device} out of range")
+        restored.append((device, state))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                        lambda new: [set_rng_state(s, i) for i, s in enumerate(new)])
+    utils.set_rng_states(states)
+    assert restored == [(0, first)]
+    assert capsys.readouterr().out == ("note: the checkpoint holds the CUDA random states of 2 GPUs and this "
+                                       "machine shows 1: 1 restored, 1 left out\n")
