@@ -261,3 +261,32 @@ def test_resume_on_fewer_gpus_restores_the_states_of_the_gpus_there_are(monkeypa
     assert restored == [(0, first)]
     assert capsys.readouterr().out == ("note: the checkpoint holds the CUDA random states of 2 GPUs and this "
                                        "machine shows 1: 1 restored, 1 left out\n")
+
+
+def test_training_steps_read_no_loss_between_forward_and_backward(monkeypatch):
+    events, losses = [], []
+
+    class RecordingLoss(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            loss = super().forward(logits, target)
+            losses.append(loss.detach().clone())
+            events.append("forward")
+            return loss
+
+    def reading(name):
+        original = getattr(torch.Tensor, name)
+        return lambda self, *a, **k: events.append("read") or original(self, *a, **k)
+
+    step = utils.backward_step
+    monkeypatch.setattr(utils, "backward_step", lambda *a: events.append("backward") or step(*a))
+    monkeypatch.setattr(train.nn, "CrossEntropyLoss", RecordingLoss)
+    for name in ("item", "tolist", "__bool__", "__float__"):  # every way a value reaches the host
+        monkeypatch.setattr(torch.Tensor, name, reading(name))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,)), ["a/b/1.wav"] * 4) for _ in range(20)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mean, step_after = train.train_epoch(model, batches, optimizer, None, "cpu", 0, 0, progress=False)
+    assert "forward,read" not in ",".join(events) and step_after == 20
+    monkeypatch.undo()
+    assert mean == sum(loss.item() for loss in losses) / 20
