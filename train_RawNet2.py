@@ -465,7 +465,11 @@ def setup_device(args):
     if world == 1:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if torch.cuda.is_available():
-        local_rank = int(os.environ["LOCAL_RANK"])
+        local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise DataError(f"local process {local_rank} has no GPU of its own: {gpus} visible on this node; "
+                            f"start at most {gpus} per node (torchrun --nproc_per_node={gpus}), or hide the "
+                            f"GPUs (CUDA_VISIBLE_DEVICES=) to train on CPU with gloo")
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
@@ -23,10 +24,12 @@ ENTRY = os.path.join(ROOT, "tests", "torchrun_entry.py")
 def torchrun(flags, nproc=2, max_restarts=0, env=None, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={max_restarts}", ENTRY] + flags
-    # Own process group, so that a run that hangs is killed with all its workers.
+    # On CPU with gloo, on any machine: with CUDA visible each process would take GPU LOCAL_RANK,
+    # which a one-GPU machine lacks. Own process group, so that a run that hangs is killed with all
+    # its workers.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}) as proc:
+                          start_new_session=True, env=env) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:  # torchrun starts its workers in sessions of their own
@@ -145,3 +148,20 @@ def test_resume_with_a_different_world_size(tiny_corpus, tmp_path):
     assert state["epoch"] == 1 and state["world_size"] == 2 and state["step"] == 24 // 4 * 2
     lines = (tmp_path / "run" / "eers.txt").read_text().splitlines()
     assert [line.split(",")[0] for line in lines] == ["epoch:0", "epoch:1"]
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+    def set_device(index):  # what CUDA says on a machine with one GPU
+        raise RuntimeError("CUDA error: invalid device ordinal")
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    expected = (r"^local process 1 has no GPU of its own: 1 visible on this node; start at most 1 per node "
+                r"\(torchrun --nproc_per_node=1\)")
+    with pytest.raises(utils.DataError, match=expected):
+        train.setup_device(train.parse_args(["-name", "x"]))
