@@ -511,17 +511,14 @@ def wrap_model(model, args, device):
     return model
 
 
-def make_loader(args, data, device, main_process):
+def make_loader(args, data, device):
     """Shuffling and crops depend only on (seed, epoch): a resumed run sees the same data. Each process
     takes its own disjoint share of every epoch (DistributedSampler; one share when not distributed)."""
     rank, world = utils.rank_and_world()
     index = None
-    if args.wav_index:  # rank 0 builds (or completes) the cached index; the others then read it
-        if main_process:
-            index = utils.wav_index(data.train_keys, data.train_dir, nb_worker=max(1, args.nb_worker))
-        utils.barrier()
-        if not main_process:
-            index = utils.wav_index(data.train_keys, data.train_dir, progress=False)
+    if args.wav_index:  # every process; the first builds (or completes) it, the others wait on a file
+        # lock, in no collective: a long build on slow storage cannot time the group out
+        index = utils.wav_index(data.train_keys, data.train_dir, nb_worker=max(1, args.nb_worker))
     train_set = utils.TrainSet(data.train_keys, data.train_dir, data.labels, args.nb_samp, seed=args.seed,
                                index=index)
     sampler = utils.EpochSampler(
@@ -612,7 +609,7 @@ def train(args, run_dir, device, resume):
         f"{nb_params:,} parameters; "
         f"device {device}{parallel}")
 
-    loader, sampler = make_loader(args, data, device, main_process)
+    loader, sampler = make_loader(args, data, device)
     for epoch in range(state.epoch + 1, args.epoch):
         sampler.set_epoch(epoch)
         loss, eer, selection_eer, scores, trial_labels = run_epoch(model, state, loader, data, args, device,
