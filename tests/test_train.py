@@ -16,7 +16,7 @@ import fast_RawNet2
 import train_RawNet2 as train
 import utils
 from conftest import ROOT, tiny_run_flags
-from model_RawNet2 import load_pretrained
+from model_RawNet2 import RawNet2, load_pretrained
 from utils import DataError
 
 
@@ -290,3 +290,37 @@ def test_training_steps_read_no_loss_between_forward_and_backward(monkeypatch):
     assert "forward,read" not in ",".join(events) and step_after == 20
     monkeypatch.undo()
     assert mean == sum(loss.item() for loss in losses) / 20
+
+
+def test_cudnn_benchmark_is_on_only_when_asked(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as an earlier run in this process left it
+    seen, train_epoch = [], train.train_epoch
+    monkeypatch.setattr(train, "train_epoch",
+                        lambda *a, **k: seen.append(torch.backends.cudnn.benchmark) or train_epoch(*a, **k))
+    run(tiny_run_flags(tiny_corpus, tmp_path, name="default", epochs=1))
+    run(tiny_run_flags(tiny_corpus, tmp_path, name="asked", epochs=1) + ["-cudnn_benchmark", "True"])
+    assert seen == [False, True]
+
+
+def test_compiled_training_writes_checkpoints_a_plain_rawnet2_loads(tiny_corpus, tmp_path, monkeypatch):
+    compiled, compile_module = [], torch.nn.Module.compile
+
+    def compile_quickly(module):  # (inductor takes minutes on a small CPU; keys do not depend on it)
+        compiled.append(type(module))
+        compile_module(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_quickly)
+    run(tiny_run_flags(tiny_corpus, tmp_path, epochs=1) + ["-compile", "True"])
+    assert compiled == [RawNet2]  # the network of model_RawNet2.py, not the fast path
+    out = tmp_path / "run"
+    plain = RawNet2(json.loads((out / "args.json").read_text())["d_args"])
+    best = next(f for f in os.listdir(out / "models") if f.startswith("TA_"))
+    plain.load_state_dict(torch.load(out / "models" / best, weights_only=True))  # strict keys
+    plain.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])
+
+
+def test_compile_with_data_parallel_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = train.parse_args(["-name", "x", "-compile", "True"])
+    with pytest.raises(DataError, match="^-compile does not work with DataParallel: use torchrun, or -mg"):
+        train.wrap_model(torch.nn.Linear(2, 2), args, torch.device("cuda"))
