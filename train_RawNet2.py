@@ -91,9 +91,21 @@ def build_parser():
     add("fast", **utils.FAST_FLAG)
     add("amp", type=str, default="none", choices=["none", "bf16", "fp16"],
         help="mixed precision of the training steps: bf16 autocast, or fp16 autocast with a gradient "
-             "scaler (GPU only); the sinc front end and the per-epoch TTA evaluation stay float32")
+             "scaler (GPU only); the sinc front end and the per-epoch TTA evaluation stay float32. On a "
+             "GPU, bf16 runs the GRU in bfloat16 too, with PyTorch's own GRU kernels (autocast alone runs "
+             "cuDNN's GRU in float16)")
     add("reproducible", default=True,
-        help="seed torch/numpy/random and make cuDNN deterministic (benchmark off)", **flag)
+        help="seed torch/numpy/random and make cuDNN deterministic (-cudnn_benchmark stays off unless "
+             "given)", **flag)
+    add("cudnn_benchmark", default=False,
+        help="cuDNN times its algorithms on the first batches and keeps the fastest "
+             "(torch.backends.cudnn.benchmark): faster on a GPU, but its picks can differ from run to "
+             "run, and so can the last digits of every result (also under -reproducible)", **flag)
+    add("compile", default=False,
+        help="torch.compile the network for the training steps; it then runs the network of "
+             "model_RawNet2.py (as -fast False; on a GPU the rule picks the same), the per-epoch "
+             "evaluation runs it uncompiled, and checkpoints keep their keys. Not with DataParallel "
+             "(use torchrun or -mg False)", **flag)
     add("resume", action="store_true",
         help="continue <save_dir>/<name>/ from its last completed epoch (last.pt)")
     add("load_model", default=False, help="start from -load_model_dir (and -load_model_opt_dir)", **flag)
@@ -159,27 +171,46 @@ def model_args(args, nb_classes):
 
 # ---------------------------------------------------------------------------------------------
 
+# Training steps between two reads of their losses from the device. A read waits for the device to
+# finish the step; read every step (between forward and backward), it kept a GPU waiting for its next
+# batch. The losses are checked and summed in step order whenever they are read: the same numbers.
+LOSS_READ_EVERY = 16
+
+
 def train_epoch(model, loader, optimizer, scheduler, device, epoch, step, amp="none", scaler=None,
                 progress=True):
     """One pass over the training list. Returns (mean loss, global step)."""
     model.train()
     criterion = nn.CrossEntropyLoss()
-    total, count = 0.0, 0
+    total, count, unread = 0.0, 0, []
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     for x, y, keys in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with utils.amp_autocast(device, amp):
             loss = criterion(model(x), y)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss {loss.item()} at step {step} (epoch {epoch}); "
-                                f"batch utterances: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
         utils.backward_step(loss, optimizer, scaler)
         if scheduler is not None:
             scheduler.step()
+        unread.append((step, loss.detach(), keys))
         step += 1
-        total, count = total + loss.item(), count + 1
-        bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if len(unread) == LOSS_READ_EVERY:
+            total, count = read_losses(unread, total, count, epoch)
+            bar.set_postfix(loss=f"{total / count:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    total, count = read_losses(unread, total, count, epoch)
     return total / max(count, 1), step
+
+
+def read_losses(unread, total, count, epoch):
+    """Add the losses of ``unread`` (step, loss tensor, batch keys) to (total, count), in step order,
+    and empty it; a non-finite loss stops training, naming its step and batch."""
+    values = torch.stack([loss for _, loss, _ in unread]).tolist() if unread else []
+    for (step, _, keys), value in zip(unread, values):
+        if not math.isfinite(value):
+            raise TrainingError(f"non-finite loss {value} at step {step} (epoch {epoch}); "
+                                f"batch utterances: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        total, count = total + value, count + 1
+    unread.clear()
+    return total, count
 
 
 def evaluate(model, keys, base_dir, trials, args, device, desc):
@@ -486,7 +517,11 @@ def setup_device(args):
     if world == 1:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if torch.cuda.is_available():
-        local_rank = int(os.environ["LOCAL_RANK"])
+        local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise DataError(f"local process {local_rank} has no GPU of its own: {gpus} visible on this node; "
+                            f"start at most {gpus} per node (torchrun --nproc_per_node={gpus}), or hide the "
+                            f"GPUs (CUDA_VISIBLE_DEVICES=) to train on CPU with gloo")
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
@@ -517,28 +552,32 @@ class DataParallel(nn.DataParallel):
 
 
 def wrap_model(model, args, device):
-    """DistributedDataParallel under torchrun; else nn.DataParallel with -mg on several GPUs."""
+    """DistributedDataParallel under torchrun; else nn.DataParallel with -mg on several GPUs. With
+    -compile, the network is compiled in place first (``nn.Module.compile``: the module keeps its
+    parameters and state-dict keys; only calling it runs the compiled code, ``embed`` stays eager)."""
     _, world = utils.rank_and_world()
+    data_parallel = world == 1 and args.mg and torch.cuda.device_count() > 1
+    if args.compile:
+        if data_parallel:  # its replicas are copies of the module that would run uncompiled
+            raise DataError("-compile does not work with DataParallel: use torchrun, or -mg False")
+        fast_RawNet2.accelerate(model, False)  # the fast path's CPU kernels are not traceable
+    if world > 1 and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.compile:
+        model.compile()
     if world > 1:
-        if args.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.mg and torch.cuda.device_count() > 1:
-        return DataParallel(model)
-    return model
+    return DataParallel(model) if data_parallel else model
 
 
-def make_loader(args, data, device, main_process):
+def make_loader(args, data, device):
     """Shuffling and crops depend only on (seed, epoch): a resumed run sees the same data. Each process
     takes its own disjoint share of every epoch (DistributedSampler; one share when not distributed)."""
     rank, world = utils.rank_and_world()
     index = None
-    if args.wav_index:  # rank 0 builds (or completes) the cached index; the others then read it
-        if main_process:
-            index = utils.wav_index(data.train_keys, data.train_dir, nb_worker=max(1, args.nb_worker))
-        utils.barrier()
-        if not main_process:
-            index = utils.wav_index(data.train_keys, data.train_dir, progress=False)
+    if args.wav_index:  # every process; the first builds (or completes) it, the others wait on a file
+        # lock, in no collective: a long build on slow storage cannot time the group out
+        index = utils.wav_index(data.train_keys, data.train_dir, nb_worker=max(1, args.nb_worker))
     train_set = utils.TrainSet(data.train_keys, data.train_dir, data.labels, args.nb_samp, seed=args.seed,
                                index=index)
     sampler = utils.EpochSampler(
@@ -610,6 +649,7 @@ def train(args, run_dir, device, resume):
         utils.barrier()
     if args.reproducible:
         utils.seed_everything(args.seed)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     data = load_data(args, main_process)
     d_args = model_args(args, len(data.labels))
@@ -629,7 +669,7 @@ def train(args, run_dir, device, resume):
         f"{nb_params:,} parameters; "
         f"device {device}{parallel}")
 
-    loader, sampler = make_loader(args, data, device, main_process)
+    loader, sampler = make_loader(args, data, device)
     for epoch in range(state.epoch + 1, args.epoch):
         sampler.set_epoch(epoch)
         loss, eer, selection_eer, scores, trial_labels = run_epoch(model, state, loader, data, args, device,

@@ -294,32 +294,95 @@ def _read_wav_index(cache):
     return {key: (frames, peak, (size, mtime)) for key, frames, peak, size, mtime in zip(*columns)}
 
 
+# Files indexed between two appends to the build log of wav_index: a killed build loses at most these.
+INDEX_CHUNK = 2048
+
+
 def wav_index(keys, base_dir, nb_worker=2, progress=True):
     """Length (frames) and peak |sample| of every utterance, so that training reads only each
     crop's frames (``read_crop``). Built once, in ``nb_worker`` processes, and cached atomically
     beside the wav folder as ``<folder>_index.npz``; a file whose size or modification time changed
-    since is indexed again. Returns a dict key -> (frames, peak)."""
-    cache = os.path.normpath(base_dir) + "_index.npz"
+    since is indexed again. Returns a dict key -> (frames, peak).
+
+    Every process that needs the index calls this: one at a time, each holding a lock on the build
+    log ``<folder>_index.log``, so the first builds or completes it and the others wait for the
+    lock, never in a collective of a process group (which would time out on a slow disk), then find
+    it complete. The build appends every ``INDEX_CHUNK`` files to the log, so the next call continues
+    a killed build where it stopped; the complete index goes into the cache and the log is removed.
+    """
+    base = os.path.normpath(base_dir)
+    cache, log_path = base + "_index.npz", base + "_index.log"
     stamps = {k: _stamp(os.path.join(base_dir, k)) for k in keys}
-    index = _read_wav_index(cache) if os.path.exists(cache) else {}
-    todo = [k for k in keys if k not in index or index[k][2] != stamps[k]]
-    if todo:
-        paths = [os.path.join(base_dir, k) for k in todo]
-        with multiprocessing.get_context("fork").Pool(max(1, nb_worker)) as pool:
-            entries = list(tqdm(pool.imap(_index_entry, paths, chunksize=64), total=len(paths),
-                                desc=f"indexing {base_dir}", disable=not progress, leave=False))
-        index.update((k, (frames, peak, stamps[k])) for k, (frames, peak) in zip(todo, entries))
-        names = sorted(index)
-        columns = {"keys": np.array(names), "frames": np.array([index[k][0] for k in names]),
-                   "peaks": np.array([index[k][1] for k in names]),
-                   "sizes": np.array([index[k][2][0] for k in names]),
-                   "mtimes": np.array([index[k][2][1] for k in names])}
-        try:
-            write_atomic(cache, lambda f: np.savez(f, **columns))
-        except OSError as e:
-            warnings.warn(f"{cache}: cannot cache the wav index ({e}); it will be rebuilt next time",
-                          stacklevel=2)
+    with _locked_log(log_path) as log:
+        index = _read_index(cache, log_path if log else None)
+        todo = [k for k in keys if k not in index or index[k][2] != stamps[k]]
+        if log and os.fstat(log.fileno()).st_size:  # a killed build's log (its last chunk may be torn):
+            _save_index(cache, index)               # its chunks into the cache, then start it empty
+            log.truncate(0)
+        _index_files(index, todo, base_dir, stamps, log, log_path, nb_worker, progress)
+        if log and todo:
+            _save_index(cache, index)
+        if log:
+            os.remove(log_path)  # still locked: a process waiting for it then opens a new log
     return {k: index[k][:2] for k in keys}
+
+
+def _save_index(cache, index):
+    names = sorted(index)
+    columns = {"keys": np.array(names), "frames": np.array([index[k][0] for k in names]),
+               "peaks": np.array([index[k][1] for k in names]),
+               "sizes": np.array([index[k][2][0] for k in names]),
+               "mtimes": np.array([index[k][2][1] for k in names])}
+    write_atomic(cache, lambda f: np.savez(f, **columns))
+
+
+@contextlib.contextmanager
+def _locked_log(path):
+    """The build log at ``path`` opened for appending and locked (``flock``, waiting as long as
+    another process holds it; the kernel releases the lock of a process that dies); None, with a
+    warning, where it cannot be created (the index is then built in memory, not kept)."""
+    while True:
+        try:
+            f = open(path, "ab")
+        except OSError as e:
+            warnings.warn(f"{path}: cannot keep the wav index ({e.strerror}); it is built in memory and "
+                          f"built again next time", stacklevel=3)
+            yield None
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()  # the holder removed it while we waited: lock the next one
+    with f:
+        yield f
+
+
+def _read_index(cache, log_path):
+    """The cached index, completed by the chunks of the build log (None: no log), as a dict
+    key -> (frames, peak, (size, mtime))."""
+    index = _read_wav_index(cache) if os.path.exists(cache) else {}
+    for chunk in read_records(log_path) if log_path else []:
+        index.update((k, (n, p, (size, mtime))) for k, n, p, size, mtime in chunk)
+    return index
+
+
+def _index_files(index, todo, base_dir, stamps, log, log_path, nb_worker, progress):
+    """Index the files ``todo`` into ``index``, appending each chunk of INDEX_CHUNK files to ``log``
+    as a list of (key, frames, peak, size, mtime)."""
+    if not todo:
+        return
+    paths = [os.path.join(base_dir, k) for k in todo]
+    chunk = []
+    with multiprocessing.get_context("fork").Pool(max(1, nb_worker)) as pool:
+        entries = tqdm(pool.imap(_index_entry, paths, chunksize=64), total=len(paths),
+                       desc=f"indexing {base_dir}", disable=not progress, leave=False)
+        for done, ((frames, peak), key) in enumerate(zip(entries, todo), 1):
+            chunk.append((key, frames, peak) + stamps[key])
+            if len(chunk) == INDEX_CHUNK or done == len(todo):
+                if log:
+                    append_record(log, chunk, log_path)
+                index.update((k, (n, p, (size, mtime))) for k, n, p, size, mtime in chunk)
+                chunk = []
 
 
 def read_crop(path, frames, peak, nb_samp, rng):
@@ -785,12 +848,18 @@ def rng_states():
 
 
 def set_rng_states(states):
+    """Restore ``rng_states()``. A run saved with more GPUs than this machine has (``-resume`` on
+    fewer) restores the states of the GPUs there are, the others' are left out, with a note."""
     random.setstate(states["python"])
     name, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        saved, here = states["cuda"], torch.cuda.device_count()
+        if len(saved) > here and is_main_process():
+            print(f"note: the checkpoint holds the CUDA random states of {len(saved)} GPUs and this machine "
+                  f"shows {here}: {here} restored, {len(saved) - here} left out")
+        torch.cuda.set_rng_state_all(saved[:here])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -172,3 +172,18 @@ def test_torchrun_one_process_trains(tiny_corpus, tmp_path):
                         + tiny_run_flags(tiny_corpus, tmp_path, epochs=1))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "device cuda" in proc.stdout
+
+
+@pytest.mark.parametrize("amp,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+@pytest.mark.parametrize("fast", [False, True])
+def test_the_gru_runs_in_the_dtype_of_amp(amp, dtype, fast):
+    # CUDA autocast alone runs every cuDNN RNN in float16: -amp bf16 ran the GRU in float16
+    model = fast_RawNet2.accelerate(small_model(False), fast).to(CUDA).train()
+    outputs, gru_outputs = [], model.gru_outputs
+    model.gru_outputs = lambda x: outputs.append(gru_outputs(x)) or outputs[-1]
+    x = torch.randn(4, model.nb_samp, device=CUDA)
+    with utils.amp_autocast(CUDA, amp):
+        loss = model(x).float().square().mean()
+    loss.backward()
+    grad = model.gru.weight_hh_l0.grad
+    assert outputs[0].dtype == dtype and grad.dtype == torch.float32 and torch.isfinite(grad).all()

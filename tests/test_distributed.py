@@ -1,12 +1,18 @@
 """torchrun / DistributedDataParallel on CPU (gloo): parity with DataParallel's math, sharded
 evaluation, rank-0-only writes, elastic restart, and the batch-size check."""
 
+import argparse
+import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
+import pytest
+import soundfile as sf
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
@@ -23,10 +29,12 @@ ENTRY = os.path.join(ROOT, "tests", "torchrun_entry.py")
 def torchrun(flags, nproc=2, max_restarts=0, env=None, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={max_restarts}", ENTRY] + flags
-    # Own process group, so that a run that hangs is killed with all its workers.
+    # On CPU with gloo, on any machine: with CUDA visible each process would take GPU LOCAL_RANK,
+    # which a one-GPU machine lacks. Own process group, so that a run that hangs is killed with all
+    # its workers.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}) as proc:
+                          start_new_session=True, env=env) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:  # torchrun starts its workers in sessions of their own
@@ -145,3 +153,91 @@ def test_resume_with_a_different_world_size(tiny_corpus, tmp_path):
     assert state["epoch"] == 1 and state["world_size"] == 2 and state["step"] == 24 // 4 * 2
     lines = (tmp_path / "run" / "eers.txt").read_text().splitlines()
     assert [line.split(",")[0] for line in lines] == ["epoch:0", "epoch:1"]
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+    def set_device(index):  # what CUDA says on a machine with one GPU
+        raise RuntimeError("CUDA error: invalid device ordinal")
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    expected = (r"^local process 1 has no GPU of its own: 1 visible on this node; start at most 1 per node "
+                r"\(torchrun --nproc_per_node=1\)")
+    with pytest.raises(utils.DataError, match=expected):
+        train.setup_device(train.parse_args(["-name", "x"]))
+
+
+# --- the wav index: built by whichever process locks it first, in no collective; resumable --------
+
+def copied_train_dir(corpus, tmp_path):
+    shutil.copytree(os.path.join(corpus, "VoxCeleb2", "wav"), tmp_path / "wav")
+    return str(tmp_path / "wav")
+
+
+def test_the_index_is_built_without_a_collective(tiny_corpus, tmp_path, monkeypatch):
+    def collective():
+        raise AssertionError("a collective: bounded by -dist_timeout")
+
+    monkeypatch.setattr(utils, "barrier", collective)
+    monkeypatch.setenv("RANK", "1")  # not rank 0, and the first to need the index
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    train_dir = copied_train_dir(tiny_corpus, tmp_path)
+    keys = utils.list_utterances(train_dir)
+    data = argparse.Namespace(train_keys=keys, train_dir=train_dir, labels=utils.speaker_labels(keys))
+    loader, _ = train.make_loader(train.parse_args(tiny_run_flags(tiny_corpus, tmp_path)), data,
+                                  torch.device("cpu"))
+    assert set(loader.dataset.index) == set(keys) and os.path.exists(train_dir + "_index.npz")
+
+
+def test_a_process_waiting_for_the_index_lock_reads_what_its_holder_built(tiny_corpus, tmp_path):
+    train_dir = copied_train_dir(tiny_corpus, tmp_path)
+    keys = utils.list_utterances(train_dir)
+    results = []
+    with open(train_dir + "_index.log", "ab") as held:  # another process is building the index
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: results.append(utils.wav_index(keys, train_dir, 1, False)))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive()  # it waits for the lock
+        built = {k: (12345, 0.5, utils._stamp(os.path.join(train_dir, k))) for k in keys}
+        utils._save_index(train_dir + "_index.npz", built)  # what the holder built (marked values)
+        os.remove(train_dir + "_index.log")
+    waiter.join(timeout=60)
+    assert results == [{k: (12345, 0.5) for k in keys}]  # read, not built again
+
+
+def test_an_interrupted_index_build_continues_where_it_stopped(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, "INDEX_CHUNK", 4)
+    train_dir = copied_train_dir(tiny_corpus, tmp_path)
+    keys = utils.list_utterances(train_dir)
+    appended, append = [], utils.append_record
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupted_at_the_third_chunk(f, chunk, path):
+        if len(appended) == 2:
+            raise Interrupted
+        appended.append(chunk)
+        append(f, chunk, path)
+
+    monkeypatch.setattr(utils, "append_record", interrupted_at_the_third_chunk)
+    with pytest.raises(Interrupted):
+        utils.wav_index(keys, train_dir, 1, False)
+    assert [len(chunk) for chunk in utils.read_records(train_dir + "_index.log")] == [4, 4]
+    monkeypatch.setattr(utils, "append_record", append)
+    # file 1 is in the log: garbage of its size and time shows whether it is read again
+    first = os.path.join(train_dir, keys[0])
+    audio, _ = sf.read(first)
+    stat = os.stat(first)
+    with open(first, "r+b") as f:
+        f.write(b"\0" * stat.st_size)
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    index = utils.wav_index(keys, train_dir, 1, False)
+    assert index[keys[0]] == (len(audio), float(np.abs(audio).max())) and set(index) == set(keys)
+    assert not os.path.exists(train_dir + "_index.log")

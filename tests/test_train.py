@@ -14,8 +14,9 @@ import torch
 
 import fast_RawNet2
 import train_RawNet2 as train
+import utils
 from conftest import ROOT, tiny_run_flags
-from model_RawNet2 import load_pretrained
+from model_RawNet2 import RawNet2, gru_in_dtype, load_pretrained
 from utils import DataError
 
 
@@ -238,3 +239,108 @@ def test_cli_bad_sample_rate_in_worker_is_one_line(tiny_corpus, tmp_path):
     assert re.search(r"^error: .*id00001/vid00000000/00001.wav: sample rate 8000 Hz, expected 16000 Hz "
                      r"\(DB/prepare_dataset.py converts audio to 16 kHz mono\)$",
                      proc.stderr.strip(), re.M)
+
+
+# --- GPU set-up: the faults a CPU can show -----------------------------------------------------
+
+def test_resume_on_fewer_gpus_restores_the_states_of_the_gpus_there_are(monkeypatch, capsys):
+    first, second = torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)
+    states = {**utils.rng_states(), "cuda": [first, second]}  # saved by a run on two GPUs
+    restored = []
+
+    def set_rng_state(state, device):  # one GPU here: device 1 does not exist
+        if device >= 1:
+            raise IndexError(f"device {device} out of range")
+        restored.append((device, state))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                        lambda new: [set_rng_state(s, i) for i, s in enumerate(new)])
+    utils.set_rng_states(states)
+    assert restored == [(0, first)]
+    assert capsys.readouterr().out == ("note: the checkpoint holds the CUDA random states of 2 GPUs and this "
+                                       "machine shows 1: 1 restored, 1 left out\n")
+
+
+def test_training_steps_read_no_loss_between_forward_and_backward(monkeypatch):
+    events, losses = [], []
+
+    class RecordingLoss(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            loss = super().forward(logits, target)
+            losses.append(loss.detach().clone())
+            events.append("forward")
+            return loss
+
+    def reading(name):
+        original = getattr(torch.Tensor, name)
+        return lambda self, *a, **k: events.append("read") or original(self, *a, **k)
+
+    step = utils.backward_step
+    monkeypatch.setattr(utils, "backward_step", lambda *a: events.append("backward") or step(*a))
+    monkeypatch.setattr(train.nn, "CrossEntropyLoss", RecordingLoss)
+    for name in ("item", "tolist", "__bool__", "__float__"):  # every way a value reaches the host
+        monkeypatch.setattr(torch.Tensor, name, reading(name))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,)), ["a/b/1.wav"] * 4) for _ in range(20)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mean, step_after = train.train_epoch(model, batches, optimizer, None, "cpu", 0, 0, progress=False)
+    assert "forward,read" not in ",".join(events) and step_after == 20
+    monkeypatch.undo()
+    assert mean == sum(loss.item() for loss in losses) / 20
+
+
+def test_cudnn_benchmark_is_on_only_when_asked(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as an earlier run in this process left it
+    seen, train_epoch = [], train.train_epoch
+    monkeypatch.setattr(train, "train_epoch",
+                        lambda *a, **k: seen.append(torch.backends.cudnn.benchmark) or train_epoch(*a, **k))
+    run(tiny_run_flags(tiny_corpus, tmp_path, name="default", epochs=1))
+    run(tiny_run_flags(tiny_corpus, tmp_path, name="asked", epochs=1) + ["-cudnn_benchmark", "True"])
+    assert seen == [False, True]
+
+
+def test_compiled_training_writes_checkpoints_a_plain_rawnet2_loads(tiny_corpus, tmp_path, monkeypatch):
+    compiled, compile_module = [], torch.nn.Module.compile
+
+    def compile_quickly(module):  # (inductor takes minutes on a small CPU; keys do not depend on it)
+        compiled.append(type(module))
+        compile_module(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_quickly)
+    run(tiny_run_flags(tiny_corpus, tmp_path, epochs=1) + ["-compile", "True"])
+    assert compiled == [RawNet2]  # the network of model_RawNet2.py, not the fast path
+    out = tmp_path / "run"
+    plain = RawNet2(json.loads((out / "args.json").read_text())["d_args"])
+    best = next(f for f in os.listdir(out / "models") if f.startswith("TA_"))
+    plain.load_state_dict(torch.load(out / "models" / best, weights_only=True))  # strict keys
+    plain.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])
+
+
+def test_compile_with_data_parallel_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = train.parse_args(["-name", "x", "-compile", "True"])
+    with pytest.raises(DataError, match="^-compile does not work with DataParallel: use torchrun, or -mg"):
+        train.wrap_model(torch.nn.Linear(2, 2), args, torch.device("cuda"))
+
+
+def test_gru_in_dtype_runs_in_bf16_and_its_gradients_reach_the_float32_weights():
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(8, 16, batch_first=True)
+    x = torch.randn(3, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (switched off inside)
+        y = gru_in_dtype(gru, x, torch.bfloat16)
+    y.float().sum().backward()
+    # the same GRU in float32 on the bf16-rounded weights and input
+    rounded = torch.nn.GRU(8, 16, batch_first=True)
+    rounded.load_state_dict({k: v.bfloat16().float() for k, v in gru.state_dict().items()})
+    expected = rounded(x.bfloat16().float())[0]
+    expected.sum().backward()
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, rtol=0, atol=1e-2)
+    for name, p in gru.named_parameters():
+        assert p.grad.dtype == torch.float32, name
+        reference = getattr(rounded, name).grad
+        assert (p.grad - reference).norm() < 1e-2 * reference.norm(), name
