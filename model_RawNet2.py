@@ -233,10 +233,13 @@ class RawNet2(nn.Module):
         return x
 
     def gru_outputs(self, x):  # (B, T, C) -> (B, T, gru_node)
-        bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
-        if x.is_cuda and bf16:  # autocast alone would run it in float16 (see gru_in_dtype)
-            return gru_in_dtype(self.gru, x, torch.bfloat16)
         self.gru.flatten_parameters()
+        bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+        if x.is_cuda and bf16:
+            # CUDA autocast runs cuDNN's RNNs in float16 whatever its dtype, and cuDNN has no bfloat16
+            # RNN: under bfloat16 autocast the GRU runs in float32, as cuDNN's float32 GRU
+            with torch.autocast("cuda", enabled=False):
+                return self.gru(x.float())[0]
         return self.gru(x)[0]
 
     def forward(self, x, is_test=False):
@@ -247,19 +250,6 @@ class RawNet2(nn.Module):
         # Training head: scale the embedding to L2 norm 10 before the classifier (original code).
         code = code / (code.norm(p=2, dim=1, keepdim=True) / 10.0)
         return self.fc2_gru(code)
-
-
-def gru_in_dtype(gru, x, dtype):
-    """``gru(x)[0]`` (h0 = 0) computed in ``dtype``, outside autocast, on copies of the weights in
-    ``dtype`` (their gradients reach the float32 parameters). CUDA autocast runs every cuDNN RNN in
-    float16 whatever its dtype (its wrapper of ``_cudnn_rnn`` casts to half): under bfloat16 autocast
-    the GRU would run in float16. cuDNN takes no bfloat16 RNN in PyTorch, which runs this one with its
-    own GRU kernels."""
-    with torch.autocast(x.device.type, enabled=False):
-        weights = [w.to(dtype) for w in gru._flat_weights]
-        h0 = x.new_zeros(gru.num_layers * (1 + gru.bidirectional), x.shape[0], gru.hidden_size, dtype=dtype)
-        return torch.gru(x.to(dtype), h0, weights, gru.bias, gru.num_layers, float(gru.dropout), gru.training,
-                         gru.bidirectional, gru.batch_first)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,9 +91,8 @@ def build_parser():
     add("fast", **utils.FAST_FLAG)
     add("amp", type=str, default="none", choices=["none", "bf16", "fp16"],
         help="mixed precision of the training steps: bf16 autocast, or fp16 autocast with a gradient "
-             "scaler (GPU only); the sinc front end and the per-epoch TTA evaluation stay float32. On a "
-             "GPU, bf16 runs the GRU in bfloat16 too, with PyTorch's own GRU kernels (autocast alone runs "
-             "cuDNN's GRU in float16)")
+             "scaler (GPU only); the sinc front end and the per-epoch TTA evaluation stay float32, and "
+             "on a GPU under bf16 the GRU too (autocast alone would run cuDNN's GRU in float16)")
     add("reproducible", default=True,
         help="seed torch/numpy/random and make cuDNN deterministic (-cudnn_benchmark stays off unless "
              "given)", **flag)

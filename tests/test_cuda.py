@@ -1,5 +1,5 @@
 """On a GPU, what the CPU tests check: training steps of the fast path and the reference in fp32,
-bf16 and fp16, the measured plan, -resume and -load_model_opt_dir, extraction, torchrun (NCCL).
+bf16 and fp16, the fast path's rule, -resume and -load_model_opt_dir, extraction, torchrun (NCCL).
 Skipped without CUDA; bench/gpu_check.sh runs it with the GPU benchmarks."""
 
 import copy
@@ -174,10 +174,11 @@ def test_torchrun_one_process_trains(tiny_corpus, tmp_path):
     assert "device cuda" in proc.stdout
 
 
-@pytest.mark.parametrize("amp,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+@pytest.mark.parametrize("amp,dtype", [("bf16", torch.float32), ("fp16", torch.float16)])
 @pytest.mark.parametrize("fast", [False, True])
 def test_the_gru_runs_in_the_dtype_of_amp(amp, dtype, fast):
-    # CUDA autocast alone runs every cuDNN RNN in float16: -amp bf16 ran the GRU in float16
+    # CUDA autocast alone runs every cuDNN RNN in float16: -amp bf16 ran the GRU in float16 without a
+    # gradient scaler; it now runs in float32 (cuDNN has no bfloat16 RNN)
     model = fast_RawNet2.accelerate(small_model(False), fast).to(CUDA).train()
     outputs, gru_outputs = [], model.gru_outputs
     model.gru_outputs = lambda x: outputs.append(gru_outputs(x)) or outputs[-1]

@@ -16,7 +16,7 @@ import fast_RawNet2
 import train_RawNet2 as train
 import utils
 from conftest import ROOT, tiny_run_flags
-from model_RawNet2 import RawNet2, gru_in_dtype, load_pretrained
+from model_RawNet2 import RawNet2, load_pretrained
 from utils import DataError
 
 
@@ -325,22 +325,3 @@ def test_compile_with_data_parallel_is_one_line(monkeypatch):
     with pytest.raises(DataError, match="^-compile does not work with DataParallel: use torchrun, or -mg"):
         train.wrap_model(torch.nn.Linear(2, 2), args, torch.device("cuda"))
 
-
-def test_gru_in_dtype_runs_in_bf16_and_its_gradients_reach_the_float32_weights():
-    torch.manual_seed(0)
-    gru = torch.nn.GRU(8, 16, batch_first=True)
-    x = torch.randn(3, 5, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # (switched off inside)
-        y = gru_in_dtype(gru, x, torch.bfloat16)
-    y.float().sum().backward()
-    # the same GRU in float32 on the bf16-rounded weights and input
-    rounded = torch.nn.GRU(8, 16, batch_first=True)
-    rounded.load_state_dict({k: v.bfloat16().float() for k, v in gru.state_dict().items()})
-    expected = rounded(x.bfloat16().float())[0]
-    expected.sum().backward()
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), expected, rtol=0, atol=1e-2)
-    for name, p in gru.named_parameters():
-        assert p.grad.dtype == torch.float32, name
-        reference = getattr(rounded, name).grad
-        assert (p.grad - reference).norm() < 1e-2 * reference.norm(), name
