@@ -105,7 +105,8 @@ def build_parser():
              "else 251; a plain state_dict does not store it)")
     add("bs", type=int, default=None,
         help="TTA segments per forward, packed across utterances (default: a fixed rule of the model's "
-             "size and the device, fast_RawNet2.segments_per_forward: 1 for the paper model on CPU)")
+             "size and the device, fast_RawNet2.segments_per_forward: 16 for the paper model on CPU; -bs 1 "
+             "runs the original's one segment at a time)")
     add("nb_worker", type=int, default=4, help="threads reading audio ahead of the model "
                                                "(at most one per usable core; 0: read in turn)")
     add("fast", **common.FAST_FLAG)

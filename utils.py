@@ -698,7 +698,7 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     (``tta_embeddings``: float32 numpy vectors, None for a silent or empty file).
 
     ``segments_per_batch``: segments per forward; None takes the fixed rule of
-    ``fast_RawNet2.segments_per_forward`` (one for the paper model on CPU, as the authors' loop).
+    ``fast_RawNet2.segments_per_forward`` (16 for the paper model on CPU; 1 is the authors' loop).
     Each file is read once, ahead of the model by ``nb_worker`` threads (``read_ahead``; at most one
     per usable core), or by the caller's thread with 0. In eval mode each segment's embedding is
     independent of its batch-mates. ``convert``: files of any format, rate and channel count are

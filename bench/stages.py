@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import fast_RawNet2  # noqa: E402
 import utils  # noqa: E402
 from model_RawNet2 import LEAKY_SLOPE, RawNet2, default_d_args  # noqa: E402
@@ -115,7 +116,9 @@ def main():
                    help="also time torch.compile of the reference blocks and GRU")
     p.add_argument("--packing", nargs="*", type=int, default=[1, 4, 16, 64],
                    help="segments per forward for the packing table (none: skip it)")
+    p.add_argument("--packing_only", action="store_true", help="only the packing table")
     args = p.parse_args()
+    common.keep_freed_memory()  # as the scripts run (large temporaries reuse their pages)
     torch.manual_seed(0)
     print(f"CPU kernels: {torch.backends.cpu.get_cpu_capability()} ({fast_RawNet2.kernel_settings()}), "
           f"rule class {fast_RawNet2.cpu_class()}, {torch.get_num_threads()} threads, "
@@ -124,7 +127,7 @@ def main():
         nb_samp, changes, batch, segments = CONFIGS[name]
         model = RawNet2({**default_d_args(1000, nb_samp), **changes})
         model.apply(utils.init_weights)
-        for training, n in ((True, batch), (False, segments)):
+        for training, n in () if args.packing_only else ((True, batch), (False, segments)):
             model.train(training)
             x = torch.randn(n, nb_samp)
             picked = fast_RawNet2.plan(fast_RawNet2.call_of(model, n, "cpu", training)).stages

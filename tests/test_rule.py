@@ -174,8 +174,7 @@ def test_the_flag_names_exactly_the_implementations_there_are():
 
 
 @pytest.mark.parametrize("d_args, device, expected", [
-    (PAPER, "cpu", 1), (DEMO, "cpu", 16), ({**PAPER, "filts": [64] + PAPER["filts"][1:], "nb_samp": 32000},
-                                           "cpu", 4),
+    (PAPER, "cpu", 16), (DEMO, "cpu", 64), ({**PAPER, "nb_samp": 600_000}, "cpu", 1),
     (PAPER, "cuda", 64), (DEMO, "cuda", 256)])
 def test_segments_per_forward_is_a_rule_of_the_shapes_and_the_device(d_args, device, expected, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: pytest.fail("free memory was read"))
