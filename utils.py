@@ -200,6 +200,28 @@ def _decode(path, start=0, frames=-1, always_2d=False):
         return (x if always_2d or x.shape[1] > 1 else x[:, 0]), f.samplerate
 
 
+def _is_text(head):
+    """Whether the first bytes of a file look like text: no control bytes other than white space."""
+    return all(byte >= 32 or byte in b"\t\n\r\f" for byte in head) and b"\x7f" not in head
+
+
+def decode_failure(path, detail):
+    """Why ``path`` cannot be read after its decoder failed with ``detail``: an empty file and a
+    text file are named as such; anything else cannot be decoded."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return f"cannot read audio ({e.strerror})"
+    if not head:
+        return "cannot read audio (empty file: 0 bytes)"
+    if _is_text(head):
+        lines = head.decode("utf-8", "replace").splitlines()
+        begins = next((line.strip() for line in lines if line.strip()), "")[:40]
+        return f"cannot read audio (a text file, not audio; it begins {begins!r})"
+    return f"cannot read audio (cannot be decoded: {detail})"
+
+
 def _read_samples(path, **kwargs):
     """``(float64 samples, rate)`` of an audio file (``kwargs``: soundfile's start/frames/always_2d);
     DataError naming the file when it is not a readable regular file, is cut short
@@ -210,7 +232,8 @@ def _read_samples(path, **kwargs):
         check_audio_complete(path)
         x, sr = _decode(path, **kwargs)
     except (RuntimeError, sf.LibsndfileError) as e:
-        raise DataError(f"{path}: cannot read audio ({e})") from None
+        detail = str(e).replace(f"Error opening {os.fspath(path)!r}: ", "")
+        raise DataError(f"{path}: {decode_failure(path, detail)}") from None
     except OSError as e:  # e.g. no permission to read it
         raise DataError(f"{path}: cannot read audio ({e.strerror})") from None
     if not np.isfinite(x).all():

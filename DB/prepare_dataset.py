@@ -341,28 +341,6 @@ def remove_temporaries(out):
                 os.remove(os.path.join(folder, name))
 
 
-def is_text(head):
-    """Whether the first bytes of a file look like text: no control bytes other than white space."""
-    return all(byte >= 32 or byte in b"\t\n\r\f" for byte in head) and b"\x7f" not in head
-
-
-def decode_failure(path, detail):
-    """Why ``path`` is skipped after its decoder failed with ``detail``: an empty file and a text file
-    are named as such; anything else cannot be decoded."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError as e:
-        return f"cannot read audio ({e.strerror})"
-    if not head:
-        return "cannot read audio (empty file: 0 bytes)"
-    if is_text(head):
-        lines = head.decode("utf-8", "replace").splitlines()
-        begins = next((line.strip() for line in lines if line.strip()), "")[:40]
-        return f"cannot read audio (a text file, not audio; it begins {begins!r})"
-    return f"cannot read audio (cannot be decoded: {detail})"
-
-
 def unusable(x, min_seconds):
     """Why converted audio ``x`` is not kept (all zero, or shorter than ``min_seconds``), or None."""
     if not np.any(x):
@@ -382,7 +360,7 @@ def convert_file(task):
             return src, None, "needs ffmpeg (not found; install it or pass -ffmpeg)"
         error = convert_vox2_to_wav.convert(src, dst, ffmpeg)
         if error:
-            return src, None, decode_failure(src, f"ffmpeg: {error.split(': ', 1)[-1]}")
+            return src, None, utils.decode_failure(src, f"ffmpeg: {error.split(': ', 1)[-1]}")
         x = sf.read(dst, dtype="float64")[0]
         reason = unusable(x, min_seconds)
         if reason:
@@ -390,12 +368,8 @@ def convert_file(task):
         return src, None if reason else len(x), reason
     try:
         x, _ = utils.read_audio(src)
-    except DataError as e:
-        message = str(e).removeprefix(f"{src}: ")
-        if not message.startswith("cannot read audio ("):
-            return src, None, message
-        return src, None, decode_failure(src, message[len("cannot read audio ("):-1]
-                                         .replace(f"Error opening {src!r}: ", ""))
+    except DataError as e:  # (the exact reason: utils.decode_failure)
+        return src, None, str(e).removeprefix(f"{src}: ")
     reason = unusable(x, min_seconds)
     if reason:
         return src, None, reason
@@ -577,9 +551,10 @@ def write_trials(args, rows):
 def summarise(args, rows, frames, skipped):
     """The closing report: per part, speakers, files and hours; the skipped files; the training command,
     sized to the corpus."""
-    seconds = {}
+    seconds, counts = {}, {}
     for part in sorted({dst.rsplit("/", 3)[0] for _, dst, *_ in rows}):
         files = [(src, dst) for src, dst, *_ in rows if dst.startswith(part + "/")]
+        counts[part] = len(files)
         speakers = {dst.rsplit("/", 3)[1] for _, dst in files}
         seconds[part] = total = sum(frames[src] for src, _ in files) / SAMPLE_RATE
         duration = f"{total / 3600:.2f} h" if total >= 3600 else f"{total / 60:.1f} min"
@@ -591,10 +566,11 @@ def summarise(args, rows, frames, skipped):
               f"{labels.count('1')} targets")
     report_skipped(args, skipped)
     if args.test_speakers:
-        if seconds.get("train", 0) < SMALL_CORPUS_SECONDS:
+        train_seconds, train_files = seconds.get("train/wav", 0), counts.get("train/wav", 0)
+        if train_seconds < SMALL_CORPUS_SECONDS:
             print("note: under an hour of training audio: the demo's scaled-down model, not the paper's "
                   "(80 epochs of batch 100)")
-        print("train with: " + train_command(args.out, seconds.get("train", 0)))
+        print("train with: " + train_command(args.out, train_seconds, train_files))
 
 
 def report_skipped(args, skipped):
@@ -614,16 +590,19 @@ def report_skipped(args, skipped):
         print(f"  every skipped file with its reason: {os.path.join(args.out, 'skipped.tsv')}")
 
 
-def train_command(out, train_seconds):
+def train_command(out, train_seconds, train_files=None):
     """The command that trains on a prepared ``out``: the paper's model, or, with under an hour of
-    training audio, the demo's scaled-down model (train_RawNet2.DEMO_DEFAULTS)."""
+    training audio, the demo's scaled-down model (train_RawNet2.DEMO_DEFAULTS); with fewer
+    ``train_files`` than the batch (which drops incomplete batches), a batch of them all."""
     out = os.path.normpath(out)
     line = (f"python train_RawNet2.py -name NAME -DB {shlex.quote(out + '/test/')} "
             f"-DB_vox2 {shlex.quote(out + '/train/')}")
-    if train_seconds >= SMALL_CORPUS_SECONDS:
-        return line
-    values = {flag: json.dumps(train_RawNet2.DEMO_DEFAULTS[flag], separators=(",", ":"))
-              for flag in SMALL_MODEL_FLAGS}
+    small = train_seconds < SMALL_CORPUS_SECONDS
+    values = ({flag: json.dumps(train_RawNet2.DEMO_DEFAULTS[flag], separators=(",", ":"))
+               for flag in SMALL_MODEL_FLAGS} if small else {})
+    batch = train_RawNet2.DEMO_DEFAULTS["bs"] if small else train_RawNet2.build_parser().get_default("bs")
+    if train_files is not None and 0 < train_files < batch:
+        values["bs"] = str(train_files)
     return " ".join([line] + [f"-{flag} {shlex.quote(value)}" for flag, value in values.items()])
 
 

@@ -198,3 +198,82 @@ def test_train_command_is_the_demos_model_below_an_hour_of_audio():
                              "-epoch 10")
     args = train_RawNet2.parse_args(shlex.split(small)[2:])
     assert (args.DB, args.m_filts, args.epoch) == ("my db/test/", [32, [32, 32], [32, 64], [64, 64]], 10)
+
+
+def test_the_closing_report_sizes_the_command_by_the_training_part(tmp_path, capsys):
+    args = prepare_dataset.parse_args(["-list", "x.csv", "-out", str(tmp_path), "-test_speakers", "1"])
+    rows = [(f"s{i}.wav", f"train/wav/a/s/{i:05d}.wav") for i in range(200)]
+    rows.append(("t.wav", "test/eval_wav/b/s/00001.wav"))
+    for hours, paper in ((0.5, False), (1.0, True)):
+        frames = {src: hours * 3600 * 16000 / 200 for src, _ in rows}
+        prepare_dataset.summarise(args, rows, frames, [])
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("train with: "))
+        assert ("-m_filts" not in line) is paper, line
+
+
+def test_train_command_batch_is_never_more_than_the_training_files():
+    # (training drops incomplete batches: a batch larger than the corpus trains on nothing)
+    assert prepare_dataset.train_command("d", 100, 15).endswith(" -bs 15 -epoch 10")
+    assert prepare_dataset.train_command("d", 3600, 50).endswith("-DB_vox2 d/train/ -bs 50")
+    assert prepare_dataset.train_command("d", 3600, 500).endswith("-DB_vox2 d/train/")
+
+
+def voice(path, seconds, f0, rate, channels, rng, **kwargs):
+    """A harmonic tone of pitch ``f0`` plus noise (a speaker per pitch), as ``clip`` writes it."""
+    t = np.arange(round(seconds * rate)) / rate
+    x = 0.3 * (np.sin(2 * np.pi * f0 * t) + 0.5 * np.sin(4 * np.pi * f0 * t)
+               + 0.3 * rng.standard_normal(len(t)))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sf.write(path, np.stack([x] * channels, axis=1) if channels > 1 else x, rate, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_crowd_sourced_corpus_prepares_trains_extracts_and_scores_as_printed(tmp_path, capsys):
+    """A flat folder of mixed-rate, mixed-channel, compressed clips listed by a headered TSV with
+    hashed speaker ids, a name with spaces and accents and broken files: prepared, then trained with
+    the printed command (one epoch), then the raw clips extracted and the prepared trials scored,
+    with no flag beyond those printed and the run's own names."""
+    import evaluate_pretrained_RawNet2 as evaluate
+
+    rng = np.random.default_rng(0)
+    clips, rows = tmp_path / "cv" / "clips", []
+    formats = [("wav", 44100, 2, "WAV"), ("flac", 16000, 1, "FLAC"), ("ogg", 22050, 1, "OGG")]
+    for s in range(8):
+        speaker = f"{s:02d}" + "c0ffee" * 5  # hashed ids, as crowd-sourced corpora give them
+        for u, (ext, rate, channels, fmt) in enumerate(formats):
+            name = f"common_voice {s}_{u}{' é' if s == 0 else ''}.{ext}"
+            voice(str(clips / name), rng.uniform(1.2, 1.8), 90 + 20 * s, rate, channels, rng, format=fmt)
+            rows.append((speaker, name))
+    bad_files(str(clips))
+    clip(str(clips / "short.wav"), 0.3)
+    rows += [(rows[0][0], name) for name in ("empty.wav", "note.wav", "corrupt.flac", "short.wav")]
+    with open(tmp_path / "cv" / "validated.tsv", "w", encoding="utf-8") as f:
+        f.write("client_id\tpath\tsentence\tup_votes\n")
+        f.writelines(f"{spk}\t{name}\tsome words\t2\n" for spk, name in rows)
+    out = tmp_path / "prepared"
+    listed = tmp_path / "cv" / "validated.tsv"
+    assert prepare(["-list", listed, "-root", clips, "-test_speakers", "3"], out) == 0
+    report = capsys.readouterr().out
+    assert "4 files skipped: 1 too short (under -min_seconds 1), 3 unusable" in report
+    assert len(table(out / "mapping.tsv")) == 24
+    command = next(line for line in report.splitlines() if line.startswith("train with: "))
+    argv = shlex.split(command[len("train with: "):])[2:]
+    argv[argv.index("NAME")] = "own"
+    argv[argv.index("-epoch") + 1] = "1"  # (one epoch of the ten it suggests)
+    argv += ["-save_dir", str(tmp_path / "runs"), "-nb_worker", "0"]
+    assert np.isfinite(train_RawNet2.main(train_RawNet2.parse_args(argv)))
+    checkpoint = str(tmp_path / "runs" / "own" / "last.pt")
+
+    # The raw clips, converted as they are read (bad files skipped and listed), then the prepared
+    # test trials scored against the prepared test files' embeddings.
+    eers = ["-eer_file", str(tmp_path / "eers.txt")]
+    evaluate.main(evaluate.parse_args(["-extract", "-wav_dir", str(clips), "-embd",
+                                       str(tmp_path / "raw.pk"), "-model_dir", checkpoint] + eers))
+    raw = evaluate.scoring.load_embeddings(str(tmp_path / "raw.pk"))
+    assert len(raw) == 25 and "common_voice 0_0 é" in raw  # (and the 0.3 s clip: extraction embeds it)
+    err = capsys.readouterr().out
+    assert f"{clips / 'empty.wav'}: {EMPTY}" in err and f"{clips / 'note.wav'}: {TEXT}" in err
+    results = evaluate.main(evaluate.parse_args(
+        ["-extract", "-wav_dir", str(out / "test" / "eval_wav"), "-embd", str(tmp_path / "test.pk"),
+         "-trials", str(out / "test" / "veri_test.txt"), "-model_dir", checkpoint] + eers))
+    assert 0 <= results["veri_test"]["eer"] <= 1
