@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
+import common
+import distributed
+import runs
 import scoring
 import train_RawNet2 as train
 import utils
@@ -168,7 +171,7 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
     expected = (r"^local process 1 has no GPU of its own: 1 visible on this node; start at most 1 per node "
                 r"\(torchrun --nproc_per_node=1\)")
-    with pytest.raises(utils.DataError, match=expected):
+    with pytest.raises(common.DataError, match=expected):
         train.setup_device(train.parse_args(["-name", "x"]))
 
 
@@ -183,7 +186,7 @@ def test_the_index_is_built_without_a_collective(tiny_corpus, tmp_path, monkeypa
     def collective():
         raise AssertionError("a collective: bounded by -dist_timeout")
 
-    monkeypatch.setattr(utils, "barrier", collective)
+    monkeypatch.setattr(distributed, "barrier", collective)
     monkeypatch.setenv("RANK", "1")  # not rank 0, and the first to need the index
     monkeypatch.setenv("WORLD_SIZE", "2")
     train_dir = copied_train_dir(tiny_corpus, tmp_path)
@@ -215,7 +218,7 @@ def test_an_interrupted_index_build_continues_where_it_stopped(tiny_corpus, tmp_
     monkeypatch.setattr(utils, "INDEX_CHUNK", 4)
     train_dir = copied_train_dir(tiny_corpus, tmp_path)
     keys = utils.list_utterances(train_dir)
-    appended, append = [], utils.append_record
+    appended, append = [], runs.append_record
 
     class Interrupted(Exception):
         pass
@@ -226,11 +229,11 @@ def test_an_interrupted_index_build_continues_where_it_stopped(tiny_corpus, tmp_
         appended.append(chunk)
         append(f, chunk, path)
 
-    monkeypatch.setattr(utils, "append_record", interrupted_at_the_third_chunk)
+    monkeypatch.setattr(runs, "append_record", interrupted_at_the_third_chunk)
     with pytest.raises(Interrupted):
         utils.wav_index(keys, train_dir, 1, False)
-    assert [len(chunk) for chunk in utils.read_records(train_dir + "_index.log")] == [4, 4]
-    monkeypatch.setattr(utils, "append_record", append)
+    assert [len(chunk) for chunk in runs.read_records(train_dir + "_index.log")] == [4, 4]
+    monkeypatch.setattr(runs, "append_record", append)
     # file 1 is in the log: garbage of its size and time shows whether it is read again
     first = os.path.join(train_dir, keys[0])
     audio, _ = sf.read(first)

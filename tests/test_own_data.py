@@ -14,12 +14,13 @@ import torch
 from conftest import ROOT, TINY_FLAGS
 
 sys.path.insert(0, os.path.join(ROOT, "DB"))
+import common  # noqa: E402
 import evaluate_pretrained_RawNet2 as evaluate  # noqa: E402
 import prepare_dataset  # noqa: E402
 import scoring  # noqa: E402
 import train_RawNet2  # noqa: E402
 import utils  # noqa: E402
-from utils import DataError  # noqa: E402
+from common import DataError  # noqa: E402
 
 
 def voice(rng, f0, seconds, rate, channels):
@@ -270,7 +271,7 @@ def test_foreign_layouts_end_to_end(tmp_path, capsys):
                                        str(tmp_path / "prep.pk")] + common))
     prep = scoring.load_embeddings(str(tmp_path / "prep.pk"))
     for source, output, *_ in rows:
-        a, b = raw[utils.utt_id(source)], prep[utils.utt_id(output)]
+        a, b = raw[common.utt_id(source)], prep[common.utt_id(output)]
         assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.999
 
     # Export the trainer checkpoint; the exported TTA embeddings equal the extracted ones.
@@ -284,7 +285,7 @@ def test_foreign_layouts_end_to_end(tmp_path, capsys):
     wav_dir = prepared["two"] + "/test/eval_wav"
     for key in utils.list_utterances(wav_dir):
         x = utils.read_wav(os.path.join(wav_dir, key))
-        ref = extracted[utils.utt_id(key)]
+        ref = extracted[common.utt_id(key)]
         for run in (lambda b: session.run(None, {"waveform": b})[0], program):
             code = export_RawNet2.tta_embedding(run, x, 4000, 1000, segments_per_batch=3)
             assert np.max(np.abs(code - ref)) <= 1e-4 * np.max(np.abs(ref))
@@ -471,7 +472,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_naming_the_file(tmp_path):
 
 def test_embeddings_with_nan_are_refused_when_loaded_and_never_written(tmp_path):
     codes = {"s/a": np.ones(4, np.float32), "s/b": np.array([1, np.inf, 0, 0], np.float32)}
-    utils.write_pickle_atomic(codes, str(tmp_path / "e.pk"))
+    common.write_pickle_atomic(codes, str(tmp_path / "e.pk"))
     with pytest.raises(DataError, match=r"e.pk: 1 embeddings hold NaN or infinite values, e.g. s/b$"):
         scoring.load_embeddings(str(tmp_path / "e.pk"))
     with pytest.raises(DataError, match=r"e.pk: 1 embeddings hold NaN or infinite values, e.g. s/b$"):

@@ -1,7 +1,7 @@
 """Reliability: runs killed anywhere resume exactly, full disks and read-only folders, corrupt files,
 bad audio, bad trial lists, bad flags, concurrent runs. Every fault is real: processes die by
 SIGKILL, files are truncated or filled with garbage, writes fail with the OSError the system gives
-(raised at the write by utils' RAWNET_FAULT test hook where a real disk cannot be filled).
+(raised at the write by common.py's RAWNET_FAULT test hook where a real disk cannot be filled).
 
 The kill schedules are drawn from a seed printed by the test (and in its assertion messages);
 ``RELIABILITY_SEED=N`` replays one."""
@@ -22,10 +22,13 @@ import pytest
 import soundfile as sf
 import torch
 
+import common
 import evaluate_pretrained_RawNet2 as ev
+import runs
 import scoring
 import train_RawNet2 as train
 import utils
+from common import DataError
 from conftest import tiny_run_flags
 from reliability_tools import (
     EVALUATE,
@@ -42,7 +45,6 @@ from reliability_tools import (
     text,
     when_seen,
 )
-from utils import DataError
 
 EPOCHS = 3
 MIN_KILLS = 10
@@ -68,7 +70,7 @@ def reference(tiny_corpus, tmp_path_factory):
         text=True,
         env=script_env(),
     ) as proc:
-        lock = save_dir / "run" / utils.LOCK_NAME
+        lock = save_dir / "run" / runs.LOCK_NAME
         while not lock.exists() and proc.poll() is None:
             time.sleep(0.05)
         try:
@@ -97,7 +99,7 @@ def test_second_run_with_the_same_name_is_refused(reference):
         rf"[\d: -]+\), lock .*\.lock: wait for it to end, or choose another -name",
         reference["second"],
     ), reference["second"]
-    assert not os.path.exists(os.path.join(reference["run"], utils.LOCK_NAME))  # released at the end
+    assert not os.path.exists(os.path.join(reference["run"], runs.LOCK_NAME))  # released at the end
 
 
 def kill_point(rng, run, ref):
@@ -135,19 +137,19 @@ def kill_point(rng, run, ref):
 def test_training_killed_anywhere_resumes_exactly(reference, tmp_path):
     seed = seed_of_this_run()
     rng = random.Random(seed)
-    kills, log, runs = 0, [], []
+    kills, log, attempts = 0, [], []
 
     def new_run():  # a fresh run folder, used when a run got to its end before enough kills
-        folder = tmp_path / f"attempt{len(runs)}"
-        runs.append((str(folder / "run"), [str(folder) if f == os.path.dirname(reference["run"]) else f
+        folder = tmp_path / f"attempt{len(attempts)}"
+        attempts.append((str(folder / "run"), [str(folder) if f == os.path.dirname(reference["run"]) else f
                                            for f in reference["flags"]]))
 
     new_run()
     while kills < MIN_KILLS and len(log) < 3 * MIN_KILLS:
-        run, flags = runs[-1]
+        run, flags = attempts[-1]
         if check_run_folder(run, reference["run"]) == EPOCHS - 1:
             new_run()
-            run, flags = runs[-1]
+            run, flags = attempts[-1]
         what, fault, kill_when = kill_point(rng, run, reference)
         resume = ["-resume"] if os.path.exists(os.path.join(run, "args.json")) else []
         code, _, err = run_forked(train.cli, flags + resume, fault=fault, kill_when=kill_when)
@@ -738,7 +740,7 @@ def test_bad_audio_in_extraction(extraction, tmp_path):
     read = [c for c in cases if AUDIO_CASES[c][1] == "read"]
     assert len(embeddings) == len(extraction["keys"]["eval"]) + len(read)  # the looped folder listed once
     assert all(np.isfinite(v).all() for v in embeddings.values())
-    ids = {utils.utt_id(os.path.relpath(paths[c], db / "eval_wav")) for c in read}
+    ids = {common.utt_id(os.path.relpath(paths[c], db / "eval_wav")) for c in read}
     assert ids <= set(embeddings)
     assert f"warning: {sum(AUDIO_CASES[c][1] == 'skip' for c in cases)} silent/empty files" in out
 
@@ -951,7 +953,7 @@ def test_unparsable_flags_name_the_flag(capsys):
 
 
 def die_holding_the_lock(argv):
-    with utils.folder_lock(argv[0], "test"):
+    with runs.folder_lock(argv[0], "test"):
         os.kill(os.getpid(), 9)
 
 
@@ -959,13 +961,13 @@ def test_stale_lock_of_a_killed_run_is_taken_over(reference, tmp_path):
     run = tmp_path / "run"
     code, _, _ = run_forked(die_holding_the_lock, [str(run)])
     assert code == -9
-    holder = json.loads(text(run / utils.LOCK_NAME))
+    holder = json.loads(text(run / runs.LOCK_NAME))
     flags = [str(tmp_path) if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
     flags[flags.index("-epoch") + 1] = "1"
     code, out, err = run_forked(train.cli, flags)
     assert code == 0, err[-2000:]
-    assert f"note: {run / utils.LOCK_NAME}: stale lock of pid {holder['pid']} on {holder['host']}" in out
-    assert not (run / utils.LOCK_NAME).exists()
+    assert f"note: {run / runs.LOCK_NAME}: stale lock of pid {holder['pid']} on {holder['host']}" in out
+    assert not (run / runs.LOCK_NAME).exists()
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,9 @@ import torch
 import fast_RawNet2
 import train_RawNet2 as train
 import utils
+from common import DataError
 from conftest import ROOT, tiny_run_flags
 from model_RawNet2 import RawNet2, load_pretrained
-from utils import DataError
 
 
 def run(flags):
