@@ -252,23 +252,23 @@ def test_foreign_layouts_end_to_end(tmp_path, capsys):
     checkpoint = str(tmp_path / "runs" / "own" / "last.pt")
 
     # Extract the prepared test set of the 48 kHz stereo source, score its trials against that file.
-    common = ["-model_dir", checkpoint, "-window_size", "1000", "-nb_worker", "0", "-fast", "False",
-              "-bs", "32", "-eer_file", str(tmp_path / "eers.txt")]
+    flags = ["-model_dir", checkpoint, "-window_size", "1000", "-nb_worker", "0", "-fast", "False",
+             "-bs", "32", "-eer_file", str(tmp_path / "eers.txt")]
     prepared_embd = str(tmp_path / "two.npy")
     results = evaluate.main(evaluate.parse_args(
         ["-extract", "-wav_dir", prepared["two"] + "/test/eval_wav", "-embd", prepared_embd,
-         "-trials", prepared["two"] + "/test/veri_test.txt"] + common))
+         "-trials", prepared["two"] + "/test/veri_test.txt"] + flags))
     assert 0 <= results["veri_test"]["eer"] <= 1
     # The raw 44.1 kHz wavs of the list, converted on the fly, match their prepared (PCM-16) copies.
     rows = mapping(prepared["csv"])
     with open(tmp_path / "list.txt", "w") as f:
         f.writelines(r[0] + "\n" for r in rows)
     evaluate.main(evaluate.parse_args(["-extract", "-wav_list", str(tmp_path / "list.txt"),
-                                       "-embd", str(tmp_path / "raw.pk")] + common))
+                                       "-embd", str(tmp_path / "raw.pk")] + flags))
     assert "12 files are converted to 16 kHz mono" in capsys.readouterr().out
     raw = scoring.load_embeddings(str(tmp_path / "raw.pk"))
     evaluate.main(evaluate.parse_args(["-extract", "-wav_dir", prepared["csv"], "-embd",
-                                       str(tmp_path / "prep.pk")] + common))
+                                       str(tmp_path / "prep.pk")] + flags))
     prep = scoring.load_embeddings(str(tmp_path / "prep.pk"))
     for source, output, *_ in rows:
         a, b = raw[common.utt_id(source)], prep[common.utt_id(output)]
@@ -291,7 +291,7 @@ def test_foreign_layouts_end_to_end(tmp_path, capsys):
             assert np.max(np.abs(code - ref)) <= 1e-4 * np.max(np.abs(ref))
     # -extract -onnx: the same extraction with onnxruntime running the network.
     evaluate.main(evaluate.parse_args(["-extract", "-wav_dir", wav_dir, "-embd", str(tmp_path / "onnx.pk"),
-                                       "-onnx", paths["onnx"]] + common))
+                                       "-onnx", paths["onnx"]] + flags))
     by_onnx = scoring.load_embeddings(str(tmp_path / "onnx.pk"))
     assert by_onnx.keys() == extracted.keys()
     for key, ref in extracted.items():

@@ -731,17 +731,17 @@ def test_a_corrupt_or_foreign_last_pt_is_one_line_naming_it(npy_corpus, tmp_path
 def test_an_epoch_killed_before_last_pt_is_listed_once_after_resume(npy_corpus, tmp_path, monkeypatch):
     """Killed after gru epoch 1's eers.txt line but before its last.pt: the resumed run redoes that
     epoch, and eers.txt lists each epoch once."""
-    save_atomic = train_RawNet.utils.save_atomic
+    save_atomic = runs.save_atomic
 
     def killed(obj, path):
         if str(path).endswith("last.pt") and (obj["phase"], obj["epoch"]) == (1, 1):
             raise KeyboardInterrupt
         save_atomic(obj, path)
 
-    monkeypatch.setattr(train_RawNet.utils, "save_atomic", killed)
+    monkeypatch.setattr(runs, "save_atomic", killed)
     with pytest.raises(KeyboardInterrupt):
         train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path)))
-    monkeypatch.setattr(train_RawNet.utils, "save_atomic", save_atomic)
+    monkeypatch.setattr(runs, "save_atomic", save_atomic)
     train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path) + ["-resume"]))
     eers = (tmp_path / "run" / "eers.txt").read_text().splitlines()
     assert [line.split(", ")[:2] for line in eers] == [["phase:pretrain", "epoch:0"],

@@ -159,7 +159,7 @@ def test_training_killed_anywhere_resumes_exactly(reference, tmp_path):
         check_run_folder(run, reference["run"])
     assert kills >= MIN_KILLS, f"seed {seed}: {log}"
     print("\n".join(log))
-    for run, flags in runs:
+    for run, flags in attempts:
         code, _, err = run_forked(train.cli, flags + ["-resume"])
         assert code == 0, f"seed {seed}, {log}: {err[-2000:]}"
         assert not temporaries(run), f"seed {seed}, {log}"
