@@ -83,6 +83,7 @@ def reference_params(corpus, flags, world=2):
     return model
 
 
+@pytest.mark.slow
 def test_ddp_matches_split_batch_reference_and_only_rank0_writes(tiny_corpus, tmp_path):
     # SGD: its update is linear in the gradient, so float rounding stays at rounding level (Adam
     # turns the ~0 gradients of conv biases followed by batch norm into +-lr steps of random sign).
@@ -104,6 +105,7 @@ def test_ddp_matches_split_batch_reference_and_only_rank0_writes(tiny_corpus, tm
     assert any(p.endswith("last.pt") for p in (log / "rank0.txt").read_text().split())
 
 
+@pytest.mark.slow
 def test_sharded_evaluation_equals_single_process(tiny_corpus, tmp_path):
     flags = tiny_run_flags(tiny_corpus, tmp_path, epochs=1)
     proc = torchrun(flags)
@@ -121,6 +123,7 @@ def test_sharded_evaluation_equals_single_process(tiny_corpus, tmp_path):
     assert line == f"epoch:0, TA_eval_eer:{eer:.4f}"
 
 
+@pytest.mark.slow
 def test_elastic_restart_after_a_killed_worker_finishes_all_epochs(tiny_corpus, tmp_path):
     flags = tiny_run_flags(tiny_corpus, tmp_path, epochs=3)
     # One restart is enough: each attempt joins under a key-value prefix of its own (before that,
@@ -133,6 +136,7 @@ def test_elastic_restart_after_a_killed_worker_finishes_all_epochs(tiny_corpus, 
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_world_size_is_one_line(tiny_corpus, tmp_path):
     flags = tiny_run_flags(tiny_corpus, tmp_path, epochs=1)
     flags[flags.index("-bs") + 1] = "5"
@@ -147,6 +151,7 @@ def test_batch_not_divisible_by_world_size_is_one_line(tiny_corpus, tmp_path):
     assert under_torchrun.stderr.count("error: -bs 5 is not divisible by the world size 2") == 1
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_world_size(tiny_corpus, tmp_path):
     train.main(train.parse_args(tiny_run_flags(tiny_corpus, tmp_path, epochs=1)))
     proc = torchrun(tiny_run_flags(tiny_corpus, tmp_path, epochs=2) + ["-resume"])

@@ -224,6 +224,7 @@ def test_extract_flags_refuse_misuse_in_one_line(tmp_path):
         evaluate.audio_files(evaluate.parse_args(["-extract", "-wav_dir", str(tmp_path / "d")]))
 
 
+@pytest.mark.slow
 def test_foreign_layouts_end_to_end(tmp_path, capsys):
     """Three foreign layouts -> prepared folders -> two epochs of a tiny RawNet2 -> extraction of
     prepared and raw files -> scoring -> ONNX and .pt2 export matching PyTorch."""

@@ -134,6 +134,7 @@ def kill_point(rng, run, ref):
     return fault, fault, None
 
 
+@pytest.mark.slow
 def test_training_killed_anywhere_resumes_exactly(reference, tmp_path):
     seed = seed_of_this_run()
     rng = random.Random(seed)
@@ -264,6 +265,7 @@ def logged(folder, subset):
     return len(ev.load_partial(partial, subset)[0]) if os.path.isdir(partial) else 0
 
 
+@pytest.mark.slow
 def test_extraction_killed_anywhere_resumes_without_recomputing(extraction, tmp_path):
     seed = seed_of_this_run()
     rng = random.Random(seed)
@@ -380,6 +382,7 @@ def one_error_line(err, *fragments):
         ("erofs@args.json", "args.json", "Read-only file system"),
     ],
 )
+@pytest.mark.slow
 def test_write_failures_in_training_are_one_line_and_lose_nothing(reference, tmp_path, fault, path, reason):
     flags = [str(tmp_path) if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
     flags[flags.index("-epoch") + 1] = "2"
@@ -710,6 +713,7 @@ def passing(column):
     return [c for c, behaviour in AUDIO_CASES.items() if behaviour[column] in ("read", "skip", "ignored")]
 
 
+@pytest.mark.slow
 def test_bad_audio_in_verify(extraction, tmp_path):
     good = os.path.join(extraction["db"], "eval_wav", extraction["keys"]["eval"][0])
     flags = ["-model_dir", extraction["checkpoint"], "-window_size", "1000", "-device", "cpu"]
@@ -724,6 +728,7 @@ def test_bad_audio_in_verify(extraction, tmp_path):
             one_error_line(err, path, expected)
 
 
+@pytest.mark.slow
 def test_bad_audio_in_extraction(extraction, tmp_path):
     for case in stopping(1):
         db = tmp_path / case.replace(" ", "_")
@@ -745,6 +750,7 @@ def test_bad_audio_in_extraction(extraction, tmp_path):
     assert f"warning: {sum(AUDIO_CASES[c][1] == 'skip' for c in cases)} silent/empty files" in out
 
 
+@pytest.mark.slow
 def test_bad_audio_in_training(reference, tiny_corpus, tmp_path):
     def corpus_with(cases, name):
         root = tmp_path / name
@@ -1040,6 +1046,7 @@ def test_export_refuses_a_window_size_its_segments_cannot_use(tmp_path):
 @pytest.mark.parametrize("kind,fault,reason", [("pt2", "enospc", "No space left on device"),
                                                ("pt2", "eacces", "Permission denied"),
                                                ("onnx", "enospc", "No space left on device")])
+@pytest.mark.slow
 def test_export_write_failures_are_one_line_and_leave_no_partial_file(tmp_path, kind, fault, reason):
     import export_RawNet2
 

@@ -302,6 +302,7 @@ def test_cudnn_benchmark_is_on_only_when_asked(tiny_corpus, tmp_path, monkeypatc
     assert seen == [False, True]
 
 
+@pytest.mark.slow
 def test_compiled_training_writes_checkpoints_a_plain_rawnet2_loads(tiny_corpus, tmp_path, monkeypatch):
     compiled, compile_module = [], torch.nn.Module.compile
 
