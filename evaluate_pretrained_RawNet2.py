@@ -218,9 +218,9 @@ def load_partial(folder, subset):
         if name.startswith(f"{subset}_") and name.endswith(".log"):
             path = os.path.join(folder, name)
             try:
-                import utils
+                import runs
 
-                records = utils.read_records(path)
+                records = runs.read_records(path)
             except DataError as e:
                 raise DataError(f"{e}; delete {folder} to start the extraction over") from None
             for record in records:
@@ -241,14 +241,16 @@ def extract_subset(model, args, folder, wav_dir, subset, keys=None, convert=Fals
     run reads it again."""
     from tqdm import tqdm
 
+    import runs
+    import tta
     import utils
 
     keys = utils.list_utterances(wav_dir) if keys is None else keys
     embeddings, skipped = load_partial(folder, subset)
-    todo = [k for k in keys if utils.utt_id(k) not in embeddings and k not in skipped]
+    todo = [k for k in keys if common.utt_id(k) not in embeddings and k not in skipped]
     if len(todo) < len(keys):
         print(f"resuming {wav_dir}: {len(keys) - len(todo)} of {len(keys)} utterances already done")
-    stream = utils.iter_embeddings(model, todo, wav_dir, model.nb_samp, args.window_size, args.device,
+    stream = tta.iter_embeddings(model, todo, wav_dir, model.nb_samp, args.window_size, args.device,
                                    args.nb_worker, segments_per_forward(model, args), args.bf16, convert,
                                    skip_unreadable=convert and not args.strict)
     unreadable = []
@@ -267,12 +269,12 @@ def extract_subset(model, args, folder, wav_dir, subset, keys=None, convert=Fals
             if code is not None and not np.isfinite(code).all():
                 raise DataError(f"{os.path.join(wav_dir, key)}: its embedding holds NaN or infinite values "
                                 f"(the network overflowed; without -bf16?); nothing written")
-            utils.trace(f"embedded {key}")
-            utils.append_record(log, (key, code), log_path)
+            common.trace(f"embedded {key}")
+            runs.append_record(log, (key, code), log_path)
             if code is None:
                 skipped.add(key)
             else:
-                embeddings[utils.utt_id(key)] = code
+                embeddings[common.utt_id(key)] = code
             if count % PARTIAL_SYNC_RECORDS == 0:
                 os.fsync(log.fileno())
     if skipped:
@@ -377,7 +379,7 @@ def extraction_jobs(args):
 def extract(args):
     """TTA embeddings of -DB's dev_wav/ and eval_wav/ (or of -wav_dir / -wav_list), resumable: the
     output folder is locked while it runs, and finished embeddings are logged in a .partial folder."""
-    import utils
+    import runs
 
     folder, jobs = extraction_jobs(args)
     model, args = load_model(args)
@@ -389,9 +391,9 @@ def extract(args):
                    "audio": {subset: os.path.abspath(base) for subset, base, *_ in jobs},
                    **({"source": os.path.abspath(source)} if source else {})}
     partial = os.path.join(folder, ".partial-" + os.path.basename(args.embd) if source else ".partial")
-    with utils.folder_lock(folder, "wait for it to end, or write the embeddings elsewhere"):
+    with runs.folder_lock(folder, "wait for it to end, or write the embeddings elsewhere"):
         if not source:  # -embd_dir holds only our outputs: temporaries of a killed run are removed
-            utils.remove_temporaries(folder)
+            runs.remove_temporaries(folder)
         done = partial + ".done"
         if os.path.isdir(done):  # a finished extraction killed while deleting its logs: resumed
             # from what is left of them (checked by open_partial), unless its stamp is gone already
@@ -616,10 +618,10 @@ def score(args):
 
 def verify(args):
     """Cosine score of two recordings' TTA embeddings, and the decision at -threshold."""
-    import utils
+    import tta
 
     model, args = load_model(args)
-    code_a, code_b = (utils.embed_utterance(model, path, args.window_size, args.device, bf16=args.bf16)
+    code_a, code_b = (tta.embed_utterance(model, path, args.window_size, args.device, bf16=args.bf16)
                       for path in args.verify)
     for path, code in zip(args.verify, (code_a, code_b)):
         if not np.isfinite(code).all():

@@ -43,10 +43,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import fast_RawNet2
+import tta
 import utils
+from common import DataError
 from model_RawNet2 import load_pretrained
-from utils import DataError
 
 OPTIONAL = "pip install -r requirements-optional.txt"
 
@@ -78,7 +80,7 @@ class EmbeddingNetwork(nn.Module):
 
 class OnnxNetwork(nn.Module):
     """An exported ONNX file run by onnxruntime behind ``RawNet2.embed``'s interface, so that
-    ``utils.iter_embeddings`` and ``utils.embed_utterance`` (evaluate_pretrained_RawNet2.py ``-onnx``)
+    ``tta.iter_embeddings`` and ``tta.embed_utterance`` (evaluate_pretrained_RawNet2.py ``-onnx``)
     run it in place of the PyTorch network. CPU only."""
 
     def __init__(self, path):
@@ -105,14 +107,14 @@ class OnnxNetwork(nn.Module):
 def tta_embedding(run, waveform, nb_samp, window_size=11810, segments_per_batch=32):
     """TTA embedding of one peak-normalised float32 waveform with ``run`` ((n, nb_samp) float32 array ->
     (n, dim) array or tensor; or an exported module taking tensors): the mean of its segments'
-    embeddings (``utils.tta_segments``, ``utils.tta_embeddings``; the last batch is not padded)."""
+    embeddings (``utils.tta_segments``, ``tta.tta_embeddings``; the last batch is not padded)."""
     segments = np.ascontiguousarray(utils.tta_segments(waveform, nb_samp, window_size), dtype=np.float32)
 
     def forward(batch):
         out = run(batch.numpy()) if not isinstance(run, nn.Module) else run(batch).detach()
         return torch.as_tensor(np.asarray(out, dtype=np.float32))
     with torch.no_grad():
-        [(_, code)] = utils.tta_embeddings(forward, [(None, torch.from_numpy(segments))], segments_per_batch,
+        [(_, code)] = tta.tta_embeddings(forward, [(None, torch.from_numpy(segments))], segments_per_batch,
                                            pad_last=False)
     return code
 
@@ -127,7 +129,7 @@ def export_program(net, batch=2):
 def save_pt2(program, path, meta):
     """The exported program, written atomically (an OSError is one line naming ``path``)."""
     extra = {"rawnet2.json": json.dumps(meta)}
-    utils.write_atomic(path, lambda f: torch.export.save(program, f, extra_files=extra))
+    common.write_atomic(path, lambda f: torch.export.save(program, f, extra_files=extra))
 
 
 def save_onnx(program, path, meta, opset):
@@ -140,7 +142,7 @@ def save_onnx(program, path, meta, opset):
     proto = onnx_program.model_proto
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=str(value))
-    utils.write_atomic(path, lambda f: f.write(proto.SerializeToString()))  # what onnx.save writes
+    common.write_atomic(path, lambda f: f.write(proto.SerializeToString()))  # what onnx.save writes
 
 
 def relative_error(out, ref):
@@ -176,7 +178,7 @@ def check(net, paths, batches=(1, 3), seed=0):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = utils.arg_group(parser, "export")
+    add = common.arg_group(parser, "export")
     add("model_dir", type=str, default="Pre-trained_model/rawnet2_best_weights.pt",
         help="checkpoint: the released weights, a TA_*.pt state_dict or a last.pt of train_RawNet2.py")
     add("out", type=str, default="exported/rawnet2", help="output path without extension: OUT.onnx, OUT.pt2")
@@ -190,7 +192,7 @@ def build_parser():
         help="sinc filter length the checkpoint was trained with (default: what a last.pt records, "
              "else 251; a plain state_dict does not store it)")
     add("check", default=True, help="compare the exported files with PyTorch on random input "
-                                    "(ONNX through onnxruntime)", **utils.BOOL_FLAG)
+                                    "(ONNX through onnxruntime)", **common.BOOL_FLAG)
     return parser
 
 
@@ -249,9 +251,9 @@ def cli(argv=None):
     try:
         main(build_parser().parse_args(argv))
     except (DataError, ValueError) as e:
-        sys.exit(utils.error_line(e))
+        sys.exit(common.error_line(e))
     except OSError as e:  # an input the system refused (permissions, a folder as a file)
-        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else utils.error_line(e))
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else common.error_line(e))
 
 
 if __name__ == "__main__":

@@ -33,11 +33,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import common
+import distributed
 import fast_RawNet2
+import runs
 import scoring
+import tta
 import utils
+from common import DataError
 from model_RawNet2 import RawNet2, strip_module_prefix
-from utils import DataError
 
 # Scaled-down configuration of -demo: shorter crops, fewer filters, a smaller GRU; every other part of
 # the pipeline is the paper's. Explicit flags on the command line still win.
@@ -70,8 +74,8 @@ def build_parser():
         description="Train RawNet2 (Interspeech 2020) on VoxCeleb2; TTA EER on VoxCeleb1 each epoch.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    flag = utils.BOOL_FLAG
-    add = utils.arg_group(parser, "run")
+    flag = common.BOOL_FLAG
+    add = common.arg_group(parser, "run")
     add("name", type=str, required=True, help="experiment name: outputs go to <save_dir>/<name>/")
     add("save_dir", type=str, default="DNNs/", help="folder holding experiment folders")
     add("demo", action="store_true",
@@ -88,7 +92,7 @@ def build_parser():
              "with torchrun --max-restarts the group then restarts from last.pt")
     add("sync_bn", default=False,
         help="synchronise batch-norm statistics across processes (torchrun on GPUs)", **flag)
-    add("fast", **utils.FAST_FLAG)
+    add("fast", **common.FAST_FLAG)
     add("amp", type=str, default="none", choices=["none", "bf16", "fp16"],
         help="mixed precision of the training steps: bf16 autocast, or fp16 autocast with a gradient "
              "scaler (GPU only); the sinc front end and the per-epoch TTA evaluation stay float32, and "
@@ -111,7 +115,7 @@ def build_parser():
     add("load_model_dir", type=str, default="", help="state_dict to start from with -load_model")
     add("load_model_opt_dir", type=str, default="", help="optimiser state to start from with -load_model")
 
-    add = utils.arg_group(parser, "data")
+    add = common.arg_group(parser, "data")
     add("DB", type=str, default="DB/VoxCeleb1/", help="VoxCeleb1 folder: eval_wav/, veri_test.txt, ...")
     add("DB_vox2", type=str, default="DB/VoxCeleb2/", help="VoxCeleb2 folder holding -dev_wav")
     add("dev_wav", type=str, default="wav/", help="training wavs, inside -DB_vox2")
@@ -129,7 +133,7 @@ def build_parser():
     add("val_trial", type=str, default="",
         help="select the best model on this trial list (keys in <DB>/<val_wav>) instead of veri_test.txt")
 
-    add = utils.arg_group(parser, "optimisation")
+    add = common.arg_group(parser, "optimisation")
     add("bs", type=int, default=100,
         help="global batch size (split over GPUs by DataParallel, or over torchrun processes)")
     add("lr", type=float, default=0.001, help="initial learning rate")
@@ -142,7 +146,7 @@ def build_parser():
     add("lr_decay", type=str, default="keras", choices=["keras"],
         help="keras: lr * 1 / (1 + 1e-4 * step), stepped after every optimiser step")
 
-    add = utils.arg_group(parser, "model")
+    add = common.arg_group(parser, "model")
     add("m_first_conv", type=int, default=251, help="sinc filter length (taps)")
     add("m_in_channels", type=int, default=1, help="input channels")
     add("m_filts", type=literal_list, default=[128, [128, 128], [128, 256], [256, 256]],
@@ -215,16 +219,16 @@ def read_losses(unread, total, count, epoch):
 def evaluate(model, keys, base_dir, trials, args, device, desc):
     """TTA embeddings of ``keys`` (sharded over ranks when distributed), cosine score per trial, EER.
     Trials touching a silent file are dropped with a warning. Returns (eer, scores, labels)."""
-    rank, world = utils.rank_and_world()
+    rank, world = distributed.rank_and_world()
     net = utils.unwrap_model(model)
-    utils.broadcast_buffers(net)  # DDP keeps batch-norm statistics per process: use rank 0's
-    embeddings, skipped = utils.embed_utterances(
+    distributed.broadcast_buffers(net)  # DDP keeps batch-norm statistics per process: use rank 0's
+    embeddings, skipped = tta.embed_utterances(
         net, keys[rank::world], base_dir, args.nb_samp, args.window_size, device=device,
         nb_worker=min(args.nb_worker, 4), desc=desc, progress=rank == 0)
-    embeddings, skipped = utils.all_gather_embeddings(embeddings, skipped)
+    embeddings, skipped = distributed.all_gather_embeddings(embeddings, skipped)
     labels, keys_a, keys_b = trials
     if skipped:
-        bad = {utils.utt_id(k) for k in skipped}
+        bad = {common.utt_id(k) for k in skipped}
         keep = np.array([a not in bad and b not in bad for a, b in zip(keys_a, keys_b)])
         if rank == 0:
             tqdm.write(f"warning: {len(skipped)} silent/empty files skipped ({', '.join(skipped[:5])}); "
@@ -239,12 +243,12 @@ def evaluate(model, keys, base_dir, trials, args, device, desc):
 
 def load_trials(path, keys):
     trials = scoring.read_trials(path)
-    scoring.check_keys(trials[1] + trials[2], {utils.utt_id(k) for k in keys}, f"trial keys of {path}")
+    scoring.check_keys(trials[1] + trials[2], {common.utt_id(k) for k in keys}, f"trial keys of {path}")
     return trials
 
 
 def write_lines(path, lines):
-    utils.write_text_atomic("".join(line + "\n" for line in lines), path)
+    common.write_text_atomic("".join(line + "\n" for line in lines), path)
 
 
 def eers_before(path, epoch):
@@ -334,7 +338,7 @@ RESTORED_FLAGS = ("optimizer", "lr", "wd", "amsgrad", "do_lr_decay", "lr_decay")
 def check_restored_flags(args, last_path):
     """One line naming the first of RESTORED_FLAGS whose value differs from the run's own (last.pt's
     recorded flags; its tensors are left on disk)."""
-    state = utils.load_torch_file(last_path, "checkpoint to resume from", mmap=True)
+    state = runs.load_torch_file(last_path, "checkpoint to resume from", mmap=True)
     recorded = state.get("args") if isinstance(state, dict) else None
     for flag in RESTORED_FLAGS if isinstance(recorded, dict) else ():
         old, new = recorded.get(flag, getattr(args, flag)), getattr(args, flag)
@@ -367,7 +371,7 @@ def decide_resume(args, run_dir):
         if not any(os.path.exists(os.path.join(run_dir, f))
                    for f in ("args.json", "f_params.txt", "models", "results")):
             raise DataError(f"-resume: {last_path} not found (no completed epoch to continue from)")
-        if utils.is_main_process():
+        if distributed.is_main_process():
             print(f"note: {run_dir} has no completed epoch (no last.pt) to continue: starting at epoch 0")
     return False
 
@@ -388,7 +392,7 @@ def load_data(args, main_process):
         rng = np.random.default_rng(args.seed)
         lines = utils.make_validation_trials(utils.list_utterances(data.val_dir), args.nb_val_trial, rng)
         write_lines(os.path.join(args.DB, "val_trial.txt"), lines)
-    utils.barrier()
+    distributed.barrier()
     if args.val_trial:
         data.val_keys = utils.list_utterances(data.val_dir)
         data.val_trials = load_trials(args.val_trial, data.val_keys)
@@ -424,7 +428,7 @@ class TrainState:
 
     def save(self, path, args, d_args, world):
         """last.pt, atomically; every value loads with ``torch.load(weights_only=True)``."""
-        utils.save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        runs.save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                            "epoch": self.epoch, "step": self.step, "best_eer": self.best_eer,
@@ -434,7 +438,7 @@ class TrainState:
     def load(self, path):
         """Continue from ``path`` (a last.pt of ``save``), RNG states included. The optimiser's
         state lands on its parameters' device (``Optimizer.load_state_dict`` casts it there)."""
-        state = utils.load_torch_file(path, "checkpoint to resume from")
+        state = runs.load_torch_file(path, "checkpoint to resume from")
         missing = sorted(CHECKPOINT_KEYS - set(state if isinstance(state, dict) else ()))
         if missing:
             raise DataError(f"{path}: not a last.pt of train_RawNet2.py (it lacks {', '.join(missing)})")
@@ -453,7 +457,7 @@ def build_training(args, d_args, device):
     is built and -load_model_opt_dir loaded, so that the optimiser's state sits beside its parameters."""
     model = fast_RawNet2.accelerate(RawNet2(d_args), args.fast)
     if args.load_model:
-        weights = utils.load_torch_file(args.load_model_dir, "-load_model_dir state_dict")
+        weights = runs.load_torch_file(args.load_model_dir, "-load_model_dir state_dict")
         load_into(model, strip_module_prefix(weights), args.load_model_dir, "state_dict")
     else:
         model.apply(utils.init_weights)
@@ -464,7 +468,7 @@ def build_training(args, d_args, device):
     else:
         optimizer = torch.optim.SGD(groups, lr=args.lr, weight_decay=args.wd, momentum=0.9)
     if args.load_model and args.load_model_opt_dir:
-        opt_state = utils.load_torch_file(args.load_model_opt_dir, "-load_model_opt_dir optimiser state")
+        opt_state = runs.load_torch_file(args.load_model_opt_dir, "-load_model_opt_dir optimiser state")
         load_into(optimizer, opt_state, args.load_model_opt_dir, "optimiser state")
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=utils.keras_lr_decay)
                  if args.do_lr_decay else None)
@@ -478,14 +482,14 @@ def write_run_files(args, run_dir, d_args, nb_params, resume, start_epoch, world
         try:
             os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
         except OSError as e:
-            raise utils.output_error(os.path.join(run_dir, sub), e, "nothing was written") from None
+            raise common.output_error(os.path.join(run_dir, sub), e, "nothing was written") from None
     if not resume:
         params = [f"{k}:\t{v}" for k, v in sorted(vars(args).items())]
         params += [f"{k}:\t{v}" for k, v in sorted(d_args.items())] + [f"nb_params:\t{nb_params}"]
         write_lines(os.path.join(run_dir, "f_params.txt"), params)
     eers_path = os.path.join(run_dir, "eers.txt")
     write_lines(eers_path, eers_before(eers_path, start_epoch))
-    utils.write_json_atomic({"args": vars(args), "d_args": d_args, "nb_params": nb_params,
+    common.write_json_atomic({"args": vars(args), "d_args": d_args, "nb_params": nb_params,
                              "world_size": world, "fast_path": fast_path}, os.path.join(run_dir, "args.json"))
 
 
@@ -507,7 +511,7 @@ def fast_path_plans(model, args, device, world):
 def setup_device(args):
     """The device of this process. Under torchrun (WORLD_SIZE > 1) join the process group: NCCL and
     one GPU per process, or gloo on CPU."""
-    rank, world = utils.rank_and_world()
+    rank, world = distributed.rank_and_world()
     if args.bs % world:
         raise DataError(f"-bs {args.bs} is not divisible by the world size {world} "
                         f"(the global batch is split evenly over processes)")
@@ -554,7 +558,7 @@ def wrap_model(model, args, device):
     """DistributedDataParallel under torchrun; else nn.DataParallel with -mg on several GPUs. With
     -compile, the network is compiled in place first (``nn.Module.compile``: the module keeps its
     parameters and state-dict keys; only calling it runs the compiled code, ``embed`` stays eager)."""
-    _, world = utils.rank_and_world()
+    _, world = distributed.rank_and_world()
     data_parallel = world == 1 and args.mg and torch.cuda.device_count() > 1
     if args.compile:
         if data_parallel:  # its replicas are copies of the module that would run uncompiled
@@ -572,7 +576,7 @@ def wrap_model(model, args, device):
 def make_loader(args, data, device):
     """Shuffling and crops depend only on (seed, epoch): a resumed run sees the same data. Each process
     takes its own disjoint share of every epoch (DistributedSampler; one share when not distributed)."""
-    rank, world = utils.rank_and_world()
+    rank, world = distributed.rank_and_world()
     index = None
     if args.wav_index:  # every process; the first builds (or completes) it, the others wait on a file
         # lock, in no collective: a long build on slow storage cannot time the group out
@@ -590,7 +594,7 @@ def make_loader(args, data, device):
 def run_epoch(model, state, loader, data, args, device, epoch):
     """Train one epoch, then the TTA evaluation. Returns (loss, eer, selection EER, scores, labels)."""
     loss, state.step = train_epoch(model, loader, state.optimizer, state.scheduler, device, epoch, state.step,
-                                   args.amp, state.scaler, progress=utils.is_main_process())
+                                   args.amp, state.scaler, progress=distributed.is_main_process())
     eer, scores, trial_labels = evaluate(model, data.eval_keys, data.eval_dir, data.eval_trials, args, device,
                                          "TTA eval")
     selection_eer = eer
@@ -609,31 +613,31 @@ def save_epoch(run_dir, state, line, scores, trial_labels, is_best, args, d_args
     eers_path = os.path.join(run_dir, "eers.txt")
     write_lines(eers_path, eers_before(eers_path, epoch) + [line])
     if is_best:
-        utils.save_atomic(state.model.state_dict(),
+        runs.save_atomic(state.model.state_dict(),
                           os.path.join(run_dir, "models", f"TA_{epoch}_{state.best_eer:.4f}.pt"))
-        utils.save_atomic(state.optimizer.state_dict(), os.path.join(run_dir, "models", "best_opt_eval.pt"))
+        runs.save_atomic(state.optimizer.state_dict(), os.path.join(run_dir, "models", "best_opt_eval.pt"))
     state.save(os.path.join(run_dir, "last.pt"), args, d_args, world)
 
 
 def main(args):
     validate_args(args)
-    utils.keep_freed_memory()
-    main_process = utils.is_main_process()
+    common.keep_freed_memory()
+    main_process = distributed.is_main_process()
     run_dir = os.path.join(args.save_dir, args.name)
     device = setup_device(args)
     # Only rank 0 writes, so only rank 0 holds the run folder's lock.
-    lock = (utils.folder_lock(run_dir, "wait for it to end, or choose another -name") if main_process
+    lock = (runs.folder_lock(run_dir, "wait for it to end, or choose another -name") if main_process
             else contextlib.nullcontext())
     with lock:
         resume = decide_resume(args, run_dir)  # every process: all of them stop alike, or none
         if main_process:
-            utils.remove_temporaries(run_dir)  # of a killed process: never read, now removed
+            runs.remove_temporaries(run_dir)  # of a killed process: never read, now removed
         return train(args, run_dir, device, resume)
 
 
 def train(args, run_dir, device, resume):
     """Set up, resume, then per epoch: train, evaluate, save. Returns the best selection EER."""
-    rank, world = utils.rank_and_world()
+    rank, world = distributed.rank_and_world()
     main_process = rank == 0
     log = print if main_process else (lambda *a, **k: None)
     baseline_eer = None
@@ -645,7 +649,7 @@ def train(args, run_dir, device, resume):
             baseline_eer = demo_corpus.naive_baseline_eer(root)
             log(f"demo corpus: {root}; naive baseline (cosine of mean log-spectra) "
                 f"EER {100 * baseline_eer:.2f} %")
-        utils.barrier()
+        distributed.barrier()
     if args.reproducible:
         utils.seed_everything(args.seed)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -683,7 +687,7 @@ def train(args, run_dir, device, resume):
             tqdm.write(f"epoch {epoch}: loss {loss:.3f}, TTA eval EER {100 * eer:.2f} %"
                        + (f", val EER {100 * selection_eer:.2f} %" if args.val_trial else "")
                        + (" (best)" if is_best else ""))
-        utils.barrier()  # every process starts the next epoch only once last.pt is complete
+        distributed.barrier()  # every process starts the next epoch only once last.pt is complete
 
     if baseline_eer is not None:
         log(f"demo: naive baseline EER {100 * baseline_eer:.2f} %, "
@@ -702,7 +706,7 @@ def fail(line):
     and torchrun stops all of them as soon as one exits: so rank 0 says it at once, and the others
     wait ERROR_GRACE_SECONDS first (stopped during the wait once rank 0 has exited). An error of
     another rank alone is still said, after the wait."""
-    if utils.rank_and_world()[0] != 0:
+    if distributed.rank_and_world()[0] != 0:
         time.sleep(ERROR_GRACE_SECONDS)
     print(line, file=sys.stderr)
     sys.exit(1)
@@ -713,9 +717,9 @@ def cli(argv=None):
     try:
         main(parse_args(argv))
     except (DataError, TrainingError) as e:
-        fail(utils.error_line(e))
+        fail(common.error_line(e))
     except OSError as e:  # an input or output the system refused (permissions, disk, a folder as a file)
-        fail(f"error: {e.filename}: {e.strerror}" if e.filename else utils.error_line(e))
+        fail(f"error: {e.filename}: {e.strerror}" if e.filename else common.error_line(e))
     except KeyboardInterrupt:
         sys.exit("interrupted: the last completed epoch is in last.pt; continue with -resume")
 

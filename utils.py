@@ -1,37 +1,24 @@
-"""Shared pieces of the RawNet2 reproduction: data, segmentation, TTA embeddings, training helpers.
+"""The data-loading utilities of the RawNet2 reproduction: listing and reading audio, the wav index,
+crops and TTA segments, the training data set and sampler, validation trials, autocast and training
+helpers.
 
 Follows the authors' ``utils.py`` / ``trainer`` (github.com/Jungjee/RawNet, python/RawNet2); what
 it keeps from them and where it differs is listed once, in docs/FIDELITY.md. Everything numeric here
-is checked by tests against an independent computation.
-
-Sections: listing and reading audio (keys, labels, checked reads, conversion, the wav index, crops,
-TTA segments); data sets and samplers; autocast and TTA embeddings; validation trials; training
-helpers (init, LR decay, weight-decay groups, seeds and RNG states); checkpoints (torch.save
-atomically, record logs, checked torch.load, folder locks); distributed helpers.
-
-Trial lists, embedding files, scores and metrics are in scoring.py, which needs no PyTorch; the
-torch-free basics (``DataError``, flags, key forms, atomic writes) are in common.py and are used
-here as ``utils.X`` too.
+is checked by tests against an independent computation. TTA embeddings are in tta.py, checkpoints,
+record logs and locks in runs.py, torchrun helpers in distributed.py, the torch-free basics in
+common.py, trial lists and scores in scoring.py.
 """
 
-import collections
 import contextlib
 import fcntl
-import io
-import json
 import math
 import multiprocessing
 import os
-import pickle
 import random
-import signal
-import socket
 import stat
 import sys
-import time
 import warnings
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import soundfile as sf
@@ -41,35 +28,10 @@ from scipy.signal import resample_poly
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
+import distributed
 import fast_RawNet2
-
-# torch-free basics; the scripts reach them as utils.X
-from common import (  # noqa: F401
-    BOOL_FLAG,
-    FAST_FLAG,
-    FAULT_ENV,
-    TMP_PREFIX,
-    TRACE_ENV,
-    DataError,
-    OutputError,
-    arg_group,
-    error_line,
-    keep_freed_memory,
-    output_error,
-    planned_fault,
-    speaker_of,
-    str2bool,
-    trace,
-    usable_cores,
-    utt_id,
-    write_atomic,
-    write_faulty,
-    write_json_atomic,
-    write_npy_atomic,
-    write_pickle_atomic,
-    write_text_atomic,
-)
-from scoring import RestrictedUnpickler
+import runs
+from common import DataError, error_line, speaker_of, write_atomic
 
 SAMPLE_RATE = 16000
 
@@ -384,7 +346,7 @@ def _read_index(cache, log_path):
     """The cached index, completed by the chunks of the build log (None: no log), as a dict
     key -> (frames, peak, (size, mtime))."""
     index = _read_wav_index(cache) if os.path.exists(cache) else {}
-    for chunk in read_records(log_path) if log_path else []:
+    for chunk in runs.read_records(log_path) if log_path else []:
         index.update((k, (n, p, (size, mtime))) for k, n, p, size, mtime in chunk)
     return index
 
@@ -403,7 +365,7 @@ def _index_files(index, todo, base_dir, stamps, log, log_path, nb_worker, progre
             chunk.append((key, frames, peak) + stamps[key])
             if len(chunk) == INDEX_CHUNK or done == len(todo):
                 if log:
-                    append_record(log, chunk, log_path)
+                    runs.append_record(log, chunk, log_path)
                 index.update((k, (n, p, (size, mtime))) for k, n, p, size, mtime in chunk)
                 chunk = []
 
@@ -551,38 +513,6 @@ class EpochSampler(Sampler):
         return len(self.sampler)
 
 
-def read_tta_segments(key, base_dir, nb_samp, window_size, convert=False):
-    """All TTA segments of one utterance: (key, segments (n, nb_samp)). A silent utterance gives
-    zero segments, so the consumer can skip and list it. ``convert``: ``read_wav(convert=True)``."""
-    try:
-        x = read_wav(os.path.join(base_dir, key), convert)
-    except SilentAudioError:
-        return key, torch.zeros(0, nb_samp)
-    return key, torch.from_numpy(tta_segments(x, nb_samp, window_size))
-
-
-def read_ahead(read, items, threads):
-    """``read(item)`` for each of ``items``, in order. With ``threads`` > 0, that many threads read up
-    to two items each ahead of the caller, so that files are read and cut while the model runs (file
-    reads and NumPy copies release the GIL); threads, not DataLoader processes, because the model
-    keeps the cores busy anyway, and worker processes cost a start-up and a shared-memory copy per
-    item (1.5 s of the demo's 5 s TTA evaluation, bench/README.md). An error raises here as it was."""
-    if threads <= 0:
-        yield from map(read, items)
-        return
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="read-ahead")
-    ahead = collections.deque()
-    try:
-        for item in items:
-            ahead.append(pool.submit(read, item))
-            if len(ahead) > 2 * threads:
-                yield ahead.popleft().result()
-        while ahead:
-            yield ahead.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def unwrap_model(model):
     """The network inside nn.DataParallel or DistributedDataParallel; any other model itself."""
     wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
@@ -612,7 +542,7 @@ def amp_autocast(device, amp="bf16"):
     device_type = torch.device(device).type
     if amp == "bf16" and device_type == "cpu" and not fast_RawNet2.cpu_has_native_bf16() and not _amp_warned:
         _amp_warned.add(amp)
-        if is_main_process():
+        if distributed.is_main_process():
             tqdm.write("warning: no native bfloat16 here (no avx512_bf16/amx_bf16 CPU flag, or oneDNN capped "
                        "below them by ONEDNN_MAX_CPU_ISA): bf16 runs emulated and slower than float32; leave "
                        "-amp/-bf16 off for speed", file=sys.stderr)
@@ -630,167 +560,6 @@ def backward_step(loss, optimizer, scaler=None):
     else:
         loss.backward()
         optimizer.step()
-
-
-def tta_embeddings(forward, utterances, segments_per_forward, pad_last=True):
-    """The TTA embedding of each utterance: the mean of its segments' embeddings. The one place that
-    packs segments into forwards and averages them; every embedding path of the repository runs it.
-
-    ``utterances`` yields ``(key, segments)``, an (n, samples) tensor per utterance (n = 0 for a
-    silent file); ``forward`` maps an (m, samples) batch to its (m, dim) embeddings. Segments of
-    consecutive utterances are packed into forwards of exactly ``segments_per_forward``, a long
-    utterance split over several, the last forward padded with silent segments (their embeddings
-    dropped; ``pad_last`` False runs it short instead): every segment goes through the kernels of
-    one batch size, whichever utterances share its forward, so an extraction resumed after a kill
-    writes the numbers an uninterrupted one does, and ``-verify`` scores a file's embedding as
-    ``-extract`` writes it (in eval mode a segment's embedding does not depend on its batch-mates'
-    values). Yields
-    ``(key, embedding)`` in order, each as soon as its segments are done: a float32 numpy vector,
-    or None for a silent file.
-    """
-    pending = collections.deque()   # segment tensors not yet run, in order
-    waiting = collections.deque()   # (key, segment count) of the utterances not yet done
-    codes, done = [], 0             # embeddings of their segments so far, and how many
-
-    def take(n):  # the first n pending segments (fewer if fewer are pending)
-        parts = []
-        while n and pending:
-            head = pending.popleft()
-            parts.append(head[:n])
-            if len(head) > n:
-                pending.appendleft(head[n:])
-            n -= len(parts[-1])
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def finished():  # the utterances whose segments are all embedded, in order
-        nonlocal done
-        while waiting and waiting[0][1] <= done:
-            key, n = waiting.popleft()
-            if n == 0:
-                yield key, None
-                continue
-            embedded = torch.cat(codes)
-            codes[:] = [embedded[n:]] if len(embedded) > n else []
-            done -= n
-            yield key, embedded[:n].mean(0).numpy()
-
-    def run(last):
-        nonlocal done
-        while pending and (last or sum(map(len, pending)) >= segments_per_forward):
-            batch = take(segments_per_forward)
-            real = len(batch)
-            if pad_last and real < segments_per_forward:  # the last forward: padded with silence
-                batch = torch.cat([batch, batch.new_zeros(segments_per_forward - real, *batch.shape[1:])])
-            codes.append(forward(batch)[:real].float().cpu())
-            done += real
-            yield from finished()
-        yield from finished()
-
-    for key, segments in utterances:
-        if len(segments):
-            pending.append(segments)
-        waiting.append((key, len(segments)))
-        yield from run(last=False)
-    yield from run(last=True)
-
-
-def model_forward(model, device, bf16=False):
-    """``segments -> embeddings`` of a network in eval mode (``model.embed``), on ``device``, under
-    ``-bf16``'s autocast where asked."""
-    def forward(batch):
-        with amp_autocast(device, bf16):
-            return model.embed(batch.to(device))
-    return forward
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """``model`` in eval mode for the duration, then back to the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", nb_worker=0,
-                    segments_per_batch=None, bf16=False, convert=False, skip_unreadable=False):
-    """Yield ``(key, embedding)`` for each of ``keys`` read from ``base_dir``, as soon as it is done
-    (``tta_embeddings``: float32 numpy vectors, None for a silent or empty file).
-
-    ``segments_per_batch``: segments per forward; None takes the fixed rule of
-    ``fast_RawNet2.segments_per_forward`` (16 for the paper model on CPU; 1 is the authors' loop).
-    Each file is read once, ahead of the model by ``nb_worker`` threads (``read_ahead``; at most one
-    per usable core), or by the caller's thread with 0. In eval mode each segment's embedding is
-    independent of its batch-mates. ``convert``: files of any format, rate and channel count are
-    converted to 16 kHz mono as they are read. ``skip_unreadable``: a file that cannot be read
-    (DataError) yields its one-line reason (a str) in place of an embedding instead of stopping.
-    """
-    check_window_size(window_size, nb_samp)
-    net = unwrap_model(model)
-    size = segments_per_batch or fast_RawNet2.segments_per_forward(net, device)
-    reasons = {}
-
-    def read(key):
-        try:
-            return read_tta_segments(key, base_dir, nb_samp, window_size, convert)
-        except DataError as e:
-            if not skip_unreadable:
-                raise
-            reasons[key] = str(e)
-            return key, torch.zeros(0, nb_samp)
-
-    utterances = read_ahead(read, keys, min(nb_worker, usable_cores()))
-    try:
-        with eval_mode(net):
-            for key, code in tta_embeddings(model_forward(net, device, bf16), utterances, size):
-                yield key, code if code is not None else reasons.pop(key, None)
-    finally:
-        utterances.close()
-
-
-def embed_utterances(model, keys, base_dir, nb_samp, window_size, device="cpu", nb_worker=0,
-                     segments_per_batch=None, progress=True, desc="TTA embeddings", bf16=False):
-    """TTA embeddings of ``keys`` read from ``base_dir`` (see ``iter_embeddings``). Returns
-    ``(embeddings, skipped)``: a dict utterance id (no ``.wav``) -> float32 numpy vector, and the
-    keys of silent files."""
-    embeddings, skipped = {}, []
-    stream = iter_embeddings(model, keys, base_dir, nb_samp, window_size, device, nb_worker,
-                             segments_per_batch, bf16)
-    for key, code in tqdm(stream, total=len(keys), desc=desc, disable=not progress, leave=False):
-        if code is None:
-            skipped.append(key)
-        else:
-            embeddings[utt_id(key)] = code
-    return embeddings, skipped
-
-
-@torch.no_grad()
-def embed_utterance(model, wav, window_size=11810, device="cpu", segments_per_batch=None, bf16=False):
-    """TTA embedding of one utterance (a wav path or a 1-D waveform array), for notebooks:
-
-        model = model_RawNet2.load_pretrained("Pre-trained_model/rawnet2_best_weights.pt")
-        code = utils.embed_utterance(model, "a.wav")   # (1024,) float32
-
-    A long recording is fed ``segments_per_batch`` segments at a time (None: the rule of
-    ``fast_RawNet2.segments_per_forward``, as ``iter_embeddings``), so memory stays bounded. A file
-    of another rate or channel count is converted (``read_audio``) with a note on stderr.
-    """
-    net = unwrap_model(model)
-    if isinstance(wav, (str, os.PathLike)):
-        x, note = read_audio(wav)
-        if note:
-            print(f"note: {os.fspath(wav)}: {note}", file=sys.stderr)
-        x = peak_normalise(x, wav)
-    else:
-        x = np.asarray(wav, dtype=np.float32)
-    segments = torch.from_numpy(np.ascontiguousarray(tta_segments(x, net.nb_samp, window_size)))
-    size = segments_per_batch or fast_RawNet2.segments_per_forward(net, device)
-    with eval_mode(net):
-        [(_, code)] = tta_embeddings(model_forward(net, device, bf16), [(None, segments)], size)
-    return code
 
 
 def make_validation_trials(keys, nb_trial, rng):
@@ -879,233 +648,7 @@ def set_rng_states(states):
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         saved, here = states["cuda"], torch.cuda.device_count()
-        if len(saved) > here and is_main_process():
+        if len(saved) > here and distributed.is_main_process():
             print(f"note: the checkpoint holds the CUDA random states of {len(saved)} GPUs and this machine "
                   f"shows {here}: {here} restored, {len(saved) - here} left out")
         torch.cuda.set_rng_state_all(saved[:here])
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writes (the torch-free ones are in common.py)
-
-def remove_temporaries(folder):
-    """Delete the atomic writer's temporary files left under ``folder`` by a killed process (call
-    only while holding the folder's ``folder_lock``). Returns how many were removed."""
-    removed = 0
-    for path, _, files in os.walk(folder):
-        for name in files:
-            if name.startswith(TMP_PREFIX):
-                os.remove(os.path.join(path, name))
-                removed += 1
-    return removed
-
-
-def save_atomic(obj, path):
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    write_atomic(path, lambda f: torch.save(obj, f))
-
-
-# ---------------------------------------------------------------------------------------------
-# Record logs (per-utterance extraction progress)
-
-def append_record(f, obj, path):
-    """Append ``obj`` to the record log ``f`` (a binary file opened for appending on ``path``): one
-    length-prefixed pickle, flushed to the operating system, so a killed process loses at most the
-    record it was writing (``read_records`` leaves a torn last record out)."""
-    data = pickle.dumps(obj, protocol=4)
-    record = len(data).to_bytes(8, "little") + data
-    fault = planned_fault(path)
-    try:
-        if fault is None:
-            f.write(record)
-        else:
-            write_faulty(f, record, fault, path)
-        f.flush()
-        if fault == "kill":  # test hook: killed right after a complete record
-            os.kill(os.getpid(), signal.SIGKILL)
-    except OSError as e:
-        raise output_error(path, e, "the records before this one are kept") from None
-
-
-def read_records(path):
-    """The complete records of a log written by ``append_record``, each unpickled with
-    ``RestrictedUnpickler``; a torn last record (its writer was killed) is left out."""
-    with open(path, "rb") as f:
-        data = f.read()
-    records, pos = [], 0
-    while pos + 8 <= len(data):
-        end = pos + 8 + int.from_bytes(data[pos:pos + 8], "little")
-        if end > len(data):
-            break
-        try:
-            records.append(RestrictedUnpickler(io.BytesIO(data[pos + 8:end])).load())
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
-                IndexError, KeyError) as e:
-            raise DataError(f"{path}: record {len(records) + 1} is corrupt "
-                            f"({type(e).__name__}: {e})") from None
-        pos = end
-    return records
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints and locks
-
-def non_finite_tensors(obj, where=""):
-    """Names (key paths from ``where``) of the floating-point tensors holding NaN or inf in ``obj``,
-    a tensor or nested dicts, lists and tuples."""
-    if isinstance(obj, torch.Tensor):
-        return [where] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
-    if isinstance(obj, dict):
-        items = obj.items()
-    elif isinstance(obj, (list, tuple)):
-        items = enumerate(obj)
-    else:
-        return []
-    return [name for key, value in items
-            for name in non_finite_tensors(value, f"{where}.{key}" if where else str(key))]
-
-
-def load_torch_file(path, what, mmap=False):
-    """``torch.load(path, weights_only=True)`` onto the CPU. A missing, truncated or corrupt file, one
-    holding objects other than tensors and plain containers, or (unless ``mmap``: tensors left on
-    disk, for reading a few entries) one with NaN or infinite tensors, is a DataError naming the file
-    and ``what`` it was read for."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: {what} not found")
-    if mmap and not zipfile.is_zipfile(path):  # (torch.load would only say that it cannot map it)
-        raise DataError(f"{path}: {what} is truncated or corrupt (not a PyTorch archive)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
-        if zipfile.is_zipfile(path):  # a complete torch.save archive, of other objects
-            raise DataError(f"{path}: {what} holds objects other than tensors and plain containers "
-                            f"(torch.load with weights_only=True refused it)") from None
-        raise DataError(f"{path}: {what} is truncated or corrupt (not a PyTorch archive)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path}: {what} is truncated or corrupt ({reason})") from None
-    bad = [] if mmap else non_finite_tensors(obj)
-    if bad:
-        raise DataError(f"{path}: {what} holds NaN or infinite values in {len(bad)} tensors "
-                        f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})")
-    return obj
-
-
-LOCK_NAME = ".lock"
-# How often, 0.2 s apart, a lock whose holder has died is tried again while its children exit (30 s)
-LOCK_RETRIES = 150
-
-
-def _lock_holder(fd):
-    """The holder recorded in an open lock file (dict pid, host, since), or None if it names none."""
-    os.lseek(fd, 0, os.SEEK_SET)
-    try:
-        holder = json.loads(os.read(fd, 4096).decode())
-    except ValueError:
-        return None
-    return holder if isinstance(holder, dict) and {"pid", "host", "since"} <= set(holder) else None
-
-
-def _holder_gone(holder):
-    """Whether the recorded holder is known to be dead (a pid of this host that no longer runs)."""
-    if holder is None or holder["host"] != socket.gethostname():
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
-
-
-@contextlib.contextmanager
-def folder_lock(folder, hint):
-    """Hold ``<folder>/.lock`` while the block runs, so that a second process refuses to write into
-    the same folder. The lock is an advisory ``flock``: the kernel releases it when its holder dies,
-    so a lock file left by a killed process (or by the dead attempt of a restarted torchrun job) is
-    stale and taken over with a note. The file names its holder (pid, host, start time) for the
-    refusal, which ends with ``hint``. A folder made for the lock and left empty is removed again."""
-    path = os.path.join(folder, LOCK_NAME)
-    created = not os.path.isdir(folder)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise output_error(path, e, "nothing was written") from None
-    retries = LOCK_RETRIES
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _lock_holder(fd)
-            os.close(fd)
-            if _holder_gone(holder) and retries > 0:
-                retries -= 1
-                time.sleep(0.2)  # the holder is dead; its child processes are still exiting
-                continue
-            who = (f"pid {holder['pid']} on {holder['host']} (since {holder['since']})" if holder
-                   else "another process")
-            raise DataError(f"{folder} is in use by {who}, lock {path}: {hint}") from None
-        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
-            break
-        os.close(fd)  # the previous holder removed the file as we opened it: lock the new one
-    previous = _lock_holder(fd)
-    if previous is not None:
-        print(f"note: {path}: stale lock of pid {previous['pid']} on {previous['host']} (no longer "
-              f"running) taken over")
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps(me).encode())
-    try:
-        yield
-    finally:
-        os.remove(path)  # removed while still held: a waiting process then opens a new file
-        os.close(fd)
-        if created and not os.listdir(folder):
-            os.rmdir(folder)
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun): no-ops in a single process
-
-def rank_and_world():
-    """(rank, world size) of this process: from the process group, else torchrun's environment."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process():
-    return rank_and_world()[0] == 0
-
-
-def barrier():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast_buffers(model):
-    """Copy rank 0's buffers (batch-norm running statistics) to every process, as DDP does at the
-    start of each training forward; needed before evaluating in eval mode on every process."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
-
-
-def all_gather_embeddings(embeddings, skipped):
-    """Merge every process's share of (embeddings dict, skipped keys); identity in one process."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return embeddings, skipped
-    shares = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, (embeddings, skipped))
-    merged, all_skipped = {}, []
-    for emb, skip in shares:
-        merged.update(emb)
-        all_skipped.extend(skip)
-    return merged, sorted(all_skipped)

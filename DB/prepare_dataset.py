@@ -59,7 +59,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import convert_vox2_to_wav  # noqa: E402  (the ffmpeg path, for formats libsndfile does not read)
 import train_RawNet2  # noqa: E402  (the demo's model, suggested for small corpora)
 import utils  # noqa: E402
-from utils import SAMPLE_RATE, DataError  # noqa: E402
+import common  # noqa: E402
+from common import DataError  # noqa: E402
+from utils import SAMPLE_RATE  # noqa: E402
 
 FFMPEG_EXTENSIONS = (".m4a", ".aac", ".mp4", ".wma", ".webm")
 PLAN = ".prepare_plan.json"
@@ -73,7 +75,7 @@ SMALL_MODEL_FLAGS = ("nb_samp", "m_nb_samp", "window_size", "m_filts", "m_gru_no
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = utils.arg_group(parser, "sources")
+    add = common.arg_group(parser, "sources")
     parser.add_argument("source", nargs="?", default=None,
                         help="folder of audio files laid out as -layout says (or use -list)")
     add("layout", type=str, default="speaker/session/file",
@@ -91,8 +93,8 @@ def parse_args(argv=None):
     add("min_seconds", type=float, default=1.0,
         help="skip clips shorter than this many seconds (listed in OUT/skipped.tsv with their duration)")
     add("strict", default=False, help="stop at the first file that cannot be used instead of skipping it",
-        **utils.BOOL_FLAG)
-    add = utils.arg_group(parser, "output")
+        **common.BOOL_FLAG)
+    add = common.arg_group(parser, "output")
     add("out", type=str, required=True, help="dataset folder to write (see the layout above)")
     add("default_session", type=str, default="default", help="session folder of files without a session")
     add("test_speakers", type=int, default=0,
@@ -105,7 +107,7 @@ def parse_args(argv=None):
     add("seed", type=int, default=0, help="seed of the test-speaker draw and of the trials")
     add("jobs", type=int, default=os.cpu_count(), help="parallel conversion processes")
     add("ffmpeg", type=str, default="ffmpeg", help="ffmpeg executable, for m4a/aac/mp4/wma/webm sources")
-    add("progress", default=True, help="show a progress bar", **utils.BOOL_FLAG)
+    add("progress", default=True, help="show a progress bar", **common.BOOL_FLAG)
     args = parser.parse_args(argv)
     if (args.source is None) == (args.list is None):
         parser.error("give either a source folder or -list FILE")
@@ -313,7 +315,7 @@ def check_plan(out, plan):
     if os.path.isdir(out) and os.listdir(out):
         raise DataError(f"{out}: exists and is not a folder made by DB/prepare_dataset.py; "
                         f"choose another -out")
-    utils.write_json_atomic(entries, path)
+    common.write_json_atomic(entries, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,9 +463,9 @@ def main(args):
     frames.update(done)
     skipped = sorted(misfits + missing + failed)
     rows = [row for row in plan if row[0] in frames]
-    utils.write_text_atomic("source\toutput\tspeaker\tsession\n" + "".join("\t".join(r) + "\n" for r in rows),
+    common.write_text_atomic("source\toutput\tspeaker\tsession\n" + "".join("\t".join(r) + "\n" for r in rows),
                             os.path.join(args.out, "mapping.tsv"))
-    utils.write_text_atomic("source\treason\n" + "".join(f"{p}\t{r}\n" for p, r in skipped),
+    common.write_text_atomic("source\treason\n" + "".join(f"{p}\t{r}\n" for p, r in skipped),
                             os.path.join(args.out, "skipped.tsv"))
     if not rows:
         report_skipped(args, skipped)
@@ -544,7 +546,7 @@ def write_trials(args, rows):
     if not lines or all(line[0] == "1" for line in lines) or all(line[0] == "0" for line in lines):
         raise DataError("-make_trials: the test speakers' files give no target or no non-target pair "
                         "(need two speakers, one with two files)")
-    utils.write_text_atomic("".join(line + "\n" for line in lines),
+    common.write_text_atomic("".join(line + "\n" for line in lines),
                             os.path.join(args.out, "test", "veri_test.txt"))
 
 
@@ -610,6 +612,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main(parse_args()))
     except (DataError, OSError) as e:
-        sys.exit(utils.error_line(e))
+        sys.exit(common.error_line(e))
     except KeyboardInterrupt:
         sys.exit("interrupted: finished files are kept; the same command resumes")

@@ -20,9 +20,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import common
 import scoring
+import tta
 import utils
-from utils import DataError, SilentAudioError
+from common import DataError
+from utils import SilentAudioError
 
 PRE_EMPHASIS = 0.97
 INDEX = "index.json"
@@ -68,14 +71,14 @@ def load_index(folder):
 def validation_speakers(keys, nb_val_spk, seed):
     """The keys of ``nb_val_spk`` speakers drawn with ``seed`` (all of them for 0). They stay in the
     training set: the Keras code trains on every dev speaker and validates on 40 of them."""
-    speakers = sorted({utils.speaker_of(k) for k in keys})
+    speakers = sorted({common.speaker_of(k) for k in keys})
     if nb_val_spk <= 0:
         return list(keys)
     if nb_val_spk > len(speakers) or nb_val_spk < 2:
         raise DataError(f"-nb_val_spk {nb_val_spk}: needs 2 to {len(speakers)} speakers (the dev set has "
                         f"{len(speakers)})")
     chosen = set(np.random.default_rng(seed).choice(speakers, nb_val_spk, replace=False))
-    return [k for k in keys if utils.speaker_of(k) in chosen]
+    return [k for k in keys if common.speaker_of(k) in chosen]
 
 
 def per_utterance_trials(keys, rng, nb_target=4, nb_nontarget=4):
@@ -87,13 +90,13 @@ def per_utterance_trials(keys, rng, nb_target=4, nb_nontarget=4):
     trials), non-target partners as a uniformly drawn other speaker, then one of its utterances."""
     by_spk = {}
     for key in keys:
-        by_spk.setdefault(utils.speaker_of(key), []).append(key)
+        by_spk.setdefault(common.speaker_of(key), []).append(key)
     if len(by_spk) < 2:
         raise DataError("validation trials need at least two speakers")
     speakers = sorted(by_spk)
     lines = []
     for key in keys:
-        spk = utils.speaker_of(key)
+        spk = common.speaker_of(key)
         others = [s for s in speakers if s != spk]
         targets = rng.choice(by_spk[spk], nb_target)
         impostors = [rng.choice(by_spk[s]) for s in rng.choice(others, nb_nontarget)]
@@ -173,7 +176,7 @@ class CropSet(Dataset):
         x = np.load(npy_path(self.folder, key), mmap_mode="r")
         rng = np.random.default_rng([self.seed, self.phase, self.epoch, i])
         crop = np.array(utils.crop_or_tile(x, self.nb_samp, rng), dtype=np.float32)
-        return torch.from_numpy(crop), self.labels[utils.speaker_of(key)]
+        return torch.from_numpy(crop), self.labels[common.speaker_of(key)]
 
 
 class UtteranceSet(Dataset):
@@ -204,28 +207,28 @@ def embed_utterances(model, keys, folder, device="cpu", nb_worker=0, progress=Tr
                      crop=None):
     """Embedding of each utterance (one forward each, eval mode): dict id (no .wav) -> float32.
     Whole utterances, or random crops with ``crop = (nb_samp, seed)`` (see ``UtteranceSet``): each
-    one segment of ``utils.tta_embeddings``, the embedding path RawNet2's scripts run too."""
+    one segment of ``tta.tta_embeddings``, the embedding path RawNet2's scripts run too."""
     dataset = UtteranceSet(keys, folder, model.min_samples, crop)
     # A generator of its own: the loader's seed draw leaves torch's global random state (training's
     # dropout) as it was, so that scoring an epoch or not never changes the training.
     loader = DataLoader(dataset, batch_size=None, num_workers=nb_worker, generator=torch.Generator())
     utterances = ((key, x[None]) for x, key in tqdm(loader, desc=desc, disable=not progress, leave=False))
-    with utils.eval_mode(model):
-        return {utils.utt_id(key): code
-                for key, code in utils.tta_embeddings(utils.model_forward(model, device), utterances, 1)}
+    with tta.eval_mode(model):
+        return {common.utt_id(key): code
+                for key, code in tta.tta_embeddings(tta.model_forward(model, device), utterances, 1)}
 
 
 def trial_arrays(lines):
     """(labels, keysA, keysB) of trial lines '<1|0> <keyA> <keyB>' (``utils.make_validation_trials``)."""
     parts = [line.split() for line in lines]
-    return (np.array([int(p[0]) for p in parts]), [utils.utt_id(p[1]) for p in parts],
-            [utils.utt_id(p[2]) for p in parts])
+    return (np.array([int(p[0]) for p in parts]), [common.utt_id(p[1]) for p in parts],
+            [common.utt_id(p[2]) for p in parts])
 
 
 def usable_trials(trials, available, skipped, what):
     """Drop (with a warning) trials touching a skipped silent file; any other missing key is an error."""
     labels, keys_a, keys_b = trials
-    bad = {utils.utt_id(k) for k in skipped}
+    bad = {common.utt_id(k) for k in skipped}
     keep = np.array([a not in bad and b not in bad for a, b in zip(keys_a, keys_b)])
     if not keep.all():
         warnings.warn(f"{what}: {int((~keep).sum())} trials dropped, they use files skipped as silent "

@@ -24,9 +24,11 @@ sys.path[:0] = [p for p in (HERE, os.path.dirname(HERE)) if p not in sys.path]  
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import common  # noqa: E402
 import utils  # noqa: E402
+from common import DataError  # noqa: E402
 from data_RawNet import INDEX, PRE_EMPHASIS, npy_path, pre_emphasis, read_int16  # noqa: E402
-from utils import DataError, SilentAudioError  # noqa: E402
+from utils import SilentAudioError  # noqa: E402
 
 
 def build_parser():
@@ -59,7 +61,7 @@ def convert(task):
         return key, None, None
     except DataError as e:
         return key, None, str(e)
-    utils.write_npy_atomic(y, out)  # a .npy that exists is complete
+    common.write_npy_atomic(y, out)  # a .npy that exists is complete
     return key, len(y), None
 
 
@@ -88,7 +90,7 @@ def main(args, progress=True):
               + (" ..." if len(skipped) > 5 else ""))
     index = {"source": os.path.abspath(args.wav_dir), "pre_emphasis": args.coef,
              "lengths": dict(sorted(lengths.items())), "skipped": skipped}
-    utils.write_json_atomic(index, os.path.join(args.out_dir, INDEX))
+    common.write_json_atomic(index, os.path.join(args.out_dir, INDEX))
     return lengths, skipped
 
 
@@ -109,6 +111,6 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except DataError as e:
-        sys.exit(utils.error_line(e))
+        sys.exit(common.error_line(e))
     except KeyboardInterrupt:
         sys.exit("interrupted: converted files are kept; rerun the same command to resume")

@@ -45,8 +45,10 @@ from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
+import runs  # noqa: E402
 import scoring  # noqa: E402
 import utils  # noqa: E402
+from common import DataError  # noqa: E402
 from data_RawNet import (  # noqa: E402
     CropSet,
     embed_utterances,
@@ -69,7 +71,6 @@ from model_RawNet import (  # noqa: E402
     keras_l2_groups,
 )
 from train_RawNet2 import load_into  # noqa: E402
-from utils import DataError  # noqa: E402
 
 # Defaults that differ for the PyTorch VoxCeleb2 baseline (its train_RawNet.yaml): every speaker of
 # -dev_dir in training (6,112 from DB/VoxCeleb2/wav/: VoxCeleb2 dev + test), 40,000 random VoxCeleb1-dev
@@ -118,8 +119,8 @@ def build_parser():
         description="Train RawNet (Interspeech 2019): phase 1, phase 2, embeddings pickle.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    flag = utils.BOOL_FLAG
-    add = utils.arg_group(parser, "run")
+    flag = common.BOOL_FLAG
+    add = common.arg_group(parser, "run")
     add("name", type=str, required=True, help="experiment name: outputs go to <save_dir>/<name>/")
     add("save_dir", type=str, default="DNNs/", help="folder holding experiment folders")
     add("recipe", type=str, default="rawnet1", choices=sorted(RECIPE_DEFAULTS),
@@ -140,7 +141,7 @@ def build_parser():
         help="continue <save_dir>/<name>/ from its last completed epoch (last.pt)")
     add("progress", default=True, help="show progress bars", **flag)
 
-    add = utils.arg_group(parser, "data")
+    add = common.arg_group(parser, "data")
     add("dev_dir", type=str, default="DB/VoxCeleb1/dev_npy/",
         help="pre-processed training set (pre_process_waveforms.py output)")
     add("eval_dir", type=str, default="DB/VoxCeleb1/eval_npy/", help="pre-processed test set")
@@ -169,7 +170,7 @@ def build_parser():
         help="validation embeddings of one random -nb_samp crop per utterance (the PyTorch baseline) "
              "instead of the whole utterance")
 
-    add = utils.arg_group(parser, "optimisation")
+    add = common.arg_group(parser, "optimisation")
     add("bs", type=int, default=102, help="batch size")
     add("lr", type=float, default=0.001, help="Adam learning rate")
     add("amsgrad", default=True, help="AMSGrad variant of Adam", **flag)
@@ -185,7 +186,7 @@ def build_parser():
     add("c_lambda_gru_scale", type=float, default=0.01, help="phase-2 center weight = c_lambda * this")
     add("c_alpha", type=float, default=0.5, help="center update rate")
 
-    add = utils.arg_group(parser, "model")
+    add = common.arg_group(parser, "model")
     add("m_filts", type=int_list, default=[128, 128, 256],
         help="channels: [strided conv, blocks 1-2, blocks 3-6]")
     add("m_blocks", type=int_list, default=[2, 4], help="residual blocks per stage")
@@ -248,9 +249,9 @@ BEST_KEYS = {"model", "epoch"}
 
 
 def load_checkpoint(path, what, keys):
-    """A checkpoint of this script, loaded safely (``utils.load_torch_file``: tensors and plain
+    """A checkpoint of this script, loaded safely (``runs.load_torch_file``: tensors and plain
     containers only); a missing, corrupt or foreign file is one line naming ``path``."""
-    state = utils.load_torch_file(path, what)
+    state = runs.load_torch_file(path, what)
     missing = sorted(keys - set(state if isinstance(state, dict) else ()))
     if missing:
         raise DataError(f"{path}: not a {what} written by train_RawNet.py (it lacks {', '.join(missing)})")
@@ -258,7 +259,7 @@ def load_checkpoint(path, what, keys):
 
 
 def write_lines(path, lines):
-    utils.write_text_atomic("".join(line + "\n" for line in lines), path)
+    common.write_text_atomic("".join(line + "\n" for line in lines), path)
 
 
 def eers_before(path, phases, phase, epoch):
@@ -363,9 +364,9 @@ def main(args):
     phases = make_phases(args)
     check_flags(args, phases)
     save_dir = os.path.join(args.save_dir, args.name)
-    with utils.folder_lock(save_dir, "wait for it to end, or choose another -name"):
+    with runs.folder_lock(save_dir, "wait for it to end, or choose another -name"):
         check_resume(args, phases, save_dir)
-        utils.remove_temporaries(save_dir)  # of a killed run: never read, now removed
+        runs.remove_temporaries(save_dir)  # of a killed run: never read, now removed
         return train(args, phases, save_dir)
 
 
@@ -405,9 +406,9 @@ def load_data(args, save_dir):
     data = argparse.Namespace(dev_keys=sorted(dev_lengths), eval_keys=sorted(eval_lengths), val_dir=val_dir)
     data.labels = utils.speaker_labels(data.dev_keys)
     data.eval_trials = usable_trials(scoring.read_trials(args.trials),
-                                     {utils.utt_id(k) for k in eval_lengths}, eval_skipped, args.trials)
+                                     {common.utt_id(k) for k in eval_lengths}, eval_skipped, args.trials)
     val_lines = validation_lines(args, sorted(val_lengths))
-    data.val_trials = usable_trials(trial_arrays(val_lines), {utils.utt_id(k) for k in val_lengths},
+    data.val_trials = usable_trials(trial_arrays(val_lines), {common.utt_id(k) for k in val_lengths},
                                     val_skipped, args.val_trial or "the validation trials")
     write_lines(os.path.join(save_dir, "val_trial.txt"),
                 [f"{t} {a}.wav {b}.wav" for t, a, b in zip(*data.val_trials)])
@@ -437,7 +438,7 @@ def write_run_files(args, phases, save_dir, d_args, start_phase, start_epoch):
         write_lines(os.path.join(save_dir, "f_params.txt"), params)
     eers_path = os.path.join(save_dir, "eers.txt")
     write_lines(eers_path, eers_before(eers_path, phases, start_phase, start_epoch))
-    utils.write_json_atomic({"args": vars(args), "d_args": d_args}, os.path.join(save_dir, "args.json"))
+    common.write_json_atomic({"args": vars(args), "d_args": d_args}, os.path.join(save_dir, "args.json"))
 
 
 def build_phase(phases, p, args, d_args, device, save_dir, state):
@@ -522,10 +523,10 @@ def save_epoch(phases, p, epoch, run, val_eer, eval_eer, args, d_args, save_dir)
     is_best = val_eer < run.best_eer
     if is_best:
         run.best_eer = val_eer
-        utils.save_atomic({"model": run.model.state_dict(), "center": center, "d_args": d_args,
+        runs.save_atomic({"model": run.model.state_dict(), "center": center, "d_args": d_args,
                            "phase": phase.name, "epoch": epoch, "val_eer": val_eer, "eval_eer": eval_eer},
                           os.path.join(save_dir, "models", f"{phase.name}_best.pt"))
-    utils.save_atomic({"model": run.model.state_dict(), "center": center,
+    runs.save_atomic({"model": run.model.state_dict(), "center": center,
                        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                        "phase": p, "epoch": epoch,
                        "best_eer": run.best_eer, "rng": utils.rng_states(), "args": vars(args),
@@ -546,7 +547,7 @@ def write_embeddings(phase, args, d_args, data, device, save_dir):
                            "dev embeddings")
     test = embed_utterances(model, data.eval_keys, args.eval_dir, device, min(args.nb_worker, 4),
                             args.progress, "test embeddings")
-    utils.write_pickle_atomic({"dev_dic_embeddings": dev, "eval_dic_embeddings": test}, pickle_path)
+    common.write_pickle_atomic({"dev_dic_embeddings": dev, "eval_dic_embeddings": test}, pickle_path)
     labels, keys_a, keys_b = data.eval_trials
     cosine_eer = scoring.compute_eer(labels, scoring.cosine_scores(test, keys_a, keys_b))[0]
     print(f"best {phase.name} model (epoch {best['epoch']}): Vox1-O cosine EER {100 * cosine_eer:.2f} %; "
@@ -586,6 +587,6 @@ if __name__ == "__main__":
         main(parse_args())
     except (DataError, TrainingError) as e:
         # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
-        sys.exit(utils.error_line(e))
+        sys.exit(common.error_line(e))
     except KeyboardInterrupt:
         sys.exit("interrupted: the last completed epoch is in last.pt; continue with -resume")

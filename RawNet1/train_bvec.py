@@ -34,40 +34,42 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import common  # noqa: E402
+import runs  # noqa: E402
 import scoring  # noqa: E402
 import utils  # noqa: E402
+from common import DataError  # noqa: E402
 from data_RawNet import generate_validation_lines, read_trial_lines, trial_arrays  # noqa: E402
 from model_RawNet import LEAKY_SLOPE, keras_decay_scheduler, keras_l2_groups  # noqa: E402
-from utils import DataError  # noqa: E402
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description="Train the b-vector back-end; Vox1-O EER vs cosine.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    add = utils.arg_group(parser, "run")
+    add = common.arg_group(parser, "run")
     add("embeddings", type=str, required=True, help="embeddings pickle written by train_RawNet.py")
     add("out_dir", type=str, default="", help="output folder (default: bvec/ beside -embeddings)")
     add("seed", type=int, default=1234, help="seed for initialisation, validation trials and pair sampling")
-    add("progress", default=True, **utils.BOOL_FLAG, help="show progress bars")
+    add("progress", default=True, **common.BOOL_FLAG, help="show progress bars")
 
-    add = utils.arg_group(parser, "data")
+    add = common.arg_group(parser, "data")
     add("trials", type=str, default="DB/VoxCeleb1/veri_test.txt", help="test trials (Vox1-O)")
     add("val_trial", type=str, default="",
         help="validation trials over dev utterances (default: val_trial.txt beside -embeddings if present, "
              "else 8 trials per utterance of -nb_val_spk dev speakers, as train_RawNet.py generates them)")
     add("nb_val_spk", type=int, default=40, help="dev speakers of generated validation trials (0: all)")
 
-    add = utils.arg_group(parser, "optimisation")
+    add = common.arg_group(parser, "optimisation")
     add("bs", type=int, default=120, help="pairs per batch, half same-speaker and half different-speaker")
     add("lr", type=float, default=0.001, help="Adam learning rate")
-    add("amsgrad", default=True, help="AMSGrad variant of Adam", **utils.BOOL_FLAG)
+    add("amsgrad", default=True, help="AMSGrad variant of Adam", **common.BOOL_FLAG)
     add("lr_decay", type=float, default=1e-4, help="Keras decay per step: lr / (1 + decay * step)")
     add("wd", type=float, default=5e-5, help="Keras l2 on every dense kernel (loss + wd * sum w^2)")
     add("epoch", type=int, default=1000, help="epochs")
     add("nb_batch_per_epoch", type=int, default=1000, help="sampled batches per epoch")
 
-    add = utils.arg_group(parser, "model")
+    add = common.arg_group(parser, "model")
     add("m_hidden", type=int, default=1024, help="units of each hidden dense layer")
     add("m_nb_layer", type=int, default=4, help="hidden dense layers")
     add("m_in_dropout", type=float, default=0.2, help="dropout on each input embedding")
@@ -197,7 +199,7 @@ def make_training(dim, args):
 
 def append_line(path, line):
     old = open(path).read() if os.path.exists(path) else ""
-    utils.write_text_atomic(old + line + "\n", path)
+    common.write_text_atomic(old + line + "\n", path)
 
 
 def main(args):
@@ -207,8 +209,8 @@ def main(args):
     if args.epoch < 1 or args.nb_batch_per_epoch < 1:
         raise DataError("-epoch and -nb_batch_per_epoch must be at least 1")
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.embeddings)), "bvec")
-    with utils.folder_lock(out_dir, "wait for it to end, or choose another -out_dir"):
-        utils.remove_temporaries(out_dir)  # of a killed run: never read, now removed
+    with runs.folder_lock(out_dir, "wait for it to end, or choose another -out_dir"):
+        runs.remove_temporaries(out_dir)  # of a killed run: never read, now removed
         return train(args, out_dir)
 
 
@@ -229,7 +231,7 @@ def train(args, out_dir):
     row = {k: i for i, k in enumerate(dev_ids)}
     by_speaker = {}
     for k in dev_ids:
-        by_speaker.setdefault(utils.speaker_of(k), []).append(row[k])
+        by_speaker.setdefault(common.speaker_of(k), []).append(row[k])
     speaker_rows = [np.array(rows) for _, rows in sorted(by_speaker.items())]
     if sum(len(r) >= 2 for r in speaker_rows) < args.bs // 2:
         raise DataError(f"-bs {args.bs}: needs {args.bs // 2} dev speakers with two utterances or more, "
@@ -240,7 +242,7 @@ def train(args, out_dir):
     model, optimizer, scheduler = make_training(dev_matrix.shape[1], args)
     best_eer, best_state = np.inf, None
     best_path, eers_path = os.path.join(out_dir, "bvec_best.pt"), os.path.join(out_dir, "eers.txt")
-    utils.write_text_atomic("", eers_path)
+    common.write_text_atomic("", eers_path)
     print(f"b-vector: {len(dev_ids)} training embeddings of {len(speaker_rows)} speakers, "
           f"{len(val_trials[0])} validation trials, {sum(p.numel() for p in model.parameters()):,} "
           "parameters")
@@ -264,7 +266,7 @@ def train(args, out_dir):
         if val_eer < best_eer:
             best_eer = val_eer
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
-            utils.save_atomic({"model": best_state, "epoch": epoch, "mean": mean, "std": std,
+            runs.save_atomic({"model": best_state, "epoch": epoch, "mean": mean, "std": std,
                                "args": vars(args)}, best_path)
         tqdm.write(f"b-vector {line}")
 
@@ -277,7 +279,7 @@ def train(args, out_dir):
     bvec = score_pairs(model, test_std, keys_a, keys_b, {k: i for i, k in enumerate(test_ids)})
     eers = {"cosine": scoring.compute_eer(labels, cosine)[0], "bvec": scoring.compute_eer(labels, bvec)[0]}
     for name, scores in (("cosine", cosine), ("bvec", bvec)):
-        utils.write_text_atomic("".join(f"{s} {t}\n" for s, t in zip(scores, labels)),
+        common.write_text_atomic("".join(f"{s} {t}\n" for s, t in zip(scores, labels)),
                                 os.path.join(out_dir, "results", f"{name}_eval.txt"))
     append_line(eers_path, f"test cosine_eer:{eers['cosine']:.4f}, bvec_eer:{eers['bvec']:.4f}")
     print(f"Vox1-O ({len(labels)} trials): cosine EER {100 * eers['cosine']:.2f} %, "
@@ -289,6 +291,6 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except DataError as e:
-        sys.exit(utils.error_line(e))
+        sys.exit(common.error_line(e))
     except KeyboardInterrupt:
         sys.exit("interrupted")

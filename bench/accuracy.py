@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 from extract_e2e import WINDOW, make_corpus  # noqa: E402  (bench/: its synthetic utterances)
 
 import fast_RawNet2  # noqa: E402
+import tta  # noqa: E402
 import utils  # noqa: E402
 from model_RawNet2 import RawNet2, default_d_args  # noqa: E402
 
@@ -44,7 +45,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         make_corpus(tmp, max(4, args.segments // 2), np.random.default_rng(1))
         folder = os.path.join(tmp, "eval_wav")
-        segments = torch.cat([utils.read_tta_segments(key, folder, 59049, WINDOW)[1]
+        segments = torch.cat([tta.read_tta_segments(key, folder, 59049, WINDOW)[1]
                               for key in utils.list_utterances(folder)])[:args.segments]
     torch.manual_seed(0)
     model = RawNet2(default_d_args())

@@ -1,4 +1,4 @@
-"""Benchmark: TTA extraction, batched (utils.iter_embeddings) vs the original one-segment loop.
+"""Benchmark: TTA extraction, batched (tta.iter_embeddings) vs the original one-segment loop.
 
     python bench/extract.py                          # paper-size RawNet2, on the GPU if there is one
     python bench/extract.py -device cpu -nb_utt 12   # a quick CPU run
@@ -33,7 +33,9 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import fast_RawNet2  # noqa: E402
+import tta  # noqa: E402
 import utils  # noqa: E402
 from model_RawNet2 import RawNet2, default_d_args, load_pretrained  # noqa: E402
 
@@ -60,13 +62,13 @@ def one_segment_loop(model, keys, folder, device):
     for key in keys:
         segments = utils.tta_segments(utils.read_wav(os.path.join(folder, key)), model.nb_samp, WINDOW)
         codes = [model.embed(torch.from_numpy(s[None].copy()).to(device)).cpu() for s in segments]
-        out[utils.utt_id(key)] = torch.cat(codes).mean(0).numpy()
+        out[common.utt_id(key)] = torch.cat(codes).mean(0).numpy()
     return out
 
 
 def batched(model, keys, folder, device, bs, workers, bf16):
-    return dict((utils.utt_id(k), c) for k, c in
-                utils.iter_embeddings(model, keys, folder, model.nb_samp, WINDOW, device, workers, bs, bf16))
+    return dict((common.utt_id(k), c) for k, c in
+                tta.iter_embeddings(model, keys, folder, model.nb_samp, WINDOW, device, workers, bs, bf16))
 
 
 def timed(fn, device):

@@ -62,6 +62,7 @@ def loop(folder, checkpoint, out):
     """The original method in one process: read, segment, one forward per segment, mean; score."""
     import torch
     sys.path.insert(0, ROOT)
+    import common
     import scoring
     import utils
     from model_RawNet2 import load_pretrained
@@ -72,7 +73,7 @@ def loop(folder, checkpoint, out):
         for key in utils.list_utterances(wav_dir):
             segments = utils.tta_segments(utils.read_wav(os.path.join(wav_dir, key)), model.nb_samp, WINDOW)
             codes = [model.embed(torch.from_numpy(s[None].copy())) for s in segments]
-            embeddings[utils.utt_id(key)] = torch.cat(codes).mean(0).numpy()
+            embeddings[common.utt_id(key)] = torch.cat(codes).mean(0).numpy()
     labels, keys_a, keys_b = scoring.read_trials(os.path.join(folder, "trials.txt"))
     scores = [float(np.dot(embeddings[a], embeddings[b])
                     / (np.linalg.norm(embeddings[a]) * np.linalg.norm(embeddings[b])))

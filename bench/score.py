@@ -144,7 +144,7 @@ def main():
 
     print(f"device: CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"python {platform.python_version()}, numpy {np.__version__}")
-    runs = {"original": [], "ours": []}
+    timings = {"original": [], "ours": []}
     with tempfile.TemporaryDirectory() as folder:
         t = time.perf_counter()
         # in a child process: a forked child inherits the parent's peak RSS, so the parent stays small
@@ -160,19 +160,19 @@ def main():
                              "-trial_dir", folder, "-eer_file", os.path.join(folder, "eers.txt")]}
         for r in range(args.rounds):
             for name, cmd in commands.items():
-                runs[name].append(timed(cmd))
-                wall, cpu, mb, _ = runs[name][-1]
+                timings[name].append(timed(cmd))
+                wall, cpu, mb, _ = timings[name][-1]
                 print(f"round {r + 1}: {name:8s} {wall:6.1f} s start to exit, {cpu:6.1f} s CPU, "
                       f"peak RSS {mb:,.0f} MB", flush=True)
     median = {name: [float(np.median(column)) for column in zip(*[run[:3] for run in rs])]
-              for name, rs in runs.items()}
-    lines = {name: eer_lines(rs[-1][3]) for name, rs in runs.items()}
+              for name, rs in timings.items()}
+    lines = {name: eer_lines(rs[-1][3]) for name, rs in timings.items()}
     print("\n| path | start to exit | CPU | peak RSS |\n| --- | --- | --- | --- |")
     for name, label in (("original", "original script (DataLoader, per-trial loop)"),
                         ("ours", "`evaluate_pretrained_RawNet2.py`")):
         wall, cpu, mb = median[name]
         print(f"| {label} | {wall:.1f} s | {cpu:.1f} s | {mb / 1024:.2f} GB |")
-    ratios = [o[0] / u[0] for o, u in zip(runs["original"], runs["ours"])]
+    ratios = [o[0] / u[0] for o, u in zip(timings["original"], timings["ours"])]
     print(f"\nspeed-up, start to exit: {median['original'][0] / median['ours'][0]:.1f}x "
           f"(per round: {', '.join(f'{x:.1f}x' for x in ratios)}); CPU time: "
           f"{median['original'][1] / median['ours'][1]:.1f}x; load average {os.getloadavg()[0]:.1f} "

@@ -42,6 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import common  # noqa: E402
+import distributed  # noqa: E402
 import fast_RawNet2  # noqa: E402
 import utils  # noqa: E402
 from model_RawNet2 import RawNet2, default_d_args  # noqa: E402
@@ -82,7 +84,7 @@ def parse_args(argv=None):
 
 def run_variant(args, variant):
     """Time ``args.steps`` training steps of one variant; returns the JSON-able result."""
-    rank, world = utils.rank_and_world()
+    rank, world = distributed.rank_and_world()
     cuda = torch.cuda.is_available()
     if world > 1 or "LOCAL_RANK" in os.environ:
         if cuda:
@@ -97,7 +99,7 @@ def run_variant(args, variant):
         sys.exit(f"error: --bs {bs} is not divisible by the world size {world}")
     fast, amp = VARIANTS[variant]
     if variant != "reference":
-        utils.keep_freed_memory()  # as train_RawNet2.py does
+        common.keep_freed_memory()  # as train_RawNet2.py does
     torch.manual_seed(0)
     model = RawNet2({**default_d_args(args.nb_classes, nb_samp), **changes})
     model = fast_RawNet2.accelerate(model, fast).to(device)
@@ -171,24 +173,25 @@ def compare(args):
     variants = args.variants or [v for v in VARIANTS if v != "reference+bf16" and (cuda or v != "fast+fp16")]
     if "reference" not in variants:
         variants = ["reference"] + variants
-    runs = {v: [] for v in variants}
+    timings = {v: [] for v in variants}
     for r in range(args.rounds):
         for v in variants:
             out = subprocess.run(child_argv(args, v), check=True, capture_output=True, text=True).stdout
-            runs[v].append(json.loads(out.strip().splitlines()[-1]))
-            print(f"round {r + 1}/{args.rounds} {v}: {runs[v][-1]['s_per_step']:.3f} s/step", file=sys.stderr)
-    first = runs[variants[0]][0]
+            timings[v].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"round {r + 1}/{args.rounds} {v}: {timings[v][-1]['s_per_step']:.3f} s/step",
+                  file=sys.stderr)
+    first = timings[variants[0]][0]
     kernels = fast_RawNet2.kernel_settings()
     print(f"device: {first['device']} ({kernels}); config {args.config}, batch {first['global_batch']} x "
           f"{CONFIGS[args.config][0]:,} samples; median of {args.rounds} rounds x {args.steps} steps; "
           f"cudnn.benchmark={args.benchmark}")
     print(f"{'variant':<15} {'s/step':>8} {'crops/s':>9} {'vs reference':>13} {'peak GiB':>9}  "
           f"plan (front end / blocks / GRU)")
-    ref = statistics.median(r["s_per_step"] for r in runs["reference"])
+    ref = statistics.median(r["s_per_step"] for r in timings["reference"])
     for v in variants:
-        s = statistics.median(r["s_per_step"] for r in runs[v])
-        peak = max(r["peak_mem_GiB_per_process"] for r in runs[v])
-        plan = " / ".join(runs[v][-1]["plan"][stage] for stage in fast_RawNet2.STAGES)
+        s = statistics.median(r["s_per_step"] for r in timings[v])
+        peak = max(r["peak_mem_GiB_per_process"] for r in timings[v])
+        plan = " / ".join(timings[v][-1]["plan"][stage] for stage in fast_RawNet2.STAGES)
         print(f"{v:<15} {s:8.3f} {first['global_batch'] / s:9.1f} {ref / s:12.2f}x {peak:9.2f}  {plan}")
     print(f"(peak memory: {first['peak_mem_kind']})")
 
@@ -196,7 +199,7 @@ def compare(args):
 def main(args):
     if args.variant or "LOCAL_RANK" in os.environ:
         result = run_variant(args, args.variant or "fast")
-        if utils.rank_and_world()[0] == 0:
+        if distributed.rank_and_world()[0] == 0:
             print(json.dumps(result), flush=True)
     else:
         compare(args)

@@ -1,5 +1,5 @@
 """Tools of tests/test_reliability.py: scripts run as real processes (killed with SIGKILL at chosen
-moments), faults injected through utils' RAWNET_FAULT hook, and comparisons of run folders."""
+moments), faults injected through common.py's RAWNET_FAULT hook, and comparisons of run folders."""
 
 import gc
 import json
@@ -17,7 +17,7 @@ import torch
 import torch._dynamo  # (torch.optim imports it on first use: once here, not in every forked run)
 
 import common
-import utils
+import runs
 from conftest import ROOT
 
 TRAIN = os.path.join(ROOT, "train_RawNet2.py")
@@ -26,12 +26,12 @@ EVALUATE = os.path.join(ROOT, "evaluate_pretrained_RawNet2.py")
 
 def script_env(fault=None, trace=None):
     """One thread (the same float reductions in every process), and the test hooks."""
-    env = {k: v for k, v in os.environ.items() if k not in (utils.FAULT_ENV, utils.TRACE_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in (common.FAULT_ENV, common.TRACE_ENV)}
     env["OMP_NUM_THREADS"] = "1"
     if fault:
-        env[utils.FAULT_ENV] = fault
+        env[common.FAULT_ENV] = fault
     if trace:
-        env[utils.TRACE_ENV] = str(trace)
+        env[common.TRACE_ENV] = str(trace)
     return env
 
 
@@ -72,7 +72,7 @@ def run_forked(cli, argv, fault=None, trace=None, kill_when=None, timeout=240):
             gc.freeze()  # nor does the child's collector destroy anything it inherited
             code = 70
             try:
-                for name, value in ((utils.FAULT_ENV, fault), (utils.TRACE_ENV, trace)):
+                for name, value in ((common.FAULT_ENV, fault), (common.TRACE_ENV, trace)):
                     os.environ.pop(name, None)
                     if value:
                         os.environ[name] = str(value)
@@ -139,7 +139,7 @@ def files_under(folder):
 
 
 def temporaries(folder):
-    return [f for f in files_under(folder) if os.path.basename(f).startswith(utils.TMP_PREFIX)]
+    return [f for f in files_under(folder) if os.path.basename(f).startswith(common.TMP_PREFIX)]
 
 
 def load(path):
@@ -185,7 +185,7 @@ def check_run_folder(run, ref):
     completed = -1
     for rel in files_under(run):
         path, name = os.path.join(run, rel), os.path.basename(rel)
-        if name.startswith(utils.TMP_PREFIX) or rel == utils.LOCK_NAME:
+        if name.startswith(common.TMP_PREFIX) or rel == runs.LOCK_NAME:
             continue
         if rel == "eers.txt":
             lines = text(path).splitlines()

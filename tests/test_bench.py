@@ -9,12 +9,16 @@ import os
 import pytest
 
 import common
+import distributed
 import fast_RawNet2
+import runs
 import scoring
+import tta
 import utils
 from conftest import ROOT
 
-MODULES = {"common": common, "fast_RawNet2": fast_RawNet2, "scoring": scoring, "utils": utils}
+MODULES = {"common": common, "distributed": distributed, "fast_RawNet2": fast_RawNet2, "runs": runs,
+           "scoring": scoring, "tta": tta, "utils": utils}
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "bench", "*.py"))),

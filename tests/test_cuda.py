@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import evaluate_pretrained_RawNet2 as evaluate
 import fast_RawNet2
 import scoring
@@ -149,7 +150,7 @@ def test_extraction_on_gpu_equals_the_one_segment_loop(tiny_corpus, tmp_path):
         with torch.no_grad():
             loop = np.mean([reference.embed(torch.from_numpy(s[None].copy()).to(CUDA))[0].cpu().numpy()
                             for s in segs], axis=0)
-        np.testing.assert_allclose(embeddings[utils.utt_id(key)], loop, atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(embeddings[common.utt_id(key)], loop, atol=1e-5, rtol=1e-4)
 
 
 def torchrun_one(args, timeout=300):

@@ -132,6 +132,7 @@ def test_mean_log_spectrum_peaks_at_a_tone():
     assert np.argmax(demo_corpus.mean_log_spectrum(wav)) == 1000 * 512 // 16000
 
 
+@pytest.mark.slow
 def test_naive_baseline_fails_on_the_default_corpus(tmp_path):
     # The acceptance bar of the demo: a mean-spectrum baseline must not solve the task.
     root = demo_corpus.make_demo_corpus(str(tmp_path / "demo"), progress=False)

@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
+import common
+import distributed
+import runs
 import scoring
 import train_RawNet2 as train
 import utils
@@ -80,6 +83,7 @@ def reference_params(corpus, flags, world=2):
     return model
 
 
+@pytest.mark.slow
 def test_ddp_matches_split_batch_reference_and_only_rank0_writes(tiny_corpus, tmp_path):
     # SGD: its update is linear in the gradient, so float rounding stays at rounding level (Adam
     # turns the ~0 gradients of conv biases followed by batch norm into +-lr steps of random sign).
@@ -101,6 +105,7 @@ def test_ddp_matches_split_batch_reference_and_only_rank0_writes(tiny_corpus, tm
     assert any(p.endswith("last.pt") for p in (log / "rank0.txt").read_text().split())
 
 
+@pytest.mark.slow
 def test_sharded_evaluation_equals_single_process(tiny_corpus, tmp_path):
     flags = tiny_run_flags(tiny_corpus, tmp_path, epochs=1)
     proc = torchrun(flags)
@@ -118,6 +123,7 @@ def test_sharded_evaluation_equals_single_process(tiny_corpus, tmp_path):
     assert line == f"epoch:0, TA_eval_eer:{eer:.4f}"
 
 
+@pytest.mark.slow
 def test_elastic_restart_after_a_killed_worker_finishes_all_epochs(tiny_corpus, tmp_path):
     flags = tiny_run_flags(tiny_corpus, tmp_path, epochs=3)
     # One restart is enough: each attempt joins under a key-value prefix of its own (before that,
@@ -130,6 +136,7 @@ def test_elastic_restart_after_a_killed_worker_finishes_all_epochs(tiny_corpus, 
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_world_size_is_one_line(tiny_corpus, tmp_path):
     flags = tiny_run_flags(tiny_corpus, tmp_path, epochs=1)
     flags[flags.index("-bs") + 1] = "5"
@@ -144,6 +151,7 @@ def test_batch_not_divisible_by_world_size_is_one_line(tiny_corpus, tmp_path):
     assert under_torchrun.stderr.count("error: -bs 5 is not divisible by the world size 2") == 1
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_world_size(tiny_corpus, tmp_path):
     train.main(train.parse_args(tiny_run_flags(tiny_corpus, tmp_path, epochs=1)))
     proc = torchrun(tiny_run_flags(tiny_corpus, tmp_path, epochs=2) + ["-resume"])
@@ -168,7 +176,7 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
     expected = (r"^local process 1 has no GPU of its own: 1 visible on this node; start at most 1 per node "
                 r"\(torchrun --nproc_per_node=1\)")
-    with pytest.raises(utils.DataError, match=expected):
+    with pytest.raises(common.DataError, match=expected):
         train.setup_device(train.parse_args(["-name", "x"]))
 
 
@@ -183,7 +191,7 @@ def test_the_index_is_built_without_a_collective(tiny_corpus, tmp_path, monkeypa
     def collective():
         raise AssertionError("a collective: bounded by -dist_timeout")
 
-    monkeypatch.setattr(utils, "barrier", collective)
+    monkeypatch.setattr(distributed, "barrier", collective)
     monkeypatch.setenv("RANK", "1")  # not rank 0, and the first to need the index
     monkeypatch.setenv("WORLD_SIZE", "2")
     train_dir = copied_train_dir(tiny_corpus, tmp_path)
@@ -215,7 +223,7 @@ def test_an_interrupted_index_build_continues_where_it_stopped(tiny_corpus, tmp_
     monkeypatch.setattr(utils, "INDEX_CHUNK", 4)
     train_dir = copied_train_dir(tiny_corpus, tmp_path)
     keys = utils.list_utterances(train_dir)
-    appended, append = [], utils.append_record
+    appended, append = [], runs.append_record
 
     class Interrupted(Exception):
         pass
@@ -226,11 +234,11 @@ def test_an_interrupted_index_build_continues_where_it_stopped(tiny_corpus, tmp_
         appended.append(chunk)
         append(f, chunk, path)
 
-    monkeypatch.setattr(utils, "append_record", interrupted_at_the_third_chunk)
+    monkeypatch.setattr(runs, "append_record", interrupted_at_the_third_chunk)
     with pytest.raises(Interrupted):
         utils.wav_index(keys, train_dir, 1, False)
-    assert [len(chunk) for chunk in utils.read_records(train_dir + "_index.log")] == [4, 4]
-    monkeypatch.setattr(utils, "append_record", append)
+    assert [len(chunk) for chunk in runs.read_records(train_dir + "_index.log")] == [4, 4]
+    monkeypatch.setattr(runs, "append_record", append)
     # file 1 is in the log: garbage of its size and time shows whether it is read again
     first = os.path.join(train_dir, keys[0])
     audio, _ = sf.read(first)

@@ -12,13 +12,15 @@ import pytest
 import soundfile as sf
 import torch
 
+import common
 import evaluate_pretrained_RawNet2 as ev
 import fast_RawNet2
 import scoring
+import tta
 import utils
+from common import DataError
 from conftest import ROOT
 from model_RawNet2 import RawNet2
-from utils import DataError
 
 TINY = {"first_conv": 251, "in_channels": 1, "filts": [8, [8, 8], [8, 16], [16, 16]],
         "nb_fc_node": 16, "gru_node": 16, "nb_gru_layer": 1, "nb_samp": 4000, "nb_classes": 6}
@@ -118,8 +120,8 @@ def scored_dir(tmp_path):
     rng = np.random.default_rng(0)
     dev = speaker_embeddings(rng, 12, 6, prefix="id0")
     evl = speaker_embeddings(rng, 5, 6, prefix="id1")
-    utils.write_pickle_atomic(dev, str(tmp_path / "TTA_vox1_dev.pk"))
-    utils.write_pickle_atomic(evl, str(tmp_path / "TTA_vox1_eval.pk"))
+    common.write_pickle_atomic(dev, str(tmp_path / "TTA_vox1_dev.pk"))
+    common.write_pickle_atomic(evl, str(tmp_path / "TTA_vox1_eval.pk"))
     write_list(tmp_path / "vox_original.txt", rng, sorted(evl), 300)
     write_list(tmp_path / "list_test_all_cleaned.txt", rng, sorted(dev) + sorted(evl), 2000)
     write_list(tmp_path / "list_test_hard_cleaned.txt", rng, sorted(dev) + sorted(evl), 1500)
@@ -160,8 +162,8 @@ def test_vectorised_eer_equals_per_trial_loop(tmp_path):
     rng = np.random.default_rng(5)
     dev = speaker_embeddings(rng, 60, 20, dim=256, noise=3.0, prefix="id0")
     evl = speaker_embeddings(rng, 10, 20, dim=256, noise=3.0, prefix="id1")
-    utils.write_pickle_atomic(dev, str(tmp_path / "TTA_vox1_dev.pk"))
-    utils.write_pickle_atomic(evl, str(tmp_path / "TTA_vox1_eval.pk"))
+    common.write_pickle_atomic(dev, str(tmp_path / "TTA_vox1_dev.pk"))
+    common.write_pickle_atomic(evl, str(tmp_path / "TTA_vox1_eval.pk"))
     write_list(tmp_path / "vox_original.txt", rng, sorted(evl), 5000)
     write_list(tmp_path / "list_test_all_cleaned.txt", rng, sorted(dev) + sorted(evl), 30000)
     results = run(score_flags(tmp_path))
@@ -209,13 +211,13 @@ def test_missing_keys_error_or_skip(scored_dir, capsys):
 def test_nan_or_zero_embedding_is_named(tmp_path):
     emb = {"id1/v/00001": np.ones(4, np.float32), "id1/v/00002": np.array([1, np.nan, 0, 0], np.float32),
            "id2/v/00001": np.zeros(4, np.float32)}
-    utils.write_pickle_atomic(emb, str(tmp_path / "TTA_vox1_eval.pk"))
+    common.write_pickle_atomic(emb, str(tmp_path / "TTA_vox1_eval.pk"))
     (tmp_path / "t.txt").write_text("1 id1/v/00001 id1/v/00002\n0 id1/v/00001 id2/v/00001\n")
     with pytest.raises(DataError, match="TTA_vox1_eval.pk: 1 embeddings hold NaN or infinite values, "
                                         "e.g. id1/v/00002"):
         run(score_flags(tmp_path) + ["-trials", str(tmp_path / "t.txt")])
     del emb["id1/v/00002"]
-    utils.write_pickle_atomic(emb, str(tmp_path / "TTA_vox1_eval.pk"))
+    common.write_pickle_atomic(emb, str(tmp_path / "TTA_vox1_eval.pk"))
     (tmp_path / "t.txt").write_text("0 id1/v/00001 id2/v/00001\n1 id1/v/00001 id1/v/00001\n")
     with pytest.raises(DataError, match="1 embeddings are non-finite or zero, e.g. id2/v/00001"):
         run(score_flags(tmp_path) + ["-trials", str(tmp_path / "t.txt")])
@@ -340,13 +342,13 @@ def test_pickle_of_a_crafted_array_is_one_line(tmp_path, blob):
 
 
 def test_pickle_of_empty_vectors_is_one_line(tmp_path):
-    utils.write_pickle_atomic({"s/v/00001": np.zeros(0, np.float32)}, str(tmp_path / "e.pk"))
+    common.write_pickle_atomic({"s/v/00001": np.zeros(0, np.float32)}, str(tmp_path / "e.pk"))
     with pytest.raises(DataError, match="e.pk: the embeddings are empty vectors"):
         scoring.load_embeddings(str(tmp_path / "e.pk"))
 
 
 def test_pickle_of_wrong_content_is_refused(tmp_path):
-    utils.write_pickle_atomic({"k": np.zeros((2, 2))}, str(tmp_path / "m.pk"))
+    common.write_pickle_atomic({"k": np.zeros((2, 2))}, str(tmp_path / "m.pk"))
     with pytest.raises(DataError, match="expected 1-D real vectors"):
         scoring.load_embeddings(str(tmp_path / "m.pk"))
 
@@ -438,7 +440,7 @@ def test_interrupted_extraction_resumes_without_recomputing(tiny_corpus, tiny_ch
                                                             monkeypatch):
     checkpoint, _ = tiny_checkpoint
     run(extract_flags(tiny_corpus, tmp_path / "full", checkpoint))
-    computed, original = [], utils.iter_embeddings
+    computed, original = [], tta.iter_embeddings
 
     def interrupted(*args, **kwargs):
         for i, item in enumerate(original(*args, **kwargs)):
@@ -448,7 +450,7 @@ def test_interrupted_extraction_resumes_without_recomputing(tiny_corpus, tiny_ch
             yield item
 
     monkeypatch.setattr(ev, "PARTIAL_SYNC_RECORDS", 1)
-    monkeypatch.setattr(utils, "iter_embeddings", interrupted)
+    monkeypatch.setattr(tta, "iter_embeddings", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(extract_flags(tiny_corpus, tmp_path / "cut", checkpoint))
     assert len(computed) == 5 and os.listdir(tmp_path / "cut" / ".partial")
@@ -458,7 +460,7 @@ def test_interrupted_extraction_resumes_without_recomputing(tiny_corpus, tiny_ch
             computed.append(item[0])
             yield item
 
-    monkeypatch.setattr(utils, "iter_embeddings", counting)
+    monkeypatch.setattr(tta, "iter_embeddings", counting)
     run(extract_flags(tiny_corpus, tmp_path / "cut", checkpoint))
     assert len(computed) == 12 and len(set(computed)) == 12  # 5 before, the other 7 after: none twice
     full = scoring.load_embeddings(str(tmp_path / "full" / "TTA_vox1_eval.pk"))
@@ -471,8 +473,8 @@ def test_interrupted_extraction_resumes_without_recomputing(tiny_corpus, tiny_ch
 def test_embed_utterance_long_recording_in_batches(tiny_checkpoint):
     _, model = tiny_checkpoint
     wav = np.random.default_rng(0).standard_normal(30000).astype(np.float32)  # 10 segments
-    whole = utils.embed_utterance(model, wav, window_size=1000, segments_per_batch=32)
-    np.testing.assert_allclose(utils.embed_utterance(model, wav, window_size=1000, segments_per_batch=3),
+    whole = tta.embed_utterance(model, wav, window_size=1000, segments_per_batch=32)
+    np.testing.assert_allclose(tta.embed_utterance(model, wav, window_size=1000, segments_per_batch=3),
                                whole, atol=1e-5)
     with torch.no_grad():
         segments = torch.from_numpy(utils.tta_segments(wav, 4000, 1000).copy())
@@ -483,8 +485,8 @@ def test_bf16_extraction_is_close_not_identical(tiny_corpus, tiny_checkpoint):
     _, model = tiny_checkpoint
     folder = os.path.join(tiny_corpus, "VoxCeleb1", "eval_wav")
     wav = utils.read_wav(os.path.join(folder, utils.list_utterances(folder)[0]))  # in-domain audio
-    full = utils.embed_utterance(model, wav, window_size=1000)
-    half = utils.embed_utterance(model, wav, window_size=1000, bf16=True)
+    full = tta.embed_utterance(model, wav, window_size=1000)
+    half = tta.embed_utterance(model, wav, window_size=1000, bf16=True)
     assert not np.array_equal(full, half)
     assert cos_sim(full, half) > 0.99
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import export_RawNet2
+import tta
 import utils
 from conftest import ROOT
 from model_RawNet2 import RawNet2, load_pretrained
@@ -61,12 +62,12 @@ def test_tta_embedding_is_the_mean_of_segment_embeddings():
         code = export_RawNet2.tta_embedding(lambda b: model.embed(torch.from_numpy(b)), x, 4000, 1000,
                                             segments_per_batch=2)
     np.testing.assert_allclose(code, expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(utils.embed_utterance(model, x, 1000), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tta.embed_utterance(model, x, 1000), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_tta_embedding_runs_the_shared_tta_path_without_padding(monkeypatch):
-    sizes, shared = [], utils.tta_embeddings
-    monkeypatch.setattr(utils, "tta_embeddings", lambda *a, **k: sizes.append(k) or shared(*a, **k))
+    sizes, shared = [], tta.tta_embeddings
+    monkeypatch.setattr(tta, "tta_embeddings", lambda *a, **k: sizes.append(k) or shared(*a, **k))
     x = np.random.default_rng(0).uniform(-1, 1, 9500).astype(np.float32)  # 3 segments
     batches = []
     export_RawNet2.tta_embedding(lambda b: batches.append(len(b)) or b[:, :2], x, 4000, 1000,

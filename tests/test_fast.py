@@ -218,6 +218,7 @@ def test_non_default_batch_norm_and_gru_fall_back_to_the_modules(small_chunks):
         assert rel_err(a.double(), b.double()) < 1e-10, name
 
 
+@pytest.mark.slow
 def test_ddp_on_cpu_prints_no_gradient_stride_warning(tmp_path):
     """The fast path's weight gradients have their parameters' layout, so DistributedDataParallel's
     buckets take them as they are. (Before, at 16 crops per process the 1x1 conv_downsample weights'

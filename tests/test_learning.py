@@ -11,6 +11,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -58,6 +59,7 @@ def write_formant_corpus(root, seed=0):
     return root
 
 
+@pytest.mark.slow
 def test_tiny_rawnet2_learns_a_tiny_corpus(tmp_path, monkeypatch):
     corpus = write_formant_corpus(str(tmp_path / "corpus"))
     losses = []

@@ -14,12 +14,13 @@ import torch
 from conftest import ROOT, TINY_FLAGS
 
 sys.path.insert(0, os.path.join(ROOT, "DB"))
+import common  # noqa: E402
 import evaluate_pretrained_RawNet2 as evaluate  # noqa: E402
 import prepare_dataset  # noqa: E402
 import scoring  # noqa: E402
 import train_RawNet2  # noqa: E402
 import utils  # noqa: E402
-from utils import DataError  # noqa: E402
+from common import DataError  # noqa: E402
 
 
 def voice(rng, f0, seconds, rate, channels):
@@ -223,6 +224,7 @@ def test_extract_flags_refuse_misuse_in_one_line(tmp_path):
         evaluate.audio_files(evaluate.parse_args(["-extract", "-wav_dir", str(tmp_path / "d")]))
 
 
+@pytest.mark.slow
 def test_foreign_layouts_end_to_end(tmp_path, capsys):
     """Three foreign layouts -> prepared folders -> two epochs of a tiny RawNet2 -> extraction of
     prepared and raw files -> scoring -> ONNX and .pt2 export matching PyTorch."""
@@ -251,26 +253,26 @@ def test_foreign_layouts_end_to_end(tmp_path, capsys):
     checkpoint = str(tmp_path / "runs" / "own" / "last.pt")
 
     # Extract the prepared test set of the 48 kHz stereo source, score its trials against that file.
-    common = ["-model_dir", checkpoint, "-window_size", "1000", "-nb_worker", "0", "-fast", "False",
-              "-bs", "32", "-eer_file", str(tmp_path / "eers.txt")]
+    flags = ["-model_dir", checkpoint, "-window_size", "1000", "-nb_worker", "0", "-fast", "False",
+             "-bs", "32", "-eer_file", str(tmp_path / "eers.txt")]
     prepared_embd = str(tmp_path / "two.npy")
     results = evaluate.main(evaluate.parse_args(
         ["-extract", "-wav_dir", prepared["two"] + "/test/eval_wav", "-embd", prepared_embd,
-         "-trials", prepared["two"] + "/test/veri_test.txt"] + common))
+         "-trials", prepared["two"] + "/test/veri_test.txt"] + flags))
     assert 0 <= results["veri_test"]["eer"] <= 1
     # The raw 44.1 kHz wavs of the list, converted on the fly, match their prepared (PCM-16) copies.
     rows = mapping(prepared["csv"])
     with open(tmp_path / "list.txt", "w") as f:
         f.writelines(r[0] + "\n" for r in rows)
     evaluate.main(evaluate.parse_args(["-extract", "-wav_list", str(tmp_path / "list.txt"),
-                                       "-embd", str(tmp_path / "raw.pk")] + common))
+                                       "-embd", str(tmp_path / "raw.pk")] + flags))
     assert "12 files are converted to 16 kHz mono" in capsys.readouterr().out
     raw = scoring.load_embeddings(str(tmp_path / "raw.pk"))
     evaluate.main(evaluate.parse_args(["-extract", "-wav_dir", prepared["csv"], "-embd",
-                                       str(tmp_path / "prep.pk")] + common))
+                                       str(tmp_path / "prep.pk")] + flags))
     prep = scoring.load_embeddings(str(tmp_path / "prep.pk"))
     for source, output, *_ in rows:
-        a, b = raw[utils.utt_id(source)], prep[utils.utt_id(output)]
+        a, b = raw[common.utt_id(source)], prep[common.utt_id(output)]
         assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.999
 
     # Export the trainer checkpoint; the exported TTA embeddings equal the extracted ones.
@@ -284,13 +286,13 @@ def test_foreign_layouts_end_to_end(tmp_path, capsys):
     wav_dir = prepared["two"] + "/test/eval_wav"
     for key in utils.list_utterances(wav_dir):
         x = utils.read_wav(os.path.join(wav_dir, key))
-        ref = extracted[utils.utt_id(key)]
+        ref = extracted[common.utt_id(key)]
         for run in (lambda b: session.run(None, {"waveform": b})[0], program):
             code = export_RawNet2.tta_embedding(run, x, 4000, 1000, segments_per_batch=3)
             assert np.max(np.abs(code - ref)) <= 1e-4 * np.max(np.abs(ref))
     # -extract -onnx: the same extraction with onnxruntime running the network.
     evaluate.main(evaluate.parse_args(["-extract", "-wav_dir", wav_dir, "-embd", str(tmp_path / "onnx.pk"),
-                                       "-onnx", paths["onnx"]] + common))
+                                       "-onnx", paths["onnx"]] + flags))
     by_onnx = scoring.load_embeddings(str(tmp_path / "onnx.pk"))
     assert by_onnx.keys() == extracted.keys()
     for key, ref in extracted.items():
@@ -471,7 +473,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_naming_the_file(tmp_path):
 
 def test_embeddings_with_nan_are_refused_when_loaded_and_never_written(tmp_path):
     codes = {"s/a": np.ones(4, np.float32), "s/b": np.array([1, np.inf, 0, 0], np.float32)}
-    utils.write_pickle_atomic(codes, str(tmp_path / "e.pk"))
+    common.write_pickle_atomic(codes, str(tmp_path / "e.pk"))
     with pytest.raises(DataError, match=r"e.pk: 1 embeddings hold NaN or infinite values, e.g. s/b$"):
         scoring.load_embeddings(str(tmp_path / "e.pk"))
     with pytest.raises(DataError, match=r"e.pk: 1 embeddings hold NaN or infinite values, e.g. s/b$"):

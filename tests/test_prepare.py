@@ -15,7 +15,7 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "DB"))
 import prepare_dataset  # noqa: E402
 import train_RawNet2  # noqa: E402
-from utils import DataError  # noqa: E402
+from common import DataError  # noqa: E402
 
 EMPTY = "cannot read audio (empty file: 0 bytes)"
 TEXT = "cannot read audio (a text file, not audio; it begins 'hello, this is a note')"

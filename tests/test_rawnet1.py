@@ -26,9 +26,10 @@ sys.path.append(os.path.join(ROOT, "RawNet1"))
 
 import data_RawNet  # noqa: E402
 import pre_process_waveforms  # noqa: E402
+import runs  # noqa: E402
 import train_bvec  # noqa: E402
 import train_RawNet  # noqa: E402
-import utils  # noqa: E402
+from common import DataError  # noqa: E402
 from data_RawNet import load_index, pre_emphasis, read_int16  # noqa: E402
 from model_RawNet import (  # noqa: E402
     CenterLoss,
@@ -41,7 +42,6 @@ from model_RawNet import (  # noqa: E402
     init_from_pretrained,
     keras_init,
 )
-from utils import DataError  # noqa: E402
 
 PAPER = {"filts": [128, 128, 256], "nb_blocks": [2, 4], "gru_node": 1024, "nb_code": 128,
          "dropout": 0.5, "gru_dropout": 0.3, "nb_classes": 1211}
@@ -731,17 +731,17 @@ def test_a_corrupt_or_foreign_last_pt_is_one_line_naming_it(npy_corpus, tmp_path
 def test_an_epoch_killed_before_last_pt_is_listed_once_after_resume(npy_corpus, tmp_path, monkeypatch):
     """Killed after gru epoch 1's eers.txt line but before its last.pt: the resumed run redoes that
     epoch, and eers.txt lists each epoch once."""
-    save_atomic = train_RawNet.utils.save_atomic
+    save_atomic = runs.save_atomic
 
     def killed(obj, path):
         if str(path).endswith("last.pt") and (obj["phase"], obj["epoch"]) == (1, 1):
             raise KeyboardInterrupt
         save_atomic(obj, path)
 
-    monkeypatch.setattr(train_RawNet.utils, "save_atomic", killed)
+    monkeypatch.setattr(runs, "save_atomic", killed)
     with pytest.raises(KeyboardInterrupt):
         train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path)))
-    monkeypatch.setattr(train_RawNet.utils, "save_atomic", save_atomic)
+    monkeypatch.setattr(runs, "save_atomic", save_atomic)
     train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path) + ["-resume"]))
     eers = (tmp_path / "run" / "eers.txt").read_text().splitlines()
     assert [line.split(", ")[:2] for line in eers] == [["phase:pretrain", "epoch:0"],
@@ -749,25 +749,25 @@ def test_an_epoch_killed_before_last_pt_is_listed_once_after_resume(npy_corpus, 
 
 
 def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(npy_corpus, tmp_path):
-    with utils.folder_lock(str(tmp_path / "run"), "test"):
+    with runs.folder_lock(str(tmp_path / "run"), "test"):
         with pytest.raises(DataError, match=rf"run is in use by pid {os.getpid()} on .*: wait for it to end"):
             train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path)))
     assert not (tmp_path / "run").exists()
 
 
 def die_holding_the_lock(argv):
-    with utils.folder_lock(argv[0], "test"):
+    with runs.folder_lock(argv[0], "test"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_a_stale_lock_of_a_killed_run_is_taken_over(npy_corpus, tmp_path, capsys):
     run = tmp_path / "run"
     assert run_forked(die_holding_the_lock, [str(run)])[0] == -signal.SIGKILL
-    holder = json.loads((run / utils.LOCK_NAME).read_text())
+    holder = json.loads((run / runs.LOCK_NAME).read_text())
     train_RawNet.main(train_RawNet.parse_args(run_flags(npy_corpus, tmp_path)))
-    note = f"note: {run / utils.LOCK_NAME}: stale lock of pid {holder['pid']} on {holder['host']} (no longer"
+    note = f"note: {run / runs.LOCK_NAME}: stale lock of pid {holder['pid']} on {holder['host']} (no longer"
     assert f"{note} running) taken over" in capsys.readouterr().out
-    assert (run / "embeddings.pk").exists() and not (run / utils.LOCK_NAME).exists()
+    assert (run / "embeddings.pk").exists() and not (run / runs.LOCK_NAME).exists()
 
 
 def test_a_run_whose_last_pt_is_lost_is_not_started_over(npy_corpus, tmp_path):
@@ -780,7 +780,7 @@ def test_a_run_whose_last_pt_is_lost_is_not_started_over(npy_corpus, tmp_path):
 
 def test_a_second_bvector_run_on_the_same_folder_is_refused(tmp_path):
     flags = ["-embeddings", str(tmp_path / "embeddings.pk"), "-out_dir", str(tmp_path / "bvec")]
-    with utils.folder_lock(str(tmp_path / "bvec"), "test"):
+    with runs.folder_lock(str(tmp_path / "bvec"), "test"):
         with pytest.raises(DataError, match=rf"bvec is in use by pid {os.getpid()} on .*another -out_dir"):
             train_bvec.main(train_bvec.parse_args(flags))
 

@@ -1,7 +1,7 @@
 """Reliability: runs killed anywhere resume exactly, full disks and read-only folders, corrupt files,
 bad audio, bad trial lists, bad flags, concurrent runs. Every fault is real: processes die by
 SIGKILL, files are truncated or filled with garbage, writes fail with the OSError the system gives
-(raised at the write by utils' RAWNET_FAULT test hook where a real disk cannot be filled).
+(raised at the write by common.py's RAWNET_FAULT test hook where a real disk cannot be filled).
 
 The kill schedules are drawn from a seed printed by the test (and in its assertion messages);
 ``RELIABILITY_SEED=N`` replays one."""
@@ -22,10 +22,13 @@ import pytest
 import soundfile as sf
 import torch
 
+import common
 import evaluate_pretrained_RawNet2 as ev
+import runs
 import scoring
 import train_RawNet2 as train
 import utils
+from common import DataError
 from conftest import tiny_run_flags
 from reliability_tools import (
     EVALUATE,
@@ -42,7 +45,6 @@ from reliability_tools import (
     text,
     when_seen,
 )
-from utils import DataError
 
 EPOCHS = 3
 MIN_KILLS = 10
@@ -68,7 +70,7 @@ def reference(tiny_corpus, tmp_path_factory):
         text=True,
         env=script_env(),
     ) as proc:
-        lock = save_dir / "run" / utils.LOCK_NAME
+        lock = save_dir / "run" / runs.LOCK_NAME
         while not lock.exists() and proc.poll() is None:
             time.sleep(0.05)
         try:
@@ -97,7 +99,7 @@ def test_second_run_with_the_same_name_is_refused(reference):
         rf"[\d: -]+\), lock .*\.lock: wait for it to end, or choose another -name",
         reference["second"],
     ), reference["second"]
-    assert not os.path.exists(os.path.join(reference["run"], utils.LOCK_NAME))  # released at the end
+    assert not os.path.exists(os.path.join(reference["run"], runs.LOCK_NAME))  # released at the end
 
 
 def kill_point(rng, run, ref):
@@ -132,22 +134,23 @@ def kill_point(rng, run, ref):
     return fault, fault, None
 
 
+@pytest.mark.slow
 def test_training_killed_anywhere_resumes_exactly(reference, tmp_path):
     seed = seed_of_this_run()
     rng = random.Random(seed)
-    kills, log, runs = 0, [], []
+    kills, log, attempts = 0, [], []
 
     def new_run():  # a fresh run folder, used when a run got to its end before enough kills
-        folder = tmp_path / f"attempt{len(runs)}"
-        runs.append((str(folder / "run"), [str(folder) if f == os.path.dirname(reference["run"]) else f
+        folder = tmp_path / f"attempt{len(attempts)}"
+        attempts.append((str(folder / "run"), [str(folder) if f == os.path.dirname(reference["run"]) else f
                                            for f in reference["flags"]]))
 
     new_run()
     while kills < MIN_KILLS and len(log) < 3 * MIN_KILLS:
-        run, flags = runs[-1]
+        run, flags = attempts[-1]
         if check_run_folder(run, reference["run"]) == EPOCHS - 1:
             new_run()
-            run, flags = runs[-1]
+            run, flags = attempts[-1]
         what, fault, kill_when = kill_point(rng, run, reference)
         resume = ["-resume"] if os.path.exists(os.path.join(run, "args.json")) else []
         code, _, err = run_forked(train.cli, flags + resume, fault=fault, kill_when=kill_when)
@@ -157,7 +160,7 @@ def test_training_killed_anywhere_resumes_exactly(reference, tmp_path):
         check_run_folder(run, reference["run"])
     assert kills >= MIN_KILLS, f"seed {seed}: {log}"
     print("\n".join(log))
-    for run, flags in runs:
+    for run, flags in attempts:
         code, _, err = run_forked(train.cli, flags + ["-resume"])
         assert code == 0, f"seed {seed}, {log}: {err[-2000:]}"
         assert not temporaries(run), f"seed {seed}, {log}"
@@ -262,6 +265,7 @@ def logged(folder, subset):
     return len(ev.load_partial(partial, subset)[0]) if os.path.isdir(partial) else 0
 
 
+@pytest.mark.slow
 def test_extraction_killed_anywhere_resumes_without_recomputing(extraction, tmp_path):
     seed = seed_of_this_run()
     rng = random.Random(seed)
@@ -378,6 +382,7 @@ def one_error_line(err, *fragments):
         ("erofs@args.json", "args.json", "Read-only file system"),
     ],
 )
+@pytest.mark.slow
 def test_write_failures_in_training_are_one_line_and_lose_nothing(reference, tmp_path, fault, path, reason):
     flags = [str(tmp_path) if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
     flags[flags.index("-epoch") + 1] = "2"
@@ -708,6 +713,7 @@ def passing(column):
     return [c for c, behaviour in AUDIO_CASES.items() if behaviour[column] in ("read", "skip", "ignored")]
 
 
+@pytest.mark.slow
 def test_bad_audio_in_verify(extraction, tmp_path):
     good = os.path.join(extraction["db"], "eval_wav", extraction["keys"]["eval"][0])
     flags = ["-model_dir", extraction["checkpoint"], "-window_size", "1000", "-device", "cpu"]
@@ -722,6 +728,7 @@ def test_bad_audio_in_verify(extraction, tmp_path):
             one_error_line(err, path, expected)
 
 
+@pytest.mark.slow
 def test_bad_audio_in_extraction(extraction, tmp_path):
     for case in stopping(1):
         db = tmp_path / case.replace(" ", "_")
@@ -738,11 +745,12 @@ def test_bad_audio_in_extraction(extraction, tmp_path):
     read = [c for c in cases if AUDIO_CASES[c][1] == "read"]
     assert len(embeddings) == len(extraction["keys"]["eval"]) + len(read)  # the looped folder listed once
     assert all(np.isfinite(v).all() for v in embeddings.values())
-    ids = {utils.utt_id(os.path.relpath(paths[c], db / "eval_wav")) for c in read}
+    ids = {common.utt_id(os.path.relpath(paths[c], db / "eval_wav")) for c in read}
     assert ids <= set(embeddings)
     assert f"warning: {sum(AUDIO_CASES[c][1] == 'skip' for c in cases)} silent/empty files" in out
 
 
+@pytest.mark.slow
 def test_bad_audio_in_training(reference, tiny_corpus, tmp_path):
     def corpus_with(cases, name):
         root = tmp_path / name
@@ -951,7 +959,7 @@ def test_unparsable_flags_name_the_flag(capsys):
 
 
 def die_holding_the_lock(argv):
-    with utils.folder_lock(argv[0], "test"):
+    with runs.folder_lock(argv[0], "test"):
         os.kill(os.getpid(), 9)
 
 
@@ -959,13 +967,13 @@ def test_stale_lock_of_a_killed_run_is_taken_over(reference, tmp_path):
     run = tmp_path / "run"
     code, _, _ = run_forked(die_holding_the_lock, [str(run)])
     assert code == -9
-    holder = json.loads(text(run / utils.LOCK_NAME))
+    holder = json.loads(text(run / runs.LOCK_NAME))
     flags = [str(tmp_path) if f == os.path.dirname(reference["run"]) else f for f in reference["flags"]]
     flags[flags.index("-epoch") + 1] = "1"
     code, out, err = run_forked(train.cli, flags)
     assert code == 0, err[-2000:]
-    assert f"note: {run / utils.LOCK_NAME}: stale lock of pid {holder['pid']} on {holder['host']}" in out
-    assert not (run / utils.LOCK_NAME).exists()
+    assert f"note: {run / runs.LOCK_NAME}: stale lock of pid {holder['pid']} on {holder['host']}" in out
+    assert not (run / runs.LOCK_NAME).exists()
 
 
 @pytest.mark.parametrize(
@@ -1038,6 +1046,7 @@ def test_export_refuses_a_window_size_its_segments_cannot_use(tmp_path):
 @pytest.mark.parametrize("kind,fault,reason", [("pt2", "enospc", "No space left on device"),
                                                ("pt2", "eacces", "Permission denied"),
                                                ("onnx", "enospc", "No space left on device")])
+@pytest.mark.slow
 def test_export_write_failures_are_one_line_and_leave_no_partial_file(tmp_path, kind, fault, reason):
     import export_RawNet2
 

@@ -1,6 +1,6 @@
 """The fast path's fixed rule (fast_RawNet2.RULES, -fast): what it picks, that it depends on nothing
 that changes between runs, that every choice computes the reference's numbers, and the one TTA
-path (utils.tta_embeddings) that every embedding runs through."""
+path (tta.tta_embeddings) that every embedding runs through."""
 
 import copy
 import importlib
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import common
 import fast_RawNet2 as fr
 import train_RawNet2 as train
+import tta
 import utils
 from conftest import ROOT, tiny_run_flags, write_speakers
 from model_RawNet2 import RawNet2, default_d_args
@@ -304,7 +305,7 @@ def test_tta_embeddings_packs_full_forwards_and_averages_each_utterance_in_order
     utterances = [(f"u{i}", torch.from_numpy(rng.standard_normal((n, 5), dtype=np.float32)))
                   for i, n in enumerate(counts)]
     sizes = []
-    out = list(utils.tta_embeddings(fake_forward(sizes), iter(utterances), 4))
+    out = list(tta.tta_embeddings(fake_forward(sizes), iter(utterances), 4))
     assert [k for k, _ in out] == [k for k, _ in utterances]  # order kept, silent files included
     assert sizes == [4, 4, 4, 4]  # exactly 4 per forward, the last padded; utterances split across forwards
     for (_, segments), (_, code) in zip(utterances, out):
@@ -322,7 +323,7 @@ def test_tta_embeddings_yields_each_utterance_as_soon_as_it_is_done():
         for i in range(3):
             seen.append(i)
             yield f"u{i}", torch.zeros(2, 5)
-    stream = utils.tta_embeddings(fake_forward([]), utterances(), 2)
+    stream = tta.tta_embeddings(fake_forward([]), utterances(), 2)
     assert next(stream)[0] == "u0" and seen == [0]
 
 
@@ -337,7 +338,7 @@ def test_tta_extraction_runs_full_forwards_across_utterances(tmp_path):
         sizes.append(len(x))
         return embed(x)
     model.embed = counting
-    out = dict(utils.iter_embeddings(model, keys, str(tmp_path), 3200, 800, segments_per_batch=3))
+    out = dict(tta.iter_embeddings(model, keys, str(tmp_path), 3200, 800, segments_per_batch=3))
     total = sum(len(utils.tta_segments(utils.read_wav(os.path.join(tmp_path, k)), 3200, 800)) for k in keys)
     assert sizes == [3] * -(-total // 3)  # the last forward padded to the same size
     assert total % 3  # the corpus does exercise a split utterance and a padded forward
@@ -354,7 +355,7 @@ def test_tta_extraction_takes_the_rules_segments_per_forward(tmp_path):
     model = small_model(False, nb_samp=3200).eval()  # 16 filters x 3,200 samples: 64 segments fit
     sizes, embed = [], model.embed
     model.embed = lambda x: sizes.append(len(x)) or embed(x)
-    dict(utils.iter_embeddings(model, keys, str(tmp_path), 3200, 800))
+    dict(tta.iter_embeddings(model, keys, str(tmp_path), 3200, 800))
     total = sum(len(utils.tta_segments(utils.read_wav(os.path.join(tmp_path, k)), 3200, 800)) for k in keys)
     assert fr.segments_per_forward(model, "cpu") == 64 and total < 64 and sizes == [64]
 
@@ -364,7 +365,7 @@ def test_tta_extraction_starts_no_more_readers_than_cores(tmp_path):
     model = small_model(False, nb_samp=3200).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # DataLoader warns of more workers than cores
-        out = dict(utils.iter_embeddings(model, keys, str(tmp_path), 3200, 800,
+        out = dict(tta.iter_embeddings(model, keys, str(tmp_path), 3200, 800,
                                          nb_worker=common.usable_cores() + 2))
     assert set(out) == set(keys)
 

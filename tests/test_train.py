@@ -15,9 +15,9 @@ import torch
 import fast_RawNet2
 import train_RawNet2 as train
 import utils
+from common import DataError
 from conftest import ROOT, tiny_run_flags
 from model_RawNet2 import RawNet2, load_pretrained
-from utils import DataError
 
 
 def run(flags):
@@ -302,6 +302,7 @@ def test_cudnn_benchmark_is_on_only_when_asked(tiny_corpus, tmp_path, monkeypatc
     assert seen == [False, True]
 
 
+@pytest.mark.slow
 def test_compiled_training_writes_checkpoints_a_plain_rawnet2_loads(tiny_corpus, tmp_path, monkeypatch):
     compiled, compile_module = [], torch.nn.Module.compile
 

@@ -12,9 +12,12 @@ import pytest
 import soundfile as sf
 import torch
 
+import runs
 import scoring
+import tta
 import utils
-from utils import DataError, SilentAudioError
+from common import DataError
+from utils import SilentAudioError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +131,7 @@ def test_read_ahead_keeps_order_reads_at_most_two_per_thread_ahead_and_raises_as
             raise DataError("item 9 is bad")
         return i * i, threading.current_thread()
 
-    items = utils.read_ahead(read, range(20), 2)
+    items = tta.read_ahead(read, range(20), 2)
     taken = [next(items) for _ in range(3)]
     assert [value for value, _ in taken] == [0, 1, 4]
     assert all(thread is not threading.current_thread() for _, thread in taken)
@@ -141,7 +144,7 @@ def test_read_ahead_keeps_order_reads_at_most_two_per_thread_ahead_and_raises_as
         next(items)
 
     started.clear()
-    items = utils.read_ahead(read, range(100), 2)
+    items = tta.read_ahead(read, range(100), 2)
     next(items)
     items.close()  # stops reading: nothing is started after the close
     with lock:
@@ -149,7 +152,7 @@ def test_read_ahead_keeps_order_reads_at_most_two_per_thread_ahead_and_raises_as
     time.sleep(0.05)
     assert len(started) == count < 10
 
-    in_turn = utils.read_ahead(read, range(3), 0)
+    in_turn = tta.read_ahead(read, range(3), 0)
     assert [(v, t) for v, t in in_turn] == [(i * i, threading.current_thread()) for i in range(3)]
 
 
@@ -309,14 +312,14 @@ def test_weight_decay_is_zero_for_bn_parameters():
 
 def test_atomic_save_leaves_no_partial_file(tmp_path):
     path = tmp_path / "ck.pt"
-    utils.save_atomic({"a": torch.ones(2)}, str(path))
+    runs.save_atomic({"a": torch.ones(2)}, str(path))
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        utils.save_atomic({"a": Unpicklable()}, str(path))
+        runs.save_atomic({"a": Unpicklable()}, str(path))
     assert torch.equal(torch.load(path)["a"], torch.ones(2))
     assert os.listdir(tmp_path) == ["ck.pt"]
 

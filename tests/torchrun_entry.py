@@ -9,20 +9,20 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import runs  # noqa: E402
 import train_RawNet2 as train  # noqa: E402
-import utils  # noqa: E402
 
 rank = int(os.environ["RANK"])
 log_dir = os.environ.get("ENTRY_SAVE_LOG")
 if log_dir:
-    save = utils.save_atomic
+    save = runs.save_atomic
 
     def logged_save(obj, path):
         with open(os.path.join(log_dir, f"rank{rank}.txt"), "a") as f:
             f.write(f"{path}\n")
         save(obj, path)
 
-    utils.save_atomic = logged_save
+    runs.save_atomic = logged_save
 
 kill_epoch = os.environ.get("ENTRY_KILL_AT_EPOCH")
 if kill_epoch is not None and rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
