@@ -74,6 +74,12 @@ def parse_fast(value):
     return overrides
 
 
+# add("m_first_conv", **CHECKPOINT_SINC_FLAG): for the scripts that load a checkpoint
+CHECKPOINT_SINC_FLAG = {"type": int, "default": None,
+                        "help": "sinc filter length the checkpoint was trained with (default: what a last.pt "
+                                "records, else 251; a plain state_dict does not store it)"}
+
+
 # add("fast", **FAST_FLAG): a bare -fast means True, as it always did
 FAST_FLAG = {"type": parse_fast, "nargs": "?", "const": True, "default": True,
              "help": "fast path of fast_RawNet2.py, the same math in another order: True runs each stage "

@@ -100,9 +100,7 @@ def build_parser():
     add("window_size", type=int, default=None,
         help="overlap in samples between consecutive TTA segments (default: the value a last.pt of "
              "train_RawNet2.py or an ONNX export records, else 11810)")
-    add("m_first_conv", type=int, default=None,
-        help="sinc filter length the checkpoint was trained with (default: what a last.pt records, "
-             "else 251; a plain state_dict does not store it)")
+    add("m_first_conv", **common.CHECKPOINT_SINC_FLAG)
     add("bs", type=int, default=None,
         help="TTA segments per forward, packed across utterances (default: a fixed rule of the model's "
              "size and the device, fast_RawNet2.segments_per_forward: 16 for the paper model on CPU; -bs 1 "

@@ -188,9 +188,7 @@ def build_parser():
     add("window_size", type=int, default=None,
         help="TTA segment overlap stored with the files (the recipe's; the network does not use it; "
              "default: what a last.pt of train_RawNet2.py records, else 11810)")
-    add("m_first_conv", type=int, default=None,
-        help="sinc filter length the checkpoint was trained with (default: what a last.pt records, "
-             "else 251; a plain state_dict does not store it)")
+    add("m_first_conv", **common.CHECKPOINT_SINC_FLAG)
     add("check", default=True, help="compare the exported files with PyTorch on random input "
                                     "(ONNX through onnxruntime)", **common.BOOL_FLAG)
     return parser
