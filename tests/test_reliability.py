@@ -5,7 +5,9 @@ SIGKILL, files are truncated or filled with garbage, writes fail with the OSErro
 
 The kill schedules are drawn from a fixed seed (reliability_tools.DEFAULT_SEED), printed by the test
 and named in its assertion messages; ``RELIABILITY_SEED=N`` replays the campaign of seed N,
-``RELIABILITY_SEED=random`` draws a new seed."""
+``RELIABILITY_SEED=random`` draws a new seed. A kill timed in seconds (into a training step or an
+evaluation, or after a delay) lands where the machine's speed puts it: two runs of one seed follow
+the same schedule up to the first such kill that ends otherwise (the process done before it, say)."""
 
 import json
 import os
