@@ -135,7 +135,10 @@ def save_pt2(program, path, meta):
 def save_onnx(program, path, meta, opset):
     """The exported program as ONNX (torch.onnx's exporter), with ``meta`` in its metadata, written
     atomically."""
-    # torch.onnx logs a warning per torchvision operator it cannot register; none is used here
+    # torch.onnx logs a warning per torchvision operator it cannot register; none is used here. Its
+    # logger has the name of a private torch module: no public switch silences these warnings alone
+    # (the "torch.onnx" logger would hide its other warnings too). tests/test_layout.py fails if torch
+    # renames that module.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset,
                                      input_names=["waveform"], output_names=["embedding"], verbose=False)

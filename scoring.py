@@ -24,6 +24,9 @@ import os
 import pickle
 
 import numpy as np
+
+# Private, for want of a public name: numpy's array pickles call this function by this path, so the
+# unpickler below must admit exactly it and recognise it (tests/test_layout.py fails if numpy moves it).
 from numpy._core.multiarray import _reconstruct
 
 from common import (

@@ -1,9 +1,12 @@
 """Tools of tests/test_reliability.py: scripts run as real processes (killed with SIGKILL at chosen
-moments), faults injected through common.py's RAWNET_FAULT hook, and comparisons of run folders."""
+moments), faults injected through common.py's RAWNET_FAULT hook, comparisons of run folders, and the
+seed of the kill schedules."""
 
+import contextlib
 import gc
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -13,6 +16,7 @@ import time
 import traceback
 import warnings
 
+import pytest
 import torch
 import torch._dynamo  # (torch.optim imports it on first use: once here, not in every forked run)
 
@@ -22,6 +26,34 @@ from conftest import ROOT
 
 TRAIN = os.path.join(ROOT, "train_RawNet2.py")
 EVALUATE = os.path.join(ROOT, "evaluate_pretrained_RawNet2.py")
+
+SEED_ENV = "RELIABILITY_SEED"
+DEFAULT_SEED = 0  # the kill schedules of a plain test run: the same draws every time
+
+
+def campaign_seed():
+    """The seed of a kill schedule: DEFAULT_SEED, or ``RELIABILITY_SEED=N`` (replays the campaign of
+    seed N), or ``RELIABILITY_SEED=random`` (a new seed each time). Printed with how to replay it."""
+    value = os.environ.get(SEED_ENV, "").strip()
+    if not value:
+        seed = DEFAULT_SEED
+    elif value == "random":
+        seed = random.SystemRandom().randrange(10**6)
+    elif re.fullmatch(r"-?\d+", value):
+        seed = int(value)
+    else:
+        pytest.fail(f"{SEED_ENV}={value}: must be an integer (a seed) or 'random'", pytrace=False)
+    print(f"kill schedule seed {seed} (replay with {SEED_ENV}={seed})")
+    return seed
+
+
+@contextlib.contextmanager
+def replayable(seed):
+    """An assertion that fails inside names ``seed`` and how to replay its kill schedule."""
+    try:
+        yield
+    except AssertionError as e:
+        raise AssertionError(f"kill schedule seed {seed} (replay with {SEED_ENV}={seed}): {e}") from e
 
 
 def script_env(fault=None, trace=None):
@@ -35,9 +67,25 @@ def script_env(fault=None, trace=None):
     return env
 
 
-def run_script(script, flags, fault=None, trace=None, kill_after=None, timeout=240):
-    """Run ``script`` with ``flags``; SIGKILL it after ``kill_after`` seconds if still running.
-    Returns (returncode, stdout, stderr); -9 when it was killed (by the timer or by the hook)."""
+def wait_until(condition, what, timeout=120):
+    """Poll ``condition()`` until it is true (a state another process reaches); fail, saying ``what``
+    was awaited, if it is still false after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout} s for {what}, in vain", pytrace=False)
+        time.sleep(0.01)  # the poll interval
+
+
+def timed_out(command, timeout, err):
+    """Fail for a process that was still running after ``timeout`` seconds (and has been killed)."""
+    pytest.fail(f"{command} still running after {timeout} s (killed); its stderr ends: {err[-2000:]}",
+                pytrace=False)
+
+
+def run_script(script, flags, fault=None, trace=None, timeout=240):
+    """Run ``script`` with ``flags``; the test fails if it runs longer than ``timeout`` seconds.
+    Returns (returncode, stdout, stderr); -9 when it was killed (by the RAWNET_FAULT hook)."""
     with subprocess.Popen(
         [sys.executable, script, *flags],
         stdout=subprocess.PIPE,
@@ -47,18 +95,19 @@ def run_script(script, flags, fault=None, trace=None, kill_after=None, timeout=2
         cwd=ROOT,
     ) as proc:
         try:
-            out, err = proc.communicate(timeout=kill_after if kill_after is not None else timeout)
+            out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
-            out, err = proc.communicate()
+            timed_out(os.path.basename(script), timeout, proc.communicate()[1])
     return proc.returncode, out, err
 
 
 def run_forked(cli, argv, fault=None, trace=None, kill_when=None, timeout=240):
     """Run a script's command-line entry ``cli(argv)`` in a forked child of this process: the script's
     code in a process of its own, without the seconds a fresh interpreter spends importing torch.
-    The child is SIGKILLed as soon as ``kill_when(stderr so far, seconds since start)`` is true.
-    Returns (exit code, -9 when killed; stdout; stderr)."""
+    The child is SIGKILLed as soon as ``kill_when(stderr so far, seconds since start)`` is true; the
+    test fails if it runs longer than ``timeout`` seconds. Returns (exit code, -9 when killed; stdout;
+    stderr)."""
     with tempfile.TemporaryDirectory() as folder:
         out_path, err_path = os.path.join(folder, "out"), os.path.join(folder, "err")
         for path in (out_path, err_path):
@@ -106,8 +155,11 @@ def run_forked(cli, argv, fault=None, trace=None, kill_when=None, timeout=240):
             if elapsed > timeout or (kill_when is not None and kill_when(text(err_path), elapsed)):
                 os.kill(pid, signal.SIGKILL)
                 _, status = os.waitpid(pid, 0)
+                if elapsed > timeout:
+                    timed_out(f"{cli.__module__}.{cli.__name__} {' '.join(map(str, argv))}", timeout,
+                              text(err_path))
                 break
-            time.sleep(0.005)
+            time.sleep(0.005)  # the poll interval of the child's exit and of kill_when
         return os.waitstatus_to_exitcode(status), text(out_path), text(err_path)
 
 

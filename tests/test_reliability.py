@@ -3,8 +3,11 @@ bad audio, bad trial lists, bad flags, concurrent runs. Every fault is real: pro
 SIGKILL, files are truncated or filled with garbage, writes fail with the OSError the system gives
 (raised at the write by common.py's RAWNET_FAULT test hook where a real disk cannot be filled).
 
-The kill schedules are drawn from a seed printed by the test (and in its assertion messages);
-``RELIABILITY_SEED=N`` replays one."""
+The kill schedules are drawn from a fixed seed (reliability_tools.DEFAULT_SEED), printed by the test
+and named in its assertion messages; ``RELIABILITY_SEED=N`` replays the campaign of seed N,
+``RELIABILITY_SEED=random`` draws a new seed. A kill timed in seconds (into a training step or an
+evaluation, or after a delay) lands where the machine's speed puts it: two runs of one seed follow
+the same schedule up to the first such kill that ends otherwise (the process done before it, say)."""
 
 import json
 import os
@@ -31,29 +34,27 @@ import utils
 from common import DataError
 from conftest import tiny_run_flags
 from reliability_tools import (
+    DEFAULT_SEED,
     EVALUATE,
     TRAIN,
     assert_same_run,
     best_epochs,
+    campaign_seed,
     check_run_folder,
     files_under,
     load,
+    replayable,
     run_forked,
     run_script,
     script_env,
     temporaries,
     text,
+    wait_until,
     when_seen,
 )
 
 EPOCHS = 3
 MIN_KILLS = 10
-
-
-def seed_of_this_run():
-    seed = int(os.environ.get("RELIABILITY_SEED", random.SystemRandom().randrange(10**6)))
-    print(f"kill schedule seed {seed} (replay with RELIABILITY_SEED={seed})")
-    return seed
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +72,9 @@ def reference(tiny_corpus, tmp_path_factory):
         env=script_env(),
     ) as proc:
         lock = save_dir / "run" / runs.LOCK_NAME
-        while not lock.exists() and proc.poll() is None:
-            time.sleep(0.05)
+        wait_until(lambda: lock.exists() or proc.poll() is not None, f"the first training to take {lock}")
+        if proc.poll() is not None:
+            pytest.fail(f"the first training ended before a second started: {proc.communicate()[1][-2000:]}")
         try:
             train.main(train.parse_args(flags))
             second = None
@@ -134,10 +136,51 @@ def kill_point(rng, run, ref):
     return fault, fault, None
 
 
+def test_kill_schedules_have_a_fixed_seed_unless_one_is_asked_for(monkeypatch, capsys):
+    monkeypatch.delenv("RELIABILITY_SEED", raising=False)
+    assert campaign_seed() == campaign_seed() == DEFAULT_SEED
+    monkeypatch.setenv("RELIABILITY_SEED", "4321")
+    assert campaign_seed() == 4321
+    assert "kill schedule seed 4321 (replay with RELIABILITY_SEED=4321)" in capsys.readouterr().out
+    monkeypatch.setenv("RELIABILITY_SEED", "random")
+    assert len({campaign_seed() for _ in range(3)}) > 1  # three draws out of 10^6
+    monkeypatch.setenv("RELIABILITY_SEED", "seven")
+    with pytest.raises(pytest.fail.Exception, match="^RELIABILITY_SEED=seven: must be an integer"):
+        campaign_seed()
+
+
+def test_a_failing_kill_campaign_names_its_seed():
+    with pytest.raises(AssertionError, match=r"^kill schedule seed 17 \(replay with RELIABILITY_SEED=17\): "
+                                             r"only 3 kills$"):
+        with replayable(17):
+            raise AssertionError("only 3 kills")
+
+
+def never_ends(argv):
+    signal.pause()  # until the SIGKILL
+
+
+def test_a_run_past_its_timeout_fails_the_test_rather_than_passing_for_a_kill():
+    with pytest.raises(pytest.fail.Exception, match=r"^test_reliability.never_ends -x still running after "
+                                                    r"0.2 s \(killed\)"):
+        run_forked(never_ends, ["-x"], timeout=0.2)
+
+
+def test_a_state_never_reached_fails_the_wait_by_name():
+    with pytest.raises(pytest.fail.Exception, match=r"^waited 0.05 s for the lock, in vain$"):
+        wait_until(lambda: False, "the lock", timeout=0.05)
+
+
 @pytest.mark.slow
 def test_training_killed_anywhere_resumes_exactly(reference, tmp_path):
-    seed = seed_of_this_run()
-    rng = random.Random(seed)
+    seed = campaign_seed()
+    with replayable(seed):
+        training_campaign(random.Random(seed), reference, tmp_path)
+
+
+def training_campaign(rng, reference, tmp_path):
+    """At least MIN_KILLS trainings killed at points drawn with ``rng``, each resumed; then every run
+    folder ends equal to the uninterrupted ``reference``."""
     kills, log, attempts = 0, [], []
 
     def new_run():  # a fresh run folder, used when a run got to its end before enough kills
@@ -155,15 +198,15 @@ def test_training_killed_anywhere_resumes_exactly(reference, tmp_path):
         resume = ["-resume"] if os.path.exists(os.path.join(run, "args.json")) else []
         code, _, err = run_forked(train.cli, flags + resume, fault=fault, kill_when=kill_when)
         log.append(f"{what}: exit {code}")
-        assert code in (0, -9), f"seed {seed}, {log}: {err[-2000:]}"
+        assert code in (0, -9), f"{log}: {err[-2000:]}"
         kills += code == -9
         check_run_folder(run, reference["run"])
-    assert kills >= MIN_KILLS, f"seed {seed}: {log}"
+    assert kills >= MIN_KILLS, log
     print("\n".join(log))
     for run, flags in attempts:
         code, _, err = run_forked(train.cli, flags + ["-resume"])
-        assert code == 0, f"seed {seed}, {log}: {err[-2000:]}"
-        assert not temporaries(run), f"seed {seed}, {log}"
+        assert code == 0, f"{log}: {err[-2000:]}"
+        assert not temporaries(run), log
         assert_same_run(run, reference["run"])
 
 
@@ -267,8 +310,14 @@ def logged(folder, subset):
 
 @pytest.mark.slow
 def test_extraction_killed_anywhere_resumes_without_recomputing(extraction, tmp_path):
-    seed = seed_of_this_run()
-    rng = random.Random(seed)
+    seed = campaign_seed()
+    with replayable(seed):
+        extraction_campaign(random.Random(seed), extraction, tmp_path)
+
+
+def extraction_campaign(rng, extraction, tmp_path):
+    """At least 8 extractions killed at points drawn with ``rng``, each resumed: every utterance
+    computed about once, and the files of the uninterrupted extraction in the end."""
     total = {s: len(k) for s, k in extraction["keys"].items()}
     kills, log, attempt = 0, [], 0
     while kills < 8 and len(log) < 24:
@@ -294,7 +343,7 @@ def test_extraction_killed_anywhere_resumes_without_recomputing(extraction, tmp_
                 ev.cli, extraction["flags"](out), trace=trace, kill_when=kill_when, fault=fault
             )
             log.append(f"{fault or f'while embedding {left[0]} (+{delay:.2f} s)'}: exit {code}")
-            assert code in (0, -9), f"seed {seed}, {log}: {err[-2000:]}"
+            assert code in (0, -9), f"{log}: {err[-2000:]}"
             kills += code == -9
             attempt_kills += code == -9
             if code == -9 and not (out / ".partial").exists() and all(
@@ -302,18 +351,18 @@ def test_extraction_killed_anywhere_resumes_without_recomputing(extraction, tmp_
                 after_end += 1  # killed after its end, its logs (partly) deleted: extracted anew
         if code != 0:
             code, _, err = run_forked(ev.cli, extraction["flags"](out), trace=trace)
-            assert code == 0, f"seed {seed}, {log}: {err[-2000:]}"
+            assert code == 0, f"{log}: {err[-2000:]}"
         computed = text(trace).split()[1::2]
         assert sorted(set(computed)) == sorted(extraction["keys"]["dev"] + extraction["keys"]["eval"])
         # each kill loses at most the one utterance in flight (a kill after the end: all of them)
         bound = sum(total.values()) * (1 + after_end) + attempt_kills
-        assert len(computed) <= bound, f"seed {seed}, {log}"
-        assert sorted(os.listdir(out)) == ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk"], f"seed {seed}, {log}"
+        assert len(computed) <= bound, log
+        assert sorted(os.listdir(out)) == ["TTA_vox1_dev.pk", "TTA_vox1_eval.pk"], log
         for name in os.listdir(out):
             assert (out / name).read_bytes() == (extraction["ref"] / name).read_bytes(), name
         attempt += 1
     print("\n".join(log))
-    assert kills >= 8, f"seed {seed}: {log}"
+    assert kills >= 8, log
 
 
 def test_extraction_killed_while_deleting_its_logs_computes_nothing_again(extraction, tmp_path,
