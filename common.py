@@ -6,10 +6,10 @@ They live apart from utils.py so that scoring (scoring.py, evaluate_pretrained_R
 """
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import fnmatch
-import io
 import json
 import os
 import pickle
@@ -197,29 +197,30 @@ def output_error(path, error, consequence="its previous version, if any, is unch
     return OutputError(f"{path}: not written ({reason}); {consequence}")
 
 
-def write_atomic(path, write):
-    """Write ``path`` through ``write(binary file)``: a temporary file in the same folder, synced, then
-    renamed over ``path``, so that a reader never sees a partial file. An OSError becomes an
-    ``OutputError`` naming ``path``."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path in the folder of ``path`` for the block (or a program it runs) to write;
+    when the block ends, the file is synced and renamed over ``path``, so that a reader never sees a
+    partial file. When the block raises, the temporary file is removed and ``path`` is unchanged. An
+    OSError becomes an ``OutputError`` naming ``path``. The only temp-and-rename writer: every atomic
+    write goes through it, so the RAWNET_FAULT hook reaches them all."""
     fault = planned_fault(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX + os.path.basename(path))
+        os.close(fd)
     except OSError as e:
         raise output_error(path, e) from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            if fault is None:
-                write(f)
-            else:  # test hook: the bytes in memory first, so that half of them can be written
-                buffer = io.BytesIO()
-                write(buffer)
-                write_faulty(f, buffer.getvalue(), fault, path)
-            f.flush()
-            os.fsync(f.fileno())
-        if fault == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
+        yield tmp
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            if fault is not None:  # test hook: the complete file cut to half of its bytes
+                inject_fault(fd, fault, path)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -227,6 +228,23 @@ def write_atomic(path, write):
         if isinstance(e, OSError) and not isinstance(e, OutputError):
             raise output_error(path, e) from None
         raise
+
+
+def inject_fault(fd, action, path):
+    """The RAWNET_FAULT ``action`` on a complete temporary file open as ``fd``: "kill" leaves it whole;
+    "torn" and the OSErrors leave half of its bytes first."""
+    if action != "kill":
+        os.ftruncate(fd, os.fstat(fd).st_size // 2)
+    if action in FAULT_ERRNOS:
+        code = FAULT_ERRNOS[action]
+        raise OSError(code, os.strerror(code), path)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_atomic(path, write):
+    """Write ``path`` through ``write(binary file)`` (``atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def write_text_atomic(text, path):
@@ -243,5 +261,33 @@ def write_pickle_atomic(obj, path):
 
 def write_npy_atomic(array, path):
     write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def write_lines(path, lines):
+    """``lines``, each ending in a line break, written atomically."""
+    write_text_atomic("".join(line + "\n" for line in lines), path)
+
+
+def append_line(path, line, consequence="the lines before it are kept"):
+    """Append ``line`` to the text file ``path`` (made if absent) in one write of a file opened for
+    appending, as the original appends its EER lines: runs appending to one file keep each other's
+    lines. An OSError becomes an ``OutputError`` naming ``path`` and ``consequence``."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise output_error(path, e, consequence) from None
+
+
+def remove_temporaries(folder):
+    """Delete the atomic writer's temporary files left under ``folder`` by a killed process (call
+    only while no other process writes there). Returns how many were removed."""
+    removed = 0
+    for path, _, files in os.walk(folder):
+        for name in files:
+            if name.startswith(TMP_PREFIX):
+                os.remove(os.path.join(path, name))
+                removed += 1
+    return removed
 
 

@@ -391,7 +391,7 @@ def extract(args):
     partial = os.path.join(folder, ".partial-" + os.path.basename(args.embd) if source else ".partial")
     with runs.folder_lock(folder, "wait for it to end, or write the embeddings elsewhere"):
         if not source:  # -embd_dir holds only our outputs: temporaries of a killed run are removed
-            runs.remove_temporaries(folder)
+            common.remove_temporaries(folder)
         done = partial + ".done"
         if os.path.isdir(done):  # a finished extraction killed while deleting its logs: resumed
             # from what is left of them (checked by open_partial), unless its stamp is gone already
@@ -493,11 +493,7 @@ def metrics(labels, scores):
 
 def report(line, result, eer_file):
     print(line)
-    try:
-        with open(eer_file, "a") as f:  # appended, as the original does
-            f.write(line + "\n")
-    except OSError as e:
-        raise common.output_error(eer_file, e, "the EER above was printed only") from None
+    common.append_line(eer_file, line, "the EER above was printed only")
     print("  " + ", ".join(f"minDCF(p_target={p}) {result[f'min_dcf_{p}']:.4f}" for p in P_TARGETS)
           + f", EER threshold {result['eer_threshold']:.4f}")
 

@@ -16,20 +16,8 @@ import zipfile
 
 import torch
 
-from common import TMP_PREFIX, DataError, output_error, planned_fault, write_atomic, write_faulty
+from common import DataError, output_error, planned_fault, write_atomic, write_faulty
 from scoring import RestrictedUnpickler
-
-
-def remove_temporaries(folder):
-    """Delete the atomic writer's temporary files left under ``folder`` by a killed process (call
-    only while holding the folder's ``folder_lock``). Returns how many were removed."""
-    removed = 0
-    for path, _, files in os.walk(folder):
-        for name in files:
-            if name.startswith(TMP_PREFIX):
-                os.remove(os.path.join(path, name))
-                removed += 1
-    return removed
 
 
 def save_atomic(obj, path):

@@ -247,10 +247,6 @@ def load_trials(path, keys):
     return trials
 
 
-def write_lines(path, lines):
-    common.write_text_atomic("".join(line + "\n" for line in lines), path)
-
-
 def eers_before(path, epoch):
     """Lines of an eers.txt for epochs before ``epoch`` (a resumed or restarted run drops the lines of
     epochs that its last.pt does not cover, so no epoch is listed twice)."""
@@ -391,7 +387,7 @@ def load_data(args, main_process):
     if args.make_val_trial and main_process:
         rng = np.random.default_rng(args.seed)
         lines = utils.make_validation_trials(utils.list_utterances(data.val_dir), args.nb_val_trial, rng)
-        write_lines(os.path.join(args.DB, "val_trial.txt"), lines)
+        common.write_lines(os.path.join(args.DB, "val_trial.txt"), lines)
     distributed.barrier()
     if args.val_trial:
         data.val_keys = utils.list_utterances(data.val_dir)
@@ -486,9 +482,9 @@ def write_run_files(args, run_dir, d_args, nb_params, resume, start_epoch, world
     if not resume:
         params = [f"{k}:\t{v}" for k, v in sorted(vars(args).items())]
         params += [f"{k}:\t{v}" for k, v in sorted(d_args.items())] + [f"nb_params:\t{nb_params}"]
-        write_lines(os.path.join(run_dir, "f_params.txt"), params)
+        common.write_lines(os.path.join(run_dir, "f_params.txt"), params)
     eers_path = os.path.join(run_dir, "eers.txt")
-    write_lines(eers_path, eers_before(eers_path, start_epoch))
+    common.write_lines(eers_path, eers_before(eers_path, start_epoch))
     common.write_json_atomic({"args": vars(args), "d_args": d_args, "nb_params": nb_params,
                              "world_size": world, "fast_path": fast_path}, os.path.join(run_dir, "args.json"))
 
@@ -608,10 +604,10 @@ def save_epoch(run_dir, state, line, scores, trial_labels, is_best, args, d_args
     """The epoch's outputs, last.pt last: until it is renamed into place, a resumed run redoes the epoch
     and writes the same files again."""
     epoch = state.epoch
-    write_lines(os.path.join(run_dir, "results", f"eval_epoch{epoch}.txt"),
+    common.write_lines(os.path.join(run_dir, "results", f"eval_epoch{epoch}.txt"),
                 [f"{s} {t}" for s, t in zip(scores, trial_labels)])
     eers_path = os.path.join(run_dir, "eers.txt")
-    write_lines(eers_path, eers_before(eers_path, epoch) + [line])
+    common.write_lines(eers_path, eers_before(eers_path, epoch) + [line])
     if is_best:
         runs.save_atomic(state.model.state_dict(),
                           os.path.join(run_dir, "models", f"TA_{epoch}_{state.best_eer:.4f}.pt"))
@@ -631,7 +627,7 @@ def main(args):
     with lock:
         resume = decide_resume(args, run_dir)  # every process: all of them stop alike, or none
         if main_process:
-            runs.remove_temporaries(run_dir)  # of a killed process: never read, now removed
+            common.remove_temporaries(run_dir)  # of a killed process: never read, now removed
         return train(args, run_dir, device, resume)
 
 

@@ -17,6 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+from common import DataError  # noqa: E402
+
+# add("ffmpeg", **FFMPEG_FLAG): here and in DB/prepare_dataset.py
+FFMPEG_FLAG = {"type": str, "default": "ffmpeg", "help": "ffmpeg executable"}
+
+
+class FfmpegError(Exception):
+    """ffmpeg could not convert a file; the message is its last line of error output."""
+
 
 def find_jobs(sources, out_dir):
     """(m4a path, wav path) for every m4a under ``sources`` whose wav does not exist yet."""
@@ -36,17 +47,18 @@ def find_jobs(sources, out_dir):
 
 
 def convert(m4a, wav, ffmpeg="ffmpeg"):
-    """One file: decode, downmix to mono, resample to 16 kHz, 16-bit PCM. Returns an error or None."""
-    os.makedirs(os.path.dirname(wav), exist_ok=True)
-    tmp = wav + ".part.wav"
-    cmd = [ffmpeg, "-nostdin", "-loglevel", "error", "-y", "-i", m4a,
-           "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        return f"{m4a}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'ffmpeg failed'}"
-    os.replace(tmp, wav)
+    """One file: decode, downmix to mono, resample to 16 kHz, 16-bit PCM, written atomically
+    (``common.atomic_path``). Returns an error or None."""
+    try:
+        with common.atomic_path(wav) as tmp:
+            cmd = [ffmpeg, "-nostdin", "-loglevel", "error", "-y", "-i", m4a,
+                   "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", "-f", "wav", tmp]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise FfmpegError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
+                                  else "ffmpeg failed")
+    except FfmpegError as e:
+        return f"{m4a}: {e}"
     return None
 
 

@@ -46,7 +46,6 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
 import unicodedata
 from collections import Counter
 
@@ -322,25 +321,9 @@ def check_plan(out, plan):
 # Conversion of one file
 
 def write_wav_atomic(path, x):
-    """16-bit PCM wav written to a temporary name in the same folder, then renamed."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".part")  # not a .wav
-    os.close(fd)
-    try:
+    """16-bit PCM wav, written atomically (``common.atomic_path``)."""
+    with common.atomic_path(path) as tmp:
         sf.write(tmp, x, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def remove_temporaries(out):
-    """Delete what an interrupted run left half-written: our ``.tmp-*.part`` files and ffmpeg's
-    ``*.part.wav`` (``convert_vox2_to_wav.convert``)."""
-    for folder, _, files in os.walk(out):
-        for name in files:
-            if (name.startswith(".tmp-") and name.endswith(".part")) or name.endswith(".part.wav"):
-                os.remove(os.path.join(folder, name))
 
 
 def unusable(x, min_seconds):
@@ -452,7 +435,7 @@ def main(args):
         raise DataError(f"{args.list or args.source}: no audio files found")
     plan = make_plan(sources, args)
     check_plan(args.out, plan)
-    remove_temporaries(args.out)
+    common.remove_temporaries(args.out)  # what an interrupted run left half-written
     ffmpeg = shutil.which(args.ffmpeg)
     done = finished(args.out, plan, args.min_seconds)
     if done:
@@ -463,10 +446,10 @@ def main(args):
     frames.update(done)
     skipped = sorted(misfits + missing + failed)
     rows = [row for row in plan if row[0] in frames]
-    common.write_text_atomic("source\toutput\tspeaker\tsession\n" + "".join("\t".join(r) + "\n" for r in rows),
-                            os.path.join(args.out, "mapping.tsv"))
-    common.write_text_atomic("source\treason\n" + "".join(f"{p}\t{r}\n" for p, r in skipped),
-                            os.path.join(args.out, "skipped.tsv"))
+    common.write_lines(os.path.join(args.out, "mapping.tsv"),
+                       ["source\toutput\tspeaker\tsession"] + ["\t".join(r) for r in rows])
+    common.write_lines(os.path.join(args.out, "skipped.tsv"),
+                       ["source\treason"] + [f"{p}\t{r}" for p, r in skipped])
     if not rows:
         report_skipped(args, skipped)
         raise DataError(f"{args.list or args.source}: none of its {len(plan)} audio files can be used "
@@ -546,8 +529,7 @@ def write_trials(args, rows):
     if not lines or all(line[0] == "1" for line in lines) or all(line[0] == "0" for line in lines):
         raise DataError("-make_trials: the test speakers' files give no target or no non-target pair "
                         "(need two speakers, one with two files)")
-    common.write_text_atomic("".join(line + "\n" for line in lines),
-                            os.path.join(args.out, "test", "veri_test.txt"))
+    common.write_lines(os.path.join(args.out, "test", "veri_test.txt"), lines)
 
 
 def summarise(args, rows, frames, skipped):

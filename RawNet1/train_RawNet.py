@@ -258,10 +258,6 @@ def load_checkpoint(path, what, keys):
     return state
 
 
-def write_lines(path, lines):
-    common.write_text_atomic("".join(line + "\n" for line in lines), path)
-
-
 def eers_before(path, phases, phase, epoch):
     """Lines of an eers.txt for the epochs before ``epoch`` of ``phases[phase]`` (the earlier phases'
     included): a resumed run drops the lines of epochs that its last.pt does not cover, so that no
@@ -366,7 +362,7 @@ def main(args):
     save_dir = os.path.join(args.save_dir, args.name)
     with runs.folder_lock(save_dir, "wait for it to end, or choose another -name"):
         check_resume(args, phases, save_dir)
-        runs.remove_temporaries(save_dir)  # of a killed run: never read, now removed
+        common.remove_temporaries(save_dir)  # of a killed run: never read, now removed
         return train(args, phases, save_dir)
 
 
@@ -410,7 +406,7 @@ def load_data(args, save_dir):
     val_lines = validation_lines(args, sorted(val_lengths))
     data.val_trials = usable_trials(trial_arrays(val_lines), {common.utt_id(k) for k in val_lengths},
                                     val_skipped, args.val_trial or "the validation trials")
-    write_lines(os.path.join(save_dir, "val_trial.txt"),
+    common.write_lines(os.path.join(save_dir, "val_trial.txt"),
                 [f"{t} {a}.wav {b}.wav" for t, a, b in zip(*data.val_trials)])
     return data
 
@@ -435,9 +431,9 @@ def write_run_files(args, phases, save_dir, d_args, start_phase, start_epoch):
     if not args.resume:
         params = [f"{k}:\t{v}" for k, v in sorted(vars(args).items())]
         params += [f"{k}:\t{v}" for k, v in sorted(d_args.items())]
-        write_lines(os.path.join(save_dir, "f_params.txt"), params)
+        common.write_lines(os.path.join(save_dir, "f_params.txt"), params)
     eers_path = os.path.join(save_dir, "eers.txt")
-    write_lines(eers_path, eers_before(eers_path, phases, start_phase, start_epoch))
+    common.write_lines(eers_path, eers_before(eers_path, phases, start_phase, start_epoch))
     common.write_json_atomic({"args": vars(args), "d_args": d_args}, os.path.join(save_dir, "args.json"))
 
 
@@ -499,7 +495,7 @@ def train_phase(phases, p, run, data, args, d_args, device, save_dir, start_epoc
         eval_eer = None
         if args.eval_every and (epoch + 1) % args.eval_every == 0:
             eval_eer, scores = evaluate(run.model, data.eval_trials, args.eval_dir, args, device, "Vox1-O")
-            write_lines(os.path.join(save_dir, "results", f"{phase.name}_eval_epoch{epoch}.txt"),
+            common.write_lines(os.path.join(save_dir, "results", f"{phase.name}_eval_epoch{epoch}.txt"),
                         [f"{s} {t}" for s, t in zip(scores, data.eval_trials[0])])
         crop = (args.nb_samp, (args.seed, 7, p, epoch)) if args.val_crop else None
         val_eer = evaluate(run.model, data.val_trials, data.val_dir, args, device, "validation", crop)[0]
@@ -518,7 +514,7 @@ def save_epoch(phases, p, epoch, run, val_eer, eval_eer, args, d_args, save_dir)
     eers_path = os.path.join(save_dir, "eers.txt")
     line = (f"phase:{phase.name}, epoch:{epoch}, val_eer:{val_eer:.4f}"
             + (f", eval_eer:{eval_eer:.4f}" if eval_eer is not None else ""))
-    write_lines(eers_path, eers_before(eers_path, phases, p, epoch) + [line])
+    common.write_lines(eers_path, eers_before(eers_path, phases, p, epoch) + [line])
     center = run.center.state_dict() if run.center else None
     is_best = val_eer < run.best_eer
     if is_best:

@@ -197,11 +197,6 @@ def make_training(dim, args):
     return model, optimizer, scheduler
 
 
-def append_line(path, line):
-    old = open(path).read() if os.path.exists(path) else ""
-    common.write_text_atomic(old + line + "\n", path)
-
-
 def main(args):
     """Check the flags, hold the output folder's lock, then train (``train``)."""
     if args.bs < 2 or args.bs % 2:
@@ -210,7 +205,7 @@ def main(args):
         raise DataError("-epoch and -nb_batch_per_epoch must be at least 1")
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.embeddings)), "bvec")
     with runs.folder_lock(out_dir, "wait for it to end, or choose another -out_dir"):
-        runs.remove_temporaries(out_dir)  # of a killed run: never read, now removed
+        common.remove_temporaries(out_dir)  # of a killed run: never read, now removed
         return train(args, out_dir)
 
 
@@ -262,7 +257,7 @@ def train(args, out_dir):
             total += loss.item()
         val_eer = scoring.compute_eer(val_trials[0], score_pairs(model, dev_std, *val_trials[1:], row))[0]
         line = f"epoch:{epoch}, loss:{total / args.nb_batch_per_epoch:.4f}, val_eer:{val_eer:.4f}"
-        append_line(eers_path, line)
+        common.append_line(eers_path, line)
         if val_eer < best_eer:
             best_eer = val_eer
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -281,7 +276,7 @@ def train(args, out_dir):
     for name, scores in (("cosine", cosine), ("bvec", bvec)):
         common.write_text_atomic("".join(f"{s} {t}\n" for s, t in zip(scores, labels)),
                                 os.path.join(out_dir, "results", f"{name}_eval.txt"))
-    append_line(eers_path, f"test cosine_eer:{eers['cosine']:.4f}, bvec_eer:{eers['bvec']:.4f}")
+    common.append_line(eers_path, f"test cosine_eer:{eers['cosine']:.4f}, bvec_eer:{eers['bvec']:.4f}")
     print(f"Vox1-O ({len(labels)} trials): cosine EER {100 * eers['cosine']:.2f} %, "
           f"b-vector EER {100 * eers['bvec']:.2f} %")
     return eers

@@ -165,12 +165,12 @@ def test_prepare_reports_skips_resumes_and_refuses_other_plans(tmp_path, capsys)
         assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
     assert utils.list_utterances(str(out / "wav")) == sorted(r[1][len("wav/"):] for r in rows)
     os.remove(out / rows[0][1])
-    (out / "wav" / "a" / "default" / "00002.wav.part.wav").write_bytes(b"half")  # an interrupted ffmpeg
+    (out / "wav" / "a" / "default" / ".tmp-00002.wavx1y2").write_bytes(b"half")  # an interrupted ffmpeg
     before = os.stat(out / rows[1][1]).st_mtime_ns
     assert prepare([src, "-layout", "speaker/file", "-ffmpeg", ffmpeg], out) == 0
     assert "resuming" in capsys.readouterr().out and os.stat(out / rows[1][1]).st_mtime_ns == before
     assert os.path.isfile(out / rows[0][1])
-    assert not [f for _, _, files in os.walk(out) for f in files if ".part" in f]
+    assert not [f for _, _, files in os.walk(out) for f in files if f.startswith(".tmp-")]
     with pytest.raises(DataError, match="prepared earlier from other sources or flags"):
         prepare([src, "-layout", "speaker/file", "-test_speakers", "1"], out)
 
