@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import shutil
 import sys
 
@@ -160,21 +159,11 @@ def load_network(args):
     if args.onnx:
         from export_RawNet2 import OnnxNetwork
         return OnnxNetwork(args.onnx)
-    from model_RawNet2 import load_pretrained
-
-    if not os.path.isfile(args.model_dir):
-        raise DataError(f"{args.model_dir}: checkpoint not found (-model_dir)")
-    d_args = {"first_conv": args.m_first_conv} if args.m_first_conv is not None else None
-    try:
-        model = load_pretrained(args.model_dir, map_location="cpu", d_args=d_args)
-    except pickle.UnpicklingError:  # not a torch file, or one holding objects other than tensors
-        raise DataError(f"{args.model_dir}: not a PyTorch checkpoint of tensors (torch.load with "
-                        f"weights_only=True refused it)") from None
-    except (RuntimeError, EOFError, OSError) as e:  # e.g. a truncated file
-        raise DataError(f"{args.model_dir}: not a loadable PyTorch checkpoint "
-                        f"({str(e).splitlines()[0]})") from None
     import fast_RawNet2
+    import runs
 
+    d_args = {"first_conv": args.m_first_conv} if args.m_first_conv is not None else None
+    model = runs.load_network(args.model_dir, "checkpoint (-model_dir)", d_args)
     return fast_RawNet2.accelerate(model, args.fast).to(args.device)
 
 

@@ -34,7 +34,6 @@ import copy
 import json
 import logging
 import os
-import pickle
 import sys
 import warnings
 
@@ -45,10 +44,10 @@ import torch.nn.functional as F
 
 import common
 import fast_RawNet2
+import runs
 import tta
 import utils
 from common import DataError
-from model_RawNet2 import load_pretrained
 
 OPTIONAL = "pip install -r requirements-optional.txt"
 
@@ -194,18 +193,6 @@ def build_parser():
     return parser
 
 
-def load_model(path, first_conv=None):
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: checkpoint not found (-model_dir)")
-    try:
-        return load_pretrained(path, map_location="cpu",
-                               d_args={"first_conv": first_conv} if first_conv is not None else None)
-    except pickle.UnpicklingError:
-        raise DataError(f"{path}: not a PyTorch checkpoint of tensors (-model_dir)") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise DataError(f"{path}: not a loadable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-
-
 def main(args):
     # a deprecation warning that torch.export raises inside its own (un)pickling of the program
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
@@ -218,7 +205,8 @@ def main(args):
                             f"{OPTIONAL}") from None
     if args.m_first_conv is not None and args.m_first_conv < 1:
         raise DataError(f"-m_first_conv {args.m_first_conv}: must be at least 1")
-    model = load_model(args.model_dir, args.m_first_conv)
+    model = runs.load_network(args.model_dir, "checkpoint (-model_dir)",
+                              {"first_conv": args.m_first_conv} if args.m_first_conv is not None else None)
     window_size = utils.resolve_window_size(args.window_size, model, args.model_dir)
     net = EmbeddingNetwork(model)
     meta = {"nb_samp": net.nb_samp, "window_size": window_size, "sample_rate": utils.SAMPLE_RATE,

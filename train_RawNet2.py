@@ -395,17 +395,6 @@ def load_data(args, main_process):
     return data
 
 
-def load_into(module, state, path, what):
-    """``module.load_state_dict(state)``; a state of another layout is one line naming ``path``."""
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        reason = " ".join(str(e).split())  # load_state_dict lists every mismatch on lines of its own
-        reason = reason if len(reason) <= 200 else reason[:200] + " ..."
-        raise DataError(f"{path}: the {what} does not fit these flags ({reason}); "
-                        f"use the model flags it was trained with (its run's args.json)") from None
-
-
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_eer", "rng",
                    "args", "d_args", "world_size"}
 
@@ -438,8 +427,8 @@ class TrainState:
         missing = sorted(CHECKPOINT_KEYS - set(state if isinstance(state, dict) else ()))
         if missing:
             raise DataError(f"{path}: not a last.pt of train_RawNet2.py (it lacks {', '.join(missing)})")
-        load_into(self.model, state["model"], path, "model")
-        load_into(self.optimizer, state["optimizer"], path, "optimiser state")
+        runs.load_into(self.model, state["model"], path, "model")
+        runs.load_into(self.optimizer, state["optimizer"], path, "optimiser state")
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"]:
@@ -454,7 +443,7 @@ def build_training(args, d_args, device):
     model = fast_RawNet2.accelerate(RawNet2(d_args), args.fast)
     if args.load_model:
         weights = runs.load_torch_file(args.load_model_dir, "-load_model_dir state_dict")
-        load_into(model, strip_module_prefix(weights), args.load_model_dir, "state_dict")
+        runs.load_into(model, strip_module_prefix(weights), args.load_model_dir, "state_dict")
     else:
         model.apply(utils.init_weights)
     model.to(device)
@@ -465,7 +454,7 @@ def build_training(args, d_args, device):
         optimizer = torch.optim.SGD(groups, lr=args.lr, weight_decay=args.wd, momentum=0.9)
     if args.load_model and args.load_model_opt_dir:
         opt_state = runs.load_torch_file(args.load_model_opt_dir, "-load_model_opt_dir optimiser state")
-        load_into(optimizer, opt_state, args.load_model_opt_dir, "optimiser state")
+        runs.load_into(optimizer, opt_state, args.load_model_opt_dir, "optimiser state")
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=utils.keras_lr_decay)
                  if args.do_lr_decay else None)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None

@@ -70,7 +70,6 @@ from model_RawNet import (  # noqa: E402
     keras_init,
     keras_l2_groups,
 )
-from train_RawNet2 import load_into  # noqa: E402
 
 # Defaults that differ for the PyTorch VoxCeleb2 baseline (its train_RawNet.yaml): every speaker of
 # -dev_dir in training (6,112 from DB/VoxCeleb2/wav/: VoxCeleb2 dev + test), 40,000 random VoxCeleb1-dev
@@ -455,11 +454,11 @@ def build_phase(phases, p, args, d_args, device, save_dir, state):
                              best_eer=math.inf)
     if state is not None:
         last_path = os.path.join(save_dir, "last.pt")
-        load_into(model, state["model"], last_path, "model")
+        runs.load_into(model, state["model"], last_path, "model")
         if center is not None:
-            load_into(center, state["center"], last_path, "center-loss state")
-        load_into(optimizer, state["optimizer"], last_path, "optimiser state")
-        load_into(scheduler, state["scheduler"], last_path, "learning-rate schedule")
+            runs.load_into(center, state["center"], last_path, "center-loss state")
+        runs.load_into(optimizer, state["optimizer"], last_path, "optimiser state")
+        runs.load_into(scheduler, state["scheduler"], last_path, "learning-rate schedule")
         run.best_eer = state["best_eer"]
         utils.set_rng_states(state["rng"])
     nb_params = sum(t.numel() for t in model.parameters())
@@ -536,7 +535,7 @@ def write_embeddings(phase, args, d_args, data, device, save_dir):
     best_path = os.path.join(save_dir, "models", f"{phase.name}_best.pt")
     best = load_checkpoint(best_path, f"best {phase.name} model", BEST_KEYS)
     model = phase.model(d_args)
-    load_into(model, best["model"], best_path, "model")
+    runs.load_into(model, best["model"], best_path, "model")
     model.to(device)
     pickle_path = os.path.join(save_dir, "embeddings.pk")
     dev = embed_utterances(model, data.dev_keys, args.dev_dir, device, min(args.nb_worker, 4), args.progress,
