@@ -16,6 +16,7 @@ import pickle
 import platform
 import re
 import signal
+import sys
 import tempfile
 
 import numpy as np
@@ -25,10 +26,37 @@ class DataError(Exception):
     """Bad or missing input data; the message is one line naming the file, key or flag."""
 
 
+class TrainingError(DataError):
+    """Training cannot go on (e.g. a non-finite loss, from a learning rate too high for the data);
+    the message is one line naming the step and its batch."""
+
+
 def error_line(error):
     """``error: <message>`` in one line. Errors raised in DataLoader workers arrive wrapped with the
     worker's traceback: keep its last line, without the exception's class name."""
     return "error: " + re.sub(r"^[\w.]*Error: ", "", str(error).strip().splitlines()[-1])
+
+
+def exit_with(line):
+    """Exit 1 with ``line`` on stderr."""
+    sys.exit(line)
+
+
+def run_cli(main, interrupted="interrupted", say=exit_with):
+    """Run a script's ``main()`` and return what it returns. A user's mistake, a ``DataError`` (an
+    ``OutputError`` included) or an OSError naming its file (a permission, a full disk, a folder given
+    as a file), ends in one ``error: ...`` line passed to ``say`` (which exits 1); Ctrl-C exits with
+    the ``interrupted`` line. Anything else is a bug and keeps its traceback."""
+    try:
+        return main()
+    except DataError as e:
+        say(error_line(e))
+    except OSError as e:
+        if e.filename is None:
+            raise
+        say(f"error: {e.filename}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        sys.exit(interrupted)
 
 
 def str2bool(v):

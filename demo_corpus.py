@@ -29,6 +29,7 @@ trials: every cross-video target pair of the test speakers (2,160) and as many r
 The same seed gives byte-identical files whatever the number of worker processes.
 """
 import argparse
+import errno
 import json
 import multiprocessing
 import os
@@ -42,6 +43,7 @@ from scipy import fft
 from scipy.ndimage import gaussian_filter1d, uniform_filter1d
 from tqdm import tqdm
 
+import common
 from scoring import compute_eer
 
 SAMPLE_RATE = 16000
@@ -275,8 +277,8 @@ def _manifest(root):
         if manifest.get("generator") == "demo_corpus.py":
             return manifest
     if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
-        raise FileExistsError(f"{root} exists and is not a demo corpus (no valid {MANIFEST}): "
-                              "not overwriting it")
+        raise FileExistsError(errno.EEXIST, f"exists and is not a demo corpus (no valid {MANIFEST}): "
+                                            "not overwriting it", root)
     return None
 
 
@@ -383,4 +385,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_cli(lambda: main(parse_args()))

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import sys
 
 import numpy as np
 
@@ -190,8 +189,13 @@ def open_partial(folder, fingerprint):
     stamp = os.path.join(folder, "fingerprint.json")
     if os.path.isfile(stamp):
         with open(stamp) as f:
-            if json.load(f) == fingerprint:
-                return
+            try:
+                recorded = json.load(f)
+            except ValueError:
+                raise DataError(f"{stamp}: not the JSON fingerprint an extraction writes; delete {folder} "
+                                f"to start the extraction over") from None
+        if recorded == fingerprint:
+            return
         print(f"note: {folder} holds a partial extraction made with another model or settings: starting over")
         shutil.rmtree(folder)
     common.write_json_atomic(fingerprint, stamp)
@@ -669,16 +673,9 @@ def main(args):
 def cli(argv=None):
     """Command-line entry: bad input or a refused write ends in one line on stderr, exit 1; a run that
     extracted embeddings but found no trial list to score them with exits 0."""
-    try:
-        main(parse_args(argv))
-    except (DataError, ValueError) as e:
-        # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
-        sys.exit(common.error_line(e))
-    except OSError as e:  # an input or output the system refused (permissions, disk, a folder as a file)
-        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else common.error_line(e))
-    except KeyboardInterrupt:
-        sys.exit("interrupted (an -extract run keeps finished embeddings in <embd_dir>/.partial/: "
-                 "the same command resumes it)")
+    common.run_cli(lambda: main(parse_args(argv)),
+                   interrupted="interrupted (an -extract run keeps finished embeddings in "
+                               "<embd_dir>/.partial/: the same command resumes it)")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import copy
 import json
 import logging
 import os
-import sys
 import warnings
 
 import numpy as np
@@ -96,7 +95,11 @@ class OnnxNetwork(nn.Module):
             raise DataError(f"{path}: not a loadable ONNX file ({str(e).splitlines()[0]})") from None
         self.nb_samp = self.session.get_inputs()[0].shape[1]
         meta = self.session.get_modelmeta().custom_metadata_map  # what main() stored (from a last.pt)
-        self.checkpoint_args = {"window_size": int(meta["window_size"])} if "window_size" in meta else {}
+        try:
+            self.checkpoint_args = {"window_size": int(meta["window_size"])} if "window_size" in meta else {}
+        except ValueError:
+            raise DataError(f"{path}: its window_size metadata {meta['window_size']!r} is not a whole "
+                            f"number") from None
 
     def embed(self, x):  # (B, nb_samp) -> (B, dim), as RawNet2.embed
         batch = x.detach().cpu().numpy().astype(np.float32, copy=False)
@@ -234,12 +237,7 @@ def main(args):
 
 def cli(argv=None):
     """Command-line entry: bad input or a refused write ends in one line on stderr, exit 1."""
-    try:
-        main(build_parser().parse_args(argv))
-    except (DataError, ValueError) as e:
-        sys.exit(common.error_line(e))
-    except OSError as e:  # an input the system refused (permissions, a folder as a file)
-        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else common.error_line(e))
+    common.run_cli(lambda: main(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import runs
 import scoring
 import tta
 import utils
-from common import DataError
+from common import DataError, TrainingError
 from model_RawNet2 import RawNet2, strip_module_prefix
 
 # Scaled-down configuration of -demo: shorter crops, fewer filters, a smaller GRU; every other part of
@@ -51,10 +51,6 @@ DEMO_DEFAULTS = {
     "m_filts": [32, [32, 32], [32, 64], [64, 64]], "m_gru_node": 128, "m_nb_fc_node": 128,
     "bs": 32, "lr": 0.001, "epoch": 10, "nb_worker": 2,
 }
-
-
-class TrainingError(Exception):
-    """Training cannot go on (e.g. a non-finite loss); the message is one line."""
 
 
 def literal_list(v):
@@ -699,14 +695,8 @@ def fail(line):
 
 def cli(argv=None):
     """Command-line entry: bad input ends in one line on stderr (once under torchrun), exit 1."""
-    try:
-        main(parse_args(argv))
-    except (DataError, TrainingError) as e:
-        fail(common.error_line(e))
-    except OSError as e:  # an input or output the system refused (permissions, disk, a folder as a file)
-        fail(f"error: {e.filename}: {e.strerror}" if e.filename else common.error_line(e))
-    except KeyboardInterrupt:
-        sys.exit("interrupted: the last completed epoch is in last.pt; continue with -resume")
+    common.run_cli(lambda: main(parse_args(argv)), say=fail,
+                   interrupted="interrupted: the last completed epoch is in last.pt; continue with -resume")
 
 
 if __name__ == "__main__":

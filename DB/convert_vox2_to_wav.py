@@ -34,7 +34,7 @@ def find_jobs(sources, out_dir):
     jobs = []
     for src in sources:
         if not os.path.isdir(src):
-            raise FileNotFoundError(f"{src}: folder not found (expected <spk>/<video>/<NNNNN>.m4a)")
+            raise DataError(f"{src}: folder not found (expected <spk>/<video>/<NNNNN>.m4a)")
         for path, _, files in os.walk(src):
             for name in sorted(files):
                 if not name.endswith(".m4a"):
@@ -65,7 +65,7 @@ def convert(m4a, wav, ffmpeg="ffmpeg"):
 def main(args):
     ffmpeg = shutil.which(args.ffmpeg)
     if ffmpeg is None:
-        raise FileNotFoundError(f"{args.ffmpeg}: not found (install ffmpeg, e.g. apt-get install ffmpeg)")
+        raise DataError(f"{args.ffmpeg}: not found (install ffmpeg, e.g. apt-get install ffmpeg)")
     jobs = find_jobs(args.sources, args.out)
     errors = []
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -90,7 +90,5 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(parse_args()))
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
+    sys.exit(common.run_cli(lambda: main(parse_args()),
+                            interrupted="interrupted: converted files are kept; the same command resumes"))

@@ -591,9 +591,5 @@ def train_command(out, train_seconds, train_files=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(parse_args()))
-    except (DataError, OSError) as e:
-        sys.exit(common.error_line(e))
-    except KeyboardInterrupt:
-        sys.exit("interrupted: finished files are kept; the same command resumes")
+    sys.exit(common.run_cli(lambda: main(parse_args()),
+                            interrupted="interrupted: finished files are kept; the same command resumes"))

@@ -108,9 +108,5 @@ class _Serial:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except DataError as e:
-        sys.exit(common.error_line(e))
-    except KeyboardInterrupt:
-        sys.exit("interrupted: converted files are kept; rerun the same command to resume")
+    common.run_cli(lambda: main(parse_args()),
+                   interrupted="interrupted: converted files are kept; rerun the same command to resume")

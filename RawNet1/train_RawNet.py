@@ -48,7 +48,7 @@ import common  # noqa: E402
 import runs  # noqa: E402
 import scoring  # noqa: E402
 import utils  # noqa: E402
-from common import DataError  # noqa: E402
+from common import DataError, TrainingError  # noqa: E402
 from data_RawNet import (  # noqa: E402
     CropSet,
     embed_utterances,
@@ -95,10 +95,6 @@ DEMO_BVEC_FLAGS = ["-epoch", "5", "-nb_batch_per_epoch", "100"]
 # decay_offset: the PyTorch baseline steps its scheduler before optimizer.step(), so its k-th update
 # (from 0) already uses lr / (1 + decay * (k + 1)); Keras' decay uses k.
 Phase = namedtuple("Phase", "name model epochs lr_decay decay_offset c_lambda init")
-
-
-class TrainingError(Exception):
-    """Training cannot go on (e.g. a non-finite loss); the message is one line."""
 
 
 def int_list(v):
@@ -578,10 +574,5 @@ def prepare_demo(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (DataError, TrainingError) as e:
-        # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
-        sys.exit(common.error_line(e))
-    except KeyboardInterrupt:
-        sys.exit("interrupted: the last completed epoch is in last.pt; continue with -resume")
+    common.run_cli(lambda: main(parse_args()),
+                   interrupted="interrupted: the last completed epoch is in last.pt; continue with -resume")

@@ -283,9 +283,4 @@ def train(args, out_dir):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except DataError as e:
-        sys.exit(common.error_line(e))
-    except KeyboardInterrupt:
-        sys.exit("interrupted")
+    common.run_cli(lambda: main(parse_args()))
