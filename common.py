@@ -108,7 +108,44 @@ CHECKPOINT_SINC_FLAG = {"type": int, "default": None,
                                 "records, else 251; a plain state_dict does not store it)"}
 
 
-# add("fast", **FAST_FLAG): a bare -fast means True, as it always did
+# Flags of the same meaning in several scripts, each defined once: add(name, **FLAG). A script whose
+# flag of the same name means something else (another default on purpose, another kind of worker)
+# defines its own beside a comment saying why.
+
+# add("model_dir", **MODEL_DIR_FLAG): evaluate_pretrained_RawNet2.py, export_RawNet2.py
+MODEL_DIR_FLAG = {"type": str, "default": "Pre-trained_model/rawnet2_best_weights.pt",
+                  "help": "checkpoint: the released weights, a TA_*.pt state_dict or a last.pt of "
+                          "train_RawNet2.py"}
+
+# add("window_size", **CHECKPOINT_WINDOW_FLAG): for the scripts that load a checkpoint
+CHECKPOINT_WINDOW_FLAG = {"type": int, "default": None,
+                          "help": "overlap in samples between consecutive TTA segments (default: the value "
+                                  "a last.pt of train_RawNet2.py or an ONNX export records, else 11810)"}
+
+# add("name", **RUN_NAME_FLAG), add("save_dir", **SAVE_DIR_FLAG), add("resume", **RESUME_FLAG): the
+# training scripts
+RUN_NAME_FLAG = {"type": str, "required": True,
+                 "help": "experiment name: outputs go to <save_dir>/<name>/"}
+SAVE_DIR_FLAG = {"type": str, "default": "DNNs/", "help": "folder holding experiment folders"}
+RESUME_FLAG = {"action": "store_true",
+               "help": "continue <save_dir>/<name>/ from its last completed epoch (last.pt)"}
+
+# add("progress", **PROGRESS_FLAG)
+PROGRESS_FLAG = {**BOOL_FLAG, "default": True, "help": "show progress bars"}
+
+# add("strict", **STRICT_FLAG): the scripts that read many audio files of a user's collection
+STRICT_FLAG = {**BOOL_FLAG, "default": False,
+               "help": "stop at the first audio file that cannot be used (default: skip it, count it and "
+                       "list it with its reason)"}
+
+# add("amsgrad", **AMSGRAD_FLAG): the training scripts (Adam's AMSGrad variant, as the papers train)
+AMSGRAD_FLAG = {**BOOL_FLAG, "default": True, "help": "AMSGrad variant of Adam"}
+
+# add("eval_wav", **EVAL_WAV_FLAG): the VoxCeleb1 test utterances
+EVAL_WAV_FLAG = {"type": str, "default": "eval_wav/", "help": "test utterances (Vox1-O), inside -DB"}
+
+
+# add("fast", **FAST_FLAG): a bare -fast means True
 FAST_FLAG = {"type": parse_fast, "nargs": "?", "const": True, "default": True,
              "help": "fast path of fast_RawNet2.py, the same math in another order: True runs each stage "
                      "(front end, residual blocks, GRU) as its fixed rule picks from the device, CPU class, "

@@ -73,11 +73,10 @@ def build_parser():
     add("extract", action="store_true",
         help="compute TTA embeddings of -DB's -dev_wav and -eval_wav with -model_dir into -embd_dir, "
              "then score")
-    add("model_dir", type=str, default="Pre-trained_model/rawnet2_best_weights.pt",
-        help="checkpoint: the released weights, a TA_*.pt state_dict or a last.pt of train_RawNet2.py")
+    add("model_dir", **common.MODEL_DIR_FLAG)
     add("DB", type=str, default="DB/VoxCeleb1/", help="VoxCeleb1 folder holding -dev_wav and -eval_wav")
     add("dev_wav", type=str, default="dev_wav/", help="dev utterances (Vox1-E/H), inside -DB")
-    add("eval_wav", type=str, default="eval_wav/", help="test utterances (Vox1-O), inside -DB")
+    add("eval_wav", **common.EVAL_WAV_FLAG)
     add("wav_dir", type=str, default=None, metavar="DIR",
         help="-extract: embed every audio file under DIR instead (wav, flac, ogg, mp3, ...: any rate and "
              "channel count, converted to 16 kHz mono on the fly); keys are paths relative to DIR")
@@ -86,23 +85,20 @@ def build_parser():
              "paths as written")
     add("wav_base", type=str, default=None, metavar="DIR",
         help="-wav_list: the folder its paths are relative to (default: the current folder)")
-    add("strict", action="store_true",
-        help="-wav_dir/-wav_list: stop at the first file that cannot be read (default: skip it, count "
-             "it and list it with its reason)")
+    add("strict", **common.STRICT_FLAG)
     add("embd", type=str, default=None, metavar="FILE",
         help="one embedding file (.pk or .npy): written by -extract with -wav_dir/-wav_list (default "
              "<embd_dir>/embeddings.<format>), and the file every trial list is scored against")
     add("onnx", type=str, default=None, metavar="FILE",
         help="run the network with onnxruntime from this export of export_RawNet2.py instead of "
              "-model_dir (CPU; bench/onnx_extract.py; needs requirements-optional.txt)")
-    add("window_size", type=int, default=None,
-        help="overlap in samples between consecutive TTA segments (default: the value a last.pt of "
-             "train_RawNet2.py or an ONNX export records, else 11810)")
+    add("window_size", **common.CHECKPOINT_WINDOW_FLAG)
     add("m_first_conv", **common.CHECKPOINT_SINC_FLAG)
     add("bs", type=int, default=None,
         help="TTA segments per forward, packed across utterances (default: a fixed rule of the model's "
              "size and the device, fast_RawNet2.segments_per_forward: 16 for the paper model on CPU; -bs 1 "
              "runs the original's one segment at a time)")
+    # (threads, not train_RawNet2.py's DataLoader processes: its own default)
     add("nb_worker", type=int, default=4, help="threads reading audio ahead of the model "
                                                "(at most one per usable core; 0: read in turn)")
     add("fast", **common.FAST_FLAG)

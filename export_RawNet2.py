@@ -181,15 +181,12 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = common.arg_group(parser, "export")
-    add("model_dir", type=str, default="Pre-trained_model/rawnet2_best_weights.pt",
-        help="checkpoint: the released weights, a TA_*.pt state_dict or a last.pt of train_RawNet2.py")
+    add("model_dir", **common.MODEL_DIR_FLAG)
     add("out", type=str, default="exported/rawnet2", help="output path without extension: OUT.onnx, OUT.pt2")
     add("formats", type=str, nargs="+", default=["onnx", "pt2"], choices=["onnx", "pt2"],
         help="what to write: ONNX (needs onnx and onnxscript) and/or a torch.export program")
     add("opset", type=int, default=18, help="ONNX opset version")
-    add("window_size", type=int, default=None,
-        help="TTA segment overlap stored with the files (the recipe's; the network does not use it; "
-             "default: what a last.pt of train_RawNet2.py records, else 11810)")
+    add("window_size", **common.CHECKPOINT_WINDOW_FLAG)  # stored with the files; the network ignores it
     add("m_first_conv", **common.CHECKPOINT_SINC_FLAG)
     add("check", default=True, help="compare the exported files with PyTorch on random input "
                                     "(ONNX through onnxruntime)", **common.BOOL_FLAG)

@@ -72,12 +72,13 @@ def build_parser():
 
     flag = common.BOOL_FLAG
     add = common.arg_group(parser, "run")
-    add("name", type=str, required=True, help="experiment name: outputs go to <save_dir>/<name>/")
-    add("save_dir", type=str, default="DNNs/", help="folder holding experiment folders")
+    add("name", **common.RUN_NAME_FLAG)
+    add("save_dir", **common.SAVE_DIR_FLAG)
     add("demo", action="store_true",
         help="synthesise the built-in demo corpus under DB/demo/ (once) and train a scaled-down "
              "RawNet2 on it; explicit flags still override the demo's defaults")
     add("seed", type=int, default=1234, help="seed for initialisation, shuffling and crops")
+    # (DataLoader processes: another meaning and default than the extraction's reading threads)
     add("nb_worker", type=int, default=8, help="DataLoader worker processes reading training audio; the "
                                                "evaluation reads ahead in min(this, 4, cores) threads")
     add("mg", default=True, help="nn.DataParallel over all visible GPUs when more than one is visible "
@@ -105,8 +106,7 @@ def build_parser():
              "model_RawNet2.py (as -fast False; on a GPU the rule picks the same), the per-epoch "
              "evaluation runs it uncompiled, and checkpoints keep their keys. Not with DataParallel "
              "(use torchrun or -mg False)", **flag)
-    add("resume", action="store_true",
-        help="continue <save_dir>/<name>/ from its last completed epoch (last.pt)")
+    add("resume", **common.RESUME_FLAG)
     add("load_model", default=False, help="start from -load_model_dir (and -load_model_opt_dir)", **flag)
     add("load_model_dir", type=str, default="", help="state_dict to start from with -load_model")
     add("load_model_opt_dir", type=str, default="", help="optimiser state to start from with -load_model")
@@ -117,12 +117,14 @@ def build_parser():
     add("dev_wav", type=str, default="wav/", help="training wavs, inside -DB_vox2")
     add("val_wav", type=str, default="dev_wav/",
         help="validation wavs, inside -DB (only with -make_val_trial/-val_trial)")
-    add("eval_wav", type=str, default="eval_wav/", help="test wavs, inside -DB")
+    add("eval_wav", **common.EVAL_WAV_FLAG)
     add("nb_samp", type=int, default=59049, help="samples per training crop and TTA segment")
     add("wav_index", default=True,
         help="read only each crop's frames, scaled by the file's peak from an index built once "
              "(<dev_wav>_index.npz beside the folder); the crops equal the original's full reads", **flag)
-    add("window_size", type=int, default=11810, help="overlap in samples between consecutive TTA segments")
+    # (a value of its own: what a run records in last.pt, where the other scripts' default comes from)
+    add("window_size", type=int, default=utils.DEFAULT_WINDOW_SIZE,
+        help="overlap in samples between consecutive TTA segments")
     add("make_val_trial", default=False,
         help="write -nb_val_trial random trials over -val_wav to <DB>/val_trial.txt, then go on", **flag)
     add("nb_val_trial", type=int, default=40000, help="number of trials written by -make_val_trial")
@@ -137,7 +139,7 @@ def build_parser():
     add("epoch", type=int, default=80, help="number of epochs")
     add("optimizer", type=str, default="Adam", choices=["Adam", "SGD"],
         help="Adam (paper), or SGD with momentum 0.9")
-    add("amsgrad", default=True, help="AMSGrad variant of Adam", **flag)
+    add("amsgrad", **common.AMSGRAD_FLAG)
     add("do_lr_decay", default=True, help="decay the learning rate with -lr_decay", **flag)
     add("lr_decay", type=str, default="keras", choices=["keras"],
         help="keras: lr * 1 / (1 + 1e-4 * step), stepped after every optimiser step")

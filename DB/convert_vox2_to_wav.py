@@ -83,9 +83,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("sources", nargs="+", help="folders of <spk>/<video>/<NNNNN>.m4a (dev/aac, test/aac)")
-    parser.add_argument("-out", "--out", default="DB/VoxCeleb2/wav/", help="output folder of 16 kHz mono wavs")
-    parser.add_argument("-jobs", "--jobs", type=int, default=os.cpu_count(), help="parallel ffmpeg processes")
-    parser.add_argument("-ffmpeg", "--ffmpeg", default="ffmpeg", help="ffmpeg executable")
+    add = common.arg_group(parser, "conversion")
+    add("out", default="DB/VoxCeleb2/wav/", help="output folder of 16 kHz mono wavs")
+    add("jobs", type=int, default=os.cpu_count(), help="parallel ffmpeg processes")
+    add("ffmpeg", **FFMPEG_FLAG)
     return parser.parse_args(argv)
 
 

@@ -91,8 +91,7 @@ def parse_args(argv=None):
              "audio/wav, speaker/client_id/speaker_id/spk, session/session_id)")
     add("min_seconds", type=float, default=1.0,
         help="skip clips shorter than this many seconds (listed in OUT/skipped.tsv with their duration)")
-    add("strict", default=False, help="stop at the first file that cannot be used instead of skipping it",
-        **common.BOOL_FLAG)
+    add("strict", **common.STRICT_FLAG)
     add = common.arg_group(parser, "output")
     add("out", type=str, required=True, help="dataset folder to write (see the layout above)")
     add("default_session", type=str, default="default", help="session folder of files without a session")
@@ -105,8 +104,8 @@ def parse_args(argv=None):
              "target pair and as many non-targets)")
     add("seed", type=int, default=0, help="seed of the test-speaker draw and of the trials")
     add("jobs", type=int, default=os.cpu_count(), help="parallel conversion processes")
-    add("ffmpeg", type=str, default="ffmpeg", help="ffmpeg executable, for m4a/aac/mp4/wma/webm sources")
-    add("progress", default=True, help="show a progress bar", **common.BOOL_FLAG)
+    add("ffmpeg", **convert_vox2_to_wav.FFMPEG_FLAG)  # for m4a/aac/mp4/wma/webm sources
+    add("progress", **common.PROGRESS_FLAG)
     args = parser.parse_args(argv)
     if (args.source is None) == (args.list is None):
         parser.error("give either a source folder or -list FILE")

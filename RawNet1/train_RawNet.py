@@ -50,6 +50,7 @@ import scoring  # noqa: E402
 import utils  # noqa: E402
 from common import DataError, TrainingError  # noqa: E402
 from data_RawNet import (  # noqa: E402
+    TRIALS_FLAG,
     CropSet,
     embed_utterances,
     generate_validation_lines,
@@ -116,8 +117,8 @@ def build_parser():
 
     flag = common.BOOL_FLAG
     add = common.arg_group(parser, "run")
-    add("name", type=str, required=True, help="experiment name: outputs go to <save_dir>/<name>/")
-    add("save_dir", type=str, default="DNNs/", help="folder holding experiment folders")
+    add("name", **common.RUN_NAME_FLAG)
+    add("save_dir", **common.SAVE_DIR_FLAG)
     add("recipe", type=str, default="rawnet1", choices=sorted(RECIPE_DEFAULTS),
         help="rawnet1: the Keras code's two phases on VoxCeleb1 dev; vox2_baseline: the PyTorch baseline "
              "(cross-entropy only, GRU 1024 + dense 1024, batch 120, 40 epochs, decay 5e-5, every speaker "
@@ -132,16 +133,14 @@ def build_parser():
         help="CPU threads per operation (0: PyTorch's default, one per core); the count changes the "
              "order of float sums, so runs compare exactly only at one count")
     add("reproducible", default=True, help="seed torch/numpy/random, cuDNN deterministic", **flag)
-    add("resume", action="store_true",
-        help="continue <save_dir>/<name>/ from its last completed epoch (last.pt)")
-    add("progress", default=True, help="show progress bars", **flag)
+    add("resume", **common.RESUME_FLAG)
+    add("progress", **common.PROGRESS_FLAG)
 
     add = common.arg_group(parser, "data")
     add("dev_dir", type=str, default="DB/VoxCeleb1/dev_npy/",
         help="pre-processed training set (pre_process_waveforms.py output)")
     add("eval_dir", type=str, default="DB/VoxCeleb1/eval_npy/", help="pre-processed test set")
-    add("trials", type=str, default="DB/VoxCeleb1/veri_test.txt",
-        help="test trials (Vox1-O), keys in -eval_dir")
+    add("trials", **TRIALS_FLAG)
     add("eval_every", type=int, default=1,
         help="score the test trials after every N-th epoch of a phase, for the record only (models are "
              "selected on the validation trials), as the original code does with 1; 0: only the final "
@@ -168,7 +167,7 @@ def build_parser():
     add = common.arg_group(parser, "optimisation")
     add("bs", type=int, default=102, help="batch size")
     add("lr", type=float, default=0.001, help="Adam learning rate")
-    add("amsgrad", default=True, help="AMSGrad variant of Adam", **flag)
+    add("amsgrad", **common.AMSGRAD_FLAG)
     add("wd", type=float, default=0.0001,
         help="L2: rawnet1 = Keras l2 regulariser on kernels (loss + wd * sum w^2); "
              "vox2_baseline = PyTorch weight decay, 0 for parameters named 'bn'")

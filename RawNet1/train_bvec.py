@@ -39,7 +39,7 @@ import runs  # noqa: E402
 import scoring  # noqa: E402
 import utils  # noqa: E402
 from common import DataError  # noqa: E402
-from data_RawNet import generate_validation_lines, read_trial_lines, trial_arrays  # noqa: E402
+from data_RawNet import TRIALS_FLAG, generate_validation_lines, read_trial_lines, trial_arrays  # noqa: E402
 from model_RawNet import LEAKY_SLOPE, keras_decay_scheduler, keras_l2_groups  # noqa: E402
 
 
@@ -51,10 +51,10 @@ def build_parser():
     add("embeddings", type=str, required=True, help="embeddings pickle written by train_RawNet.py")
     add("out_dir", type=str, default="", help="output folder (default: bvec/ beside -embeddings)")
     add("seed", type=int, default=1234, help="seed for initialisation, validation trials and pair sampling")
-    add("progress", default=True, **common.BOOL_FLAG, help="show progress bars")
+    add("progress", **common.PROGRESS_FLAG)
 
     add = common.arg_group(parser, "data")
-    add("trials", type=str, default="DB/VoxCeleb1/veri_test.txt", help="test trials (Vox1-O)")
+    add("trials", **TRIALS_FLAG)
     add("val_trial", type=str, default="",
         help="validation trials over dev utterances (default: val_trial.txt beside -embeddings if present, "
              "else 8 trials per utterance of -nb_val_spk dev speakers, as train_RawNet.py generates them)")
@@ -63,7 +63,7 @@ def build_parser():
     add = common.arg_group(parser, "optimisation")
     add("bs", type=int, default=120, help="pairs per batch, half same-speaker and half different-speaker")
     add("lr", type=float, default=0.001, help="Adam learning rate")
-    add("amsgrad", default=True, help="AMSGrad variant of Adam", **common.BOOL_FLAG)
+    add("amsgrad", **common.AMSGRAD_FLAG)
     add("lr_decay", type=float, default=1e-4, help="Keras decay per step: lr / (1 + decay * step)")
     add("wd", type=float, default=5e-5, help="Keras l2 on every dense kernel (loss + wd * sum w^2)")
     add("epoch", type=int, default=1000, help="epochs")

@@ -1,4 +1,4 @@
-"""The scripts' one error trap (common.run_cli) and their one checkpoint loader."""
+"""The scripts' one error trap (common.run_cli), their shared flags and their one checkpoint loader."""
 
 import os
 import subprocess
@@ -62,6 +62,16 @@ def test_a_folder_that_is_no_demo_corpus_is_one_line(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: {tmp_path / 'mine'}: exists and is not a demo corpus (no valid " \
                                   f"demo_corpus.json): not overwriting it"
+
+
+def flag_definitions(parser):
+    return {action.dest: (action.type, action.default, action.help) for action in parser._actions}
+
+
+def test_evaluation_and_export_define_their_checkpoint_flags_alike():
+    flags = ("model_dir", "window_size", "m_first_conv")
+    evaluation, exporting = flag_definitions(evaluate.build_parser()), flag_definitions(export.build_parser())
+    assert [evaluation[f] for f in flags] == [exporting[f] for f in flags]
 
 
 def test_evaluation_and_export_report_a_corrupt_checkpoint_alike(tmp_path):
