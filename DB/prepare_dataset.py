@@ -55,10 +55,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import convert_vox2_to_wav  # noqa: E402  (the ffmpeg path, for formats libsndfile does not read)
 import train_RawNet2  # noqa: E402  (the demo's model, suggested for small corpora)
 import utils  # noqa: E402
-import common  # noqa: E402
 from common import DataError  # noqa: E402
 from utils import SAMPLE_RATE  # noqa: E402
 
