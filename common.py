@@ -82,7 +82,7 @@ FAST_CHOICES = {"front_end": ("reference", "fast", "fft", "fold"), "blocks": ("r
 def parse_fast(value):
     """The ``-fast`` flag: True (each stage as fast_RawNet2's fixed rule picks), False (the plain
     network of model_RawNet2.py), or overrides of the rule as ``stage=name`` pairs
-    ("front_end=fft,blocks=reference") -> {stage: name}. "auto" (an older default) means True."""
+    ("front_end=fft,blocks=reference") -> {stage: name}. "auto" is read as True."""
     if isinstance(value, (bool, dict)):
         return value
     text = str(value).strip().lower()
@@ -175,11 +175,11 @@ def keep_freed_memory():
 
     By default glibc serves each allocation of 32 MiB or more (a full-rate front-end map, a block's
     activations) with its own mmap and unmaps it when freed, so every training step or forward
-    touches fresh pages again: a page fault per 4 KiB, which took a fifth of a CPU training step of
-    the paper model (and a third of the plain network's). With mmap off and the heap never trimmed,
-    the second step reuses the pages of the first; the price is that the process keeps its peak
-    heap (peak RSS about 0.1-0.3 GiB higher at batch 4). Does nothing except on glibc, or where
-    ``RAWNET2_MALLOC=default`` is set. Returns whether the setting was applied.
+    touches fresh pages again: a page fault per 4 KiB, a large share of a CPU training step
+    (bench/train_step.py measures the step with glibc's malloc as is). With mmap off and the heap
+    never trimmed, the second step reuses the pages of the first; the price is that the process keeps
+    its peak heap. Does nothing except on glibc, or where ``RAWNET2_MALLOC=default`` is set. Returns
+    whether the setting was applied.
     """
     if os.environ.get("RAWNET2_MALLOC", "").lower() == "default" or platform.libc_ver()[0] != "glibc":
         return False

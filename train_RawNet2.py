@@ -173,8 +173,8 @@ def model_args(args, nb_classes):
 # ---------------------------------------------------------------------------------------------
 
 # Training steps between two reads of their losses from the device. A read waits for the device to
-# finish the step; read every step (between forward and backward), it kept a GPU waiting for its next
-# batch. The losses are checked and summed in step order whenever they are read: the same numbers.
+# finish the step: read every step (between forward and backward), it would keep a GPU waiting for its
+# next batch. The losses are checked and summed in step order whenever they are read: the same numbers.
 LOSS_READ_EVERY = 16
 
 
