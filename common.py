@@ -27,8 +27,7 @@ class DataError(Exception):
 
 
 class TrainingError(DataError):
-    """Training cannot go on (e.g. a non-finite loss, from a learning rate too high for the data);
-    the message is one line naming the step and its batch."""
+    """Training cannot go on (e.g. a non-finite loss); the message is one line naming where."""
 
 
 def error_line(error):
@@ -37,16 +36,12 @@ def error_line(error):
     return "error: " + re.sub(r"^[\w.]*Error: ", "", str(error).strip().splitlines()[-1])
 
 
-def exit_with(line):
-    """Exit 1 with ``line`` on stderr."""
-    sys.exit(line)
-
-
-def run_cli(main, interrupted="interrupted", say=exit_with):
+def run_cli(main, interrupted="interrupted", say=sys.exit):
     """Run a script's ``main()`` and return what it returns. A user's mistake, a ``DataError`` (an
-    ``OutputError`` included) or an OSError naming its file (a permission, a full disk, a folder given
-    as a file), ends in one ``error: ...`` line passed to ``say`` (which exits 1); Ctrl-C exits with
-    the ``interrupted`` line. Anything else is a bug and keeps its traceback."""
+    ``OutputError`` or ``TrainingError`` included) or an OSError naming its file (a permission, a full
+    disk, a folder given as a file), ends in one ``error: ...`` line passed to ``say`` (by default
+    ``sys.exit``: the line on stderr, exit 1); Ctrl-C exits with the ``interrupted`` line. Anything
+    else is a bug and keeps its traceback."""
     try:
         return main()
     except DataError as e:
@@ -138,7 +133,7 @@ STRICT_FLAG = {**BOOL_FLAG, "default": False,
                "help": "stop at the first audio file that cannot be used (default: skip it, count it and "
                        "list it with its reason)"}
 
-# add("amsgrad", **AMSGRAD_FLAG): the training scripts (Adam's AMSGrad variant, as the papers train)
+# add("amsgrad", **AMSGRAD_FLAG): the training scripts
 AMSGRAD_FLAG = {**BOOL_FLAG, "default": True, "help": "AMSGrad variant of Adam"}
 
 # add("eval_wav", **EVAL_WAV_FLAG): the VoxCeleb1 test utterances
