@@ -6,16 +6,17 @@ They live apart from utils.py so that scoring (scoring.py, evaluate_pretrained_R
 """
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import fnmatch
-import io
 import json
 import os
 import pickle
 import platform
 import re
 import signal
+import sys
 import tempfile
 
 import numpy as np
@@ -25,10 +26,32 @@ class DataError(Exception):
     """Bad or missing input data; the message is one line naming the file, key or flag."""
 
 
+class TrainingError(DataError):
+    """Training cannot go on (e.g. a non-finite loss); the message is one line naming where."""
+
+
 def error_line(error):
     """``error: <message>`` in one line. Errors raised in DataLoader workers arrive wrapped with the
     worker's traceback: keep its last line, without the exception's class name."""
     return "error: " + re.sub(r"^[\w.]*Error: ", "", str(error).strip().splitlines()[-1])
+
+
+def run_cli(main, interrupted="interrupted", say=sys.exit):
+    """Run a script's ``main()`` and return what it returns. A user's mistake, a ``DataError`` (an
+    ``OutputError`` or ``TrainingError`` included) or an OSError naming its file (a permission, a full
+    disk, a folder given as a file), ends in one ``error: ...`` line passed to ``say`` (by default
+    ``sys.exit``: the line on stderr, exit 1); Ctrl-C exits with the ``interrupted`` line. Anything
+    else is a bug and keeps its traceback."""
+    try:
+        return main()
+    except DataError as e:
+        say(error_line(e))
+    except OSError as e:
+        if e.filename is None:
+            raise
+        say(f"error: {e.filename}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        sys.exit(interrupted)
 
 
 def str2bool(v):
@@ -54,7 +77,7 @@ FAST_CHOICES = {"front_end": ("reference", "fast", "fft", "fold"), "blocks": ("r
 def parse_fast(value):
     """The ``-fast`` flag: True (each stage as fast_RawNet2's fixed rule picks), False (the plain
     network of model_RawNet2.py), or overrides of the rule as ``stage=name`` pairs
-    ("front_end=fft,blocks=reference") -> {stage: name}. "auto" (an older default) means True."""
+    ("front_end=fft,blocks=reference") -> {stage: name}. "auto" is read as True."""
     if isinstance(value, (bool, dict)):
         return value
     text = str(value).strip().lower()
@@ -80,7 +103,44 @@ CHECKPOINT_SINC_FLAG = {"type": int, "default": None,
                                 "records, else 251; a plain state_dict does not store it)"}
 
 
-# add("fast", **FAST_FLAG): a bare -fast means True, as it always did
+# Flags of the same meaning in several scripts, each defined once: add(name, **FLAG). A script whose
+# flag of the same name means something else (another default on purpose, another kind of worker)
+# defines its own beside a comment saying why.
+
+# add("model_dir", **MODEL_DIR_FLAG): evaluate_pretrained_RawNet2.py, export_RawNet2.py
+MODEL_DIR_FLAG = {"type": str, "default": "Pre-trained_model/rawnet2_best_weights.pt",
+                  "help": "checkpoint: the released weights, a TA_*.pt state_dict or a last.pt of "
+                          "train_RawNet2.py"}
+
+# add("window_size", **CHECKPOINT_WINDOW_FLAG): for the scripts that load a checkpoint
+CHECKPOINT_WINDOW_FLAG = {"type": int, "default": None,
+                          "help": "overlap in samples between consecutive TTA segments (default: the value "
+                                  "a last.pt of train_RawNet2.py or an ONNX export records, else 11810)"}
+
+# add("name", **RUN_NAME_FLAG), add("save_dir", **SAVE_DIR_FLAG), add("resume", **RESUME_FLAG): the
+# training scripts
+RUN_NAME_FLAG = {"type": str, "required": True,
+                 "help": "experiment name: outputs go to <save_dir>/<name>/"}
+SAVE_DIR_FLAG = {"type": str, "default": "DNNs/", "help": "folder holding experiment folders"}
+RESUME_FLAG = {"action": "store_true",
+               "help": "continue <save_dir>/<name>/ from its last completed epoch (last.pt)"}
+
+# add("progress", **PROGRESS_FLAG)
+PROGRESS_FLAG = {**BOOL_FLAG, "default": True, "help": "show progress bars"}
+
+# add("strict", **STRICT_FLAG): the scripts that read many audio files of a user's collection
+STRICT_FLAG = {**BOOL_FLAG, "default": False,
+               "help": "stop at the first audio file that cannot be used (default: skip it, count it and "
+                       "list it with its reason)"}
+
+# add("amsgrad", **AMSGRAD_FLAG): the training scripts
+AMSGRAD_FLAG = {**BOOL_FLAG, "default": True, "help": "AMSGrad variant of Adam"}
+
+# add("eval_wav", **EVAL_WAV_FLAG): the VoxCeleb1 test utterances
+EVAL_WAV_FLAG = {"type": str, "default": "eval_wav/", "help": "test utterances (Vox1-O), inside -DB"}
+
+
+# add("fast", **FAST_FLAG): a bare -fast means True
 FAST_FLAG = {"type": parse_fast, "nargs": "?", "const": True, "default": True,
              "help": "fast path of fast_RawNet2.py, the same math in another order: True runs each stage "
                      "(front end, residual blocks, GRU) as its fixed rule picks from the device, CPU class, "
@@ -110,11 +170,11 @@ def keep_freed_memory():
 
     By default glibc serves each allocation of 32 MiB or more (a full-rate front-end map, a block's
     activations) with its own mmap and unmaps it when freed, so every training step or forward
-    touches fresh pages again: a page fault per 4 KiB, which took a fifth of a CPU training step of
-    the paper model (and a third of the plain network's). With mmap off and the heap never trimmed,
-    the second step reuses the pages of the first; the price is that the process keeps its peak
-    heap (peak RSS about 0.1-0.3 GiB higher at batch 4). Does nothing except on glibc, or where
-    ``RAWNET2_MALLOC=default`` is set. Returns whether the setting was applied.
+    touches fresh pages again: a page fault per 4 KiB, a large share of a CPU training step
+    (bench/train_step.py measures the step with glibc's malloc as is). With mmap off and the heap
+    never trimmed, the second step reuses the pages of the first; the price is that the process keeps
+    its peak heap. Does nothing except on glibc, or where ``RAWNET2_MALLOC=default`` is set. Returns
+    whether the setting was applied.
     """
     if os.environ.get("RAWNET2_MALLOC", "").lower() == "default" or platform.libc_ver()[0] != "glibc":
         return False
@@ -197,29 +257,30 @@ def output_error(path, error, consequence="its previous version, if any, is unch
     return OutputError(f"{path}: not written ({reason}); {consequence}")
 
 
-def write_atomic(path, write):
-    """Write ``path`` through ``write(binary file)``: a temporary file in the same folder, synced, then
-    renamed over ``path``, so that a reader never sees a partial file. An OSError becomes an
-    ``OutputError`` naming ``path``."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path in the folder of ``path`` for the block (or a program it runs) to write;
+    when the block ends, the file is synced and renamed over ``path``, so that a reader never sees a
+    partial file. When the block raises, the temporary file is removed and ``path`` is unchanged. An
+    OSError becomes an ``OutputError`` naming ``path``. The only temp-and-rename writer: every atomic
+    write goes through it, so the RAWNET_FAULT hook reaches them all."""
     fault = planned_fault(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX + os.path.basename(path))
+        os.close(fd)
     except OSError as e:
         raise output_error(path, e) from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            if fault is None:
-                write(f)
-            else:  # test hook: the bytes in memory first, so that half of them can be written
-                buffer = io.BytesIO()
-                write(buffer)
-                write_faulty(f, buffer.getvalue(), fault, path)
-            f.flush()
-            os.fsync(f.fileno())
-        if fault == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
+        yield tmp
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            if fault is not None:  # test hook: the complete file cut to half of its bytes
+                inject_fault(fd, fault, path)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -227,6 +288,23 @@ def write_atomic(path, write):
         if isinstance(e, OSError) and not isinstance(e, OutputError):
             raise output_error(path, e) from None
         raise
+
+
+def inject_fault(fd, action, path):
+    """The RAWNET_FAULT ``action`` on a complete temporary file open as ``fd``: "kill" leaves it whole;
+    "torn" and the OSErrors leave half of its bytes first."""
+    if action != "kill":
+        os.ftruncate(fd, os.fstat(fd).st_size // 2)
+    if action in FAULT_ERRNOS:
+        code = FAULT_ERRNOS[action]
+        raise OSError(code, os.strerror(code), path)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_atomic(path, write):
+    """Write ``path`` through ``write(binary file)`` (``atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def write_text_atomic(text, path):
@@ -243,5 +321,33 @@ def write_pickle_atomic(obj, path):
 
 def write_npy_atomic(array, path):
     write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def write_lines(path, lines):
+    """``lines``, each ending in a line break, written atomically."""
+    write_text_atomic("".join(line + "\n" for line in lines), path)
+
+
+def append_line(path, line, consequence="the lines before it are kept"):
+    """Append ``line`` to the text file ``path`` (made if absent) in one write of a file opened for
+    appending, as the original appends its EER lines: runs appending to one file keep each other's
+    lines. An OSError becomes an ``OutputError`` naming ``path`` and ``consequence``."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise output_error(path, e, consequence) from None
+
+
+def remove_temporaries(folder):
+    """Delete the atomic writer's temporary files left under ``folder`` by a killed process (call
+    only while no other process writes there). Returns how many were removed."""
+    removed = 0
+    for path, _, files in os.walk(folder):
+        for name in files:
+            if name.startswith(TMP_PREFIX):
+                os.remove(os.path.join(path, name))
+                removed += 1
+    return removed
 
 

@@ -19,16 +19,17 @@ Why it is a real task and not a toy:
   (cross-session, as in VoxCeleb), so the channel dominates a long-term average spectrum while
   pitch, formant structure and voice quality stay in the waveform.
 - Deliberate balance: the channel varies most where speaker cues are weak (noise floor, band edges,
-  above 1 kHz) and only mildly below. Strong in-band EQ also hid the speaker from a small RawNet2
-  trained for a few CPU minutes; with this balance the naive baseline stays near 37 % EER while
-  the demo model reaches about a third of that.
+  above 1 kHz) and only mildly below: strong in-band EQ would hide the speaker from a small RawNet2
+  trained for a few CPU minutes, and the naive baseline, a long-term average spectrum, stays well
+  above the EER the demo model reaches.
 
-Defaults (about 1.7 h of audio, ~15 s to synthesise on 2 cores): 100 training speakers (`id0NNNN`),
+Defaults (about 1.7 h of audio): 100 training speakers (`id0NNNN`),
 40 test speakers (`id1NNNN`, as many as VoxCeleb1's test set), each 4 videos x 3 utterances of 2-5 s;
 trials: every cross-video target pair of the test speakers (2,160) and as many random non-targets.
 The same seed gives byte-identical files whatever the number of worker processes.
 """
 import argparse
+import errno
 import json
 import multiprocessing
 import os
@@ -42,6 +43,7 @@ from scipy import fft
 from scipy.ndimage import gaussian_filter1d, uniform_filter1d
 from tqdm import tqdm
 
+import common
 from scoring import compute_eer
 
 SAMPLE_RATE = 16000
@@ -275,8 +277,8 @@ def _manifest(root):
         if manifest.get("generator") == "demo_corpus.py":
             return manifest
     if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
-        raise FileExistsError(f"{root} exists and is not a demo corpus (no valid {MANIFEST}): "
-                              "not overwriting it")
+        raise FileExistsError(errno.EEXIST, f"exists and is not a demo corpus (no valid {MANIFEST}): "
+                                            "not overwriting it", root)
     return None
 
 
@@ -304,8 +306,8 @@ def make_demo_corpus(root="DB/demo", seed=1234, n_train_speakers=100, n_test_spe
 
     A corpus whose manifest records the same parameters is reused as is. Otherwise the corpus is
     built in a sibling folder and moved into place once complete, its manifest written last, so an
-    interrupted run never leaves a corpus that looks complete. Only an older demo corpus (one with
-    our manifest) or an empty folder is ever replaced.
+    interrupted run never leaves a corpus that looks complete. Only a demo corpus of other parameters
+    (one with our manifest) or an empty folder is ever replaced.
     """
     params = dict(version=VERSION, seed=seed, n_train_speakers=n_train_speakers,
                   n_test_speakers=n_test_speakers, n_videos=n_videos, n_utterances=n_utterances,
@@ -383,4 +385,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_cli(lambda: main(parse_args()))

@@ -22,9 +22,7 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import shutil
-import sys
 
 import numpy as np
 
@@ -75,11 +73,10 @@ def build_parser():
     add("extract", action="store_true",
         help="compute TTA embeddings of -DB's -dev_wav and -eval_wav with -model_dir into -embd_dir, "
              "then score")
-    add("model_dir", type=str, default="Pre-trained_model/rawnet2_best_weights.pt",
-        help="checkpoint: the released weights, a TA_*.pt state_dict or a last.pt of train_RawNet2.py")
+    add("model_dir", **common.MODEL_DIR_FLAG)
     add("DB", type=str, default="DB/VoxCeleb1/", help="VoxCeleb1 folder holding -dev_wav and -eval_wav")
     add("dev_wav", type=str, default="dev_wav/", help="dev utterances (Vox1-E/H), inside -DB")
-    add("eval_wav", type=str, default="eval_wav/", help="test utterances (Vox1-O), inside -DB")
+    add("eval_wav", **common.EVAL_WAV_FLAG)
     add("wav_dir", type=str, default=None, metavar="DIR",
         help="-extract: embed every audio file under DIR instead (wav, flac, ogg, mp3, ...: any rate and "
              "channel count, converted to 16 kHz mono on the fly); keys are paths relative to DIR")
@@ -88,23 +85,20 @@ def build_parser():
              "paths as written")
     add("wav_base", type=str, default=None, metavar="DIR",
         help="-wav_list: the folder its paths are relative to (default: the current folder)")
-    add("strict", action="store_true",
-        help="-wav_dir/-wav_list: stop at the first file that cannot be read (default: skip it, count "
-             "it and list it with its reason)")
+    add("strict", **common.STRICT_FLAG)
     add("embd", type=str, default=None, metavar="FILE",
         help="one embedding file (.pk or .npy): written by -extract with -wav_dir/-wav_list (default "
              "<embd_dir>/embeddings.<format>), and the file every trial list is scored against")
     add("onnx", type=str, default=None, metavar="FILE",
         help="run the network with onnxruntime from this export of export_RawNet2.py instead of "
              "-model_dir (CPU; bench/onnx_extract.py; needs requirements-optional.txt)")
-    add("window_size", type=int, default=None,
-        help="overlap in samples between consecutive TTA segments (default: the value a last.pt of "
-             "train_RawNet2.py or an ONNX export records, else 11810)")
+    add("window_size", **common.CHECKPOINT_WINDOW_FLAG)
     add("m_first_conv", **common.CHECKPOINT_SINC_FLAG)
     add("bs", type=int, default=None,
         help="TTA segments per forward, packed across utterances (default: a fixed rule of the model's "
              "size and the device, fast_RawNet2.segments_per_forward: 16 for the paper model on CPU; -bs 1 "
              "runs the original's one segment at a time)")
+    # (threads, not train_RawNet2.py's DataLoader processes: its own default)
     add("nb_worker", type=int, default=4, help="threads reading audio ahead of the model "
                                                "(at most one per usable core; 0: read in turn)")
     add("fast", **common.FAST_FLAG)
@@ -160,21 +154,11 @@ def load_network(args):
     if args.onnx:
         from export_RawNet2 import OnnxNetwork
         return OnnxNetwork(args.onnx)
-    from model_RawNet2 import load_pretrained
-
-    if not os.path.isfile(args.model_dir):
-        raise DataError(f"{args.model_dir}: checkpoint not found (-model_dir)")
-    d_args = {"first_conv": args.m_first_conv} if args.m_first_conv is not None else None
-    try:
-        model = load_pretrained(args.model_dir, map_location="cpu", d_args=d_args)
-    except pickle.UnpicklingError:  # not a torch file, or one holding objects other than tensors
-        raise DataError(f"{args.model_dir}: not a PyTorch checkpoint of tensors (torch.load with "
-                        f"weights_only=True refused it)") from None
-    except (RuntimeError, EOFError, OSError) as e:  # e.g. a truncated file
-        raise DataError(f"{args.model_dir}: not a loadable PyTorch checkpoint "
-                        f"({str(e).splitlines()[0]})") from None
     import fast_RawNet2
+    import runs
 
+    d_args = {"first_conv": args.m_first_conv} if args.m_first_conv is not None else None
+    model = runs.load_network(args.model_dir, "checkpoint (-model_dir)", d_args)
     return fast_RawNet2.accelerate(model, args.fast).to(args.device)
 
 
@@ -201,8 +185,13 @@ def open_partial(folder, fingerprint):
     stamp = os.path.join(folder, "fingerprint.json")
     if os.path.isfile(stamp):
         with open(stamp) as f:
-            if json.load(f) == fingerprint:
-                return
+            try:
+                recorded = json.load(f)
+            except ValueError:
+                raise DataError(f"{stamp}: not the JSON fingerprint an extraction writes; delete {folder} "
+                                f"to start the extraction over") from None
+        if recorded == fingerprint:
+            return
         print(f"note: {folder} holds a partial extraction made with another model or settings: starting over")
         shutil.rmtree(folder)
     common.write_json_atomic(fingerprint, stamp)
@@ -391,7 +380,7 @@ def extract(args):
     partial = os.path.join(folder, ".partial-" + os.path.basename(args.embd) if source else ".partial")
     with runs.folder_lock(folder, "wait for it to end, or write the embeddings elsewhere"):
         if not source:  # -embd_dir holds only our outputs: temporaries of a killed run are removed
-            runs.remove_temporaries(folder)
+            common.remove_temporaries(folder)
         done = partial + ".done"
         if os.path.isdir(done):  # a finished extraction killed while deleting its logs: resumed
             # from what is left of them (checked by open_partial), unless its stamp is gone already
@@ -493,11 +482,7 @@ def metrics(labels, scores):
 
 def report(line, result, eer_file):
     print(line)
-    try:
-        with open(eer_file, "a") as f:  # appended, as the original does
-            f.write(line + "\n")
-    except OSError as e:
-        raise common.output_error(eer_file, e, "the EER above was printed only") from None
+    common.append_line(eer_file, line, "the EER above was printed only")
     print("  " + ", ".join(f"minDCF(p_target={p}) {result[f'min_dcf_{p}']:.4f}" for p in P_TARGETS)
           + f", EER threshold {result['eer_threshold']:.4f}")
 
@@ -684,16 +669,9 @@ def main(args):
 def cli(argv=None):
     """Command-line entry: bad input or a refused write ends in one line on stderr, exit 1; a run that
     extracted embeddings but found no trial list to score them with exits 0."""
-    try:
-        main(parse_args(argv))
-    except (DataError, ValueError) as e:
-        # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
-        sys.exit(common.error_line(e))
-    except OSError as e:  # an input or output the system refused (permissions, disk, a folder as a file)
-        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else common.error_line(e))
-    except KeyboardInterrupt:
-        sys.exit("interrupted (an -extract run keeps finished embeddings in <embd_dir>/.partial/: "
-                 "the same command resumes it)")
+    common.run_cli(lambda: main(parse_args(argv)),
+                   interrupted="interrupted (an -extract run keeps finished embeddings in "
+                               "<embd_dir>/.partial/: the same command resumes it)")
 
 
 if __name__ == "__main__":

@@ -34,8 +34,6 @@ import copy
 import json
 import logging
 import os
-import pickle
-import sys
 import warnings
 
 import numpy as np
@@ -45,10 +43,10 @@ import torch.nn.functional as F
 
 import common
 import fast_RawNet2
+import runs
 import tta
 import utils
 from common import DataError
-from model_RawNet2 import load_pretrained
 
 OPTIONAL = "pip install -r requirements-optional.txt"
 
@@ -97,7 +95,11 @@ class OnnxNetwork(nn.Module):
             raise DataError(f"{path}: not a loadable ONNX file ({str(e).splitlines()[0]})") from None
         self.nb_samp = self.session.get_inputs()[0].shape[1]
         meta = self.session.get_modelmeta().custom_metadata_map  # what main() stored (from a last.pt)
-        self.checkpoint_args = {"window_size": int(meta["window_size"])} if "window_size" in meta else {}
+        try:
+            self.checkpoint_args = {"window_size": int(meta["window_size"])} if "window_size" in meta else {}
+        except ValueError:
+            raise DataError(f"{path}: its window_size metadata {meta['window_size']!r} is not a whole "
+                            f"number") from None
 
     def embed(self, x):  # (B, nb_samp) -> (B, dim), as RawNet2.embed
         batch = x.detach().cpu().numpy().astype(np.float32, copy=False)
@@ -182,31 +184,16 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = common.arg_group(parser, "export")
-    add("model_dir", type=str, default="Pre-trained_model/rawnet2_best_weights.pt",
-        help="checkpoint: the released weights, a TA_*.pt state_dict or a last.pt of train_RawNet2.py")
+    add("model_dir", **common.MODEL_DIR_FLAG)
     add("out", type=str, default="exported/rawnet2", help="output path without extension: OUT.onnx, OUT.pt2")
     add("formats", type=str, nargs="+", default=["onnx", "pt2"], choices=["onnx", "pt2"],
         help="what to write: ONNX (needs onnx and onnxscript) and/or a torch.export program")
     add("opset", type=int, default=18, help="ONNX opset version")
-    add("window_size", type=int, default=None,
-        help="TTA segment overlap stored with the files (the recipe's; the network does not use it; "
-             "default: what a last.pt of train_RawNet2.py records, else 11810)")
+    add("window_size", **common.CHECKPOINT_WINDOW_FLAG)  # stored with the files; the network ignores it
     add("m_first_conv", **common.CHECKPOINT_SINC_FLAG)
     add("check", default=True, help="compare the exported files with PyTorch on random input "
                                     "(ONNX through onnxruntime)", **common.BOOL_FLAG)
     return parser
-
-
-def load_model(path, first_conv=None):
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: checkpoint not found (-model_dir)")
-    try:
-        return load_pretrained(path, map_location="cpu",
-                               d_args={"first_conv": first_conv} if first_conv is not None else None)
-    except pickle.UnpicklingError:
-        raise DataError(f"{path}: not a PyTorch checkpoint of tensors (-model_dir)") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise DataError(f"{path}: not a loadable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
 
 
 def main(args):
@@ -221,7 +208,8 @@ def main(args):
                             f"{OPTIONAL}") from None
     if args.m_first_conv is not None and args.m_first_conv < 1:
         raise DataError(f"-m_first_conv {args.m_first_conv}: must be at least 1")
-    model = load_model(args.model_dir, args.m_first_conv)
+    model = runs.load_network(args.model_dir, "checkpoint (-model_dir)",
+                              {"first_conv": args.m_first_conv} if args.m_first_conv is not None else None)
     window_size = utils.resolve_window_size(args.window_size, model, args.model_dir)
     net = EmbeddingNetwork(model)
     meta = {"nb_samp": net.nb_samp, "window_size": window_size, "sample_rate": utils.SAMPLE_RATE,
@@ -249,12 +237,7 @@ def main(args):
 
 def cli(argv=None):
     """Command-line entry: bad input or a refused write ends in one line on stderr, exit 1."""
-    try:
-        main(build_parser().parse_args(argv))
-    except (DataError, ValueError) as e:
-        sys.exit(common.error_line(e))
-    except OSError as e:  # an input the system refused (permissions, a folder as a file)
-        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else common.error_line(e))
+    common.run_cli(lambda: main(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

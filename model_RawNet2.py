@@ -291,21 +291,31 @@ def d_args_from_state_dict(state_dict):
 
 
 def load_pretrained(path, map_location="cpu", d_args=None):
-    """Load a RawNet2 checkpoint and return the model in eval mode.
+    """Load a RawNet2 checkpoint file and return the model in eval mode (``torch.load`` with
+    ``weights_only=True``, then ``model_from_checkpoint``).
 
     Accepts a plain state_dict (the released ``rawnet2_best_weights.pt`` or the original trainer's
     ``TA_*.pt``), one with a ``module.`` prefix, or a checkpoint dict written by our trainer (with a
-    ``"model"`` entry, whose ``"d_args"`` entry then gives the configuration). The layout (legacy vs
-    FMS) is detected from the keys; ``nb_samp`` and ``nb_classes`` are read from the ``ln.gamma`` and
-    ``fc2_gru.weight`` shapes. The sinc kernel size is not stored in a plain state dict: pass
-    ``d_args`` (e.g. ``{"first_conv": 501}``, entries over the configuration read from the file)
-    when it is not the paper's 251; a checkpoint that records its configuration refuses ``d_args``
+    ``"model"`` entry, whose ``"d_args"`` entry then gives the configuration). The sinc kernel size
+    is not stored in a plain state dict: pass ``d_args`` (e.g. ``{"first_conv": 501}``) when it is
+    not the paper's 251.
+    """
+    return model_from_checkpoint(torch.load(path, map_location=map_location, weights_only=True), path,
+                                 d_args)
+
+
+def model_from_checkpoint(obj, path, d_args=None):
+    """The RawNet2 of ``obj``, a checkpoint already loaded from the file ``path`` (see
+    ``load_pretrained``), in eval mode.
+
+    The layout (legacy vs FMS) is detected from the keys; ``nb_samp`` and ``nb_classes`` are read
+    from the ``ln.gamma`` and ``fc2_gru.weight`` shapes. ``d_args`` entries override the
+    configuration read from the file; a checkpoint that records its configuration refuses ``d_args``
     that contradict it. ``model.checkpoint_args`` holds the training flags a checkpoint dict records
     ({} for a plain state_dict).
-    Raises ``ValueError`` (one line naming the file and the offending keys) for anything else: another
+    Raises ``ValueError`` (one line naming ``path`` and the offending keys) for anything else: another
     layout, shapes that do not fit, NaN or infinite weights.
     """
-    obj = torch.load(path, map_location=map_location, weights_only=True)
     recorded, checkpoint_args = None, {}
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         recorded, checkpoint_args = obj.get("d_args"), obj.get("args")

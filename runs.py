@@ -16,20 +16,9 @@ import zipfile
 
 import torch
 
-from common import TMP_PREFIX, DataError, output_error, planned_fault, write_atomic, write_faulty
+import model_RawNet2
+from common import DataError, output_error, planned_fault, write_atomic, write_faulty
 from scoring import RestrictedUnpickler
-
-
-def remove_temporaries(folder):
-    """Delete the atomic writer's temporary files left under ``folder`` by a killed process (call
-    only while holding the folder's ``folder_lock``). Returns how many were removed."""
-    removed = 0
-    for path, _, files in os.walk(folder):
-        for name in files:
-            if name.startswith(TMP_PREFIX):
-                os.remove(os.path.join(path, name))
-                removed += 1
-    return removed
 
 
 def save_atomic(obj, path):
@@ -104,23 +93,46 @@ def load_torch_file(path, what, mmap=False):
     and ``what`` it was read for."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: {what} not found")
+    corrupt = f"{path}: {what} is truncated or corrupt, not a loadable PyTorch checkpoint"
     if mmap and not zipfile.is_zipfile(path):  # (torch.load would only say that it cannot map it)
-        raise DataError(f"{path}: {what} is truncated or corrupt (not a PyTorch archive)")
+        raise DataError(f"{corrupt} (not a PyTorch archive)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         if zipfile.is_zipfile(path):  # a complete torch.save archive, of other objects
             raise DataError(f"{path}: {what} holds objects other than tensors and plain containers "
                             f"(torch.load with weights_only=True refused it)") from None
-        raise DataError(f"{path}: {what} is truncated or corrupt (not a PyTorch archive)") from None
+        raise DataError(f"{corrupt} (not a PyTorch archive)") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path}: {what} is truncated or corrupt ({reason})") from None
+        raise DataError(f"{corrupt} ({reason})") from None
     bad = [] if mmap else non_finite_tensors(obj)
     if bad:
         raise DataError(f"{path}: {what} holds NaN or infinite values in {len(bad)} tensors "
                         f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})")
     return obj
+
+
+def load_network(path, what, d_args=None):
+    """The RawNet2 of a checkpoint file, in eval mode: the released weights, a TA_*.pt state_dict or
+    a last.pt of train_RawNet2.py (``load_torch_file``, then ``model_RawNet2.model_from_checkpoint``
+    with ``d_args``). A file that holds no RawNet2 is a DataError naming it."""
+    obj = load_torch_file(path, what)
+    try:
+        return model_RawNet2.model_from_checkpoint(obj, path, d_args)
+    except ValueError as e:  # (its messages name the file and what does not fit)
+        raise DataError(str(e)) from None
+
+
+def load_into(module, state, path, what):
+    """``module.load_state_dict(state)``; a state of another layout is one line naming ``path``."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        reason = " ".join(str(e).split())  # load_state_dict lists every mismatch on lines of its own
+        reason = reason if len(reason) <= 200 else reason[:200] + " ..."
+        raise DataError(f"{path}: the {what} does not fit these flags ({reason}); "
+                        f"use the model flags it was trained with (its run's args.json)") from None
 
 
 LOCK_NAME = ".lock"

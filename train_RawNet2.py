@@ -40,7 +40,7 @@ import runs
 import scoring
 import tta
 import utils
-from common import DataError
+from common import DataError, TrainingError
 from model_RawNet2 import RawNet2, strip_module_prefix
 
 # Scaled-down configuration of -demo: shorter crops, fewer filters, a smaller GRU; every other part of
@@ -51,10 +51,6 @@ DEMO_DEFAULTS = {
     "m_filts": [32, [32, 32], [32, 64], [64, 64]], "m_gru_node": 128, "m_nb_fc_node": 128,
     "bs": 32, "lr": 0.001, "epoch": 10, "nb_worker": 2,
 }
-
-
-class TrainingError(Exception):
-    """Training cannot go on (e.g. a non-finite loss); the message is one line."""
 
 
 def literal_list(v):
@@ -76,12 +72,13 @@ def build_parser():
 
     flag = common.BOOL_FLAG
     add = common.arg_group(parser, "run")
-    add("name", type=str, required=True, help="experiment name: outputs go to <save_dir>/<name>/")
-    add("save_dir", type=str, default="DNNs/", help="folder holding experiment folders")
+    add("name", **common.RUN_NAME_FLAG)
+    add("save_dir", **common.SAVE_DIR_FLAG)
     add("demo", action="store_true",
         help="synthesise the built-in demo corpus under DB/demo/ (once) and train a scaled-down "
              "RawNet2 on it; explicit flags still override the demo's defaults")
     add("seed", type=int, default=1234, help="seed for initialisation, shuffling and crops")
+    # (DataLoader processes: another meaning and default than the extraction's reading threads)
     add("nb_worker", type=int, default=8, help="DataLoader worker processes reading training audio; the "
                                                "evaluation reads ahead in min(this, 4, cores) threads")
     add("mg", default=True, help="nn.DataParallel over all visible GPUs when more than one is visible "
@@ -109,8 +106,7 @@ def build_parser():
              "model_RawNet2.py (as -fast False; on a GPU the rule picks the same), the per-epoch "
              "evaluation runs it uncompiled, and checkpoints keep their keys. Not with DataParallel "
              "(use torchrun or -mg False)", **flag)
-    add("resume", action="store_true",
-        help="continue <save_dir>/<name>/ from its last completed epoch (last.pt)")
+    add("resume", **common.RESUME_FLAG)
     add("load_model", default=False, help="start from -load_model_dir (and -load_model_opt_dir)", **flag)
     add("load_model_dir", type=str, default="", help="state_dict to start from with -load_model")
     add("load_model_opt_dir", type=str, default="", help="optimiser state to start from with -load_model")
@@ -121,12 +117,14 @@ def build_parser():
     add("dev_wav", type=str, default="wav/", help="training wavs, inside -DB_vox2")
     add("val_wav", type=str, default="dev_wav/",
         help="validation wavs, inside -DB (only with -make_val_trial/-val_trial)")
-    add("eval_wav", type=str, default="eval_wav/", help="test wavs, inside -DB")
+    add("eval_wav", **common.EVAL_WAV_FLAG)
     add("nb_samp", type=int, default=59049, help="samples per training crop and TTA segment")
     add("wav_index", default=True,
         help="read only each crop's frames, scaled by the file's peak from an index built once "
              "(<dev_wav>_index.npz beside the folder); the crops equal the original's full reads", **flag)
-    add("window_size", type=int, default=11810, help="overlap in samples between consecutive TTA segments")
+    # (a value of its own: what a run records in last.pt, where the other scripts' default comes from)
+    add("window_size", type=int, default=utils.DEFAULT_WINDOW_SIZE,
+        help="overlap in samples between consecutive TTA segments")
     add("make_val_trial", default=False,
         help="write -nb_val_trial random trials over -val_wav to <DB>/val_trial.txt, then go on", **flag)
     add("nb_val_trial", type=int, default=40000, help="number of trials written by -make_val_trial")
@@ -141,7 +139,7 @@ def build_parser():
     add("epoch", type=int, default=80, help="number of epochs")
     add("optimizer", type=str, default="Adam", choices=["Adam", "SGD"],
         help="Adam (paper), or SGD with momentum 0.9")
-    add("amsgrad", default=True, help="AMSGrad variant of Adam", **flag)
+    add("amsgrad", **common.AMSGRAD_FLAG)
     add("do_lr_decay", default=True, help="decay the learning rate with -lr_decay", **flag)
     add("lr_decay", type=str, default="keras", choices=["keras"],
         help="keras: lr * 1 / (1 + 1e-4 * step), stepped after every optimiser step")
@@ -175,8 +173,8 @@ def model_args(args, nb_classes):
 # ---------------------------------------------------------------------------------------------
 
 # Training steps between two reads of their losses from the device. A read waits for the device to
-# finish the step; read every step (between forward and backward), it kept a GPU waiting for its next
-# batch. The losses are checked and summed in step order whenever they are read: the same numbers.
+# finish the step: read every step (between forward and backward), it would keep a GPU waiting for its
+# next batch. The losses are checked and summed in step order whenever they are read: the same numbers.
 LOSS_READ_EVERY = 16
 
 
@@ -245,10 +243,6 @@ def load_trials(path, keys):
     trials = scoring.read_trials(path)
     scoring.check_keys(trials[1] + trials[2], {common.utt_id(k) for k in keys}, f"trial keys of {path}")
     return trials
-
-
-def write_lines(path, lines):
-    common.write_text_atomic("".join(line + "\n" for line in lines), path)
 
 
 def eers_before(path, epoch):
@@ -391,23 +385,12 @@ def load_data(args, main_process):
     if args.make_val_trial and main_process:
         rng = np.random.default_rng(args.seed)
         lines = utils.make_validation_trials(utils.list_utterances(data.val_dir), args.nb_val_trial, rng)
-        write_lines(os.path.join(args.DB, "val_trial.txt"), lines)
+        common.write_lines(os.path.join(args.DB, "val_trial.txt"), lines)
     distributed.barrier()
     if args.val_trial:
         data.val_keys = utils.list_utterances(data.val_dir)
         data.val_trials = load_trials(args.val_trial, data.val_keys)
     return data
-
-
-def load_into(module, state, path, what):
-    """``module.load_state_dict(state)``; a state of another layout is one line naming ``path``."""
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        reason = " ".join(str(e).split())  # load_state_dict lists every mismatch on lines of its own
-        reason = reason if len(reason) <= 200 else reason[:200] + " ..."
-        raise DataError(f"{path}: the {what} does not fit these flags ({reason}); "
-                        f"use the model flags it was trained with (its run's args.json)") from None
 
 
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_eer", "rng",
@@ -442,8 +425,8 @@ class TrainState:
         missing = sorted(CHECKPOINT_KEYS - set(state if isinstance(state, dict) else ()))
         if missing:
             raise DataError(f"{path}: not a last.pt of train_RawNet2.py (it lacks {', '.join(missing)})")
-        load_into(self.model, state["model"], path, "model")
-        load_into(self.optimizer, state["optimizer"], path, "optimiser state")
+        runs.load_into(self.model, state["model"], path, "model")
+        runs.load_into(self.optimizer, state["optimizer"], path, "optimiser state")
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"]:
@@ -458,7 +441,7 @@ def build_training(args, d_args, device):
     model = fast_RawNet2.accelerate(RawNet2(d_args), args.fast)
     if args.load_model:
         weights = runs.load_torch_file(args.load_model_dir, "-load_model_dir state_dict")
-        load_into(model, strip_module_prefix(weights), args.load_model_dir, "state_dict")
+        runs.load_into(model, strip_module_prefix(weights), args.load_model_dir, "state_dict")
     else:
         model.apply(utils.init_weights)
     model.to(device)
@@ -469,7 +452,7 @@ def build_training(args, d_args, device):
         optimizer = torch.optim.SGD(groups, lr=args.lr, weight_decay=args.wd, momentum=0.9)
     if args.load_model and args.load_model_opt_dir:
         opt_state = runs.load_torch_file(args.load_model_opt_dir, "-load_model_opt_dir optimiser state")
-        load_into(optimizer, opt_state, args.load_model_opt_dir, "optimiser state")
+        runs.load_into(optimizer, opt_state, args.load_model_opt_dir, "optimiser state")
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=utils.keras_lr_decay)
                  if args.do_lr_decay else None)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
@@ -486,9 +469,9 @@ def write_run_files(args, run_dir, d_args, nb_params, resume, start_epoch, world
     if not resume:
         params = [f"{k}:\t{v}" for k, v in sorted(vars(args).items())]
         params += [f"{k}:\t{v}" for k, v in sorted(d_args.items())] + [f"nb_params:\t{nb_params}"]
-        write_lines(os.path.join(run_dir, "f_params.txt"), params)
+        common.write_lines(os.path.join(run_dir, "f_params.txt"), params)
     eers_path = os.path.join(run_dir, "eers.txt")
-    write_lines(eers_path, eers_before(eers_path, start_epoch))
+    common.write_lines(eers_path, eers_before(eers_path, start_epoch))
     common.write_json_atomic({"args": vars(args), "d_args": d_args, "nb_params": nb_params,
                              "world_size": world, "fast_path": fast_path}, os.path.join(run_dir, "args.json"))
 
@@ -608,10 +591,10 @@ def save_epoch(run_dir, state, line, scores, trial_labels, is_best, args, d_args
     """The epoch's outputs, last.pt last: until it is renamed into place, a resumed run redoes the epoch
     and writes the same files again."""
     epoch = state.epoch
-    write_lines(os.path.join(run_dir, "results", f"eval_epoch{epoch}.txt"),
+    common.write_lines(os.path.join(run_dir, "results", f"eval_epoch{epoch}.txt"),
                 [f"{s} {t}" for s, t in zip(scores, trial_labels)])
     eers_path = os.path.join(run_dir, "eers.txt")
-    write_lines(eers_path, eers_before(eers_path, epoch) + [line])
+    common.write_lines(eers_path, eers_before(eers_path, epoch) + [line])
     if is_best:
         runs.save_atomic(state.model.state_dict(),
                           os.path.join(run_dir, "models", f"TA_{epoch}_{state.best_eer:.4f}.pt"))
@@ -631,7 +614,7 @@ def main(args):
     with lock:
         resume = decide_resume(args, run_dir)  # every process: all of them stop alike, or none
         if main_process:
-            runs.remove_temporaries(run_dir)  # of a killed process: never read, now removed
+            common.remove_temporaries(run_dir)  # of a killed process: never read, now removed
         return train(args, run_dir, device, resume)
 
 
@@ -714,14 +697,8 @@ def fail(line):
 
 def cli(argv=None):
     """Command-line entry: bad input ends in one line on stderr (once under torchrun), exit 1."""
-    try:
-        main(parse_args(argv))
-    except (DataError, TrainingError) as e:
-        fail(common.error_line(e))
-    except OSError as e:  # an input or output the system refused (permissions, disk, a folder as a file)
-        fail(f"error: {e.filename}: {e.strerror}" if e.filename else common.error_line(e))
-    except KeyboardInterrupt:
-        sys.exit("interrupted: the last completed epoch is in last.pt; continue with -resume")
+    common.run_cli(lambda: main(parse_args(argv)), say=fail,
+                   interrupted="interrupted: the last completed epoch is in last.pt; continue with -resume")
 
 
 if __name__ == "__main__":

@@ -17,13 +17,24 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+from common import DataError  # noqa: E402
+
+# add("ffmpeg", **FFMPEG_FLAG): here and in DB/prepare_dataset.py
+FFMPEG_FLAG = {"type": str, "default": "ffmpeg", "help": "ffmpeg executable"}
+
+
+class FfmpegError(Exception):
+    """ffmpeg could not convert a file; the message is its last line of error output."""
+
 
 def find_jobs(sources, out_dir):
     """(m4a path, wav path) for every m4a under ``sources`` whose wav does not exist yet."""
     jobs = []
     for src in sources:
         if not os.path.isdir(src):
-            raise FileNotFoundError(f"{src}: folder not found (expected <spk>/<video>/<NNNNN>.m4a)")
+            raise DataError(f"{src}: folder not found (expected <spk>/<video>/<NNNNN>.m4a)")
         for path, _, files in os.walk(src):
             for name in sorted(files):
                 if not name.endswith(".m4a"):
@@ -36,24 +47,25 @@ def find_jobs(sources, out_dir):
 
 
 def convert(m4a, wav, ffmpeg="ffmpeg"):
-    """One file: decode, downmix to mono, resample to 16 kHz, 16-bit PCM. Returns an error or None."""
-    os.makedirs(os.path.dirname(wav), exist_ok=True)
-    tmp = wav + ".part.wav"
-    cmd = [ffmpeg, "-nostdin", "-loglevel", "error", "-y", "-i", m4a,
-           "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        return f"{m4a}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'ffmpeg failed'}"
-    os.replace(tmp, wav)
+    """One file: decode, downmix to mono, resample to 16 kHz, 16-bit PCM, written atomically
+    (``common.atomic_path``). Returns an error or None."""
+    try:
+        with common.atomic_path(wav) as tmp:
+            cmd = [ffmpeg, "-nostdin", "-loglevel", "error", "-y", "-i", m4a,
+                   "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", "-f", "wav", tmp]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise FfmpegError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
+                                  else "ffmpeg failed")
+    except FfmpegError as e:
+        return f"{m4a}: {e}"
     return None
 
 
 def main(args):
     ffmpeg = shutil.which(args.ffmpeg)
     if ffmpeg is None:
-        raise FileNotFoundError(f"{args.ffmpeg}: not found (install ffmpeg, e.g. apt-get install ffmpeg)")
+        raise DataError(f"{args.ffmpeg}: not found (install ffmpeg, e.g. apt-get install ffmpeg)")
     jobs = find_jobs(args.sources, args.out)
     errors = []
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -71,14 +83,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("sources", nargs="+", help="folders of <spk>/<video>/<NNNNN>.m4a (dev/aac, test/aac)")
-    parser.add_argument("-out", "--out", default="DB/VoxCeleb2/wav/", help="output folder of 16 kHz mono wavs")
-    parser.add_argument("-jobs", "--jobs", type=int, default=os.cpu_count(), help="parallel ffmpeg processes")
-    parser.add_argument("-ffmpeg", "--ffmpeg", default="ffmpeg", help="ffmpeg executable")
+    add = common.arg_group(parser, "conversion")
+    add("out", default="DB/VoxCeleb2/wav/", help="output folder of 16 kHz mono wavs")
+    add("jobs", type=int, default=os.cpu_count(), help="parallel ffmpeg processes")
+    add("ffmpeg", **FFMPEG_FLAG)
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(parse_args()))
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
+    sys.exit(common.run_cli(lambda: main(parse_args()),
+                            interrupted="interrupted: converted files are kept; the same command resumes"))

@@ -46,7 +46,6 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
 import unicodedata
 from collections import Counter
 
@@ -56,10 +55,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import convert_vox2_to_wav  # noqa: E402  (the ffmpeg path, for formats libsndfile does not read)
 import train_RawNet2  # noqa: E402  (the demo's model, suggested for small corpora)
 import utils  # noqa: E402
-import common  # noqa: E402
 from common import DataError  # noqa: E402
 from utils import SAMPLE_RATE  # noqa: E402
 
@@ -92,8 +91,7 @@ def parse_args(argv=None):
              "audio/wav, speaker/client_id/speaker_id/spk, session/session_id)")
     add("min_seconds", type=float, default=1.0,
         help="skip clips shorter than this many seconds (listed in OUT/skipped.tsv with their duration)")
-    add("strict", default=False, help="stop at the first file that cannot be used instead of skipping it",
-        **common.BOOL_FLAG)
+    add("strict", **common.STRICT_FLAG)
     add = common.arg_group(parser, "output")
     add("out", type=str, required=True, help="dataset folder to write (see the layout above)")
     add("default_session", type=str, default="default", help="session folder of files without a session")
@@ -106,8 +104,8 @@ def parse_args(argv=None):
              "target pair and as many non-targets)")
     add("seed", type=int, default=0, help="seed of the test-speaker draw and of the trials")
     add("jobs", type=int, default=os.cpu_count(), help="parallel conversion processes")
-    add("ffmpeg", type=str, default="ffmpeg", help="ffmpeg executable, for m4a/aac/mp4/wma/webm sources")
-    add("progress", default=True, help="show a progress bar", **common.BOOL_FLAG)
+    add("ffmpeg", **convert_vox2_to_wav.FFMPEG_FLAG)  # for m4a/aac/mp4/wma/webm sources
+    add("progress", **common.PROGRESS_FLAG)
     args = parser.parse_args(argv)
     if (args.source is None) == (args.list is None):
         parser.error("give either a source folder or -list FILE")
@@ -322,25 +320,9 @@ def check_plan(out, plan):
 # Conversion of one file
 
 def write_wav_atomic(path, x):
-    """16-bit PCM wav written to a temporary name in the same folder, then renamed."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".part")  # not a .wav
-    os.close(fd)
-    try:
+    """16-bit PCM wav, written atomically (``common.atomic_path``)."""
+    with common.atomic_path(path) as tmp:
         sf.write(tmp, x, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def remove_temporaries(out):
-    """Delete what an interrupted run left half-written: our ``.tmp-*.part`` files and ffmpeg's
-    ``*.part.wav`` (``convert_vox2_to_wav.convert``)."""
-    for folder, _, files in os.walk(out):
-        for name in files:
-            if (name.startswith(".tmp-") and name.endswith(".part")) or name.endswith(".part.wav"):
-                os.remove(os.path.join(folder, name))
 
 
 def unusable(x, min_seconds):
@@ -452,7 +434,7 @@ def main(args):
         raise DataError(f"{args.list or args.source}: no audio files found")
     plan = make_plan(sources, args)
     check_plan(args.out, plan)
-    remove_temporaries(args.out)
+    common.remove_temporaries(args.out)  # what an interrupted run left half-written
     ffmpeg = shutil.which(args.ffmpeg)
     done = finished(args.out, plan, args.min_seconds)
     if done:
@@ -463,10 +445,10 @@ def main(args):
     frames.update(done)
     skipped = sorted(misfits + missing + failed)
     rows = [row for row in plan if row[0] in frames]
-    common.write_text_atomic("source\toutput\tspeaker\tsession\n" + "".join("\t".join(r) + "\n" for r in rows),
-                            os.path.join(args.out, "mapping.tsv"))
-    common.write_text_atomic("source\treason\n" + "".join(f"{p}\t{r}\n" for p, r in skipped),
-                            os.path.join(args.out, "skipped.tsv"))
+    common.write_lines(os.path.join(args.out, "mapping.tsv"),
+                       ["source\toutput\tspeaker\tsession"] + ["\t".join(r) for r in rows])
+    common.write_lines(os.path.join(args.out, "skipped.tsv"),
+                       ["source\treason"] + [f"{p}\t{r}" for p, r in skipped])
     if not rows:
         report_skipped(args, skipped)
         raise DataError(f"{args.list or args.source}: none of its {len(plan)} audio files can be used "
@@ -546,8 +528,7 @@ def write_trials(args, rows):
     if not lines or all(line[0] == "1" for line in lines) or all(line[0] == "0" for line in lines):
         raise DataError("-make_trials: the test speakers' files give no target or no non-target pair "
                         "(need two speakers, one with two files)")
-    common.write_text_atomic("".join(line + "\n" for line in lines),
-                            os.path.join(args.out, "test", "veri_test.txt"))
+    common.write_lines(os.path.join(args.out, "test", "veri_test.txt"), lines)
 
 
 def summarise(args, rows, frames, skipped):
@@ -609,9 +590,5 @@ def train_command(out, train_seconds, train_files=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(parse_args()))
-    except (DataError, OSError) as e:
-        sys.exit(common.error_line(e))
-    except KeyboardInterrupt:
-        sys.exit("interrupted: finished files are kept; the same command resumes")
+    sys.exit(common.run_cli(lambda: main(parse_args()),
+                            interrupted="interrupted: finished files are kept; the same command resumes"))

@@ -31,6 +31,9 @@ PRE_EMPHASIS = 0.97
 INDEX = "index.json"
 
 
+# add("trials", **TRIALS_FLAG): the test trials of train_RawNet.py and train_bvec.py
+TRIALS_FLAG = {"type": str, "default": "DB/VoxCeleb1/veri_test.txt", "help": "test trials (Vox1-O)"}
+
 def read_int16(path):
     """A 16 kHz mono wav as float32 at int16 scale (the Keras code's input scale, no normalisation)."""
     try:

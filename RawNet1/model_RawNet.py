@@ -113,8 +113,9 @@ class AddLReLUMaxPool3(torch.autograd.Function):
 
 
 def add_lrelu_max_pool3(a, b):
-    """``F.max_pool1d(lrelu(a + b), 3)``: the fused form when a gradient is needed (about 1.1x the
-    whole training step of the demo's networks), the plain one otherwise (faster without indices)."""
+    """``F.max_pool1d(lrelu(a + b), 3)``: the fused form when a gradient is needed (fewer passes over
+    the full-rate tensors; bench/rawnet1_step.py times the training step with each), the plain one
+    otherwise (no indices to keep)."""
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         return AddLReLUMaxPool3.apply(a, b)
     return F.max_pool1d(lrelu(a + b), 3)
@@ -133,8 +134,8 @@ class FrontEnd(nn.Module):
         self.first_bn = keras_bn(filts[0])
         channels = [filts[0]] + [filts[1]] * nb_blocks[0] + [filts[2]] * nb_blocks[1]
         self.blocks = nn.Sequential(*[ResBlock(i, o) for i, o in zip(channels[:-1], channels[1:])])
-        # eval-mode layout: None runs forward_channels_last on CPU (a fixed rule: 1.2-1.8x the
-        # front end's forward there, bench/README.md) and the plain form elsewhere; True or False
+        # eval-mode layout: None runs forward_channels_last on CPU (a fixed rule: the faster layout
+        # there, as bench/rawnet1_step.py measures) and the plain form elsewhere; True or False
         # forces one; not in the state dict
         self.channels_last = None
 
@@ -146,8 +147,8 @@ class FrontEnd(nn.Module):
 
     def forward_channels_last(self, x):
         """``forward`` in eval mode with the feature maps in channels-last layout, (B, C, 1, T)
-        stored as (B, 1, T, C), where mkldnn's convolutions often run faster (0.99-1.8x the front
-        end's forward in bench/rawnet1_step.py, hence measured per run): the strided conv as one
+        stored as (B, 1, T, C), where mkldnn's convolutions run faster (bench/rawnet1_step.py
+        compares the two layouts): the strided conv as one
         matrix product over the input's frames of 3 samples, the blocks as 2-D convolutions and
         pools of height 1. The same arithmetic in another order (the outputs agree to about 1e-6
         relative). Returns a (B, C, T') view of channels-last memory."""

@@ -41,6 +41,7 @@ def build_parser():
     add("wav_dir", type=str, required=True, help="folder of <spk>/<video>/<NNNNN>.wav files (16 kHz mono)")
     add("out_dir", type=str, required=True, help="output folder: .npy per utterance and index.json")
     add("coef", type=float, default=PRE_EMPHASIS, help="pre-emphasis coefficient")
+    # (conversion processes, one per core: not the training scripts' DataLoader workers)
     add("nb_worker", type=int, default=os.cpu_count() or 1, help="parallel worker processes")
     return parser
 
@@ -108,9 +109,5 @@ class _Serial:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except DataError as e:
-        sys.exit(common.error_line(e))
-    except KeyboardInterrupt:
-        sys.exit("interrupted: converted files are kept; rerun the same command to resume")
+    common.run_cli(lambda: main(parse_args()),
+                   interrupted="interrupted: converted files are kept; rerun the same command to resume")

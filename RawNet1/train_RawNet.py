@@ -48,8 +48,9 @@ import common  # noqa: E402
 import runs  # noqa: E402
 import scoring  # noqa: E402
 import utils  # noqa: E402
-from common import DataError  # noqa: E402
+from common import DataError, TrainingError  # noqa: E402
 from data_RawNet import (  # noqa: E402
+    TRIALS_FLAG,
     CropSet,
     embed_utterances,
     generate_validation_lines,
@@ -70,7 +71,6 @@ from model_RawNet import (  # noqa: E402
     keras_init,
     keras_l2_groups,
 )
-from train_RawNet2 import load_into  # noqa: E402
 
 # Defaults that differ for the PyTorch VoxCeleb2 baseline (its train_RawNet.yaml): every speaker of
 # -dev_dir in training (6,112 from DB/VoxCeleb2/wav/: VoxCeleb2 dev + test), 40,000 random VoxCeleb1-dev
@@ -98,10 +98,6 @@ DEMO_BVEC_FLAGS = ["-epoch", "5", "-nb_batch_per_epoch", "100"]
 Phase = namedtuple("Phase", "name model epochs lr_decay decay_offset c_lambda init")
 
 
-class TrainingError(Exception):
-    """Training cannot go on (e.g. a non-finite loss); the message is one line."""
-
-
 def int_list(v):
     """Parse a list flag such as '[128,128,256]'."""
     try:
@@ -121,8 +117,8 @@ def build_parser():
 
     flag = common.BOOL_FLAG
     add = common.arg_group(parser, "run")
-    add("name", type=str, required=True, help="experiment name: outputs go to <save_dir>/<name>/")
-    add("save_dir", type=str, default="DNNs/", help="folder holding experiment folders")
+    add("name", **common.RUN_NAME_FLAG)
+    add("save_dir", **common.SAVE_DIR_FLAG)
     add("recipe", type=str, default="rawnet1", choices=sorted(RECIPE_DEFAULTS),
         help="rawnet1: the Keras code's two phases on VoxCeleb1 dev; vox2_baseline: the PyTorch baseline "
              "(cross-entropy only, GRU 1024 + dense 1024, batch 120, 40 epochs, decay 5e-5, every speaker "
@@ -137,16 +133,14 @@ def build_parser():
         help="CPU threads per operation (0: PyTorch's default, one per core); the count changes the "
              "order of float sums, so runs compare exactly only at one count")
     add("reproducible", default=True, help="seed torch/numpy/random, cuDNN deterministic", **flag)
-    add("resume", action="store_true",
-        help="continue <save_dir>/<name>/ from its last completed epoch (last.pt)")
-    add("progress", default=True, help="show progress bars", **flag)
+    add("resume", **common.RESUME_FLAG)
+    add("progress", **common.PROGRESS_FLAG)
 
     add = common.arg_group(parser, "data")
     add("dev_dir", type=str, default="DB/VoxCeleb1/dev_npy/",
         help="pre-processed training set (pre_process_waveforms.py output)")
     add("eval_dir", type=str, default="DB/VoxCeleb1/eval_npy/", help="pre-processed test set")
-    add("trials", type=str, default="DB/VoxCeleb1/veri_test.txt",
-        help="test trials (Vox1-O), keys in -eval_dir")
+    add("trials", **TRIALS_FLAG)
     add("eval_every", type=int, default=1,
         help="score the test trials after every N-th epoch of a phase, for the record only (models are "
              "selected on the validation trials), as the original code does with 1; 0: only the final "
@@ -173,7 +167,7 @@ def build_parser():
     add = common.arg_group(parser, "optimisation")
     add("bs", type=int, default=102, help="batch size")
     add("lr", type=float, default=0.001, help="Adam learning rate")
-    add("amsgrad", default=True, help="AMSGrad variant of Adam", **flag)
+    add("amsgrad", **common.AMSGRAD_FLAG)
     add("wd", type=float, default=0.0001,
         help="L2: rawnet1 = Keras l2 regulariser on kernels (loss + wd * sum w^2); "
              "vox2_baseline = PyTorch weight decay, 0 for parameters named 'bn'")
@@ -256,10 +250,6 @@ def load_checkpoint(path, what, keys):
     if missing:
         raise DataError(f"{path}: not a {what} written by train_RawNet.py (it lacks {', '.join(missing)})")
     return state
-
-
-def write_lines(path, lines):
-    common.write_text_atomic("".join(line + "\n" for line in lines), path)
 
 
 def eers_before(path, phases, phase, epoch):
@@ -366,7 +356,7 @@ def main(args):
     save_dir = os.path.join(args.save_dir, args.name)
     with runs.folder_lock(save_dir, "wait for it to end, or choose another -name"):
         check_resume(args, phases, save_dir)
-        runs.remove_temporaries(save_dir)  # of a killed run: never read, now removed
+        common.remove_temporaries(save_dir)  # of a killed run: never read, now removed
         return train(args, phases, save_dir)
 
 
@@ -410,7 +400,7 @@ def load_data(args, save_dir):
     val_lines = validation_lines(args, sorted(val_lengths))
     data.val_trials = usable_trials(trial_arrays(val_lines), {common.utt_id(k) for k in val_lengths},
                                     val_skipped, args.val_trial or "the validation trials")
-    write_lines(os.path.join(save_dir, "val_trial.txt"),
+    common.write_lines(os.path.join(save_dir, "val_trial.txt"),
                 [f"{t} {a}.wav {b}.wav" for t, a, b in zip(*data.val_trials)])
     return data
 
@@ -435,9 +425,9 @@ def write_run_files(args, phases, save_dir, d_args, start_phase, start_epoch):
     if not args.resume:
         params = [f"{k}:\t{v}" for k, v in sorted(vars(args).items())]
         params += [f"{k}:\t{v}" for k, v in sorted(d_args.items())]
-        write_lines(os.path.join(save_dir, "f_params.txt"), params)
+        common.write_lines(os.path.join(save_dir, "f_params.txt"), params)
     eers_path = os.path.join(save_dir, "eers.txt")
-    write_lines(eers_path, eers_before(eers_path, phases, start_phase, start_epoch))
+    common.write_lines(eers_path, eers_before(eers_path, phases, start_phase, start_epoch))
     common.write_json_atomic({"args": vars(args), "d_args": d_args}, os.path.join(save_dir, "args.json"))
 
 
@@ -459,11 +449,11 @@ def build_phase(phases, p, args, d_args, device, save_dir, state):
                              best_eer=math.inf)
     if state is not None:
         last_path = os.path.join(save_dir, "last.pt")
-        load_into(model, state["model"], last_path, "model")
+        runs.load_into(model, state["model"], last_path, "model")
         if center is not None:
-            load_into(center, state["center"], last_path, "center-loss state")
-        load_into(optimizer, state["optimizer"], last_path, "optimiser state")
-        load_into(scheduler, state["scheduler"], last_path, "learning-rate schedule")
+            runs.load_into(center, state["center"], last_path, "center-loss state")
+        runs.load_into(optimizer, state["optimizer"], last_path, "optimiser state")
+        runs.load_into(scheduler, state["scheduler"], last_path, "learning-rate schedule")
         run.best_eer = state["best_eer"]
         utils.set_rng_states(state["rng"])
     nb_params = sum(t.numel() for t in model.parameters())
@@ -499,7 +489,7 @@ def train_phase(phases, p, run, data, args, d_args, device, save_dir, start_epoc
         eval_eer = None
         if args.eval_every and (epoch + 1) % args.eval_every == 0:
             eval_eer, scores = evaluate(run.model, data.eval_trials, args.eval_dir, args, device, "Vox1-O")
-            write_lines(os.path.join(save_dir, "results", f"{phase.name}_eval_epoch{epoch}.txt"),
+            common.write_lines(os.path.join(save_dir, "results", f"{phase.name}_eval_epoch{epoch}.txt"),
                         [f"{s} {t}" for s, t in zip(scores, data.eval_trials[0])])
         crop = (args.nb_samp, (args.seed, 7, p, epoch)) if args.val_crop else None
         val_eer = evaluate(run.model, data.val_trials, data.val_dir, args, device, "validation", crop)[0]
@@ -518,7 +508,7 @@ def save_epoch(phases, p, epoch, run, val_eer, eval_eer, args, d_args, save_dir)
     eers_path = os.path.join(save_dir, "eers.txt")
     line = (f"phase:{phase.name}, epoch:{epoch}, val_eer:{val_eer:.4f}"
             + (f", eval_eer:{eval_eer:.4f}" if eval_eer is not None else ""))
-    write_lines(eers_path, eers_before(eers_path, phases, p, epoch) + [line])
+    common.write_lines(eers_path, eers_before(eers_path, phases, p, epoch) + [line])
     center = run.center.state_dict() if run.center else None
     is_best = val_eer < run.best_eer
     if is_best:
@@ -540,7 +530,7 @@ def write_embeddings(phase, args, d_args, data, device, save_dir):
     best_path = os.path.join(save_dir, "models", f"{phase.name}_best.pt")
     best = load_checkpoint(best_path, f"best {phase.name} model", BEST_KEYS)
     model = phase.model(d_args)
-    load_into(model, best["model"], best_path, "model")
+    runs.load_into(model, best["model"], best_path, "model")
     model.to(device)
     pickle_path = os.path.join(save_dir, "embeddings.pk")
     dev = embed_utterances(model, data.dev_keys, args.dev_dir, device, min(args.nb_worker, 4), args.progress,
@@ -583,10 +573,5 @@ def prepare_demo(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (DataError, TrainingError) as e:
-        # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
-        sys.exit(common.error_line(e))
-    except KeyboardInterrupt:
-        sys.exit("interrupted: the last completed epoch is in last.pt; continue with -resume")
+    common.run_cli(lambda: main(parse_args()),
+                   interrupted="interrupted: the last completed epoch is in last.pt; continue with -resume")

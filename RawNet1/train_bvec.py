@@ -39,7 +39,7 @@ import runs  # noqa: E402
 import scoring  # noqa: E402
 import utils  # noqa: E402
 from common import DataError  # noqa: E402
-from data_RawNet import generate_validation_lines, read_trial_lines, trial_arrays  # noqa: E402
+from data_RawNet import TRIALS_FLAG, generate_validation_lines, read_trial_lines, trial_arrays  # noqa: E402
 from model_RawNet import LEAKY_SLOPE, keras_decay_scheduler, keras_l2_groups  # noqa: E402
 
 
@@ -51,10 +51,10 @@ def build_parser():
     add("embeddings", type=str, required=True, help="embeddings pickle written by train_RawNet.py")
     add("out_dir", type=str, default="", help="output folder (default: bvec/ beside -embeddings)")
     add("seed", type=int, default=1234, help="seed for initialisation, validation trials and pair sampling")
-    add("progress", default=True, **common.BOOL_FLAG, help="show progress bars")
+    add("progress", **common.PROGRESS_FLAG)
 
     add = common.arg_group(parser, "data")
-    add("trials", type=str, default="DB/VoxCeleb1/veri_test.txt", help="test trials (Vox1-O)")
+    add("trials", **TRIALS_FLAG)
     add("val_trial", type=str, default="",
         help="validation trials over dev utterances (default: val_trial.txt beside -embeddings if present, "
              "else 8 trials per utterance of -nb_val_spk dev speakers, as train_RawNet.py generates them)")
@@ -63,7 +63,7 @@ def build_parser():
     add = common.arg_group(parser, "optimisation")
     add("bs", type=int, default=120, help="pairs per batch, half same-speaker and half different-speaker")
     add("lr", type=float, default=0.001, help="Adam learning rate")
-    add("amsgrad", default=True, help="AMSGrad variant of Adam", **common.BOOL_FLAG)
+    add("amsgrad", **common.AMSGRAD_FLAG)
     add("lr_decay", type=float, default=1e-4, help="Keras decay per step: lr / (1 + decay * step)")
     add("wd", type=float, default=5e-5, help="Keras l2 on every dense kernel (loss + wd * sum w^2)")
     add("epoch", type=int, default=1000, help="epochs")
@@ -84,9 +84,8 @@ def parse_args(argv=None):
 class UniformDropout(nn.Module):
     """Inverted dropout whose mask thresholds uniform noise, as Keras' dropout draws it: a value is
     kept where u >= rate, u ~ U[0, 1), and kept values are scaled by 1 / (1 - rate). The same
-    distribution as ``nn.Dropout``, whose Bernoulli sampler is slow on CPU: with this, a b-vector
-    training step takes about 2/3 of the time (bench figures in RawNet1/README.md). Identity in
-    eval mode."""
+    distribution as ``nn.Dropout``, whose Bernoulli sampler is slow on CPU (bench/rawnet1_step.py
+    times a b-vector training step with each). Identity in eval mode."""
 
     def __init__(self, rate):
         super().__init__()
@@ -197,11 +196,6 @@ def make_training(dim, args):
     return model, optimizer, scheduler
 
 
-def append_line(path, line):
-    old = open(path).read() if os.path.exists(path) else ""
-    common.write_text_atomic(old + line + "\n", path)
-
-
 def main(args):
     """Check the flags, hold the output folder's lock, then train (``train``)."""
     if args.bs < 2 or args.bs % 2:
@@ -210,7 +204,7 @@ def main(args):
         raise DataError("-epoch and -nb_batch_per_epoch must be at least 1")
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.embeddings)), "bvec")
     with runs.folder_lock(out_dir, "wait for it to end, or choose another -out_dir"):
-        runs.remove_temporaries(out_dir)  # of a killed run: never read, now removed
+        common.remove_temporaries(out_dir)  # of a killed run: never read, now removed
         return train(args, out_dir)
 
 
@@ -262,7 +256,7 @@ def train(args, out_dir):
             total += loss.item()
         val_eer = scoring.compute_eer(val_trials[0], score_pairs(model, dev_std, *val_trials[1:], row))[0]
         line = f"epoch:{epoch}, loss:{total / args.nb_batch_per_epoch:.4f}, val_eer:{val_eer:.4f}"
-        append_line(eers_path, line)
+        common.append_line(eers_path, line)
         if val_eer < best_eer:
             best_eer = val_eer
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -281,16 +275,11 @@ def train(args, out_dir):
     for name, scores in (("cosine", cosine), ("bvec", bvec)):
         common.write_text_atomic("".join(f"{s} {t}\n" for s, t in zip(scores, labels)),
                                 os.path.join(out_dir, "results", f"{name}_eval.txt"))
-    append_line(eers_path, f"test cosine_eer:{eers['cosine']:.4f}, bvec_eer:{eers['bvec']:.4f}")
+    common.append_line(eers_path, f"test cosine_eer:{eers['cosine']:.4f}, bvec_eer:{eers['bvec']:.4f}")
     print(f"Vox1-O ({len(labels)} trials): cosine EER {100 * eers['cosine']:.2f} %, "
           f"b-vector EER {100 * eers['bvec']:.2f} %")
     return eers
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except DataError as e:
-        sys.exit(common.error_line(e))
-    except KeyboardInterrupt:
-        sys.exit("interrupted")
+    common.run_cli(lambda: main(parse_args()))

@@ -436,6 +436,13 @@ def test_extract_npy_matches_pickle(tiny_corpus, tiny_checkpoint, tmp_path):
         np.testing.assert_array_equal(from_npy[k], from_pk[k])
 
 
+def test_a_partial_extraction_whose_fingerprint_is_not_json_is_one_line(tmp_path):
+    (tmp_path / "fingerprint.json").write_text('{"model_sha256": "ab')
+    with pytest.raises(DataError, match=rf"fingerprint.json: not the JSON fingerprint an extraction writes; "
+                                        rf"delete {tmp_path} to start the extraction over"):
+        ev.open_partial(str(tmp_path), {"model_sha256": "ab"})
+
+
 def test_interrupted_extraction_resumes_without_recomputing(tiny_corpus, tiny_checkpoint, tmp_path,
                                                             monkeypatch):
     checkpoint, _ = tiny_checkpoint

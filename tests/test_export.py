@@ -11,6 +11,7 @@ import torch
 import export_RawNet2
 import tta
 import utils
+from common import DataError
 from conftest import ROOT
 from model_RawNet2 import RawNet2, load_pretrained
 
@@ -81,10 +82,27 @@ def test_missing_optional_dependency_and_bad_checkpoint_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, script, "-model_dir", str(tmp_path / "bad.pt"), "-formats", "pt2"],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
-    assert proc.stderr.startswith(f"error: {tmp_path / 'bad.pt'}: not a")
+    assert proc.stderr.startswith(f"error: {tmp_path / 'bad.pt'}: checkpoint (-model_dir) is truncated")
     code = "import sys; sys.modules['onnxscript'] = None; sys.argv[1:] = ['-model_dir', 'x.pt']; " \
            f"exec(open({script!r}).read())"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1
     assert proc.stderr.strip() == ("error: -formats onnx needs onnx and onnxscript, which are not installed: "
                                    "pip install -r requirements-optional.txt")
+
+
+def test_an_onnx_file_whose_window_size_is_not_a_number_is_one_line(tmp_path):
+    pytest.importorskip("onnxruntime")
+    helper = pytest.importorskip("onnx.helper")
+    from onnx import TensorProto, save
+
+    graph = helper.make_graph([helper.make_node("Identity", ["waveform"], ["embedding"])], "net",
+                              [helper.make_tensor_value_info("waveform", TensorProto.FLOAT, ["batch", 100])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 100])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 8
+    proto.metadata_props.add(key="window_size", value="wide")
+    save(proto, str(tmp_path / "net.onnx"))
+    with pytest.raises(DataError, match=r"net.onnx: its window_size metadata 'wide' is not a "
+                                        r"whole number"):
+        export_RawNet2.OnnxNetwork(str(tmp_path / "net.onnx"))

@@ -165,12 +165,12 @@ def test_prepare_reports_skips_resumes_and_refuses_other_plans(tmp_path, capsys)
         assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
     assert utils.list_utterances(str(out / "wav")) == sorted(r[1][len("wav/"):] for r in rows)
     os.remove(out / rows[0][1])
-    (out / "wav" / "a" / "default" / "00002.wav.part.wav").write_bytes(b"half")  # an interrupted ffmpeg
+    (out / "wav" / "a" / "default" / ".tmp-00002.wavx1y2").write_bytes(b"half")  # an interrupted ffmpeg
     before = os.stat(out / rows[1][1]).st_mtime_ns
     assert prepare([src, "-layout", "speaker/file", "-ffmpeg", ffmpeg], out) == 0
     assert "resuming" in capsys.readouterr().out and os.stat(out / rows[1][1]).st_mtime_ns == before
     assert os.path.isfile(out / rows[0][1])
-    assert not [f for _, _, files in os.walk(out) for f in files if ".part" in f]
+    assert not [f for _, _, files in os.walk(out) for f in files if f.startswith(".tmp-")]
     with pytest.raises(DataError, match="prepared earlier from other sources or flags"):
         prepare([src, "-layout", "speaker/file", "-test_speakers", "1"], out)
 
@@ -453,7 +453,7 @@ def test_sinc_length_of_a_plain_state_dict_is_given_by_flag_and_checked_against_
     embedded = extract(tmp_path, *flags, "-model_dir", str(tmp_path / "TA_1.pt"))["a"]
     np.testing.assert_allclose(embedded, hand_embedding(model, wav, 1000), rtol=1e-4, atol=1e-6)
     small_checkpoint(tmp_path / "last.pt", d_args=SMALL)
-    with pytest.raises(ValueError, match=r"last.pt: first_conv 101 given, but this checkpoint was trained "
+    with pytest.raises(DataError, match=r"last.pt: first_conv 101 given, but this checkpoint was trained "
                                          r"with first_conv 251 \(its d_args\)"):
         extract(tmp_path, *flags, "-model_dir", str(tmp_path / "last.pt"))
 
@@ -465,7 +465,8 @@ def test_a_checkpoint_with_nan_weights_is_refused_naming_the_file(tmp_path):
     torch.save(state, tmp_path / "TA_1.pt")
     os.makedirs(tmp_path / "own")
     sf.write(tmp_path / "own" / "a.wav", voice(np.random.default_rng(0), 120, 0.5, 16000, 1), 16000)
-    with pytest.raises(ValueError, match=r"TA_1.pt: NaN or infinite weights in 1 tensors \(fc1_gru.weight\)"):
+    with pytest.raises(DataError, match=r"TA_1.pt: checkpoint \(-model_dir\) holds NaN or infinite values "
+                                        r"in 1 tensors \(fc1_gru.weight\)"):
         extract(tmp_path, "-wav_dir", str(tmp_path / "own"), "-window_size", "1000", "-model_dir",
                 str(tmp_path / "TA_1.pt"))
     assert not (tmp_path / "e.pk").exists()

@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import common
 import runs
 import scoring
 import tta
@@ -321,6 +322,37 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
         runs.save_atomic({"a": Unpicklable()}, str(path))
     assert torch.equal(torch.load(path)["a"], torch.ones(2))
     assert os.listdir(tmp_path) == ["ck.pt"]
+
+
+def test_atomic_path_publishes_what_a_program_wrote_only_once_it_succeeded(tmp_path):
+    path = tmp_path / "out.wav"
+    write = [sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write('done')"]
+    with common.atomic_path(str(path)) as tmp:
+        subprocess.run(write + [tmp], check=True)
+        assert not path.exists()
+    assert path.read_text() == "done"
+    with pytest.raises(subprocess.CalledProcessError):
+        with common.atomic_path(str(path)) as tmp:
+            subprocess.run(write + [tmp], check=True)
+            subprocess.run([sys.executable, "-c", "raise SystemExit(1)"], check=True)
+    assert path.read_text() == "done" and os.listdir(tmp_path) == ["out.wav"]
+
+
+def test_fault_hook_reaches_a_file_written_by_a_program(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.FAULT_ENV, "enospc@out.wav")
+    with pytest.raises(common.OutputError, match=r"out.wav: not written \(No space left on device\)"):
+        with common.atomic_path(str(tmp_path / "out.wav")) as tmp:
+            subprocess.run([sys.executable, "-c", f"open({tmp!r}, 'w').write('x' * 100)"], check=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_append_line_keeps_the_lines_before_and_names_a_refused_file(tmp_path):
+    path = tmp_path / "eers.txt"
+    common.append_line(str(path), "a")
+    common.append_line(str(path), "b")
+    assert path.read_text() == "a\nb\n"
+    with pytest.raises(common.OutputError, match=rf"^{tmp_path}: not written \(Is a directory\)"):
+        common.append_line(str(tmp_path), "c")
 
 
 def test_partial_read_crop_equals_full_read_crop(tmp_path):
