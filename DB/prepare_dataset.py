@@ -306,7 +306,12 @@ def check_plan(out, plan):
     entries = [[src, dst] for src, dst, *_ in plan]
     if os.path.isfile(path):
         with open(path) as f:
-            if json.load(f) != entries:
+            try:
+                recorded = json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:  # (JSONDecodeError is a ValueError)
+                raise DataError(f"{path}: not the plan this script writes ({e}); choose another -out "
+                                f"or delete the folder") from None
+            if recorded != entries:
                 raise DataError(f"{out}: prepared earlier from other sources or flags ({PLAN} differs); "
                                 f"choose another -out or delete it")
         return

@@ -173,6 +173,9 @@ def test_prepare_reports_skips_resumes_and_refuses_other_plans(tmp_path, capsys)
     assert not [f for _, _, files in os.walk(out) for f in files if f.startswith(".tmp-")]
     with pytest.raises(DataError, match="prepared earlier from other sources or flags"):
         prepare([src, "-layout", "speaker/file", "-test_speakers", "1"], out)
+    (out / ".prepare_plan.json").write_text('[["a.wav", "wav/a/')  # cut short
+    with pytest.raises(DataError, match=r"\.prepare_plan\.json: not the plan this script writes"):
+        prepare([src, "-layout", "speaker/file", "-ffmpeg", ffmpeg], out)
 
 
 def test_prepare_bad_input_is_one_line(tmp_path):
