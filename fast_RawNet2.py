@@ -46,7 +46,7 @@ from tqdm import tqdm
 from model_RawNet2 import RawNet2
 
 # Full-rate values (batch x channels x time) per chunk: ~2 MB of float32 on CPU, to stay in cache
-# (measured best in bench/train_step.py); on GPU chunks only bound the temporary memory.
+# (the best size in bench/train_step.py); on GPU chunks only bound the temporary memory.
 CHUNK_ELEMS = {"cpu": 2 ** 19}
 DEFAULT_GPU_CHUNK_ELEMS = 2 ** 28
 
@@ -172,9 +172,9 @@ def sinc_abs_maxpool(x, filters):
 
 
 # Per batch chunk of the FFT front end: channels x transform length values (~4 MB of float32 on
-# CPU, so that the elementwise passes over a chunk (|.|, pooling, codes) run from the caches: the
-# demo model's training front end took 0.11 s per step in chunks of 2 utterances against 0.13-0.15 s
-# in chunks of 8 (bench/README.md); on GPU chunks only bound memory).
+# CPU, so that the elementwise passes over a chunk (|.|, pooling, codes) run from the caches, which
+# made the demo model's training front end faster than chunks four times larger; on GPU chunks only
+# bound memory).
 FFT_CHUNK_ELEMS = {"cpu": 2 ** 20}
 DEFAULT_GPU_FFT_CHUNK_ELEMS = 2 ** 27
 
@@ -398,7 +398,7 @@ def gru_forward(gru, x):
 # ---------------------------------------------------------------------------------------------
 # Residual blocks in channels-last layout (CPU)
 #
-# mkldnn's convolutions run ~1.8x faster forward on channels-last (B, C, 1, T) tensors than on
+# mkldnn's convolutions run faster forward on channels-last (B, C, 1, T) tensors than on
 # PyTorch's default (B, C, T) layout, and batch norm, LeakyReLU, max-pool and FMS run as fast there.
 # Its convolution backward is not faster, so ConvCL computes the weight gradient itself: one batched
 # matrix product per tap over each item's time steps. The block function mirrors
@@ -628,7 +628,7 @@ def cpu_flags():
 def cpu_has_native_bf16():
     """Whether bfloat16 runs natively here: the CPU has AVX-512 BF16 or AMX, and oneDNN is not capped
     below them (``ONEDNN_MAX_CPU_ISA``, or the older ``DNNL_MAX_CPU_ISA``). Without it bf16 is
-    emulated, and slower than float32 (bench/README.md)."""
+    emulated, and several times slower than float32 (bench/train_step.py)."""
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and cap not in NO_BF16_ISAS
 
@@ -673,7 +673,7 @@ class Rule:
     name: str
     when: Callable[[Call], bool]
     implementation: str
-    benchmark: str     # what bench/stages.py measured there (bench/README.md, "The fast-path rule")
+    benchmark: str     # the bench script and what it measured there (bench/README.md)
 
 
 # Per stage, the first row that matches names the implementation; no row: the reference. Ratios are
@@ -683,17 +683,17 @@ RULES = (
     Rule("front_end", "gpu", lambda c: c.device != "cpu", "reference",
          "cuDNN's convolution: no GPU measurement yet justifies another implementation"),
     Rule("front_end", "cpu-train-short-maps", lambda c: c.grad and c.short_maps, "fft",
-         "demo, batch 32: 2.8x; mid, batch 16: 3.3x"),
+         "bench/stages.py: demo, batch 32: 4.25x; mid, batch 16: 3.03x"),
     Rule("front_end", "cpu-train", lambda c: c.grad, "fast",
-         "paper, batch 4: 1.5x (fft 1.1x)"),
+         "bench/stages.py: paper, batch 4: 1.54x (AVX2: 1.51x; fft 1.11x)"),
     Rule("front_end", "cpu-packed-short-maps", lambda c: c.short_maps and c.batch > 1, "fft",
-         "demo, 16 segments: 1.4x; mid, 4 segments: 1.4x"),
+         "bench/stages.py: demo, 16 segments: 1.70x; mid, 4 segments: 1.34x"),
     Rule("front_end", "cpu-eval", lambda c: True, "fold",
-         "paper, 1 segment: 1.3x (fast 0.5x)"),
+         "bench/stages.py: paper, 1 segment: 1.27x (AVX2: 1.56x; fast 0.54x)"),
     Rule("blocks", "cpu-train", lambda c: c.cpu_fp32 and c.grad, "fast",
-         "paper, batch 4: 1.16x (AVX2: 1.24x); mid, batch 16: 1.35x; demo, batch 32: 1.17x"),
+         "bench/stages.py: paper, batch 4: 1.16x (AVX2: 1.24x); mid, batch 16: 1.35x; demo: 1.17x"),
     Rule("gru", "cpu-train-wide-gru", lambda c: c.cpu_fp32 and c.grad and c.gru_node >= 512, "fast",
-         "paper (1024), batch 4: 1.6x; mid (512), batch 16: 1.4x; demo (128): 1.0x"),
+         "bench/stages.py: paper (1024), batch 4: 1.63x; mid (512), batch 16: 1.26-1.38x; demo (128): 0.91x"),
 )
 
 

@@ -34,7 +34,7 @@ def read_ahead(read, items, threads):
     to two items each ahead of the caller, so that files are read and cut while the model runs (file
     reads and NumPy copies release the GIL); threads, not DataLoader processes, because the model
     keeps the cores busy anyway, and worker processes cost a start-up and a shared-memory copy per
-    item (1.5 s of the demo's 5 s TTA evaluation, bench/README.md). An error raises here as it was."""
+    item, which small files do not repay. An error raises here as it was."""
     if threads <= 0:
         yield from map(read, items)
         return

@@ -537,7 +537,7 @@ def amp_autocast(device, amp="bf16"):
     no-op, "bf16" or True bfloat16 autocast, "fp16" float16 autocast. RawNet2 keeps its sinc front
     end in float32 inside (see ``RawNet2.embed``). Opt-in: it changes the numbers slightly. On a CPU
     without native bfloat16 (no AVX-512 BF16 or AMX, or oneDNN capped below them) bf16 is emulated
-    and measured slower than float32 (bench/README.md): one line says so, once per process."""
+    and several times slower than float32 (bench/train_step.py): one line says so, once per process."""
     amp = {True: "bf16", False: "none"}.get(amp, amp)
     device_type = torch.device(device).type
     if amp == "bf16" and device_type == "cpu" and not fast_RawNet2.cpu_has_native_bf16() and not _amp_warned:
@@ -605,10 +605,9 @@ def keras_lr_decay(step, decay=1e-4):
 
 def adam(params, **kwargs):
     """``torch.optim.Adam`` on its fused kernel: one pass per parameter tensor instead of a dozen
-    elementwise operations, the same update to float rounding (1e-7 relative after a few steps).
-    On a 2-core CPU an AMSGrad step of the paper's RawNet2 (13 M parameters) takes 16 ms instead of
-    94 ms, of RawNet1's b-vector DNN 2 ms instead of 24 ms. The optimiser's state dict keeps Adam's
-    layout (its parameter groups also say ``fused: True``)."""
+    elementwise operations, the same update to float rounding (1e-7 relative after a few steps), in
+    a fraction of the time on a CPU. The optimiser's state dict keeps Adam's layout (its parameter
+    groups also say ``fused: True``)."""
     return torch.optim.Adam(params, fused=True, **kwargs)
 
 

@@ -5,8 +5,8 @@
 
 Exports the paper-size network (random weights, or -model_dir) once, then embeds the same
 ``-segments`` random TTA segments (59,049 samples each) with, in the same run:
-  * PyTorch, the reference path (``fast=False``) and the fast path (``fast=True``, what -extract runs
-    on CPU by default), one segment per forward;
+  * PyTorch, the reference path (``fast=False``) and the fast path (``fast=True``: the stages the
+    rule picks, as -extract runs them), one segment per forward;
   * onnxruntime on the exported ONNX file, one segment and ``-bs`` segments per run.
 Configurations are interleaved over ``-rounds`` rounds and the best time of each is kept. Prints
 segments/s, the ratio to the PyTorch fast path, and the largest difference to the reference

@@ -18,7 +18,7 @@ Variants (the training script's flags in brackets):
   fast+bf16   the rule under bfloat16 autocast                           [-fast True -amp bf16]
   reference+bf16  the reference network under bfloat16 autocast          [-fast False -amp bf16]
   fast+fp16   float16 autocast with a gradient scaler (GPU only)         [-amp fp16]
-The sinc front end stays float32 under autocast (see model_RawNet2.embed).
+The sinc front end stays float32 under autocast (see RawNet2.embed in model_RawNet2.py).
 
 Each (round, variant) runs in a fresh process on the same synthetic batch (paper config: 59,049
 samples, Adam with AMSGrad); rounds interleave the variants, so a busy machine disturbs all of them

@@ -1,11 +1,14 @@
 """The Markdown files name code as `module.name` (or `Class.method`) in backticks: every such name of
-this repository's modules must exist, so that a function moved or renamed leaves no stale pointer."""
+this repository's modules must exist, so that a function moved or renamed leaves no stale pointer. The
+README's "What is where" table lists every tracked top-level file and folder, and every file of docs/
+and bench/, and nothing else."""
 
 import ast
 import glob
 import importlib
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -88,3 +91,35 @@ def test_every_dotted_name_in_the_docs_exists(doc):
         names = set(dotted_names(f.read()))
     stale = sorted(f"{h}.{'.'.join(a)}" for h, a in names if not exists(h, a, modules, classes))
     assert not stale, f"{doc} names what does not exist: {', '.join(stale)}"
+
+
+def what_is_where(readme):
+    """The paths in backticks in the first column of the first table under "## What is where"."""
+    section = readme.split("\n## What is where\n", 1)[1].split("\n## ", 1)[0]
+    rows = section[section.index("\n|"):].split("\n\n", 1)[0].strip().splitlines()[2:]
+    return {path for row in rows for path in re.findall(r"`([^`]+)`", row.split("|")[1])}
+
+
+def entries_to_list(tracked):
+    """Top-level entries of ``tracked`` (folders with a trailing slash), and the files of docs/ and bench/."""
+    top = {p.split("/")[0] + "/" if "/" in p else p for p in tracked}
+    return top | {p for p in tracked if p.split("/")[0] in ("docs", "bench")}
+
+
+def test_entries_to_list_are_top_level_entries_and_docs_and_bench_files():
+    tracked = ["README.md", ".ci/run", "tests/test_docs.py", "docs/FIDELITY.md", "bench/README.md"]
+    assert entries_to_list(tracked) == {"README.md", ".ci/", "tests/", "docs/", "docs/FIDELITY.md", "bench/",
+                                        "bench/README.md"}
+
+
+def test_what_is_where_lists_every_tracked_entry_and_only_what_exists():
+    try:
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    with open(os.path.join(ROOT, "README.md")) as f:
+        listed = what_is_where(f.read())
+    assert sorted(entries_to_list(tracked) - listed) == [], "tracked but not in README's What is where"
+    assert sorted(p for p in listed if not os.path.exists(os.path.join(ROOT, p))) == [], \
+        "in README's What is where but not in the repository"
