@@ -158,12 +158,22 @@ _PICKLE_GLOBALS = {
 }
 
 
+def _latin1_bytes(text, encoding):
+    """What protocols 0-2 pickle bytes as (Python 2 had no bytes type): ``_codecs.encode(text,
+    "latin1")``, the only encoding admitted."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refused to load _codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler for untrusted files: plain containers, strings and numbers, and numpy arrays."""
 
     def find_class(self, module, name):
         if module.startswith("numpy.core.") or module == "numpy.core":
             module = "numpy._core" + module[len("numpy.core"):]  # the numpy 1.x name of the same module
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         if (module, name) not in _PICKLE_GLOBALS:
             raise pickle.UnpicklingError(f"refused to load {module}.{name}")
         return super().find_class(module, name)

@@ -1,6 +1,7 @@
 """evaluate_pretrained_RawNet2.py and the scoring/embedding helpers it uses, each against an
 independent expectation (hand-computed cases, slow per-trial references)."""
 
+import codecs
 import copy
 import os
 import pickle
@@ -284,11 +285,12 @@ def test_real_pickle_is_accepted_including_numpy1_layout(tmp_path):
         np.testing.assert_array_equal(back["id1/v/00001"], np.arange(4))
 
 
-@pytest.mark.parametrize("protocol", [3, 4, 5])
+@pytest.mark.parametrize("protocol", range(6))
 def test_embedding_pickles_give_what_pickle_load_gives(tmp_path, protocol):
     """The loader leaves arrays as raw bytes and joins them into one matrix (float32 vectors, as
     numpy pickles them) or rebuilds them as numpy would (any other layout): either way the vectors
-    are those of a plain pickle.load."""
+    are those of a plain pickle.load, whichever protocol wrote them (0-2 store bytes as latin-1
+    text)."""
     rng = np.random.default_rng(protocol)
     shared = rng.standard_normal(5).astype(np.float32)
     cases = {
@@ -338,6 +340,17 @@ def test_pickle_of_a_crafted_array_is_one_line(tmp_path, blob):
     """A pickle calling numpy's rebuild in ways numpy refuses gives DataError, not a crash."""
     (tmp_path / "x.pk").write_bytes(blob)
     with pytest.raises(DataError, match="x.pk: not a readable pickle"):
+        scoring.load_embeddings(str(tmp_path / "x.pk"))
+
+
+class Rot13:
+    def __reduce__(self):  # the byte encoder of protocols 0-2, with a codec other than latin-1
+        return codecs.encode, ("s/v/00001", "rot13")
+
+
+def test_pickle_encoding_text_other_than_latin1_is_refused(tmp_path):
+    (tmp_path / "x.pk").write_bytes(pickle.dumps({"s/v/00001": Rot13()}, protocol=2))
+    with pytest.raises(DataError, match="x.pk: not loaded, refused to load _codecs.encode with 'rot13'"):
         scoring.load_embeddings(str(tmp_path / "x.pk"))
 
 
