@@ -587,12 +587,13 @@ def make_validation_trials(keys, nb_trial, rng):
 
 def init_weights(module):
     """Original initialisation, applied with ``model.apply``: Linear -> Xavier-uniform weight and
-    bias 1e-4; any other module with a ``weight`` except BatchNorm (i.e. Conv1d) -> Kaiming-normal
-    with a = 0.01; everything else keeps PyTorch's defaults."""
+    bias 1e-4; any other module with a ``weight`` except BatchNorm1d (i.e. Conv1d) -> Kaiming-normal
+    with a = 0.01; everything else keeps PyTorch's defaults. Called before any SyncBatchNorm
+    conversion, as the networks hold BatchNorm1d only."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         module.bias.data.fill_(0.0001)
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+    elif isinstance(module, nn.BatchNorm1d):
         pass
     elif isinstance(getattr(module, "weight", None), torch.Tensor):
         nn.init.kaiming_normal_(module.weight, a=0.01)
