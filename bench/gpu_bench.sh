@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The speed benchmarks on one GPU (about 4-5 minutes), with ratios against the anchors of bench/README.md
 # (the original code measured on an H200, batch 100, paper model):
-#   training step: reference (cuDNN deterministic, as shipped) vs the fast path / the plan / -amp bf16, fp16
-#   TTA extraction: one-segment loop vs the batched fast path and the planned default (windows/s)
+#   training step: reference (cuDNN deterministic, as shipped) vs the fast path / the fixed rule / -amp bf16, fp16
+#   TTA extraction: one-segment loop vs the batched fast path and the default packing (windows/s)
 #   data path: original read-normalise-crop vs indexed partial read (crops/s)
 # Usage: bash bench/gpu_bench.sh
 # GPU_CHECK_DRY_RUN=1: the same steps on whatever device there is, with tiny sizes and no fp16 (a
@@ -21,8 +21,8 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
 else
   VARIANTS="reference fast rule fast+bf16 fast+fp16"
   STEP_ARGS=(--steps 8 --warmup 3)
-  # 1,000 utterances (~3,000 segments): enough for the planned default to settle its segments per
-  # forward; 2 rounds, so that no configuration is timed only on its first, cold pass.
+  # 1,000 utterances (~3,000 segments), 2 rounds, so that no configuration is timed only on its
+  # first, cold pass.
   EXTRACT_ARGS=(-nb_utt 1000 -rounds 2)
   DATA_ARGS=()
 fi
