@@ -17,8 +17,9 @@ TINY_FLAGS = ["-nb_samp", "4000", "-m_nb_samp", "4000", "-window_size", "1000",
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs whole trainings or extractions in new processes "
-                                       "(pytest -m 'not slow' leaves them out)")
+    config.addinivalue_line("markers", "slow: whole trainings, extractions or exports, runs in new "
+                                       "processes, larger sizes of a quick test (pytest -m 'not slow' "
+                                       "leaves them out)")
 
 
 def write_speakers(root, speakers, videos, utts, rng):

@@ -19,6 +19,7 @@ TINY = {"first_conv": 251, "in_channels": 1, "filts": [8, [8, 8], [8, 16], [16, 
         "gru_node": 16, "nb_gru_layer": 1, "nb_samp": 4000, "nb_classes": 5}
 
 
+@pytest.mark.slow  # a whole export
 def test_random_legacy_weights_export_to_onnx_and_pt2_matching_pytorch(tmp_path, capsys):
     onnxruntime = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)

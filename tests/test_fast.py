@@ -141,7 +141,7 @@ def small_model(legacy, nb_samp=20000):  # last BN sees 9 steps: batch 1 trains 
 
 
 @pytest.mark.parametrize("legacy", [False, True])
-@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("batch", [1, 3, pytest.param(8, marks=pytest.mark.slow)])
 def test_network_training_step_parity(small_chunks, legacy, batch):
     """Logits, every parameter's gradient and the BN statistics of one training step, float32."""
     ref = small_model(legacy).train()
