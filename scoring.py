@@ -145,6 +145,18 @@ def check_keys(needed, available, what):
         raise DataError(f"{len(missing)} {what} have no audio/embedding, e.g. {', '.join(missing[:5])}")
 
 
+def trials_without(trials, skipped):
+    """``trials`` (labels, keysA, keysB) without those that use a key of ``skipped`` (files that gave
+    no embedding, such as silent ones), and how many were dropped."""
+    labels, keys_a, keys_b = trials
+    bad = {utt_id(k) for k in skipped}
+    keep = np.array([a not in bad and b not in bad for a, b in zip(keys_a, keys_b)], dtype=bool)
+    if keep.all():
+        return trials, 0
+    kept = (labels[keep], [k for k, m in zip(keys_a, keep) if m], [k for k, m in zip(keys_b, keep) if m])
+    return kept, int((~keep).sum())
+
+
 # ---------------------------------------------------------------------------------------------
 # Embedding files: pickles (the released format) and .npy matrix + key list
 

@@ -224,16 +224,10 @@ def evaluate(model, keys, base_dir, trials, args, device, desc):
         net, keys[rank::world], base_dir, args.nb_samp, args.window_size, device=device,
         nb_worker=min(args.nb_worker, 4), desc=desc, progress=rank == 0)
     embeddings, skipped = distributed.all_gather_embeddings(embeddings, skipped)
-    labels, keys_a, keys_b = trials
-    if skipped:
-        bad = {common.utt_id(k) for k in skipped}
-        keep = np.array([a not in bad and b not in bad for a, b in zip(keys_a, keys_b)])
-        if rank == 0:
-            tqdm.write(f"warning: {len(skipped)} silent/empty files skipped ({', '.join(skipped[:5])}); "
-                       f"{int((~keep).sum())} trials dropped")
-        labels = labels[keep]
-        keys_a = [k for k, m in zip(keys_a, keep) if m]
-        keys_b = [k for k, m in zip(keys_b, keep) if m]
+    (labels, keys_a, keys_b), dropped = scoring.trials_without(trials, skipped)
+    if skipped and rank == 0:
+        tqdm.write(f"warning: {len(skipped)} silent/empty files skipped ({', '.join(skipped[:5])}); "
+                   f"{dropped} trials dropped")
     scores = scoring.cosine_scores(embeddings, keys_a, keys_b)
     eer, _ = scoring.compute_eer(labels, scores)
     return eer, scores, labels

@@ -230,14 +230,10 @@ def trial_arrays(lines):
 
 def usable_trials(trials, available, skipped, what):
     """Drop (with a warning) trials touching a skipped silent file; any other missing key is an error."""
-    labels, keys_a, keys_b = trials
-    bad = {common.utt_id(k) for k in skipped}
-    keep = np.array([a not in bad and b not in bad for a, b in zip(keys_a, keys_b)])
-    if not keep.all():
-        warnings.warn(f"{what}: {int((~keep).sum())} trials dropped, they use files skipped as silent "
-                      f"({', '.join(sorted(bad)[:5])})", stacklevel=2)
-        labels = labels[keep]
-        keys_a = [k for k, m in zip(keys_a, keep) if m]
-        keys_b = [k for k, m in zip(keys_b, keep) if m]
+    (labels, keys_a, keys_b), dropped = scoring.trials_without(trials, skipped)
+    if dropped:
+        bad = sorted(common.utt_id(k) for k in skipped)
+        warnings.warn(f"{what}: {dropped} trials dropped, they use files skipped as silent "
+                      f"({', '.join(bad[:5])})", stacklevel=2)
     scoring.check_keys(keys_a + keys_b, available, f"trial keys of {what}")
     return labels, keys_a, keys_b
