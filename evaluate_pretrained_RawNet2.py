@@ -563,6 +563,9 @@ def score_list(args, name, path, stem, trials, table, cohort):
     if args.score_dir:
         write_scores(os.path.join(args.score_dir, stem + ".txt"), scores, labels, trials, kept)
     if cohort is not None:
+        if cohort.shape[1] != table.matrix.shape[1]:
+            raise DataError(f"{args.cohort}: {cohort.shape[1]}-dimensional embeddings (-cohort), the "
+                            f"embeddings of {name} are {table.matrix.shape[1]}-dimensional")
         normed = scoring.asnorm_scores(scores, table, rows_a, rows_b, cohort, args.asnorm_top_n)
         result["asnorm"] = metrics(labels, normed)
         report(f"{name} evaluation EER (AS-norm, top {args.asnorm_top_n}): {result['asnorm']['eer']}",
