@@ -41,7 +41,7 @@ import scoring
 import tta
 import utils
 from common import DataError, TrainingError
-from model_RawNet2 import RawNet2, strip_module_prefix
+from model_RawNet2 import RawNet2, min_nb_samp, strip_module_prefix
 
 # Scaled-down configuration of -demo: shorter crops, fewer filters, a smaller GRU; every other part of
 # the pipeline is the paper's. Explicit flags on the command line still win.
@@ -259,12 +259,6 @@ def eers_before(path, epoch):
 # The steps of main: check the flags, set up, resume, one epoch, save
 
 MAX_NB_SAMP = 600 * utils.SAMPLE_RATE  # ten minutes of audio per crop is a typo, not a setting
-
-
-def min_nb_samp(first_conv):
-    """Shortest input the network takes: the sinc filter (odd length, as SincConv makes it) and seven
-    max-pools of 3 (the front end's and the six blocks') must leave at least one GRU step."""
-    return (first_conv | 1) - 1 + 3 ** 7
 
 
 def check_filts(filts):

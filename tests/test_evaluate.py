@@ -591,6 +591,20 @@ def test_wrong_checkpoint_is_one_line_error_without_traceback(tmp_path):
 
 # --- DET plot -----------------------------------------------------------------------------------
 
+def test_checkpoint_with_non_string_keys_is_one_line(tmp_path):
+    torch.save({1: torch.ones(3)}, tmp_path / "ints.pt")
+    with pytest.raises(DataError, match=r"ints.pt: not a state_dict"):
+        run(["-verify", "a.wav", "b.wav", "-model_dir", str(tmp_path / "ints.pt")])
+
+
+def test_sinc_filter_longer_than_the_segment_allows_is_one_line(tmp_path):
+    torch.save(RawNet2(TINY).state_dict(), tmp_path / "tiny.pt")
+    # 4000 samples leave room for 4000 - 3 ** 7 = 1813 taps: 1815 would leave no GRU step
+    with pytest.raises(DataError, match=r"first_conv 1815 taps needs segments of at least 4001 samples"):
+        run(["-verify", "a.wav", "b.wav", "-model_dir", str(tmp_path / "tiny.pt"), "-m_first_conv", "1815",
+             "-window_size", "1000"])
+
+
 def test_plot_without_matplotlib_says_so(scored_dir, monkeypatch):
     folder, _ = scored_dir
     monkeypatch.setitem(sys.modules, "matplotlib", None)
