@@ -440,7 +440,7 @@ def check_device(name):
             raise DataError(f"-device {name}: {count} CUDA GPUs are visible, cuda:0 to cuda:{count - 1}")
     elif device.type != "cpu":
         try:
-            torch.empty(1, device=device)
+            torch.zeros(1, device=device).cpu()  # (a meta tensor has no data to copy back)
         except (RuntimeError, AssertionError) as e:
             raise DataError(f"-device {name}: not usable here ({error_line(e)[len('error: '):]})") from None
     return name

@@ -605,6 +605,11 @@ def test_sinc_filter_longer_than_the_segment_allows_is_one_line(tmp_path):
              "-window_size", "1000"])
 
 
+def test_meta_device_is_one_line():
+    with pytest.raises(DataError, match=r"-device meta: not usable here"):
+        run(["-verify", "a.wav", "b.wav", "-device", "meta"])
+
+
 def test_plot_without_matplotlib_says_so(scored_dir, monkeypatch):
     folder, _ = scored_dir
     monkeypatch.setitem(sys.modules, "matplotlib", None)
