@@ -89,11 +89,20 @@ class OnnxNetwork(nn.Module):
             raise DataError(f"-onnx needs onnxruntime, which is not installed: {OPTIONAL}") from None
         if not os.path.isfile(path):
             raise DataError(f"{path}: ONNX file not found (-onnx)")
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
         try:
             self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        except (RuntimeError, ValueError) as e:  # onnxruntime's errors for unreadable files
+        except (RuntimeError, ValueError, ort_errors.InvalidProtobuf, ort_errors.InvalidArgument,
+                ort_errors.InvalidGraph, ort_errors.Fail) as e:  # onnxruntime's errors for unreadable files
             raise DataError(f"{path}: not a loadable ONNX file ({str(e).splitlines()[0]})") from None
-        self.nb_samp = self.session.get_inputs()[0].shape[1]
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if not (len(inputs) == 1 and inputs[0].name == "waveform" and len(inputs[0].shape) == 2
+                and isinstance(inputs[0].shape[1], int) and len(outputs) == 1 and len(outputs[0].shape) == 2):
+            found = ", ".join(f"{i.name} {i.shape}" for i in inputs)
+            raise DataError(f"{path}: not an export of export_RawNet2.py (expected one input waveform "
+                            f"(batch, nb_samp) and one (batch, dim) output; its inputs: {found})")
+        self.nb_samp = inputs[0].shape[1]
         meta = self.session.get_modelmeta().custom_metadata_map  # what main() stored (from a last.pt)
         try:
             self.checkpoint_args = {"window_size": int(meta["window_size"])} if "window_size" in meta else {}
