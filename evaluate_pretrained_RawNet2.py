@@ -306,8 +306,12 @@ def listed_files(args):
         raise DataError(f"{args.wav_list}: list not found (-wav_list)")
     if args.wav_base is not None and not os.path.isdir(args.wav_base):
         raise DataError(f"{args.wav_base}: folder not found (-wav_base)")
-    with open(args.wav_list, encoding="utf-8-sig") as f:
-        keys = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+    try:
+        with open(args.wav_list, encoding="utf-8-sig") as f:
+            keys = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{args.wav_list}: not UTF-8 text ({e.reason} at byte {e.start}; "
+                        f"-wav_list)") from None
     base = args.wav_base or ""
     absent = [k for k in keys if not os.path.isfile(os.path.join(base, k))]
     if absent:
