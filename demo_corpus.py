@@ -145,8 +145,11 @@ def draw_phones(rng, n_frames, speaker, session):
             segments.append((frames(50, 90), *(np.r_[NASAL, 3500, 4500] * scale), 0.3, 0, 0, 1, 1))
         vowel = np.r_[VOWELS[rng.integers(len(VOWELS))], 3500, 4500] * scale
         segments.append((frames(90, 250), *vowel, rng.uniform(0.6, 1.0), 0, 0, 1, 1))
-    table = np.repeat([s[1:] for s in segments], [s[0] for s in segments], axis=0)[:n_frames]
+    full = np.repeat([s[1:] for s in segments], [s[0] for s in segments], axis=0)
+    table = full[:n_frames]
     formants, index = table[:, :5], np.arange(n_frames)
+    if np.isnan(formants).all():  # no vowel within a short utterance: the targets of the next one
+        formants[:] = full[~np.isnan(full[:, 0]), :5][0]
     for k in range(5):
         known = ~np.isnan(formants[:, k])
         formants[:, k] = np.interp(index, index[known], formants[known, k])
