@@ -31,6 +31,7 @@ An utterance's embedding is the TTA recipe of evaluate_pretrained_RawNet2.py aro
 
 import argparse
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -143,6 +144,11 @@ def save_pt2(program, path, meta):
     common.write_atomic(path, lambda f: torch.export.save(program, f, extra_files=extra))
 
 
+# torch.onnx's exporter writes opset 18 or later: for an older one it logs a failed conversion and
+# writes opset 18 all the same.
+OLDEST_OPSET = 18
+
+
 def save_onnx(program, path, meta, opset):
     """The exported program as ONNX (torch.onnx's exporter), with ``meta`` in its metadata, written
     atomically."""
@@ -178,12 +184,10 @@ def check(net, paths, batches=(1, 3), seed=0):
         with torch.no_grad():
             errors["pt2"] = max(relative_error(module(x), r) for x, r in zip(inputs, refs))
     if "onnx" in paths:
-        try:
-            import onnxruntime
-        except ImportError:
+        if importlib.util.find_spec("onnxruntime") is None:
             errors["onnx"] = None
         else:
-            session = onnxruntime.InferenceSession(paths["onnx"], providers=["CPUExecutionProvider"])
+            session = OnnxNetwork(paths["onnx"]).session  # (a file onnxruntime cannot load: one line)
             errors["onnx"] = max(relative_error(session.run(None, {"waveform": x.numpy()})[0], r)
                                  for x, r in zip(inputs, refs))
     return errors
@@ -215,6 +219,10 @@ def main(args):
         except ImportError:
             raise DataError(f"-formats onnx needs onnx and onnxscript, which are not installed: "
                             f"{OPTIONAL}") from None
+        newest = onnx.defs.onnx_opset_version()
+        if not OLDEST_OPSET <= args.opset <= newest:
+            raise DataError(f"-opset {args.opset}: must be from {OLDEST_OPSET} (the oldest torch.onnx "
+                            f"writes) to {newest} (the newest this onnx knows)")
     if args.m_first_conv is not None and args.m_first_conv < 1:
         raise DataError(f"-m_first_conv {args.m_first_conv}: must be at least 1")
     model = runs.load_network(args.model_dir, "checkpoint (-model_dir)",
