@@ -287,6 +287,8 @@ def validate_args(args):
             bad(flag, "must not be negative")
     if not (math.isfinite(args.lr) and args.lr > 0):
         bad("lr", "must be a positive number")
+    if not 0 <= args.seed < 2 ** 32:
+        bad("seed", "must be from 0 to 2**32 - 1 (what numpy's generator takes)")
     if not (math.isfinite(args.wd) and args.wd >= 0):
         bad("wd", "must be a number >= 0")
     if args.m_in_channels != 1:
