@@ -481,6 +481,17 @@ def test_first_release_vox1_keys_are_translated(tmp_path):
         data_RawNet.read_trial_lines(str(trials), data_RawNet.read_vox1_meta(str(meta)))
 
 
+@pytest.mark.parametrize("folders", ["", "spk", "spk/vid/take"])
+def test_a_wav_not_at_speaker_video_depth_is_one_line(tmp_path, folders):
+    os.makedirs(tmp_path / "wav" / folders, exist_ok=True)
+    sf.write(tmp_path / "wav" / folders / "00001.wav", np.ones(400) * 0.1, 16000)
+    args = pre_process_waveforms.parse_args(["-wav_dir", str(tmp_path / "wav"),
+                                             "-out_dir", str(tmp_path / "npy")])
+    with pytest.raises(DataError, match=r"00001.wav: not at <speaker>/<video>/<NNNNN>.wav below"):
+        pre_process_waveforms.main(args, progress=False)
+    assert not os.path.exists(tmp_path / "npy")
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
