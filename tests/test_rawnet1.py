@@ -492,6 +492,25 @@ def test_a_wav_not_at_speaker_video_depth_is_one_line(tmp_path, folders):
     assert not os.path.exists(tmp_path / "npy")
 
 
+@pytest.mark.parametrize("coef", ["nan", "inf", "1.5", "-0.5"])
+def test_a_pre_emphasis_coefficient_outside_0_to_1_is_one_line(tmp_path, coef):
+    args = pre_process_waveforms.parse_args(["-wav_dir", str(tmp_path), "-out_dir", str(tmp_path / "npy"),
+                                             "-coef", coef])
+    with pytest.raises(DataError, match=rf"^-coef {coef}: a pre-emphasis coefficient must be from 0 to 1"):
+        pre_process_waveforms.main(args, progress=False)
+
+
+def test_a_rerun_with_another_coef_into_a_finished_folder_is_refused(tmp_path):
+    os.makedirs(tmp_path / "wav" / "spk" / "vid")
+    sf.write(tmp_path / "wav" / "spk" / "vid" / "00001.wav", np.ones(400) * 0.1, 16000)
+    flags = ["-wav_dir", str(tmp_path / "wav"), "-out_dir", str(tmp_path / "npy")]
+    pre_process_waveforms.main(pre_process_waveforms.parse_args(flags), progress=False)
+    before = np.load(tmp_path / "npy" / "spk" / "vid" / "00001.npy")
+    with pytest.raises(DataError, match=r"npy: holds the conversion of .*wav with -coef 0.97; delete it"):
+        pre_process_waveforms.main(pre_process_waveforms.parse_args(flags + ["-coef", "0.5"]), progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "npy" / "spk" / "vid" / "00001.npy"), before)
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
