@@ -511,6 +511,28 @@ def test_a_rerun_with_another_coef_into_a_finished_folder_is_refused(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "npy" / "spk" / "vid" / "00001.npy"), before)
 
 
+@pytest.mark.parametrize("flag, value, why", [
+    ("seed", "-1", "must be from 0 to 2**32 - 1"), ("bs", "0", "must be at least 1"),
+    ("lr", "nan", "must be a positive number"), ("m_nb_code", "0", "must be at least 1"),
+    ("m_dropout", "2", "must be from 0 to 1"), ("nb_val_trial", "-3", "must be 0 or a trial count"),
+    ("nb_worker", "-1", "must not be negative")])
+def test_flags_no_rawnet1_run_can_use_are_one_line(tmp_path, flag, value, why):
+    args = train_RawNet.parse_args(["-name", "run", "-save_dir", str(tmp_path), f"-{flag}", value])
+    with pytest.raises(DataError, match=re.escape(f"-{flag} {getattr(args, flag)}: {why}")):
+        train_RawNet.main(args)
+    assert not os.listdir(tmp_path)
+
+
+def test_a_damaged_index_or_npy_is_one_line(tmp_path):
+    (tmp_path / "index.json").write_text("{")
+    with pytest.raises(DataError, match=r"index.json: not the index RawNet1/pre_process_waveforms.py writes"):
+        data_RawNet.load_index(str(tmp_path))
+    os.makedirs(tmp_path / "spk" / "vid")
+    (tmp_path / "spk" / "vid" / "00001.npy").write_bytes(b"\x93NUMPY")
+    with pytest.raises(DataError, match=r"00001.npy: not a readable .npy"):
+        data_RawNet.load_npy(str(tmp_path), "spk/vid/00001.wav")
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
