@@ -533,6 +533,17 @@ def test_a_damaged_index_or_npy_is_one_line(tmp_path):
         data_RawNet.load_npy(str(tmp_path), "spk/vid/00001.wav")
 
 
+@pytest.mark.parametrize("flag, value, why", [
+    ("seed", "-1", "must be from 0 to 2**32 - 1"), ("lr_decay", "-1", "must be a number >= 0"),
+    ("m_hidden", "0", "must be at least 1"), ("m_nb_layer", "-1", "must not be negative"),
+    ("m_in_dropout", "2", "must be from 0 to below 1"), ("nb_val_spk", "-1", "must be 0 (all)")])
+def test_flags_no_bvector_run_can_use_are_one_line(tmp_path, flag, value, why):
+    args = train_bvec.parse_args(["-embeddings", str(tmp_path / "e.pk"), f"-{flag}", value])
+    with pytest.raises(DataError, match=re.escape(f"-{flag} {getattr(args, flag)}: {why}")):
+        train_bvec.main(args)
+    assert not os.listdir(tmp_path)
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
