@@ -145,8 +145,11 @@ def draw_phones(rng, n_frames, speaker, session):
             segments.append((frames(50, 90), *(np.r_[NASAL, 3500, 4500] * scale), 0.3, 0, 0, 1, 1))
         vowel = np.r_[VOWELS[rng.integers(len(VOWELS))], 3500, 4500] * scale
         segments.append((frames(90, 250), *vowel, rng.uniform(0.6, 1.0), 0, 0, 1, 1))
-    table = np.repeat([s[1:] for s in segments], [s[0] for s in segments], axis=0)[:n_frames]
+    full = np.repeat([s[1:] for s in segments], [s[0] for s in segments], axis=0)
+    table = full[:n_frames]
     formants, index = table[:, :5], np.arange(n_frames)
+    if np.isnan(formants).all():  # no vowel within a short utterance: the targets of the next one
+        formants[:] = full[~np.isnan(full[:, 0]), :5][0]
     for k in range(5):
         known = ~np.isnan(formants[:, k])
         formants[:, k] = np.interp(index, index[known], formants[known, k])
@@ -376,7 +379,28 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+MAX_SECONDS = 600  # an utterance of more than ten minutes is a typo, not a setting
+
+
+def check_flags(args):
+    """One line naming the flag for a value no corpus can be built with; before anything is written.
+    (Trials need two test speakers and two utterances of each; the synthesis needs 1 s or more.)"""
+    checks = (("n_train_speakers", args.n_train_speakers >= 0, "must not be negative"),
+              ("n_test_speakers", args.n_test_speakers >= 2, "must be at least 2"),
+              ("n_videos", args.n_videos >= 1, "must be at least 1"),
+              ("n_utterances", args.n_utterances >= 1 and args.n_videos * args.n_utterances >= 2,
+               "must be at least 1, and at least 2 with -n_videos 1"),
+              ("min_seconds", 1 <= args.min_seconds <= MAX_SECONDS, f"must be from 1 to {MAX_SECONDS}"),
+              ("max_seconds", args.min_seconds <= args.max_seconds <= MAX_SECONDS,
+               f"must be from -min_seconds to {MAX_SECONDS}"),
+              ("workers", args.workers is None or args.workers >= 1, "must be at least 1"))
+    for flag, ok, why in checks:
+        if not ok:
+            raise common.DataError(f"-{flag} {getattr(args, flag)}: {why}")
+
+
 def main(args):
+    check_flags(args)
     root = make_demo_corpus(args.root, args.seed, args.n_train_speakers, args.n_test_speakers,
                             args.n_videos, args.n_utterances, args.min_seconds, args.max_seconds,
                             workers=args.workers)

@@ -306,8 +306,12 @@ def listed_files(args):
         raise DataError(f"{args.wav_list}: list not found (-wav_list)")
     if args.wav_base is not None and not os.path.isdir(args.wav_base):
         raise DataError(f"{args.wav_base}: folder not found (-wav_base)")
-    with open(args.wav_list, encoding="utf-8-sig") as f:
-        keys = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+    try:
+        with open(args.wav_list, encoding="utf-8-sig") as f:
+            keys = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{args.wav_list}: not UTF-8 text ({e.reason} at byte {e.start}; "
+                        f"-wav_list)") from None
     base = args.wav_base or ""
     absent = [k for k in keys if not os.path.isfile(os.path.join(base, k))]
     if absent:
@@ -563,6 +567,9 @@ def score_list(args, name, path, stem, trials, table, cohort):
     if args.score_dir:
         write_scores(os.path.join(args.score_dir, stem + ".txt"), scores, labels, trials, kept)
     if cohort is not None:
+        if cohort.shape[1] != table.matrix.shape[1]:
+            raise DataError(f"{args.cohort}: {cohort.shape[1]}-dimensional embeddings (-cohort), the "
+                            f"embeddings of {name} are {table.matrix.shape[1]}-dimensional")
         normed = scoring.asnorm_scores(scores, table, rows_a, rows_b, cohort, args.asnorm_top_n)
         result["asnorm"] = metrics(labels, normed)
         report(f"{name} evaluation EER (AS-norm, top {args.asnorm_top_n}): {result['asnorm']['eer']}",

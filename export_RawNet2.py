@@ -31,6 +31,7 @@ An utterance's embedding is the TTA recipe of evaluate_pretrained_RawNet2.py aro
 
 import argparse
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -89,11 +90,20 @@ class OnnxNetwork(nn.Module):
             raise DataError(f"-onnx needs onnxruntime, which is not installed: {OPTIONAL}") from None
         if not os.path.isfile(path):
             raise DataError(f"{path}: ONNX file not found (-onnx)")
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
         try:
             self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        except (RuntimeError, ValueError) as e:  # onnxruntime's errors for unreadable files
+        except (RuntimeError, ValueError, ort_errors.InvalidProtobuf, ort_errors.InvalidArgument,
+                ort_errors.InvalidGraph, ort_errors.Fail) as e:  # onnxruntime's errors for unreadable files
             raise DataError(f"{path}: not a loadable ONNX file ({str(e).splitlines()[0]})") from None
-        self.nb_samp = self.session.get_inputs()[0].shape[1]
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if not (len(inputs) == 1 and inputs[0].name == "waveform" and len(inputs[0].shape) == 2
+                and isinstance(inputs[0].shape[1], int) and len(outputs) == 1 and len(outputs[0].shape) == 2):
+            found = ", ".join(f"{i.name} {i.shape}" for i in inputs)
+            raise DataError(f"{path}: not an export of export_RawNet2.py (expected one input waveform "
+                            f"(batch, nb_samp) and one (batch, dim) output; its inputs: {found})")
+        self.nb_samp = inputs[0].shape[1]
         meta = self.session.get_modelmeta().custom_metadata_map  # what main() stored (from a last.pt)
         try:
             self.checkpoint_args = {"window_size": int(meta["window_size"])} if "window_size" in meta else {}
@@ -134,6 +144,11 @@ def save_pt2(program, path, meta):
     common.write_atomic(path, lambda f: torch.export.save(program, f, extra_files=extra))
 
 
+# torch.onnx's exporter writes opset 18 or later: for an older one it logs a failed conversion and
+# writes opset 18 all the same.
+OLDEST_OPSET = 18
+
+
 def save_onnx(program, path, meta, opset):
     """The exported program as ONNX (torch.onnx's exporter), with ``meta`` in its metadata, written
     atomically."""
@@ -169,12 +184,10 @@ def check(net, paths, batches=(1, 3), seed=0):
         with torch.no_grad():
             errors["pt2"] = max(relative_error(module(x), r) for x, r in zip(inputs, refs))
     if "onnx" in paths:
-        try:
-            import onnxruntime
-        except ImportError:
+        if importlib.util.find_spec("onnxruntime") is None:
             errors["onnx"] = None
         else:
-            session = onnxruntime.InferenceSession(paths["onnx"], providers=["CPUExecutionProvider"])
+            session = OnnxNetwork(paths["onnx"]).session  # (a file onnxruntime cannot load: one line)
             errors["onnx"] = max(relative_error(session.run(None, {"waveform": x.numpy()})[0], r)
                                  for x, r in zip(inputs, refs))
     return errors
@@ -206,6 +219,10 @@ def main(args):
         except ImportError:
             raise DataError(f"-formats onnx needs onnx and onnxscript, which are not installed: "
                             f"{OPTIONAL}") from None
+        newest = onnx.defs.onnx_opset_version()
+        if not OLDEST_OPSET <= args.opset <= newest:
+            raise DataError(f"-opset {args.opset}: must be from {OLDEST_OPSET} (the oldest torch.onnx "
+                            f"writes) to {newest} (the newest this onnx knows)")
     if args.m_first_conv is not None and args.m_first_conv < 1:
         raise DataError(f"-m_first_conv {args.m_first_conv}: must be at least 1")
     model = runs.load_network(args.model_dir, "checkpoint (-model_dir)",

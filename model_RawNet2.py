@@ -304,6 +304,12 @@ def load_pretrained(path, map_location="cpu", d_args=None):
                                  d_args)
 
 
+def min_nb_samp(first_conv):
+    """Shortest input the network takes: the sinc filter (odd length, as SincConv makes it) and seven
+    max-pools of 3 (the front end's and the six blocks') must leave at least one GRU step."""
+    return (first_conv | 1) - 1 + 3 ** 7
+
+
 def model_from_checkpoint(obj, path, d_args=None):
     """The RawNet2 of ``obj``, a checkpoint already loaded from the file ``path`` (see
     ``load_pretrained``), in eval mode.
@@ -323,7 +329,8 @@ def model_from_checkpoint(obj, path, d_args=None):
             raise ValueError(f"{path}: its d_args entry is a {type(recorded).__name__}, not a dict")
         checkpoint_args = checkpoint_args if isinstance(checkpoint_args, dict) else {}
         obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
         raise ValueError(f"{path}: not a state_dict (expected a dict of tensor names to tensors)")
     state_dict = strip_module_prefix(obj)
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -342,6 +349,9 @@ def model_from_checkpoint(obj, path, d_args=None):
         config[key] = value
     config["nb_samp"] = state_dict["ln.gamma"].shape[0]
     config["nb_classes"] = state_dict["fc2_gru.weight"].shape[0]
+    if config["nb_samp"] < min_nb_samp(config["first_conv"]):
+        raise ValueError(f"{path}: a sinc filter of first_conv {config['first_conv']} taps needs segments of "
+                         f"at least {min_nb_samp(config['first_conv'])} samples, its are {config['nb_samp']}")
     try:
         model = RawNet2(config, legacy=legacy)
     except Exception as e:  # inconsistent shapes that no RawNet2 configuration can hold

@@ -334,13 +334,19 @@ def _read_npy(path):
     """Keys and matrix of a ``.npy`` embedding matrix and its key list (``npy_keys_path``)."""
     try:
         matrix = np.load(path, allow_pickle=False)
-    except ValueError as e:
+    except (ValueError, EOFError) as e:
         raise DataError(f"{path}: not a plain .npy matrix ({e})") from None
+    if not isinstance(matrix, np.ndarray):  # a .npz archive
+        raise DataError(f"{path}: a .npz archive, expected a plain .npy matrix (numpy.save)")
     keys_path = npy_keys_path(path)
     if not os.path.isfile(keys_path):
         raise DataError(f"{keys_path}: key list of {path} not found")
-    with open(keys_path, encoding="utf-8") as f:  # one key per line; a key may hold spaces
-        keys = [line.removesuffix("\r") for line in f.read().split("\n") if line.strip()]
+    # one key per line; a key may hold spaces; a UTF-8 byte-order mark is no part of the first
+    try:
+        with open(keys_path, encoding="utf-8-sig") as f:
+            keys = [line.removesuffix("\r") for line in f.read().split("\n") if line.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{keys_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if matrix.ndim != 2 or len(keys) != len(matrix):
         raise DataError(f"{path}: matrix of shape {matrix.shape} does not match {len(keys)} keys "
                         f"in {keys_path}")

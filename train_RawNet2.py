@@ -41,7 +41,7 @@ import scoring
 import tta
 import utils
 from common import DataError, TrainingError
-from model_RawNet2 import RawNet2, strip_module_prefix
+from model_RawNet2 import RawNet2, min_nb_samp, strip_module_prefix
 
 # Scaled-down configuration of -demo: shorter crops, fewer filters, a smaller GRU; every other part of
 # the pipeline is the paper's. Explicit flags on the command line still win.
@@ -255,12 +255,6 @@ def eers_before(path, epoch):
 MAX_NB_SAMP = 600 * utils.SAMPLE_RATE  # ten minutes of audio per crop is a typo, not a setting
 
 
-def min_nb_samp(first_conv):
-    """Shortest input the network takes: the sinc filter (odd length, as SincConv makes it) and seven
-    max-pools of 3 (the front end's and the six blocks') must leave at least one GRU step."""
-    return (first_conv | 1) - 1 + 3 ** 7
-
-
 def check_filts(filts):
     """-m_filts must be [sinc, [in, out], [in, out], [in, out]] of positive integers whose channels chain."""
     pairs_ok = all(isinstance(f, list) and len(f) == 2 and all(isinstance(c, int) for c in f)
@@ -287,6 +281,8 @@ def validate_args(args):
             bad(flag, "must not be negative")
     if not (math.isfinite(args.lr) and args.lr > 0):
         bad("lr", "must be a positive number")
+    if not 0 <= args.seed < 2 ** 32:
+        bad("seed", "must be from 0 to 2**32 - 1 (what numpy's generator takes)")
     if not (math.isfinite(args.wd) and args.wd >= 0):
         bad("wd", "must be a number >= 0")
     if args.m_in_channels != 1:

@@ -70,6 +70,9 @@ def list_utterances(wav_dir):
         seen.add(real)
         base = "/".join(os.path.normpath(path).split(os.sep)[-2:])
         wavs = [f for f in files if f.endswith(".wav")]
+        if wavs and len(os.path.relpath(path, wav_dir).split(os.sep)) != 2:  # (wav_dir itself: '.')
+            raise DataError(f"{os.path.join(path, wavs[0])}: not at <speaker>/<video>/<NNNNN>.wav below "
+                            f"{wav_dir} (keys are the last two folder names and the file name)")
         for f in wavs:
             check_regular_file(os.path.join(path, f))
         keys.extend(f"{base}/{f}" for f in wavs)
@@ -440,7 +443,7 @@ def check_device(name):
             raise DataError(f"-device {name}: {count} CUDA GPUs are visible, cuda:0 to cuda:{count - 1}")
     elif device.type != "cpu":
         try:
-            torch.empty(1, device=device)
+            torch.zeros(1, device=device).cpu()  # (a meta tensor has no data to copy back)
         except (RuntimeError, AssertionError) as e:
             raise DataError(f"-device {name}: not usable here ({error_line(e)[len('error: '):]})") from None
     return name

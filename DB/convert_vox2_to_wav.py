@@ -35,14 +35,18 @@ def find_jobs(sources, out_dir):
     for src in sources:
         if not os.path.isdir(src):
             raise DataError(f"{src}: folder not found (expected <spk>/<video>/<NNNNN>.m4a)")
+        found = False
         for path, _, files in os.walk(src):
             for name in sorted(files):
                 if not name.endswith(".m4a"):
                     continue
+                found = True
                 rel = os.path.relpath(os.path.join(path, name), src)
                 wav = os.path.join(out_dir, rel[:-len(".m4a")] + ".wav")
                 if not os.path.exists(wav):
                     jobs.append((os.path.join(path, name), wav))
+        if not found:
+            raise DataError(f"{src}: no .m4a files found (expected <spk>/<video>/<NNNNN>.m4a)")
     return jobs
 
 
@@ -66,6 +70,8 @@ def main(args):
     ffmpeg = shutil.which(args.ffmpeg)
     if ffmpeg is None:
         raise DataError(f"{args.ffmpeg}: not found (install ffmpeg, e.g. apt-get install ffmpeg)")
+    if args.jobs < 1:
+        raise DataError(f"-jobs {args.jobs}: must be at least 1")
     jobs = find_jobs(args.sources, args.out)
     errors = []
     with ThreadPoolExecutor(args.jobs) as pool:

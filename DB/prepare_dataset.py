@@ -115,6 +115,12 @@ def parse_args(argv=None):
         parser.error(f"-min_seconds {args.min_seconds}: must be 0 or more")
     if args.make_trials is not None and not args.test_speakers:
         parser.error("-make_trials needs -test_speakers N (the trials are made over the test speakers)")
+    for flag, low in (("test_speakers", 0), ("seed", 0), ("jobs", 1)):
+        if getattr(args, flag) < low:
+            parser.error(f"-{flag} {getattr(args, flag)}: must be {low} or more")
+    if not re.fullmatch(r"[\w+-][\w.+-]*", args.default_session):  # (what folder_name keeps)
+        parser.error(f"-default_session {args.default_session!r}: must be one folder name of letters, "
+                     f"digits and _ . + - (not starting with a dot)")
     return args
 
 
@@ -225,7 +231,10 @@ def read_list(path, root=None, columns=None):
         (not path.lower().endswith(".csv") and "\t" in text.split("\n", 1)[0])
     reader = csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE) if tab else \
         csv.reader(io.StringIO(text))
-    rows = [(lineno, [field.strip() for field in row]) for lineno, row in enumerate(reader, 1)]
+    try:
+        rows = [(lineno, [field.strip() for field in row]) for lineno, row in enumerate(reader, 1)]
+    except csv.Error as e:  # (a field beyond csv's size limit: a quote never closed, a binary file)
+        raise DataError(f"{path}:{reader.line_num}: not a CSV/TSV row ({e})") from None
     rows = [(lineno, row) for lineno, row in rows if any(row)]
     if not rows:
         raise DataError(f"{path}: no rows")

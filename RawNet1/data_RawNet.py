@@ -64,8 +64,15 @@ def load_index(folder):
     if not os.path.isfile(path):
         raise DataError(f"{folder}: no {INDEX}; run RawNet1/pre_process_waveforms.py on its wav folder first "
                         "(an interrupted run resumes)")
-    with open(path) as f:
-        index = json.load(f)
+    with open(path, "rb") as f:
+        try:
+            index = json.load(f)
+        except ValueError:
+            index = None
+    if not (isinstance(index, dict) and isinstance(index.get("lengths"), dict)
+            and isinstance(index.get("skipped"), list)):
+        raise DataError(f"{path}: not the index RawNet1/pre_process_waveforms.py writes; run it again "
+                        f"into an empty folder")
     if not index["lengths"]:
         raise DataError(f"{folder}: every utterance was skipped as empty or silent")
     return index["lengths"], index["skipped"]
@@ -161,6 +168,16 @@ def read_trial_lines(path, names=None):
     return [f"{t} {a} {b}" for t, a, b in zip(labels, keys_a, keys_b)]
 
 
+def load_npy(folder, key, mmap_mode=None):
+    """The pre-processed samples of ``key``; a damaged file is one line naming it."""
+    path = npy_path(folder, key)
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npy ({e}); delete it and rerun "
+                        f"RawNet1/pre_process_waveforms.py (it converts what is missing)") from None
+
+
 class CropSet(Dataset):
     """Random ``nb_samp`` crops of pre-processed utterances; yields (waveform, label).
 
@@ -176,7 +193,7 @@ class CropSet(Dataset):
 
     def __getitem__(self, i):
         key = self.keys[i]
-        x = np.load(npy_path(self.folder, key), mmap_mode="r")
+        x = load_npy(self.folder, key, mmap_mode="r")
         rng = np.random.default_rng([self.seed, self.phase, self.epoch, i])
         crop = np.array(utils.crop_or_tile(x, self.nb_samp, rng), dtype=np.float32)
         return torch.from_numpy(crop), self.labels[common.speaker_of(key)]
@@ -196,10 +213,10 @@ class UtteranceSet(Dataset):
     def __getitem__(self, i):
         if self.crop is not None:
             nb_samp, seed = self.crop
-            x = np.load(npy_path(self.folder, self.keys[i]), mmap_mode="r")
+            x = load_npy(self.folder, self.keys[i], mmap_mode="r")
             x = np.array(utils.crop_or_tile(x, nb_samp, np.random.default_rng(list(seed) + [i])))
         else:
-            x = np.load(npy_path(self.folder, self.keys[i]))
+            x = load_npy(self.folder, self.keys[i])
             if len(x) < self.min_samples:
                 x = utils.crop_or_tile(x, self.min_samples)
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), self.keys[i]

@@ -14,6 +14,8 @@ progress bar, each is written atomically, and an interrupted run resumes where i
 """
 
 import argparse
+import json
+import math
 import multiprocessing
 import os
 import sys
@@ -66,8 +68,30 @@ def convert(task):
     return key, len(y), None
 
 
+def check_earlier_run(args):
+    """One line if -out_dir holds the finished conversion of another folder or -coef: its .npy files
+    would be kept as they are."""
+    path = os.path.join(args.out_dir, INDEX)
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        try:
+            index = json.load(f)
+        except ValueError:
+            index = None
+    if not isinstance(index, dict):
+        raise DataError(f"{path}: not the index this script writes; delete {args.out_dir} or choose "
+                        f"another -out_dir")
+    if (index.get("source"), index.get("pre_emphasis")) != (os.path.abspath(args.wav_dir), args.coef):
+        raise DataError(f"{args.out_dir}: holds the conversion of {index.get('source')} with -coef "
+                        f"{index.get('pre_emphasis')}; delete it or choose another -out_dir")
+
+
 def main(args, progress=True):
     """Convert every wav under ``args.wav_dir``; returns (lengths, skipped)."""
+    if not (math.isfinite(args.coef) and 0 <= args.coef <= 1):
+        raise DataError(f"-coef {args.coef}: a pre-emphasis coefficient must be from 0 to 1")
+    check_earlier_run(args)
     keys = utils.list_utterances(args.wav_dir)
     tasks = [(key, args.wav_dir, args.out_dir, args.coef) for key in keys]
     lengths, skipped, errors = {}, [], []

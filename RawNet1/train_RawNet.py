@@ -325,6 +325,20 @@ def check_flags(args, phases):
                         f"{args.eval_every}")
     if args.nb_thread < 0:
         raise DataError(f"-nb_thread {args.nb_thread}: must be 0 (PyTorch's default) or a thread count")
+    checks = (("seed", 0 <= args.seed < 2 ** 32, "must be from 0 to 2**32 - 1"),
+              ("bs", args.bs >= 1, "must be at least 1"),
+              ("lr", math.isfinite(args.lr) and args.lr > 0, "must be a positive number"),
+              ("wd", math.isfinite(args.wd) and args.wd >= 0, "must be a number >= 0"),
+              ("m_gru_node", args.m_gru_node >= 1, "must be at least 1"),
+              ("m_nb_code", args.m_nb_code >= 1, "must be at least 1"),
+              ("m_dropout", 0 <= args.m_dropout <= 1, "must be from 0 to 1"),
+              ("m_gru_dropout", 0 <= args.m_gru_dropout <= 1, "must be from 0 to 1"),
+              ("nb_val_spk", args.nb_val_spk >= 0, "must be 0 (all) or a speaker count"),
+              ("nb_val_trial", args.nb_val_trial >= 0, "must be 0 or a trial count"),
+              ("nb_worker", args.nb_worker >= 0, "must not be negative"))
+    for flag, ok, why in checks:
+        if not ok:
+            raise DataError(f"-{flag} {getattr(args, flag)}: {why}")
     for phase in phases:
         shortest = phase.model.min_length(args.m_blocks)
         if args.nb_samp < shortest:

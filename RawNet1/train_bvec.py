@@ -22,6 +22,7 @@ Dimensions with zero dev std are left unscaled.
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -196,12 +197,29 @@ def make_training(dim, args):
     return model, optimizer, scheduler
 
 
+def check_flags(args):
+    """One line naming the flag for a value no run can use."""
+    checks = (("seed", 0 <= args.seed < 2 ** 32, "must be from 0 to 2**32 - 1"),
+              ("lr", math.isfinite(args.lr) and args.lr > 0, "must be a positive number"),
+              ("lr_decay", math.isfinite(args.lr_decay) and args.lr_decay >= 0, "must be a number >= 0"),
+              ("wd", math.isfinite(args.wd) and args.wd >= 0, "must be a number >= 0"),
+              ("m_hidden", args.m_hidden >= 1, "must be at least 1"),
+              ("m_nb_layer", args.m_nb_layer >= 0, "must not be negative"),
+              ("m_in_dropout", 0 <= args.m_in_dropout < 1, "must be from 0 to below 1"),
+              ("m_dropout", 0 <= args.m_dropout < 1, "must be from 0 to below 1"),
+              ("nb_val_spk", args.nb_val_spk >= 0, "must be 0 (all) or a speaker count"))
+    for flag, ok, why in checks:
+        if not ok:
+            raise DataError(f"-{flag} {getattr(args, flag)}: {why}")
+
+
 def main(args):
     """Check the flags, hold the output folder's lock, then train (``train``)."""
     if args.bs < 2 or args.bs % 2:
         raise DataError(f"-bs {args.bs}: a balanced batch needs an even number of pairs")
     if args.epoch < 1 or args.nb_batch_per_epoch < 1:
         raise DataError("-epoch and -nb_batch_per_epoch must be at least 1")
+    check_flags(args)
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.embeddings)), "bvec")
     with runs.folder_lock(out_dir, "wait for it to end, or choose another -out_dir"):
         common.remove_temporaries(out_dir)  # of a killed run: never read, now removed

@@ -53,3 +53,19 @@ def test_failed_file_leaves_no_partial_wav(tmp_path, fake_ffmpeg):
     assert not os.path.exists(os.path.join(out, "id1/broken/00001.wav"))
     assert not os.path.exists(os.path.join(out, "id1/broken/00001.wav.part.wav"))
     assert os.path.exists(os.path.join(out, "id1/ok/00001.wav"))
+
+
+def test_a_folder_without_m4a_files_is_one_line(tmp_path, fake_ffmpeg):
+    os.makedirs(tmp_path / "dev" / "id1" / "v1")
+    (tmp_path / "dev" / "id1" / "v1" / "00001.wav").write_bytes(b"")  # already converted elsewhere
+    with pytest.raises(convert.DataError, match=r"dev: no .m4a files found"):
+        convert.main(convert.parse_args([str(tmp_path / "dev"), "-out", str(tmp_path / "wav"),
+                                         "-ffmpeg", fake_ffmpeg]))
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1"])
+def test_jobs_below_one_is_one_line(tmp_path, fake_ffmpeg, jobs):
+    make_m4a(tmp_path / "dev", ["id1/ok/00001.m4a"])
+    with pytest.raises(convert.DataError, match=rf"^-jobs {jobs}: must be at least 1"):
+        convert.main(convert.parse_args([str(tmp_path / "dev"), "-out", str(tmp_path / "wav"), "-jobs", jobs,
+                                         "-ffmpeg", fake_ffmpeg]))

@@ -137,3 +137,25 @@ def test_naive_baseline_fails_on_the_default_corpus(tmp_path):
     # The acceptance bar of the demo: a mean-spectrum baseline must not solve the task.
     root = demo_corpus.make_demo_corpus(str(tmp_path / "demo"), progress=False)
     assert demo_corpus.naive_baseline_eer(root) > 0.10
+
+
+def test_a_short_utterance_without_a_vowel_takes_the_next_vowels_formants():
+    # seed 57: the phones drawn for 0.5 s are a pause and onsets only, no vowel
+    speaker, session = demo_corpus.draw_speaker(57, 1, 1), demo_corpus.draw_session(57, 1, 1, 0)
+    rng = demo_corpus._rng(57, demo_corpus.UTTERANCE, 1, 0, 0, 57)
+    formants, *_ = demo_corpus.draw_phones(rng, 8000 // demo_corpus.HOP + 2, speaker, session)
+    assert np.isfinite(formants).all() and np.ptp(formants, axis=0).max() == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-n_train_speakers", "-1"], "-n_train_speakers -1: must not be negative"),
+    (["-n_test_speakers", "1"], "-n_test_speakers 1: must be at least 2"),
+    (["-n_videos", "1", "-n_utterances", "1"], "-n_utterances 1: must be at least 1, and at least 2"),
+    (["-min_seconds", "0"], "-min_seconds 0.0: must be from 1 to 600"),
+    (["-min_seconds", "3", "-max_seconds", "2"], "-max_seconds 2.0: must be from -min_seconds to 600"),
+    (["-max_seconds", "nan"], "-max_seconds nan: must be from -min_seconds"),
+    (["-workers", "0"], "-workers 0: must be at least 1")])
+def test_flags_no_corpus_can_be_built_with_are_one_line(tmp_path, flags, message):
+    with pytest.raises(demo_corpus.common.DataError, match=re.escape(message)):
+        demo_corpus.main(demo_corpus.parse_args(["-root", str(tmp_path / "demo"), *flags]))
+    assert not os.listdir(tmp_path)

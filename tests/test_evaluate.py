@@ -244,6 +244,30 @@ def test_npy_format_round_trip(tmp_path):
     assert set(back) == set(emb) and all(np.array_equal(back[k], emb[k]) for k in emb)
 
 
+def test_npz_archive_given_as_npy_is_one_line(tmp_path):
+    np.savez(tmp_path / "e", np.ones((2, 3), np.float32))
+    os.replace(tmp_path / "e.npz", tmp_path / "e.npy")
+    (tmp_path / "e_keys.txt").write_text("a/1\nb/1\n")
+    with pytest.raises(DataError, match=r"e.npy: a .npz archive"):
+        scoring.load_embeddings(str(tmp_path / "e.npy"))
+
+
+def test_empty_npy_file_is_one_line(tmp_path):
+    (tmp_path / "e.npy").write_bytes(b"")
+    (tmp_path / "e_keys.txt").write_text("a/1\n")
+    with pytest.raises(DataError, match=r"e.npy: not a plain .npy matrix"):
+        scoring.load_embeddings(str(tmp_path / "e.npy"))
+
+
+def test_npy_key_list_with_byte_order_mark_or_not_utf8(tmp_path):
+    np.save(tmp_path / "e.npy", np.ones((2, 3), np.float32))
+    (tmp_path / "e_keys.txt").write_text("a/1\nb/1\n", encoding="utf-8-sig")
+    assert sorted(scoring.load_embeddings(str(tmp_path / "e.npy"))) == ["a/1", "b/1"]
+    (tmp_path / "e_keys.txt").write_bytes(b"a/1\n\xe9/1\n")
+    with pytest.raises(DataError, match=r"e_keys.txt: not UTF-8 text"):
+        scoring.load_embeddings(str(tmp_path / "e.npy"))
+
+
 def test_asnorm_reported_beside_raw(scored_dir, capsys):
     folder, embeddings = scored_dir
     results = run(score_flags(folder) + ["-asnorm", "-cohort", str(folder / "TTA_vox1_dev.pk"),
@@ -251,6 +275,14 @@ def test_asnorm_reported_beside_raw(scored_dir, capsys):
     out = capsys.readouterr().out
     assert "vox_original evaluation EER (AS-norm, top 5): " in out
     assert 0 <= results["vox_original"]["asnorm"]["eer"] < 0.5
+
+
+def test_asnorm_cohort_of_another_dimension_is_one_line(scored_dir):
+    folder, _ = scored_dir
+    common.write_pickle_atomic({"c/1": np.ones(3, np.float32), "d/1": np.arange(3, dtype=np.float32)},
+                               str(folder / "cohort.pk"))
+    with pytest.raises(DataError, match=r"cohort.pk: 3-dimensional embeddings \(-cohort\)"):
+        run(score_flags(folder) + ["-asnorm", "-cohort", str(folder / "cohort.pk")])
 
 
 # --- restricted unpickling ----------------------------------------------------------------------
@@ -558,6 +590,25 @@ def test_wrong_checkpoint_is_one_line_error_without_traceback(tmp_path):
 
 
 # --- DET plot -----------------------------------------------------------------------------------
+
+def test_checkpoint_with_non_string_keys_is_one_line(tmp_path):
+    torch.save({1: torch.ones(3)}, tmp_path / "ints.pt")
+    with pytest.raises(DataError, match=r"ints.pt: not a state_dict"):
+        run(["-verify", "a.wav", "b.wav", "-model_dir", str(tmp_path / "ints.pt")])
+
+
+def test_sinc_filter_longer_than_the_segment_allows_is_one_line(tmp_path):
+    torch.save(RawNet2(TINY).state_dict(), tmp_path / "tiny.pt")
+    # 4000 samples leave room for 4000 - 3 ** 7 = 1813 taps: 1815 would leave no GRU step
+    with pytest.raises(DataError, match=r"first_conv 1815 taps needs segments of at least 4001 samples"):
+        run(["-verify", "a.wav", "b.wav", "-model_dir", str(tmp_path / "tiny.pt"), "-m_first_conv", "1815",
+             "-window_size", "1000"])
+
+
+def test_meta_device_is_one_line():
+    with pytest.raises(DataError, match=r"-device meta: not usable here"):
+        run(["-verify", "a.wav", "b.wav", "-device", "meta"])
+
 
 def test_plot_without_matplotlib_says_so(scored_dir, monkeypatch):
     folder, _ = scored_dir

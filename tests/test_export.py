@@ -107,3 +107,45 @@ def test_an_onnx_file_whose_window_size_is_not_a_number_is_one_line(tmp_path):
     with pytest.raises(DataError, match=r"net.onnx: its window_size metadata 'wide' is not a "
                                         r"whole number"):
         export_RawNet2.OnnxNetwork(str(tmp_path / "net.onnx"))
+
+
+def test_a_file_that_is_not_onnx_is_one_line(tmp_path):
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "net.onnx").write_bytes(b"PK\x03\x04 a zip, not a protobuf")
+    with pytest.raises(DataError, match=r"net.onnx: not a loadable ONNX file"):
+        export_RawNet2.OnnxNetwork(str(tmp_path / "net.onnx"))
+
+
+@pytest.mark.parametrize("name, shape", [("input", ["batch", 100]), ("waveform", ["batch", "time"]),
+                                         ("waveform", [100])])
+def test_an_onnx_model_of_another_interface_is_one_line(tmp_path, name, shape):
+    pytest.importorskip("onnxruntime")
+    helper = pytest.importorskip("onnx.helper")
+    from onnx import TensorProto, save
+
+    graph = helper.make_graph([helper.make_node("Identity", [name], ["embedding"])], "net",
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, shape)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 8
+    save(proto, str(tmp_path / "net.onnx"))
+    with pytest.raises(DataError, match=r"net.onnx: not an export of export_RawNet2.py"):
+        export_RawNet2.OnnxNetwork(str(tmp_path / "net.onnx"))
+
+
+@pytest.mark.parametrize("opset", ["17", "999"])
+def test_an_opset_torch_onnx_cannot_write_is_one_line(tmp_path, opset):
+    pytest.importorskip("onnxscript")
+    with pytest.raises(DataError, match=rf"-opset {opset}: must be from 18 "):
+        export_RawNet2.main(export_RawNet2.build_parser().parse_args(
+            ["-model_dir", str(tmp_path / "none.pt"), "-out", str(tmp_path / "net"), "-formats", "onnx",
+             "-opset", opset]))
+    assert not os.listdir(tmp_path)
+
+
+def test_check_of_an_onnx_file_onnxruntime_cannot_load_is_one_line(tmp_path):
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "net.onnx").write_bytes(b"\x08\x0b")  # a protobuf holding no graph
+    net = export_RawNet2.EmbeddingNetwork(RawNet2(TINY).eval())
+    with pytest.raises(DataError, match=r"net.onnx: not a loadable ONNX file"):
+        export_RawNet2.check(net, {"onnx": str(tmp_path / "net.onnx")})

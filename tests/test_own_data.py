@@ -418,6 +418,12 @@ def test_a_list_relative_to_elsewhere_says_how_to_give_the_folder(tmp_path, monk
         extract(tmp_path, "-wav_list", "files.txt", "-model_dir", str(tmp_path / "last.pt"))
 
 
+def test_a_list_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "files.txt").write_bytes(b"a.wav\n\xe9t\xe9.wav\n")  # Latin-1
+    with pytest.raises(DataError, match=r"files.txt: not UTF-8 text .*-wav_list"):
+        extract(tmp_path, "-wav_list", str(tmp_path / "files.txt"), "-model_dir", str(tmp_path / "none.pt"))
+
+
 def test_window_size_comes_from_the_checkpoint_unless_given(tmp_path, capsys):
     os.makedirs(tmp_path / "own")
     wav = tmp_path / "own" / "a.wav"

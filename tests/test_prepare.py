@@ -168,6 +168,24 @@ def test_a_list_in_another_encoding_is_refused_with_its_line(tmp_path):
         prepare_dataset.read_list(str(tmp_path / "l.csv"))
 
 
+def test_a_field_beyond_the_csv_size_limit_is_one_line(tmp_path):
+    (tmp_path / "list.csv").write_text("path,speaker\na.wav," + "x" * 200_000 + "\n")
+    with pytest.raises(DataError, match=r"list.csv:2: not a CSV/TSV row \(field larger than"):
+        prepare_dataset.read_list(str(tmp_path / "list.csv"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-default_session", ".."], "-default_session '..': must be one folder name"),
+    (["-default_session", "a/b"], "-default_session 'a/b': must be one folder name"),
+    (["-test_speakers", "-1"], "-test_speakers -1: must be 0 or more"),
+    (["-seed", "-1"], "-seed -1: must be 0 or more"),
+    (["-jobs", "0"], "-jobs 0: must be 1 or more")])
+def test_flags_no_preparation_can_use_are_refused(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        prepare_dataset.parse_args([str(tmp_path), "-out", str(tmp_path / "out"), *flags])
+    assert message in capsys.readouterr().err
+
+
 def test_a_name_typed_in_another_unicode_form_is_found(tmp_path):
     on_disk = str(tmp_path / unicodedata.normalize("NFD", "Zoë.wav"))
     clip(on_disk, 1.0)

@@ -481,6 +481,69 @@ def test_first_release_vox1_keys_are_translated(tmp_path):
         data_RawNet.read_trial_lines(str(trials), data_RawNet.read_vox1_meta(str(meta)))
 
 
+@pytest.mark.parametrize("folders", ["", "spk", "spk/vid/take"])
+def test_a_wav_not_at_speaker_video_depth_is_one_line(tmp_path, folders):
+    os.makedirs(tmp_path / "wav" / folders, exist_ok=True)
+    sf.write(tmp_path / "wav" / folders / "00001.wav", np.ones(400) * 0.1, 16000)
+    args = pre_process_waveforms.parse_args(["-wav_dir", str(tmp_path / "wav"),
+                                             "-out_dir", str(tmp_path / "npy")])
+    with pytest.raises(DataError, match=r"00001.wav: not at <speaker>/<video>/<NNNNN>.wav below"):
+        pre_process_waveforms.main(args, progress=False)
+    assert not os.path.exists(tmp_path / "npy")
+
+
+@pytest.mark.parametrize("coef", ["nan", "inf", "1.5", "-0.5"])
+def test_a_pre_emphasis_coefficient_outside_0_to_1_is_one_line(tmp_path, coef):
+    args = pre_process_waveforms.parse_args(["-wav_dir", str(tmp_path), "-out_dir", str(tmp_path / "npy"),
+                                             "-coef", coef])
+    with pytest.raises(DataError, match=rf"^-coef {coef}: a pre-emphasis coefficient must be from 0 to 1"):
+        pre_process_waveforms.main(args, progress=False)
+
+
+def test_a_rerun_with_another_coef_into_a_finished_folder_is_refused(tmp_path):
+    os.makedirs(tmp_path / "wav" / "spk" / "vid")
+    sf.write(tmp_path / "wav" / "spk" / "vid" / "00001.wav", np.ones(400) * 0.1, 16000)
+    flags = ["-wav_dir", str(tmp_path / "wav"), "-out_dir", str(tmp_path / "npy")]
+    pre_process_waveforms.main(pre_process_waveforms.parse_args(flags), progress=False)
+    before = np.load(tmp_path / "npy" / "spk" / "vid" / "00001.npy")
+    with pytest.raises(DataError, match=r"npy: holds the conversion of .*wav with -coef 0.97; delete it"):
+        pre_process_waveforms.main(pre_process_waveforms.parse_args(flags + ["-coef", "0.5"]), progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "npy" / "spk" / "vid" / "00001.npy"), before)
+
+
+@pytest.mark.parametrize("flag, value, why", [
+    ("seed", "-1", "must be from 0 to 2**32 - 1"), ("bs", "0", "must be at least 1"),
+    ("lr", "nan", "must be a positive number"), ("m_nb_code", "0", "must be at least 1"),
+    ("m_dropout", "2", "must be from 0 to 1"), ("nb_val_trial", "-3", "must be 0 or a trial count"),
+    ("nb_worker", "-1", "must not be negative")])
+def test_flags_no_rawnet1_run_can_use_are_one_line(tmp_path, flag, value, why):
+    args = train_RawNet.parse_args(["-name", "run", "-save_dir", str(tmp_path), f"-{flag}", value])
+    with pytest.raises(DataError, match=re.escape(f"-{flag} {getattr(args, flag)}: {why}")):
+        train_RawNet.main(args)
+    assert not os.listdir(tmp_path)
+
+
+def test_a_damaged_index_or_npy_is_one_line(tmp_path):
+    (tmp_path / "index.json").write_text("{")
+    with pytest.raises(DataError, match=r"index.json: not the index RawNet1/pre_process_waveforms.py writes"):
+        data_RawNet.load_index(str(tmp_path))
+    os.makedirs(tmp_path / "spk" / "vid")
+    (tmp_path / "spk" / "vid" / "00001.npy").write_bytes(b"\x93NUMPY")
+    with pytest.raises(DataError, match=r"00001.npy: not a readable .npy"):
+        data_RawNet.load_npy(str(tmp_path), "spk/vid/00001.wav")
+
+
+@pytest.mark.parametrize("flag, value, why", [
+    ("seed", "-1", "must be from 0 to 2**32 - 1"), ("lr_decay", "-1", "must be a number >= 0"),
+    ("m_hidden", "0", "must be at least 1"), ("m_nb_layer", "-1", "must not be negative"),
+    ("m_in_dropout", "2", "must be from 0 to below 1"), ("nb_val_spk", "-1", "must be 0 (all)")])
+def test_flags_no_bvector_run_can_use_are_one_line(tmp_path, flag, value, why):
+    args = train_bvec.parse_args(["-embeddings", str(tmp_path / "e.pk"), f"-{flag}", value])
+    with pytest.raises(DataError, match=re.escape(f"-{flag} {getattr(args, flag)}: {why}")):
+        train_bvec.main(args)
+    assert not os.listdir(tmp_path)
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

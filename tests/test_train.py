@@ -201,6 +201,13 @@ def test_defaults_are_the_papers():
     assert (a.fast, a.amp) == (True, "none")
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 32)])
+def test_a_seed_numpy_cannot_take_is_one_line(tmp_path, seed):
+    args = train.parse_args(["-name", "run", "-save_dir", str(tmp_path), "-seed", seed])
+    with pytest.raises(DataError, match=rf"^-seed {seed}: must be from 0 to 2\*\*32 - 1"):
+        train.validate_args(args)
+
+
 def test_list_and_double_dash_flags_parse():
     a = train.parse_args(["--name", "x", "-m_filts", "[64,[64,64],[64,128],[128,128]]", "--DB", "/data/vox1/",
                           "-mg", "False", "-reproducible"])
