@@ -193,7 +193,8 @@ def test_help_names_the_device_default():
 
 
 def test_trials_without_drops_exactly_the_trials_using_a_skipped_file():
-    trials = (np.array([1, 0, 1, 0]), ["a/v/1", "a/v/1", "b/v/1", "c/v/1"], ["a/v/2", "b/v/1", "b/v/2", "a/v/2"])
+    trials = (np.array([1, 0, 1, 0]), ["a/v/1", "a/v/1", "b/v/1", "c/v/1"],
+              ["a/v/2", "b/v/1", "b/v/2", "a/v/2"])
     (labels, keys_a, keys_b), dropped = scoring.trials_without(trials, ["b/v/1.wav"])
     assert dropped == 2 and labels.tolist() == [1, 0]
     assert keys_a == ["a/v/1", "c/v/1"] and keys_b == ["a/v/2", "a/v/2"]
