@@ -152,9 +152,17 @@ FAST_FLAG = {"type": parse_fast, "nargs": "?", "const": True, "default": True,
 
 def arg_group(parser, title):
     """``add(name, **kw)`` for an argparse group: each flag as ``-name`` (the original's single dash)
-    and ``--name``."""
+    and ``--name``, its ``--help`` line ending in its default unless it has none to show (None, an
+    empty string, a required flag) or its help text says it already."""
     group = parser.add_argument_group(title)
-    return lambda name, **kw: group.add_argument(f"-{name}", f"--{name}", **kw)
+
+    def add(name, **kw):
+        text = kw.get("help")
+        if text and kw.get("default") not in (None, "") and not kw.get("required") and "default" not in text:
+            kw["help"] = text + " (default: %(default)s)"
+        return group.add_argument(f"-{name}", f"--{name}", **kw)
+
+    return add
 
 
 def usable_cores():

@@ -367,15 +367,16 @@ def naive_baseline_eer(root="DB/demo"):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Synthesise the demo corpus, print its naive baseline EER.")
-    parser.add_argument("-root", default="DB/demo", help="corpus folder (built, or reused if complete)")
-    parser.add_argument("-seed", type=int, default=1234, help="random seed; same seed, identical files")
-    parser.add_argument("-n_train_speakers", type=int, default=100, help="speakers under VoxCeleb2/wav/")
-    parser.add_argument("-n_test_speakers", type=int, default=40, help="speakers under VoxCeleb1/eval_wav/")
-    parser.add_argument("-n_videos", type=int, default=4, help="sessions (videos) per speaker")
-    parser.add_argument("-n_utterances", type=int, default=3, help="utterances per video")
-    parser.add_argument("-min_seconds", type=float, default=2.0, help="shortest utterance, seconds")
-    parser.add_argument("-max_seconds", type=float, default=5.0, help="longest utterance, seconds")
-    parser.add_argument("-workers", type=int, default=None, help="worker processes (default: one per core)")
+    add = common.arg_group(parser, "corpus")
+    add("root", default="DB/demo", help="corpus folder (built, or reused if complete)")
+    add("seed", type=int, default=1234, help="random seed; same seed, identical files")
+    add("n_train_speakers", type=int, default=100, help="speakers under VoxCeleb2/wav/")
+    add("n_test_speakers", type=int, default=40, help="speakers under VoxCeleb1/eval_wav/")
+    add("n_videos", type=int, default=4, help="sessions (videos) per speaker")
+    add("n_utterances", type=int, default=3, help="utterances per video")
+    add("min_seconds", type=float, default=2.0, help="shortest utterance, seconds")
+    add("max_seconds", type=float, default=5.0, help="longest utterance, seconds")
+    add("workers", type=int, default=None, help="worker processes (default: one per core)")
     return parser.parse_args(argv)
 
 

@@ -43,8 +43,7 @@ PARTIAL_SYNC_RECORDS = 64
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Score RawNet2 TTA embeddings on VoxCeleb1 trial lists (EER, minDCF); "
-                    "extract them from a checkpoint; verify a pair of recordings.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "extract them from a checkpoint; verify a pair of recordings.")
 
     add = common.arg_group(parser, "scoring")
     add("embd_dir", type=str, default="spk_embd/", help="folder of TTA_vox1_dev.pk and TTA_vox1_eval.pk")

@@ -194,8 +194,7 @@ def check(net, paths, batches=(1, 3), seed=0):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = common.arg_group(parser, "export")
     add("model_dir", **common.MODEL_DIR_FLAG)
     add("out", type=str, default="exported/rawnet2", help="output path without extension: OUT.onnx, OUT.pt2")

@@ -67,8 +67,7 @@ def literal_list(v):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description="Train RawNet2 (Interspeech 2020) on VoxCeleb2; TTA EER on VoxCeleb1 each epoch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Train RawNet2 (Interspeech 2020) on VoxCeleb2; TTA EER on VoxCeleb1 each epoch.")
 
     flag = common.BOOL_FLAG
     add = common.arg_group(parser, "run")

@@ -86,8 +86,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sources", nargs="+", help="folders of <spk>/<video>/<NNNNN>.m4a (dev/aac, test/aac)")
     add = common.arg_group(parser, "conversion")
     add("out", default="DB/VoxCeleb2/wav/", help="output folder of 16 kHz mono wavs")

@@ -72,8 +72,7 @@ SMALL_MODEL_FLAGS = ("nb_samp", "m_nb_samp", "window_size", "m_filts", "m_gru_no
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = common.arg_group(parser, "sources")
     parser.add_argument("source", nargs="?", default=None,
                         help="folder of audio files laid out as -layout says (or use -list)")

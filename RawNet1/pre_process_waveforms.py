@@ -34,11 +34,8 @@ from utils import SilentAudioError  # noqa: E402
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    def add(name, **kw):
-        parser.add_argument(f"-{name}", f"--{name}", **kw)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add = common.arg_group(parser, "pre-processing")
 
     add("wav_dir", type=str, required=True, help="folder of <spk>/<video>/<NNNNN>.wav files (16 kHz mono)")
     add("out_dir", type=str, required=True, help="output folder: .npy per utterance and index.json")

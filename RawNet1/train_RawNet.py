@@ -112,8 +112,7 @@ def int_list(v):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description="Train RawNet (Interspeech 2019): phase 1, phase 2, embeddings pickle.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Train RawNet (Interspeech 2019): phase 1, phase 2, embeddings pickle.")
 
     flag = common.BOOL_FLAG
     add = common.arg_group(parser, "run")

@@ -45,8 +45,7 @@ from model_RawNet import LEAKY_SLOPE, keras_decay_scheduler, keras_l2_groups  # 
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Train the b-vector back-end; Vox1-O EER vs cosine.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="Train the b-vector back-end; Vox1-O EER vs cosine.")
 
     add = common.arg_group(parser, "run")
     add("embeddings", type=str, required=True, help="embeddings pickle written by train_RawNet.py")

@@ -1,5 +1,6 @@
 """The scripts' one error trap (common.run_cli), their shared flags and their one checkpoint loader."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -84,3 +85,23 @@ def test_evaluation_and_export_report_a_corrupt_checkpoint_alike(tmp_path):
             module.cli(argv + ["-model_dir", str(bad)])
         lines.append(exit_.value.code)
     assert lines[0] == lines[1] and lines[0].startswith(f"error: {bad}: checkpoint (-model_dir) is truncated")
+
+
+SCRIPTS = ["train_RawNet2.py", "evaluate_pretrained_RawNet2.py", "export_RawNet2.py",
+           "RawNet1/train_RawNet.py", "RawNet1/train_bvec.py", "RawNet1/pre_process_waveforms.py",
+           "DB/prepare_dataset.py", "DB/convert_vox2_to_wav.py", "demo_corpus.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_gives_each_default_once_and_never_none(script, capsys, monkeypatch):
+    folder, name = os.path.split(script)
+    monkeypatch.syspath_prepend(os.path.join(ROOT, folder))
+    module = importlib.import_module(name.removesuffix(".py"))
+    parse = module.build_parser().parse_args if hasattr(module, "build_parser") else module.parse_args
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: )" not in text
+    assert "(default: True)" in text or "(default: False)" in text or "(default: " in text
+    for line in text.split(" -")[1:]:  # one flag each, with its help
+        assert line.count("(default: ") <= 1 and not ("(default: " in line and "(default " in line), line
