@@ -676,8 +676,8 @@ def cli(argv=None):
     """Command-line entry: bad input or a refused write ends in one line on stderr, exit 1; a run that
     extracted embeddings but found no trial list to score them with exits 0."""
     common.run_cli(lambda: main(parse_args(argv)),
-                   interrupted="interrupted (an -extract run keeps finished embeddings in "
-                               "<embd_dir>/.partial/: the same command resumes it)")
+                   interrupted="interrupted (an -extract run keeps finished embeddings in a .partial "
+                               "folder beside its output: the same command resumes it)")
 
 
 if __name__ == "__main__":

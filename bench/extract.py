@@ -35,9 +35,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import fast_RawNet2  # noqa: E402
+import runs  # noqa: E402
 import tta  # noqa: E402
 import utils  # noqa: E402
-from model_RawNet2 import RawNet2, default_d_args, load_pretrained  # noqa: E402
+from model_RawNet2 import RawNet2, default_d_args  # noqa: E402
 
 WINDOW = 11810
 
@@ -98,7 +99,8 @@ def main():
     sizes = args.bs or ([64, 256, 512] if gpu else [1, 4, 16])
 
     torch.manual_seed(0)
-    model = load_pretrained(args.model_dir) if args.model_dir else RawNet2(default_d_args()).eval()
+    model = (runs.load_network(args.model_dir, "checkpoint (-model_dir)") if args.model_dir
+             else RawNet2(default_d_args()).eval())
     model = model.to(args.device)  # the reference path (model.fast is False)
     fast_model = fast_RawNet2.accelerate(copy.deepcopy(model), True)  # the rule
     name = torch.cuda.get_device_name() if gpu else f"CPU {platform.processor() or platform.machine()}"
@@ -144,4 +146,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

@@ -24,10 +24,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import export_RawNet2  # noqa: E402
 import fast_RawNet2  # noqa: E402
+import runs  # noqa: E402
 import utils  # noqa: E402
-from model_RawNet2 import RawNet2, default_d_args, load_pretrained  # noqa: E402
+from model_RawNet2 import RawNet2, default_d_args  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -57,7 +59,7 @@ def main(args):
     import onnxruntime
 
     if args.model_dir:
-        model = load_pretrained(args.model_dir)
+        model = runs.load_network(args.model_dir, "checkpoint (-model_dir)")
     else:
         torch.manual_seed(0)
         model = RawNet2(default_d_args()).eval()
@@ -90,4 +92,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    common.run_cli(lambda: main(parse_args()))
