@@ -6,6 +6,7 @@ They live apart from utils.py so that scoring (scoring.py, evaluate_pretrained_R
 """
 
 import argparse
+import ast
 import contextlib
 import ctypes
 import errno
@@ -63,6 +64,18 @@ def str2bool(v):
     if v.lower() in ("no", "false", "f", "n", "0"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
+
+
+def literal_list(v):
+    """argparse type of a list flag such as ``-m_filts [128,[128,128],[128,256],[256,256]]`` (the
+    original used type=list, which splits the string into characters)."""
+    try:
+        value = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"expected a Python list literal, got {v!r}") from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a list, got {v!r}")
+    return value
 
 
 BOOL_FLAG = {"type": str2bool, "nargs": "?", "const": True}  # add(name, default=..., **BOOL_FLAG)

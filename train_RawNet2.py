@@ -15,7 +15,6 @@ script, its quirks, and each deliberate difference with its reason.
 """
 
 import argparse
-import ast
 import contextlib
 import dataclasses
 import datetime
@@ -51,18 +50,6 @@ DEMO_DEFAULTS = {
     "m_filts": [32, [32, 32], [32, 64], [64, 64]], "m_gru_node": 128, "m_nb_fc_node": 128,
     "bs": 32, "lr": 0.001, "epoch": 10, "nb_worker": 2,
 }
-
-
-def literal_list(v):
-    """Parse a list flag such as '[128,[128,128],[128,256],[256,256]]' (the original used
-    type=list, which splits the string into characters)."""
-    try:
-        value = ast.literal_eval(v)
-    except (ValueError, SyntaxError):
-        raise argparse.ArgumentTypeError(f"expected a Python list literal, got {v!r}") from None
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError(f"expected a list, got {v!r}")
-    return value
 
 
 def build_parser():
@@ -146,7 +133,7 @@ def build_parser():
     add = common.arg_group(parser, "model")
     add("m_first_conv", type=int, default=251, help="sinc filter length (taps)")
     add("m_in_channels", type=int, default=1, help="input channels")
-    add("m_filts", type=literal_list, default=[128, [128, 128], [128, 256], [256, 256]],
+    add("m_filts", type=common.literal_list, default=[128, [128, 128], [128, 256], [256, 256]],
         help="filters: [sinc, [block0-1 in, out], [block2 in, out], [block3-5 in, out]]")
     add("m_nb_fc_node", type=int, default=1024, help="embedding size (fc1_gru)")
     add("m_gru_node", type=int, default=1024, help="GRU hidden units")

@@ -29,7 +29,6 @@ folder, checkpoints read with ``weights_only=True``, bad data stopping with one 
 """
 
 import argparse
-import ast
 import math
 import os
 import re
@@ -99,10 +98,10 @@ Phase = namedtuple("Phase", "name model epochs lr_decay decay_offset c_lambda in
 
 
 def int_list(v):
-    """Parse a list flag such as '[128,128,256]'."""
+    """argparse type of a flat list flag of positive integers such as '[128,128,256]'."""
     try:
-        value = ast.literal_eval(v)
-    except (ValueError, SyntaxError):
+        value = common.literal_list(v)
+    except argparse.ArgumentTypeError:
         value = None
     if not isinstance(value, list) or not all(isinstance(i, int) and i > 0 for i in value):
         raise argparse.ArgumentTypeError(f"expected a list of positive integers such as [128,128,256], "
