@@ -113,6 +113,15 @@ def tta_embeddings(forward, utterances, segments_per_forward, pad_last=True):
     yield from run(last=True)
 
 
+def finite(code, where):
+    """``code``, an utterance's TTA embedding (or None); one with NaN or infinite values (the network
+    overflowed) is a DataError naming ``where``, never an embedding written or scored."""
+    if code is not None and not np.isfinite(code).all():
+        raise DataError(f"{where}: its embedding holds NaN or infinite values (the network overflowed; "
+                        f"in float32, without -bf16, it may not)")
+    return code
+
+
 def model_forward(model, device, bf16=False):
     """``segments -> embeddings`` of a network in eval mode (``model.embed``), on ``device``, under
     ``-bf16``'s autocast where asked."""
@@ -165,7 +174,8 @@ def iter_embeddings(model, keys, base_dir, nb_samp, window_size, device="cpu", n
     try:
         with eval_mode(net):
             for key, code in tta_embeddings(model_forward(net, device, bf16), utterances, size):
-                yield key, code if code is not None else reasons.pop(key, None)
+                yield key, (finite(code, os.path.join(base_dir, key)) if code is not None
+                            else reasons.pop(key, None))
     finally:
         utterances.close()
 
@@ -209,4 +219,4 @@ def embed_utterance(model, wav, window_size=11810, device="cpu", segments_per_ba
     size = segments_per_batch or fast_RawNet2.segments_per_forward(net, device)
     with eval_mode(net):
         [(_, code)] = tta_embeddings(model_forward(net, device, bf16), [(None, segments)], size)
-    return code
+    return finite(code, os.fspath(wav) if isinstance(wav, (str, os.PathLike)) else "the waveform")

@@ -533,6 +533,18 @@ def test_embed_utterance_long_recording_in_batches(tiny_checkpoint):
         np.testing.assert_allclose(whole, model.embed(segments).mean(0).numpy(), atol=1e-5)
 
 
+def test_an_embedding_the_network_overflows_is_one_line_naming_the_file(tiny_corpus, tiny_checkpoint):
+    model = copy.deepcopy(tiny_checkpoint[1])
+    with torch.no_grad():
+        model.fc1_gru.weight.fill_(3e38)  # finite weights whose products overflow float32
+    folder = os.path.join(tiny_corpus, "VoxCeleb1", "eval_wav")
+    key = utils.list_utterances(folder)[0]
+    with pytest.raises(DataError, match=f"^{os.path.join(folder, key)}: its embedding holds NaN or inf"):
+        list(tta.iter_embeddings(model, [key], folder, model.nb_samp, 1000))
+    with pytest.raises(DataError, match="^the waveform: its embedding holds NaN or inf"):
+        tta.embed_utterance(model, np.ones(5000, np.float32), window_size=1000)
+
+
 def test_bf16_extraction_is_close_not_identical(tiny_corpus, tiny_checkpoint):
     _, model = tiny_checkpoint
     folder = os.path.join(tiny_corpus, "VoxCeleb1", "eval_wav")
