@@ -116,7 +116,7 @@ class OnnxNetwork(nn.Module):
         return torch.from_numpy(self.session.run(None, {"waveform": batch})[0])
 
 
-def tta_embedding(run, waveform, nb_samp, window_size=11810, segments_per_batch=32):
+def tta_embedding(run, waveform, nb_samp, window_size=utils.DEFAULT_WINDOW_SIZE, segments_per_batch=32):
     """TTA embedding of one peak-normalised float32 waveform with ``run`` ((n, nb_samp) float32 array ->
     (n, dim) array or tensor; or an exported module taking tensors): the mean of its segments'
     embeddings (``utils.tta_segments``, ``tta.tta_embeddings``; the last batch is not padded)."""

@@ -197,17 +197,22 @@ def embed_utterances(model, keys, base_dir, nb_samp, window_size, device="cpu", 
 
 
 @torch.no_grad()
-def embed_utterance(model, wav, window_size=11810, device="cpu", segments_per_batch=None, bf16=False):
+def embed_utterance(model, wav, window_size=None, device="cpu", segments_per_batch=None, bf16=False):
     """TTA embedding of one utterance (a wav path or a 1-D waveform array), for notebooks:
 
         model = model_RawNet2.load_pretrained("Pre-trained_model/rawnet2_best_weights.pt")
         code = tta.embed_utterance(model, "a.wav")     # (1024,) float32
 
-    A long recording is fed ``segments_per_batch`` segments at a time (None: the rule of
-    ``fast_RawNet2.segments_per_forward``, as ``iter_embeddings``), so memory stays bounded. A file
-    of another rate or channel count is converted (``utils.read_audio``) with a note on stderr.
+    ``window_size`` None takes what the checkpoint records (a last.pt of train_RawNet2.py), else
+    the paper's 11810 (``utils.resolve_window_size``). A long recording is fed ``segments_per_batch``
+    segments at a time (None: the rule of ``fast_RawNet2.segments_per_forward``, as
+    ``iter_embeddings``), so memory stays bounded. A file of another rate or channel count is
+    converted (``utils.read_audio``) with a note on stderr.
     """
     net = utils.unwrap_model(model)
+    if window_size is None:
+        window_size = utils.resolve_window_size(None, net, "the model")
+    utils.check_window_size(window_size, net.nb_samp)
     if isinstance(wav, (str, os.PathLike)):
         x, note = utils.read_audio(wav)
         if note:

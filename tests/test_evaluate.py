@@ -533,6 +533,17 @@ def test_embed_utterance_long_recording_in_batches(tiny_checkpoint):
         np.testing.assert_allclose(whole, model.embed(segments).mean(0).numpy(), atol=1e-5)
 
 
+def test_embed_utterance_takes_the_window_size_the_checkpoint_records(tiny_checkpoint):
+    model = copy.deepcopy(tiny_checkpoint[1])
+    wav = np.random.default_rng(1).standard_normal(20000).astype(np.float32)
+    model.checkpoint_args = {"window_size": 1500}  # as a last.pt of train_RawNet2.py records it
+    np.testing.assert_array_equal(tta.embed_utterance(model, wav),
+                                  tta.embed_utterance(model, wav, window_size=1500))
+    model.checkpoint_args = {}  # a plain state_dict: the paper's 11810, too long for 4000-sample segments
+    with pytest.raises(DataError, match="-window_size 11810: must be from 0 to 3999"):
+        tta.embed_utterance(model, wav)
+
+
 def test_an_embedding_the_network_overflows_is_one_line_naming_the_file(tiny_corpus, tiny_checkpoint):
     model = copy.deepcopy(tiny_checkpoint[1])
     with torch.no_grad():
